@@ -1,0 +1,93 @@
+"""restoreflow: image restoration and inverse problems with diffusion and flow models.
+
+The host defines hooks (:mod:`restoreflow.hookspecs`); every algorithm is a plugin registered through the
+``restoreflow`` entry-point group. A plugin module needs only::
+
+    from restoreflow import hookimpl, Sampler
+
+    @hookimpl
+    def register_samplers(register):
+        register(MySampler)
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .denoiser import Denoiser, PredictionAdapter, Prior, ValueRange, reparameterize
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    IncompatibleError,
+    InputError,
+    NumericalError,
+    OutputError,
+    PluginError,
+    RestoreflowError,
+    UnknownNameError,
+)
+from .gaussian import (
+    ConditionalOracle,
+    DenseGaussian,
+    FourierGaussian,
+    GaussianDenoiser,
+    GaussianModel,
+    PowerLawSpectrum,
+)
+from .hookspecs import hookimpl
+from .operators import (
+    DeepinvOperator,
+    GaussianNoise,
+    LinearOperator,
+    NoiseModel,
+    Operator,
+    OperatorConfig,
+    PoissonNoise,
+    ZeroNoise,
+    conjugate_gradient,
+)
+from .parameterization import PREDICTIONS, from_x0, to_x0
+from .paths import AffinePath, mean_reverting, rectified_flow, tabulated, ve, vp, vp_cosine
+from .plugins import collect, default_plugin_manager, default_registries, get_plugin_manager
+from .registry import build_config, check
+from .sampling import (
+    Context,
+    Corrector,
+    EulerMaruyama,
+    EulerODE,
+    ExpIntegrator,
+    Guidance,
+    Heun,
+    Kernel,
+    Problem,
+    Sampler,
+    Task,
+    Transition,
+    integrate,
+    time_grid,
+)
+
+try:
+    __version__ = version("restoreflow")
+except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+    __version__ = "0.0.0"
+
+
+def restore(*args, **kwargs):
+    """Restore an image: see :func:`restoreflow.api.restore`."""
+    from .api import restore as _restore
+
+    return _restore(*args, **kwargs)
+
+
+__all__ = [
+    "AffinePath", "CheckpointError", "ConditionalOracle", "ConfigError", "Context", "Corrector", "DeepinvOperator",
+    "DenseGaussian", "Denoiser", "EulerMaruyama", "EulerODE", "ExpIntegrator", "FourierGaussian", "GaussianDenoiser",
+    "GaussianModel", "GaussianNoise", "Guidance", "Heun", "IncompatibleError", "InputError", "Kernel", "LinearOperator",
+    "NoiseModel", "NumericalError", "Operator", "OperatorConfig", "OutputError", "PREDICTIONS", "PluginError",
+    "PoissonNoise", "PowerLawSpectrum", "PredictionAdapter", "Prior", "Problem", "RestoreflowError", "Sampler",
+    "Task", "Transition", "UnknownNameError", "ValueRange", "ZeroNoise", "build_config", "check", "collect",
+    "conjugate_gradient", "default_plugin_manager", "default_registries", "from_x0", "get_plugin_manager", "hookimpl",
+    "integrate", "mean_reverting", "rectified_flow", "reparameterize", "restore", "tabulated", "time_grid", "to_x0",
+    "ve", "vp", "vp_cosine", "__version__",
+]

@@ -1,0 +1,170 @@
+"""Typed registries filled by the ``register_*`` hooks, and option parsing against ``Config`` dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from .errors import ConfigError, PluginError, UnknownNameError
+
+T = TypeVar("T")
+
+__all__ = ["Registry", "Registries", "build_config", "parse_options", "config_fields"]
+
+
+class Registry(Generic[T]):
+    """Name -> class mapping for one kind of plugin object.
+
+    A second registration under a name already taken is an error naming both modules, so two plugins
+    can never silently shadow each other.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, type[T]] = {}
+        self._owner: dict[str, str] = {}
+
+    def register(self, cls: type[T], *, plugin: str | None = None) -> None:
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"{cls.__module__}.{cls.__qualname__} has no `name` and cannot be registered as a {self.kind}")
+        if name in self._items and self._items[name] is not cls:
+            old = self._items[name]
+            raise PluginError(
+                f"{self.kind} {name!r} is registered twice: by {old.__module__}.{old.__qualname__} "
+                f"and by {cls.__module__}.{cls.__qualname__}"
+            )
+        self._items[name] = cls
+        self._owner[name] = plugin or cls.__module__
+
+    def get(self, name: str) -> type[T]:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise UnknownNameError(self.kind, name, self._items) from None
+
+    def owner(self, name: str) -> str:
+        return self._owner[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def items(self) -> list[tuple[str, type[T]]]:
+        return [(n, self._items[n]) for n in self.names()]
+
+
+@dataclass
+class Registries:
+    """Everything the plugins registered, one registry per hook."""
+
+    operators: Registry = field(default_factory=lambda: Registry("operator"))
+    priors: Registry = field(default_factory=lambda: Registry("prior"))
+    samplers: Registry = field(default_factory=lambda: Registry("sampler"))
+    guidance: Registry = field(default_factory=lambda: Registry("guidance"))
+    correctors: Registry = field(default_factory=lambda: Registry("corrector"))
+    trainers: Registry = field(default_factory=lambda: Registry("training method"))
+    tasks: Registry = field(default_factory=lambda: Registry("task"))
+    problems: list[str] = field(default_factory=list)
+
+
+def config_fields(config_cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_cls)}
+
+
+def _convert(value: str, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value.lower() in ("none", "null", "") and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"option {key}: cannot parse {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        for a in args:
+            if not isinstance(a, str) and str(a) == value:
+                return a
+        raise ConfigError(f"option {key} must be one of {', '.join(map(str, args))}; got {value!r}")
+    if origin in (tuple, list):
+        parts = [p for p in value.replace(";", ",").split(",") if p.strip()]
+        inner = args[0] if args else str
+        return tuple(_convert(p.strip(), inner, key) for p in parts)
+    try:
+        if annotation is bool:
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if annotation is int:
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return value
+    except ValueError:
+        raise ConfigError(f"option {key} expects {getattr(annotation, '__name__', annotation)}; got {value!r}") from None
+    return value
+
+
+def build_config(config_cls: type[T], values: Mapping[str, Any] | None = None, *, owner: str = "") -> T:
+    """Build and validate a ``Config`` dataclass from strings (CLI) or typed values (API).
+
+    Unknown keys raise :class:`UnknownNameError` with suggestions; the dataclass' ``__post_init__`` does
+    range checks and raises :class:`ConfigError`.
+    """
+    values = dict(values or {})
+    fields_ = config_fields(config_cls)
+    hints = typing.get_type_hints(config_cls)
+    kwargs: dict[str, Any] = {}
+    for key, raw in values.items():
+        key_norm = key.replace("-", "_")
+        if key_norm not in fields_:
+            raise UnknownNameError(f"option of {owner}" if owner else "option", key, fields_)
+        kwargs[key_norm] = _convert(raw, hints[key_norm], key) if isinstance(raw, str) else raw
+    try:
+        return config_cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{owner + ': ' if owner else ''}{e}") from None
+
+
+def parse_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``("k=v", "a=b")`` -> ``{"k": "v", "a": "b"}``; a malformed pair is a :class:`ConfigError`."""
+    out: dict[str, str] = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ConfigError(f"option {p!r} must look like key=value")
+        k, v = p.split("=", 1)
+        if not k.strip():
+            raise ConfigError(f"option {p!r} has an empty key")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds (for ``__post_init__``)."""
+    if not condition:
+        raise ConfigError(message)
