@@ -1,0 +1,295 @@
+"""restoreflow's test kit, shipped in the wheel: a pytest plugin and contract checks.
+
+Enable it explicitly in a test module or conftest::
+
+    pytest_plugins = ["restoreflow.testing"]
+
+Fixtures: ``plugin_manager`` (a fresh manager without entry points), ``registered`` (register a plugin
+for one test), ``registries`` (all installed plugins), ``gaussian_problem`` (a small linear-Gaussian
+inverse problem with its exact posterior). Checks: :func:`check_operator`, :func:`check_path`,
+:func:`check_sampler`, :func:`measure_order`. Third-party authors certify their plugins with the same
+checks the first-party plugins use.
+
+Monte-Carlo tolerances. With ``N`` independent samples of a ``d``-dimensional target with covariance
+``C``, the sample mean's error in coordinate ``i`` has standard deviation ``sqrt(C_ii / N)``; we accept
+``|mean_i - m_i| <= z * sqrt(C_ii / N) + bias_i`` with ``z = 5`` (a 5-sigma bound: a false failure rate
+below 1e-6 per coordinate), where ``bias_i`` is the sampler's declared deterministic bias (0 for exact
+samplers). The sample variance of coordinate ``i`` has standard deviation ``C_ii * sqrt(2 / (N - 1))``
+for Gaussian targets, giving the same ``z``-bound on covariance diagonals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from .gaussian import DenseGaussian, GaussianDenoiser, operator_matrix
+from .operators import GaussianNoise, LinearOperator, Operator, OperatorConfig
+from .parameterization import PREDICTIONS, from_x0, to_x0
+from .paths import AffinePath
+from .plugins import collect, get_plugin_manager
+from .registry import Registries
+from .sampling import Problem
+
+__all__ = [
+    "check_operator",
+    "check_path",
+    "check_sampler_reproducible",
+    "check_posterior_moments",
+    "measure_order",
+    "MatrixOperator",
+    "GaussianProblem",
+    "make_gaussian_problem",
+    "exact_flow_map",
+    "Z_BOUND",
+]
+
+Z_BOUND = 5.0
+
+
+# -- operators --------------------------------------------------------------------------------
+
+
+def check_operator(op: Operator, *, atol: float = 1e-5, dtype: torch.dtype = torch.float64, pinv: bool = True) -> None:
+    """Contract checks for an operator: shapes, batching, dtype/device kept, and for linear operators
+    adjointness :math:`\\langle Ax, y\\rangle = \\langle x, A^\\top y\\rangle` and :math:`AA^\\dagger A \\approx A`.
+
+    Relative tolerances are ``atol`` times the norms involved.
+    """
+    g = torch.Generator().manual_seed(0)
+    shape = op.x_shape
+    x = torch.rand(shape, generator=g, dtype=dtype)
+    y = op.A(x)
+    assert y.dtype == dtype, f"{op.name}: A changed dtype {dtype} -> {y.dtype}"
+    assert y.shape[0] == shape[0], f"{op.name}: batch dimension lost"
+    # batching: each sample alone gives the same answer
+    y0 = op.A(x[:1])
+    assert torch.allclose(y0, y[:1], atol=atol), f"{op.name}: A is not batch-consistent"
+    if op.linear:
+        assert isinstance(op, LinearOperator)
+        v = torch.rand(y.shape, generator=g, dtype=dtype)
+        lhs = (y * v).sum()
+        rhs = (x * op.A_adjoint(v)).sum()
+        scale = float(y.norm() * v.norm()) + 1e-12
+        assert abs(float(lhs - rhs)) <= atol * scale, f"{op.name}: <Ax,y> = {float(lhs):.8g} but <x,A^T y> = {float(rhs):.8g}"
+        assert op.A_adjoint(v).shape == x.shape, f"{op.name}: A_adjoint returns the wrong shape"
+        if pinv:
+            apa = op.A(op.A_dagger(y))
+            err = float((apa - y).norm() / (y.norm() + 1e-12))
+            assert err <= max(atol, 1e-4), f"{op.name}: ||A A^+ A x - A x|| / ||A x|| = {err:.3g}"
+    yn = op.forward(x, generator=torch.Generator().manual_seed(1))
+    yn2 = op.forward(x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(yn, yn2), f"{op.name}: forward() is not reproducible with the same generator"
+    lp = op.noise.log_prob(yn, y)
+    assert lp.shape == (shape[0],) and torch.isfinite(lp).all(), f"{op.name}: noise log_prob must be finite, one per sample"
+
+
+# -- paths ------------------------------------------------------------------------------------
+
+
+def check_path(path: AffinePath, *, n: int = 4096, atol: float = 1e-6, anchored_mu: Tensor | None = None) -> None:
+    """Contract checks for a path: conversions round-trip (float64) for every prediction type, derivatives
+    match finite differences, and Monte-Carlo marginals match :math:`a x_0 + b\\mu` and :math:`\\sigma^2`
+    within a 5-sigma bound."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    mu = anchored_mu if anchored_mu is not None else torch.rand(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    anchor = mu if path.anchored else None
+    lo, hi = path.t_min, path.t_max
+    for frac in (0.1, 0.5, 0.9):
+        t = torch.tensor(lo + frac * (hi - lo), dtype=torch.float64)
+        xt, eps = path.sample(x0, t, generator=g, anchor=anchor)
+        for kind in PREDICTIONS:
+            if kind == "v" and (path.anchored or not path.kind.startswith("vp")):
+                continue
+            if kind == "residual" and not path.anchored:
+                continue
+            pred = from_x0(x0, kind, xt, t, path, anchor)
+            back = to_x0(pred, kind, xt, t, path, anchor)
+            err = float((back - x0).abs().max())
+            assert err <= atol, f"{path.kind}: {kind} round trip error {err:.3g} at t={float(t):.3g}"
+        e = from_x0(x0, "eps", xt, t, path, anchor)
+        assert float((e - eps).abs().max()) <= atol, f"{path.kind}: eps recovered wrongly"
+        h = 1e-6
+        for f, d in zip((path.a, path.b, path.sigma), path.derivatives(t)):
+            fd = (f(t + h) - f(t - h)) / (2 * h)
+            assert abs(float(fd - d)) <= 1e-5 * (1 + abs(float(d))), f"{path.kind}: derivative mismatch"
+        # Monte-Carlo marginal of one pixel
+        a, b, s = path.coefficients(t)
+        xs = x0[:1, :1, :1, :1].expand(n, 1, 1, 1)
+        ms = mu[:1, :1, :1, :1].expand(n, 1, 1, 1)
+        samp, _ = path.sample(xs, t, generator=g, anchor=ms if path.anchored else None)
+        mean_true = a * x0[0, 0, 0, 0] + (b * mu[0, 0, 0, 0] if path.anchored else 0)
+        assert abs(float(samp.mean() - mean_true)) <= Z_BOUND * float(s) / math.sqrt(n) + 1e-12
+        assert abs(float(samp.var() - s * s)) <= Z_BOUND * float(s * s) * math.sqrt(2 / (n - 1)) + 1e-12
+
+
+# -- Gaussian problems ------------------------------------------------------------------------
+
+
+class MatrixOperator(LinearOperator):
+    """A dense matrix as an operator on small images (for exact tests): ``A(x) = (M @ x.flatten()).view(y)``."""
+
+    name = "matrix"
+    Config = OperatorConfig
+
+    def __init__(self, matrix: Tensor, *, x_shape: tuple[int, ...], y_shape: tuple[int, ...] | None = None,
+                 noise_sigma: float = 0.1):
+        super().__init__(x_shape=x_shape, noise="gaussian", noise_sigma=noise_sigma)
+        self.register_buffer("matrix", matrix.to(torch.float64))
+        self._ys = tuple(y_shape) if y_shape is not None else (matrix.shape[0],)
+
+    def A(self, x):
+        B = x.shape[0]
+        return (x.reshape(B, -1).to(self.matrix.dtype) @ self.matrix.T).reshape(B, *self._ys).to(x.dtype)
+
+    def A_adjoint(self, y):
+        B = y.shape[0]
+        return (y.reshape(B, -1).to(self.matrix.dtype) @ self.matrix).reshape(B, *self.x_shape[1:]).to(y.dtype)
+
+    def A_dagger(self, y):
+        B = y.shape[0]
+        P = torch.linalg.pinv(self.matrix)
+        return (y.reshape(B, -1).to(P.dtype) @ P.T).reshape(B, *self.x_shape[1:]).to(y.dtype)
+
+
+@dataclass
+class GaussianProblem:
+    """A linear-Gaussian inverse problem with its exact prior and posterior."""
+
+    prior: DenseGaussian
+    operator: MatrixOperator
+    x0: Tensor
+    y: Tensor
+    posterior: DenseGaussian
+
+    def problem(self, batch: int = 1, **kw: Any) -> Problem:
+        y = self.y.expand(batch, *self.y.shape[1:]).clone()
+        return Problem(y=y, operator=self.operator, x_shape=(batch, *self.prior.shape), **kw)
+
+    def denoiser(self, path: AffinePath) -> GaussianDenoiser:
+        return GaussianDenoiser(self.prior, path)
+
+
+def make_gaussian_problem(d_shape: tuple[int, ...] = (1, 3, 4), m: int = 8, *, noise_sigma: float = 0.2,
+                          seed: int = 0, square: bool = False) -> GaussianProblem:
+    """A random well-conditioned prior N(m, C) on images of ``d_shape`` and a random ``m x d`` operator."""
+    g = torch.Generator().manual_seed(seed)
+    d = math.prod(d_shape)
+    Q = torch.randn(d, d, generator=g, dtype=torch.float64)
+    C = Q @ Q.T / d + 0.05 * torch.eye(d, dtype=torch.float64)
+    mean = 0.5 + 0.1 * torch.randn(d, generator=g, dtype=torch.float64)
+    prior = DenseGaussian(mean, C * 0.05, d_shape)
+    rows = d if square else m
+    M = torch.randn(rows, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    op = MatrixOperator(M, x_shape=(1, *d_shape), y_shape=(*d_shape,) if square else (rows,), noise_sigma=noise_sigma)
+    x0 = prior.sample(1, generator=g)
+    y = op.forward(x0, generator=g)
+    return GaussianProblem(prior, op, x0, y, prior.posterior(op, y))
+
+
+def exact_flow_map(model: DenseGaussian, path: AffinePath, x: Tensor, t0: Any, t1: Any, anchor: Tensor | None = None) -> Tensor:
+    r"""The exact probability-flow ODE map from ``t0`` to ``t1`` for a Gaussian (prior or posterior) model.
+
+    In :math:`\tilde x = (x - b\mu)/a`, :math:`\tilde\sigma = \sigma/a` the flow is
+    :math:`d\tilde x/d\tilde\sigma = (\tilde x - D(\tilde x))/\tilde\sigma`, so in the eigenbasis of :math:`C`
+    :math:`\tilde x(\tilde\sigma_1) - m = \sqrt{(C + \tilde\sigma_1^2)/(C + \tilde\sigma_0^2)}\,(\tilde x(\tilde\sigma_0) - m)`.
+    """
+    a0, _, s0 = path.coefficients(t0)
+    a1, _, s1 = path.coefficients(t1)
+    z = (x - path.shift(t0, x, anchor)).to(torch.float64) / a0
+    m = model.mean_like(z).reshape(z.shape[0], -1)
+    w = (z.reshape(z.shape[0], -1) - m) @ model.evecs
+    lam = model.evals
+    w = w * torch.sqrt((lam + (s1 / a1) ** 2) / (lam + (s0 / a0) ** 2))
+    out = (a1 * (w @ model.evecs.T + m)).reshape(x.shape)
+    return out + path.shift(t1, out, anchor)
+
+
+# -- samplers ---------------------------------------------------------------------------------
+
+
+def check_sampler_reproducible(run: Callable[[torch.Generator], Tensor], *, dtype: torch.dtype | None = None) -> Tensor:
+    """Same generator seed -> bit-identical output; returns the output. ``run(generator)`` runs the sampler."""
+    a = run(torch.Generator().manual_seed(1234))
+    b = run(torch.Generator().manual_seed(1234))
+    assert torch.equal(a, b), "same seed gave different outputs"
+    assert torch.isfinite(a).all(), "the sampler produced NaN/Inf"
+    if dtype is not None:
+        assert a.dtype == dtype, f"dtype changed to {a.dtype}"
+    return a
+
+
+def check_posterior_moments(samples: Tensor, target: DenseGaussian, *, bias: float = 0.0, z: float = Z_BOUND,
+                            check_cov: bool = True) -> dict[str, float]:
+    """Assert that ``samples`` (N x ...) have the target's mean and variances within the Monte-Carlo bound
+    (see the module docstring); returns the measured errors."""
+    N = samples.shape[0]
+    X = samples.reshape(N, -1).to(torch.float64)
+    m = target.mean.reshape(-1, X.shape[1])[0]
+    var = torch.diagonal(target.cov)
+    err_mean = (X.mean(0) - m).abs()
+    tol_mean = z * torch.sqrt(var / N) + bias
+    worst = int(torch.argmax(err_mean - tol_mean))
+    assert bool((err_mean <= tol_mean).all()), (
+        f"sample mean off by {float(err_mean[worst]):.4g} > {float(tol_mean[worst]):.4g} in coordinate {worst} (N={N})")
+    out = {"mean_err": float(err_mean.max()), "mean_tol": float(tol_mean.min())}
+    if check_cov:
+        v = X.var(0)
+        tol_var = z * var * math.sqrt(2 / (N - 1)) + bias
+        err_var = (v - var).abs()
+        w = int(torch.argmax(err_var - tol_var))
+        assert bool((err_var <= tol_var).all()), (
+            f"sample variance {float(v[w]):.4g} vs exact {float(var[w]):.4g} in coordinate {w} (N={N})")
+        out["var_err"] = float(err_var.max())
+    return out
+
+
+def measure_order(nfes: list[int], errors: list[float]) -> float:
+    """Least-squares slope of log(error) against log(1/NFE): the empirical convergence order."""
+    x = torch.log(torch.tensor([float(n) for n in nfes], dtype=torch.float64))
+    y = torch.log(torch.tensor(errors, dtype=torch.float64))
+    A = torch.stack([torch.ones_like(x), -x], 1)
+    return float(torch.linalg.lstsq(A, y[:, None]).solution[1, 0])
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plugin_manager():
+    """A fresh plugin manager with the specs only (no entry points)."""
+    return get_plugin_manager(entrypoints=False)
+
+
+@pytest.fixture
+def registered(plugin_manager):
+    """``with registered(module_or_obj): ...`` registers a plugin for the block, then unregisters it."""
+
+    @contextlib.contextmanager
+    def _registered(plugin: Any, name: str | None = None) -> Iterator[Registries]:
+        plugin_manager.register(plugin, name=name)
+        try:
+            yield collect(plugin_manager)
+        finally:
+            plugin_manager.unregister(plugin)
+
+    return _registered
+
+
+@pytest.fixture(scope="session")
+def registries() -> Registries:
+    """Everything installed, through the entry points."""
+    return collect(get_plugin_manager())
+
+
+@pytest.fixture
+def gaussian_problem() -> GaussianProblem:
+    return make_gaussian_problem()
