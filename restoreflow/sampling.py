@@ -273,6 +273,8 @@ class Context:
     generator: torch.Generator
     anchor: Tensor | None
     nfe: int = 0
+    #: the run's time grid (float64, descending); set by :func:`integrate`
+    ts: Tensor | None = None
 
     def denoise(self, x: Tensor, t: Any) -> Tensor:
         """One extra network evaluation (counted), without gradients."""
@@ -488,9 +490,11 @@ def integrate(kernel: Kernel, denoiser: Denoiser, problem: Problem, ts: Tensor, 
     anchor = problem.anchor if (path.anchored or getattr(denoiser, "conditional", False)) else None
     ctx = Context(path=path, problem=problem, denoiser=denoiser, generator=generator, anchor=anchor)
     ts = as_time(ts)
+    ctx.ts = ts
     x = start_state(path, ts[0], problem, generator=generator)
     if corrector is not None:
         x = corrector.setup(x, ctx)
+        denoiser = ctx.denoiser  # a corrector may wrap it (e.g. to evaluate particles in chunks)
         if anchor is not None and anchor.shape[0] != x.shape[0]:
             ctx.anchor = anchor = anchor.repeat_interleave(x.shape[0] // anchor.shape[0], dim=0)
     state = kernel.init(x, ctx)
