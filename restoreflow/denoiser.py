@@ -167,6 +167,7 @@ class Prior(abc.ABC):
     path_kind: ClassVar[str] = "vp"
     tasks: ClassVar[tuple[str, ...]] = ()
     channels: ClassVar[int | None] = None
+    exact_posterior: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         self.options = options
@@ -174,6 +175,11 @@ class Prior(abc.ABC):
     @abc.abstractmethod
     def load(self, *, device: torch.device | str = "cpu", x_shape: tuple[int, ...] | None = None) -> Denoiser:
         """Build the denoiser (weights load here, not at registration)."""
+
+    def posterior(self, problem: Any, *, device: torch.device | str = "cpu") -> Denoiser:
+        """The denoiser of the exact posterior :math:`p(x_0 \\mid y)` (analytic priors only:
+        ``exact_posterior = True``). Samplers that ignore ``y`` then sample the posterior."""
+        raise TypeError(f"prior {self.name!r} has no closed-form posterior")
 
     @classmethod
     def describe(cls) -> str:

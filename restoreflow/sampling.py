@@ -34,6 +34,7 @@ __all__ = [
     "Transition",
     "Context",
     "Kernel",
+    "KernelSampler",
     "integrate",
     "time_grid",
     "start_state",
@@ -137,6 +138,8 @@ class Sampler(_Configurable, abc.ABC):
     requires: ClassVar[frozenset[str]] = frozenset({"denoiser"})
     uses_measurement: ClassVar[bool] = False
     supports_guidance: ClassVar[bool] = False
+    #: the prior used per task when ``--prior`` is not given (e.g. ``{"deblur": "mr-deblur"}``)
+    default_priors: ClassVar[Mapping[str, str]] = {}
 
     @abc.abstractmethod
     def sample(self, problem: Problem, denoiser: Denoiser | None, *, generator: torch.Generator,
@@ -531,3 +534,26 @@ def integrate(kernel: Kernel, denoiser: Denoiser, problem: Problem, ts: Tensor, 
         if callback is not None:
             callback({"i": i, "t": t_next, "x": x, "x0": x0, "nfe": ctx.nfe, "steps": steps})
     return corrector.finalize(x, ctx) if corrector is not None else x
+
+
+class KernelSampler(Sampler):
+    """A sampler that is one :class:`Kernel` run by :func:`integrate` over a :func:`time_grid`.
+
+    Subclasses give a ``Config`` with ``steps`` (and optionally ``spacing`` and ``denoise_last``) and
+    implement :meth:`kernel`; guidance and correctors compose for free.
+    """
+
+    supports_guidance = True
+
+    @abc.abstractmethod
+    def kernel(self) -> Kernel:
+        """The step kernel for this configuration."""
+
+    def grid(self, path: AffinePath) -> Tensor:
+        c = self.config
+        return time_grid(path, c.steps, getattr(c, "spacing", "uniform_t"))
+
+    def sample(self, problem, denoiser, *, generator, guidance=None, corrector=None, callback=None):
+        return integrate(self.kernel(), denoiser, problem, self.grid(denoiser.path), generator=generator,
+                         guidance=guidance, corrector=corrector, callback=callback,
+                         final_denoise=bool(getattr(self.config, "denoise_last", False)))

@@ -1,0 +1,263 @@
+"""The restoration pipeline behind both the CLI and :func:`restoreflow.restore`.
+
+Order of work: resolve every name (unknown names raise with suggestions), validate every option, check that
+the sampler, prior, guidance, corrector and operator fit together -- all *before* any weights load or any
+image is read -- then read the input, build the problem, load the prior and sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .denoiser import Prior
+from .errors import ConfigError, IncompatibleError, InputError
+from .io import Measurement
+from .metrics import quality
+from .plugins import default_plugin_manager, default_registries
+from .registry import Registries, build_config, config_fields
+from .sampling import Problem
+
+__all__ = ["Plan", "Result", "plan", "restore", "resolve_device", "looks_like_path"]
+
+
+@dataclass
+class Plan:
+    """Everything resolved and validated; nothing loaded yet."""
+
+    task: Any
+    operator_cls: type
+    operator_config: Any
+    sampler: Any
+    prior: Prior | None
+    prior_label: str | None
+    guidance: Any | None
+    corrector: Any | None
+    condition_on_y: bool
+
+
+@dataclass
+class Result:
+    """A restoration: the image, what it came from, and what it cost."""
+
+    image: Tensor
+    measurement: Tensor
+    degraded: Tensor | None
+    clean: Tensor | None
+    metrics: dict[str, float]
+    nfe: int
+    seconds: float
+    sampler: str
+    prior: str | None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA GPU is available (use --device cpu or auto)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {device!r}; use cpu, cuda or auto")
+    return dev
+
+
+def looks_like_path(name: str) -> bool:
+    return any(sep in name for sep in ("/", "\\")) or Path(name).suffix in (
+        ".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".json", ".yml", ".yaml") or Path(name).exists()
+
+
+def _with_steps(cls: type, options: dict[str, Any], steps: int | None, owner: str) -> Any:
+    opts = dict(options)
+    if steps is not None:
+        if "steps" not in config_fields(cls.Config):
+            raise ConfigError(f"{owner} has no steps option")
+        opts["steps"] = steps
+    return cls(build_config(cls.Config, opts, owner=owner))
+
+
+def _compatible(regs: Registries, pred: Callable[[type], bool]) -> list[str]:
+    return [n for n, c in regs.priors.items() if pred(c)]
+
+
+def plan(task: str, *, sampler: str | None = None, prior: str | None = None, guidance: str | None = None,
+         corrector: str | None = None, operator: str | None = None, steps: int | None = None,
+         op_options: Mapping[str, Any] | None = None, sampler_options: Mapping[str, Any] | None = None,
+         guidance_options: Mapping[str, Any] | None = None, corrector_options: Mapping[str, Any] | None = None,
+         prior_options: Mapping[str, Any] | None = None, registries: Registries | None = None) -> Plan:
+    """Resolve names, build configs and check compatibility (no weights, no images)."""
+    regs = registries or default_registries()
+    task_obj = regs.tasks.get(task)
+    op_cls = regs.operators.get(operator or task_obj.operator)
+    op_cfg = build_config(op_cls.Config, {**dict(task_obj.defaults), **dict(op_options or {})}, owner=op_cls.name)
+    sampler_name = sampler or task_obj.default_sampler
+    s_cls = regs.samplers.get(sampler_name)
+    smp = _with_steps(s_cls, dict(sampler_options or {}), steps, sampler_name)
+    g = None
+    if guidance:
+        g_cls = regs.guidance.get(guidance)
+        g = g_cls(build_config(g_cls.Config, dict(guidance_options or {}), owner=guidance))
+        if not getattr(s_cls, "supports_guidance", False):
+            raise IncompatibleError(f"sampler {sampler_name} does not take guidance; samplers that do: "
+                                    f"{', '.join(n for n, c in regs.samplers.items() if getattr(c, 'supports_guidance', False))}")
+    c = None
+    if corrector:
+        c_cls = regs.correctors.get(corrector)
+        c = c_cls(build_config(c_cls.Config, dict(corrector_options or {}), owner=corrector))
+        if not getattr(s_cls, "supports_guidance", False):
+            raise IncompatibleError(f"sampler {sampler_name} cannot run with a corrector")
+    caps = set()
+    if op_cls.linear:
+        caps.add("linear_operator")
+    if op_cls.differentiable:
+        caps.add("differentiable_operator")
+    if getattr(op_cfg, "noise", "gaussian") in ("gaussian", "none"):
+        caps.add("gaussian_noise")
+    for who, req in ((sampler_name, s_cls.requires), (guidance, getattr(g, "requires", frozenset())),
+                     (corrector, getattr(c, "requires", frozenset()))):
+        for r in ("linear_operator", "differentiable_operator", "gaussian_noise"):
+            if r in req and r not in caps:
+                raise IncompatibleError(f"{who} needs a {r.replace('_', ' ')}, which {op_cls.name} "
+                                        f"with {getattr(op_cfg, 'noise', '')} noise is not")
+    needs_prior = "denoiser" in s_cls.requires or g is not None or c is not None
+    prior_obj: Prior | None = None
+    label = None
+    if needs_prior or prior:
+        name = prior or dict(getattr(s_cls, "default_priors", {})).get(task_obj.name) or task_obj.default_prior or "default"
+        label = name
+        if looks_like_path(name):
+            p = Path(name)
+            if not p.exists():
+                raise InputError(f"prior {p} does not exist")
+            prior_obj = default_plugin_manager().hook.load_prior(path=p, options=dict(prior_options or {}))
+            if prior_obj is None:
+                raise InputError(f"no plugin recognises the checkpoint format of {p}")
+        else:
+            prior_obj = regs.priors.get(name)(**dict(prior_options or {}))
+        if not needs_prior and not getattr(prior_obj, "exact_posterior", False):
+            raise IncompatibleError(f"{sampler_name} uses no network prior; drop --prior or pick a diffusion sampler")
+    condition = False
+    if prior_obj is not None:
+        pc = type(prior_obj)
+        if "conditional" in s_cls.requires and not pc.conditional:
+            ok = _compatible(regs, lambda k: k.conditional)
+            raise IncompatibleError(f"{sampler_name} needs a conditional (anchored) prior trained for the task; "
+                                    f"{label} is unconditional; compatible priors: {', '.join(ok) or 'none installed'}")
+        if "unconditional" in s_cls.requires and pc.conditional:
+            ok = _compatible(regs, lambda k: not k.conditional)
+            raise IncompatibleError(f"{sampler_name} needs an unconditional prior; {label} is conditional; "
+                                    f"compatible priors: {', '.join(ok)}")
+        if pc.conditional and pc.tasks and task_obj.name not in pc.tasks:
+            raise IncompatibleError(f"prior {label} was trained for {', '.join(pc.tasks)}, not {task_obj.name}")
+        if pc.conditional and (g is not None):
+            raise IncompatibleError(f"guidance {guidance} needs an unconditional prior; {label} is conditional")
+        if not s_cls.uses_measurement and not pc.conditional and g is None and "denoiser" in s_cls.requires:
+            if getattr(prior_obj, "exact_posterior", False):
+                condition = True
+            else:
+                raise IncompatibleError(f"{sampler_name} with the unconditional prior {label} would ignore the "
+                                        f"measurement; add --guidance dps or pick a conditional prior")
+    return Plan(task_obj, op_cls, op_cfg, smp, prior_obj, label, g, c, condition)
+
+
+def _load_input(image: Any, task: str, device: torch.device) -> Measurement:
+    if isinstance(image, Measurement):
+        return image
+    if isinstance(image, Tensor):
+        x = image if image.ndim == 4 else image[None] if image.ndim == 3 else image[None, None]
+        if not torch.isfinite(x).all():
+            raise InputError("the input tensor contains NaN or Inf")
+        return Measurement(x.to(torch.float32), None, 8)
+    p = Path(image)
+    if not p.exists():
+        raise InputError(f"input {p} does not exist")
+    m = default_plugin_manager().hook.load_measurement(path=p, task=task)
+    if m is None:
+        raise InputError(f"no reader for {p.suffix or 'extension-less'} files ({p.name})")
+    return m
+
+
+def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, prior: str | None = None,
+            guidance: str | None = None, corrector: str | None = None, operator: str | None = None,
+            steps: int | None = None, seed: int = 0, device: str | torch.device = "cpu",
+            op_options: Mapping[str, Any] | None = None, sampler_options: Mapping[str, Any] | None = None,
+            guidance_options: Mapping[str, Any] | None = None, corrector_options: Mapping[str, Any] | None = None,
+            prior_options: Mapping[str, Any] | None = None, simulate: bool = False,
+            callback: Callable[[dict], None] | None = None, registries: Registries | None = None,
+            planned: Plan | None = None) -> Result:
+    """Restore ``image`` (a path, a ``Measurement`` or a ``[1] x C x H x W`` tensor in [0, 1]).
+
+    With ``simulate=True`` the image is taken as the clean original: it is degraded with the task's
+    operator (noise drawn from ``seed``), restored, and PSNR/SSIM are reported against it. Every random
+    draw comes from one CPU ``torch.Generator`` seeded with ``seed``, so CPU runs are bit-reproducible.
+    """
+    dev = resolve_device(device)
+    pl = planned or plan(task, sampler=sampler, prior=prior, guidance=guidance, corrector=corrector, operator=operator,
+                         steps=steps, op_options=op_options, sampler_options=sampler_options,
+                         guidance_options=guidance_options, corrector_options=corrector_options,
+                         prior_options=prior_options, registries=registries)
+    meas = _load_input(image, pl.task.name, dev)
+    data = meas.data.to(dev)
+    gen = torch.Generator().manual_seed(int(seed))
+    if pl.prior is not None and type(pl.prior).channels not in (None, data.shape[1]):
+        raise InputError(f"prior {pl.prior_label} handles {type(pl.prior).channels}-channel images; the input has "
+                         f"{data.shape[1]} (convert it first)")
+    if simulate:
+        clean = data
+        op = pl.operator_cls(pl.operator_config, x_shape=tuple(data.shape)).to(dev)
+        y = op.forward(clean, generator=gen)
+    else:
+        clean = None
+        x_shape = pl.operator_cls.x_shape_for(tuple(data.shape), pl.operator_config)
+        op = pl.operator_cls(pl.operator_config, x_shape=x_shape).to(dev)
+        if tuple(op.y_shape) != tuple(data.shape):
+            raise InputError(f"a {data.shape[-2]}x{data.shape[-1]} measurement does not fit {op.name}")
+        y = data
+    problem = Problem(y=y, operator=op, x_shape=tuple(op.x_shape))
+    denoiser = None
+    if pl.prior is not None and ("denoiser" in pl.sampler.requires or pl.guidance or pl.corrector or pl.condition_on_y):
+        denoiser = pl.prior.posterior(problem, device=dev) if pl.condition_on_y else \
+            pl.prior.load(device=dev, x_shape=tuple(op.x_shape))
+    elif pl.prior is not None and getattr(pl.prior, "exact_posterior", False):
+        denoiser = pl.prior.load(device=dev, x_shape=tuple(op.x_shape))
+    nfe = {"n": 0}
+
+    def cb(info: dict) -> None:
+        nfe["n"] = int(info.get("nfe", nfe["n"]))
+        if callback is not None:
+            callback(info)
+
+    t0 = time.perf_counter()
+    out = pl.sampler.sample(problem, denoiser, generator=gen, guidance=pl.guidance, corrector=pl.corrector, callback=cb)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if not torch.isfinite(out).all():
+        from .errors import NumericalError
+
+        raise NumericalError(f"{pl.sampler.name} produced NaN/Inf; try fewer steps or another sampler")
+    out = out.detach().to(torch.float32).clamp(0, 1)
+    degraded = problem.anchor.detach().clamp(0, 1) if problem.anchor is not None else None
+    metrics: dict[str, float] = {}
+    if clean is not None:
+        metrics.update(quality(out, clean))
+        if degraded is not None and degraded.shape == clean.shape:
+            metrics.update({f"{k}_degraded": v for k, v in quality(degraded, clean).items()})
+    extras = {}
+    if pl.corrector is not None and getattr(pl.corrector, "variance", None) is not None:
+        extras["variance"] = pl.corrector.variance
+    return Result(out, y.detach(), degraded, clean, metrics, nfe["n"] or pl.sampler.nfe(), seconds,
+                  pl.sampler.name, pl.prior_label, extras)
+
+
+def replace_config(obj: Any, **changes: Any) -> Any:
+    """A copy of a plugin object with some Config fields changed (validated again)."""
+    return type(obj)(dataclasses.replace(obj.config, **changes))

@@ -1,0 +1,168 @@
+"""Image I/O through scikit-image, registered as the ``io`` plugin (``load_measurement``/``save_result``).
+
+Reads PNG/JPEG/TIFF/BMP/WebP, 8- and 16-bit, grayscale, RGB, RGBA (alpha kept aside and restored on
+output) and palette images, into ``1 x C x H x W`` float tensors in [0, 1]. Writes in the input's bit
+depth, atomically (a temporary file in the target directory, then ``os.replace``), so an interrupted run
+never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import InputError, OutputError
+from .hookspecs import hookimpl
+
+__all__ = ["Measurement", "read_image", "write_image", "atomic_path", "IMAGE_SUFFIXES", "to_tensor", "to_array"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+@dataclass
+class Measurement:
+    """What a reader returns: the data as ``1 x C x H x W`` float in [0, 1], plus what a writer needs to
+    write a result "like" it (bit depth, alpha, headers)."""
+
+    data: Tensor
+    path: Path | None = None
+    bit_depth: int = 8  # 8, 16, or 32 (float)
+    alpha: Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return int(self.data.shape[1])
+
+
+def to_tensor(arr: np.ndarray) -> Tensor:
+    arr = np.ascontiguousarray(arr)
+    t = torch.from_numpy(arr.astype(np.float32))
+    return t.permute(2, 0, 1)[None] if t.ndim == 3 else t[None, None]
+
+
+def to_array(x: Tensor) -> np.ndarray:
+    x = x.detach().to("cpu", torch.float64).clamp(0, 1)[0]
+    a = x.permute(1, 2, 0).numpy()
+    return a[..., 0] if a.shape[-1] == 1 else a
+
+
+def read_image(path: str | Path) -> Measurement:
+    """Read an image file; raises :class:`InputError` with one line for anything unreadable."""
+    from skimage import io as skio
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"input {p} does not exist")
+    if p.is_dir():
+        raise InputError(f"input {p} is a directory, not an image")
+    if p.stat().st_size == 0:
+        raise InputError(f"input {p} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = skio.imread(p)
+    except Exception as e:  # truncated/corrupt/wrong-format files surface as many exception types
+        raise InputError(f"input {p} cannot be read as an image ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    arr = np.asarray(arr)
+    if arr.dtype == object or arr.ndim not in (2, 3) or arr.size == 0:
+        raise InputError(f"input {p} is not a 2-D image (array shape {arr.shape})")
+    if arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4) and arr.shape[0] in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4):
+        raise InputError(f"input {p} has {arr.shape[-1]} channels; expected 1-4 (a multi-page stack?)")
+    if arr.dtype == bool:
+        arr, depth = arr.astype(np.float32), 8
+    elif arr.dtype == np.uint8:
+        arr, depth = arr.astype(np.float32) / 255.0, 8
+    elif arr.dtype == np.uint16:
+        arr, depth = arr.astype(np.float32) / 65535.0, 16
+    elif np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        arr, depth = (arr.astype(np.float64) - info.min) / (info.max - info.min), 16
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise InputError(f"input {p} contains NaN or infinite pixel values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0 or hi > 1:
+            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        depth = 32
+    else:
+        raise InputError(f"input {p} has unsupported pixel type {arr.dtype}")
+    alpha = None
+    if arr.ndim == 3 and arr.shape[-1] in (2, 4):
+        alpha = to_tensor(arr[..., -1])
+        arr = arr[..., :-1]
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return Measurement(to_tensor(arr), p, depth, alpha, {"suffix": p.suffix.lower()})
+
+
+def atomic_path(path: Path) -> tuple[Path, Path]:
+    """A temporary sibling of ``path`` (same directory, so ``os.replace`` is atomic)."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise OutputError(f"output directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise OutputError(f"output directory {path.parent} is not writable")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp), path
+
+
+def write_image(path: str | Path, image: Tensor, like: Measurement | None = None) -> None:
+    """Write ``image`` (``1 x C x H x W`` in [0, 1]) atomically in ``like``'s bit depth and alpha."""
+    from skimage import io as skio
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise OutputError(f"cannot write {suffix or 'extension-less'} files; use one of {', '.join(IMAGE_SUFFIXES)}")
+    arr = to_array(image)
+    depth = like.bit_depth if like is not None else 8
+    if like is not None and like.alpha is not None and suffix in (".png", ".tif", ".tiff", ".webp") \
+            and like.alpha.shape[-2:] == image.shape[-2:]:
+        a = to_array(like.alpha)
+        arr = np.concatenate([arr if arr.ndim == 3 else arr[..., None], a[..., None]], axis=-1)
+    if depth == 32 and suffix in (".tif", ".tiff"):
+        out = arr.astype(np.float32)
+    elif depth >= 16 and suffix in (".png", ".tif", ".tiff"):
+        out = np.round(arr * 65535).astype(np.uint16)
+    else:
+        out = np.round(arr * 255).astype(np.uint8)
+    tmp, final = atomic_path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            skio.imsave(tmp, out, check_contrast=False)
+        os.replace(tmp, final)
+    except OutputError:
+        raise
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise OutputError(f"cannot write {final}: {' '.join(str(e).split())[:160]}") from None
+
+
+@hookimpl(trylast=True)
+def load_measurement(path: Path, task: str) -> Measurement | None:
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+        return read_image(path)
+    return None
+
+
+@hookimpl(trylast=True)
+def save_result(path: Path, image: Tensor, like: Measurement) -> bool | None:
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+        write_image(path, image, like)
+        return True
+    return None
