@@ -92,9 +92,10 @@ def plan(task: str, *, sampler: str | None = None, prior: str | None = None, gui
          corrector: str | None = None, operator: str | None = None, steps: int | None = None,
          op_options: Mapping[str, Any] | None = None, sampler_options: Mapping[str, Any] | None = None,
          guidance_options: Mapping[str, Any] | None = None, corrector_options: Mapping[str, Any] | None = None,
-         prior_options: Mapping[str, Any] | None = None, registries: Registries | None = None) -> Plan:
+         prior_options: Mapping[str, Any] | None = None, registries: Registries | None = None, pm: Any = None) -> Plan:
     """Resolve names, build configs and check compatibility (no weights, no images)."""
     regs = registries or default_registries()
+    pm = pm if pm is not None else default_plugin_manager()
     task_obj = regs.tasks.get(task)
     op_cls = regs.operators.get(operator or task_obj.operator)
     op_cfg = build_config(op_cls.Config, {**dict(task_obj.defaults), **dict(op_options or {})}, owner=op_cls.name)
@@ -137,7 +138,7 @@ def plan(task: str, *, sampler: str | None = None, prior: str | None = None, gui
             p = Path(name)
             if not p.exists():
                 raise InputError(f"prior {p} does not exist")
-            prior_obj = default_plugin_manager().hook.load_prior(path=p, options=dict(prior_options or {}))
+            prior_obj = pm.hook.load_prior(path=p, options=dict(prior_options or {}))
             if prior_obj is None:
                 raise InputError(f"no plugin recognises the checkpoint format of {p}")
         else:
@@ -168,7 +169,7 @@ def plan(task: str, *, sampler: str | None = None, prior: str | None = None, gui
     return Plan(task_obj, op_cls, op_cfg, smp, prior_obj, label, g, c, condition)
 
 
-def _load_input(image: Any, task: str, device: torch.device) -> Measurement:
+def _load_input(image: Any, task: str, device: torch.device, pm: Any = None) -> Measurement:
     if isinstance(image, Measurement):
         return image
     if isinstance(image, Tensor):
@@ -179,7 +180,8 @@ def _load_input(image: Any, task: str, device: torch.device) -> Measurement:
     p = Path(image)
     if not p.exists():
         raise InputError(f"input {p} does not exist")
-    m = default_plugin_manager().hook.load_measurement(path=p, task=task)
+    pm = pm if pm is not None else default_plugin_manager()
+    m = pm.hook.load_measurement(path=p, task=task)
     if m is None:
         raise InputError(f"no reader for {p.suffix or 'extension-less'} files ({p.name})")
     return m

@@ -125,7 +125,7 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
         pl = plan(task.name, sampler=sampler, prior=prior, guidance=guidance, corrector=corrector, operator=operator,
                   steps=steps, op_options=_options(op_opts), sampler_options=_options(s_opts),
                   guidance_options=_options(g_opts), corrector_options=c_options, prior_options=_options(p_opts),
-                  registries=regs)
+                  registries=regs, pm=pm)
         out_path = out or default_output(image, task.name, pl.sampler.name)
         for extra in (out_path, save_degraded, uncertainty):
             if extra is not None and _same_file(image, extra) and not force:
@@ -134,7 +134,7 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
                 raise OutputError(f"output directory {Path(extra).parent} does not exist")
         from .api import _load_input, resolve_device
 
-        meas = _load_input(image, task.name, resolve_device(device))
+        meas = _load_input(image, task.name, resolve_device(device), pm)
         progress = None
         if not quiet and not as_json:
             from rich.console import Console
