@@ -371,6 +371,8 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any = None, res
             bar.update(task_id, completed=step, loss=sum(recent) / len(recent))
             if step % o.checkpoint_every == 0 or step == o.steps:
                 _save_checkpoint(ckpt, net=net, ema=ema, opt=opt, step=step, generator=gen, options=o, losses=losses)
+                rate = (time.time() - t0) / max(1, step - start)
+                log(f"step {step}/{o.steps} loss {sum(recent) / len(recent):.4f} ({rate:.2f} s/step)")
     train_seconds = time.time() - t0
     log(f"{step - start} steps in {train_seconds:.1f} s")
 
