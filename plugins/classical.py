@@ -24,6 +24,7 @@ class PseudoInverse(Sampler):
     """Pseudo-inverse A^+ y (minimum-norm least squares); no prior, no randomness."""
 
     name = "pinv"
+    bench = {"kind": "report"}
     requires = frozenset()
     uses_measurement = True
 
@@ -43,6 +44,7 @@ class Wiener(Sampler):
     """Exact Wiener/Tikhonov solution: the posterior mean under a stationary Gaussian image prior."""
 
     name = "wiener"
+    bench = {"kind": "point", "tol": 1e-6}
     requires = frozenset({"linear_operator"})
     uses_measurement = True
 

@@ -18,7 +18,7 @@ from restoreflow.sampling import SPACINGS, KernelSampler
 @dataclass(frozen=True)
 class _Steps:
     steps: int = 20
-    spacing: str = "uniform_t"
+    spacing: str = "uniform_lambda"
 
     def __post_init__(self):
         check(1 <= self.steps <= 10000, f"steps must be in [1, 10000]; got {self.steps}")
@@ -30,6 +30,7 @@ class DDIM(KernelSampler):
     :math:`s = \eta\,\sigma'\sqrt{1 - e^{-2h}}` (η = 0 deterministic, η = 1 ancestral/DDPM posterior)."""
 
     name = "ddim"
+    bench = {"kind": "flow_map", "order": 1, "steps": (16, 32, 64, 128)}
 
     @dataclass(frozen=True)
     class Config(_Steps):
@@ -48,6 +49,7 @@ class Euler(KernelSampler):
 
     name = "euler"
     Config = _Steps
+    bench = {"kind": "flow_map", "order": 1, "steps": (16, 32, 64, 128)}
 
     def kernel(self):
         return EulerODE()
@@ -57,10 +59,12 @@ class EulerMaruyamaSampler(KernelSampler):
     """Reverse-time SDE with Euler–Maruyama steps in t (first order, stochastic)."""
 
     name = "euler-maruyama"
+    bench = {"kind": "posterior", "steps": 200}
 
     @dataclass(frozen=True)
     class Config(_Steps):
         steps: int = 100
+        spacing: str = "uniform_t"
 
     def kernel(self):
         return EulerMaruyama()
@@ -70,6 +74,7 @@ class HeunSampler(KernelSampler):
     """Heun's second-order method on the PF-ODE (Karras et al. 2022); 2 network calls per step but the last."""
 
     name = "heun"
+    bench = {"kind": "flow_map", "order": 2, "steps": (4, 8, 16, 32)}
 
     @dataclass(frozen=True)
     class Config(_Steps):
@@ -89,6 +94,7 @@ class DPMSolverPP2M(KernelSampler):
     :math:`\tfrac12 D_1` rule, ``phi=exact`` the exact :math:`\varphi_2` weight."""
 
     name = "dpmpp-2m"
+    bench = {"kind": "flow_map", "order": 2, "steps": (16, 32, 64, 128)}
 
     @dataclass(frozen=True)
     class Config(_Steps):

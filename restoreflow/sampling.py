@@ -140,6 +140,13 @@ class Sampler(_Configurable, abc.ABC):
     supports_guidance: ClassVar[bool] = False
     #: the prior used per task when ``--prior`` is not given (e.g. ``{"deblur": "mr-deblur"}``)
     default_priors: ClassVar[Mapping[str, str]] = {}
+    #: how the exact-answer bench certifies this sampler (see :func:`restoreflow.testing.certify_sampler`):
+    #: ``{"kind": "flow_map", "order": 2, "steps": (8, 16, 32, 64)}`` (deterministic: converges to the exact
+    #: probability-flow map at that order), ``{"kind": "posterior", "steps": 200}`` (stochastic: samples the
+    #: exact posterior), ``{"kind": "point", "tol": 1e-3}`` (returns the posterior mean/mode), or
+    #: ``{"kind": "report"}`` (biased by design: the error is measured, not bounded). Optional keys:
+    #: ``options`` (Config overrides), ``path`` (a zero-argument callable returning the AffinePath to test on).
+    bench: ClassVar[Mapping[str, Any] | None] = None
 
     @abc.abstractmethod
     def sample(self, problem: Problem, denoiser: Denoiser | None, *, generator: torch.Generator,

@@ -49,6 +49,9 @@ __all__ = [
     "make_gaussian_problem",
     "exact_flow_map",
     "Z_BOUND",
+    "certify_sampler",
+    "bench_setup",
+    "generic_anchored_path",
 ]
 
 Z_BOUND = 5.0
@@ -293,3 +296,142 @@ def registries() -> Registries:
 @pytest.fixture
 def gaussian_problem() -> GaussianProblem:
     return make_gaussian_problem()
+
+
+# -- the exact-answer bench -------------------------------------------------------------------
+
+
+def generic_anchored_path() -> AffinePath:
+    """A smooth mean-reverting path (:math:`\\bar\\theta(t) = 5t`, :math:`\\lambda = 0.3`) for conditional samplers."""
+    from .paths import mean_reverting
+
+    return mean_reverting(lambda t: 5.0 * t, 0.3, t_max=1.0)
+
+
+@dataclass
+class BenchSetup:
+    """One certification problem: the exact target and a denoiser that knows it."""
+
+    problem: Problem
+    denoiser: Any
+    target: DenseGaussian
+    path: AffinePath
+
+
+def bench_setup(sampler_cls: type, *, batch: int = 1, seed: int = 0, dtype: torch.dtype = torch.float64) -> BenchSetup:
+    """The linear-Gaussian problem a sampler is certified on, with its exact posterior and oracle denoiser.
+
+    Unconditional samplers get the exact posterior denoiser on a VP path (so a sampler that ignores ``y``
+    samples the posterior); ``uses_measurement`` samplers get the prior denoiser; conditional samplers get
+    :class:`restoreflow.ConditionalOracle` on an anchored path with anchor ``mu = y``.
+    """
+    from .gaussian import ConditionalOracle
+    from .paths import vp
+
+    spec = dict(getattr(sampler_cls, "bench", None) or {})
+    conditional = "conditional" in sampler_cls.requires
+    gp = make_gaussian_problem(square=conditional, seed=seed, noise_sigma=0.2)
+    path = spec["path"]() if "path" in spec else (generic_anchored_path() if conditional else vp())
+    y = gp.y.expand(batch, *gp.y.shape[1:]).clone().to(dtype)
+    problem = Problem(y=y, operator=gp.operator, x_shape=(batch, *gp.prior.shape))
+    if conditional:
+        den = ConditionalOracle(gp.prior, gp.operator, path)
+    elif sampler_cls.uses_measurement or "denoiser" not in sampler_cls.requires:
+        den = GaussianDenoiser(gp.prior, path)
+    else:
+        den = GaussianDenoiser(gp.posterior, path)
+    return BenchSetup(problem, den, gp.posterior, path)
+
+
+def _exact_marginal_start(setup: BenchSetup, t: Tensor, generator: torch.Generator) -> Tensor:
+    """A draw from the exact marginal of the target at time ``t`` (so the terminal mismatch is zero)."""
+    B = setup.problem.x_shape[0]
+    x0 = setup.target.sample(B, generator=generator).to(setup.problem.y.dtype)
+    anchor = setup.problem.anchor if setup.path.anchored else None
+    xt, _ = setup.path.sample(x0, t, generator=generator, anchor=anchor)
+    return xt
+
+
+def certify_sampler(sampler_cls: type, *, report: dict | None = None) -> dict[str, Any]:
+    """Run the exact-answer bench declared by ``sampler_cls.bench``; returns the measured numbers.
+
+    Every sampler: same generator -> bit-identical output; dtype kept (float32 and float64). Then by kind:
+    ``flow_map`` (error to the exact flow map falls with measured order >= nominal - 0.35), ``posterior``
+    (moments within the 5-sigma Monte-Carlo bound of the module docstring, N = 2000 samples), ``point``
+    (relative error to the posterior mean <= tol), ``report`` (finite; the error is returned).
+    """
+    from .sampling import time_grid
+
+    spec = dict(getattr(sampler_cls, "bench", None) or {})
+    assert spec, f"sampler {sampler_cls.name} declares no `bench`; see Sampler.bench"
+    kind = spec["kind"]
+    out: dict[str, Any] = {"sampler": sampler_cls.name, "kind": kind}
+    options = dict(spec.get("options", {}))
+
+    def make(steps: int | None = None):
+        opts = dict(options)
+        if steps is not None:
+            opts["steps"] = steps
+        return sampler_cls(**opts)
+
+    # reproducibility and dtype
+    for dtype in (torch.float64, torch.float32):
+        setup = bench_setup(sampler_cls, batch=2, dtype=dtype)
+        smp = make()
+        run = lambda g, s=smp, st=setup: s.sample(st.problem, st.denoiser, generator=g)  # noqa: E731
+        check_sampler_reproducible(run, dtype=dtype)
+
+    if kind == "flow_map":
+        steps_list = list(spec.get("steps", (8, 16, 32, 64)))
+        setup = bench_setup(sampler_cls, batch=4)
+        errs = []
+        for n in steps_list:
+            smp = make(n)
+            ts = smp.grid(setup.path) if hasattr(smp, "grid") else time_grid(setup.path, n)
+            g = torch.Generator().manual_seed(7)
+            start = _exact_marginal_start(setup, ts[0], g)
+            prob = setup.problem.replace(x_init=start, y=setup.problem.y.expand(4, *setup.problem.y.shape[1:]))
+            x = smp.sample(prob, setup.denoiser, generator=g)
+            anchor = prob.anchor if setup.path.anchored else None
+            final_clean = float(setup.path.sigma(ts[-1])) == 0.0
+            if getattr(smp.config, "denoise_last", False) or final_clean:
+                # the output is the x0 prediction at ts[-2] (every solver's last step onto sigma = 0 is that)
+                state = exact_flow_map(setup.target, setup.path, start, ts[0], ts[-2], anchor)
+                exact = setup.denoiser(state, ts[-2], anchor=anchor)
+            else:
+                exact = exact_flow_map(setup.target, setup.path, start, ts[0], ts[-1], anchor)
+            errs.append(float((x - exact).abs().max()))
+        order = measure_order(steps_list, errs)
+        out.update(steps=steps_list, errors=errs, order=order)
+        nominal = float(spec["order"])
+        assert order >= nominal - 0.35, f"{sampler_cls.name}: measured order {order:.2f} < nominal {nominal}"
+        assert errs[-1] < errs[0], f"{sampler_cls.name}: error does not fall with steps: {errs}"
+    elif kind == "posterior":
+        N = int(spec.get("samples", 2000))
+        setup = bench_setup(sampler_cls, batch=N)
+        smp = make(spec.get("steps"))
+        ts = smp.grid(setup.path) if hasattr(smp, "grid") else time_grid(setup.path, smp.config.steps)
+        g = torch.Generator().manual_seed(11)
+        prob = setup.problem.replace(x_init=_exact_marginal_start(setup, ts[0], g))
+        x = smp.sample(prob, setup.denoiser, generator=g)
+        out.update(check_posterior_moments(x, setup.target, bias=float(spec.get("bias", 0.0))))
+    elif kind == "point":
+        setup = bench_setup(sampler_cls, batch=1)
+        smp = make(spec.get("steps"))
+        x = smp.sample(setup.problem, setup.denoiser, generator=torch.Generator().manual_seed(3))
+        m = setup.target.mean_like(x)
+        rel = float((x - m).norm() / m.norm())
+        out["rel_error"] = rel
+        assert rel <= float(spec.get("tol", 1e-3)), f"{sampler_cls.name}: relative error to the posterior mean {rel:.3g}"
+    elif kind == "report":
+        setup = bench_setup(sampler_cls, batch=int(spec.get("samples", 256)))
+        smp = make(spec.get("steps"))
+        x = smp.sample(setup.problem, setup.denoiser, generator=torch.Generator().manual_seed(5))
+        assert torch.isfinite(x).all()
+        X = x.reshape(x.shape[0], -1).to(torch.float64)
+        out["mean_err"] = float((X.mean(0) - setup.target.mean.reshape(-1, X.shape[1])[0]).abs().max())
+    else:
+        raise AssertionError(f"unknown bench kind {kind!r}")
+    if report is not None:
+        report[sampler_cls.name] = out
+    return out
