@@ -62,7 +62,10 @@ class Result:
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unsupported device {device!r}; use cpu, cuda or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but no CUDA GPU is available (use --device cpu or auto)")
     if dev.type not in ("cpu", "cuda"):

@@ -1,0 +1,131 @@
+"""CLI: success paths and every user mistake as one stderr line with a non-zero exit code."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from skimage import io
+
+from restoreflow.cli import build_cli
+from restoreflow.plugins import get_plugin_manager
+
+
+@pytest.fixture(scope="module")
+def cli():
+    return build_cli(get_plugin_manager())
+
+
+@pytest.fixture
+def img(tmp_path):
+    rng = np.random.default_rng(0)
+    a = (np.clip(rng.random((32, 32, 3)) * 0.3 + np.linspace(0, 0.7, 32)[None, :, None], 0, 1) * 255).astype(np.uint8)
+    p = tmp_path / "in.png"
+    io.imsave(p, a, check_contrast=False)
+    return p
+
+
+def run(cli, args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _one_line_error(res, code=None):
+    assert res.exit_code != 0
+    if code is not None:
+        assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output
+    errs = [l for l in res.output.splitlines() if l.startswith("error:")]
+    assert len(errs) == 1, res.output
+    return errs[0]
+
+
+def test_version_and_listings(cli):
+    assert run(cli, ["--version"]).exit_code == 0
+    for cmd in ("samplers", "operators", "priors", "tasks", "plugins"):
+        res = run(cli, [cmd])
+        assert res.exit_code == 0, res.output
+    assert "wiener" in run(cli, ["samplers"]).output
+
+
+def test_wiener_simulate_writes_and_reports(cli, img, tmp_path):
+    out = tmp_path / "out.png"
+    res = run(cli, ["deblur", img, "--sampler", "wiener", "--op", "sigma=2", "--simulate", "--out", out, "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output.strip().splitlines()[-1])
+    assert rep["psnr"] > rep["psnr_degraded"]
+    assert io.imread(out).shape == (32, 32, 3)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_gaussian_posterior_dpmpp(cli, img, tmp_path):
+    res = run(cli, ["deblur", img, "--prior", "gaussian", "--sampler", "dpmpp-2m", "--simulate", "--steps", "8",
+                    "--out", tmp_path / "o.png", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["nfe"] == 8
+
+
+def test_default_output_next_to_input(cli, img):
+    res = run(cli, ["denoise", img, "--sampler", "wiener", "-q"])
+    assert res.exit_code == 0, res.output
+    assert (img.parent / "in.denoise-wiener.png").exists()
+
+
+def test_same_seed_same_output(cli, img, tmp_path):
+    outs = []
+    for i in range(2):
+        o = tmp_path / f"o{i}.png"
+        assert run(cli, ["deblur", img, "--prior", "gaussian", "--sampler", "ddim", "-o", "eta=1", "--steps", "5",
+                         "--simulate", "--seed", "3", "--out", o, "-q"]).exit_code == 0
+        outs.append(io.imread(o))
+    assert np.array_equal(*outs)
+
+
+@pytest.mark.parametrize("args,needle,code", [
+    (["--sampler", "weiner"], "did you mean 'wiener'", 2),
+    (["--operator", "gausian_blur"], "gaussian_blur", 2),
+    (["--prior", "gausian", "--sampler", "ddim"], "gaussian", 2),
+    (["--sampler", "wiener", "--op", "sigma=-1"], "sigma", 2),
+    (["--sampler", "wiener", "--op", "sigma"], "key=value", 2),
+    (["--sampler", "wiener", "--op", "sgima=2"], "sigma", 2),
+    (["--sampler", "ddim", "--prior", "gaussian", "--steps", "-3"], "steps", 2),
+    (["--sampler", "ddim", "-o", "eta=2", "--prior", "gaussian"], "eta", 2),
+    (["--sampler", "pinv", "--steps", "4"], "no steps", 2),
+    (["--sampler", "wiener", "--device", "tpu"], "device", 2),
+])
+def test_bad_options(cli, img, tmp_path, args, needle, code):
+    res = run(cli, ["deblur", img, "--out", tmp_path / "o.png", *args])
+    line = _one_line_error(res, code)
+    assert needle in line
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_missing_input(cli, tmp_path):
+    line = _one_line_error(run(cli, ["deblur", tmp_path / "nope.png", "--sampler", "wiener"]), 3)
+    assert "does not exist" in line
+
+
+def test_refuses_to_overwrite_input(cli, img):
+    before = img.read_bytes()
+    line = _one_line_error(run(cli, ["deblur", img, "--sampler", "wiener", "--out", img]), 4)
+    assert "overwrite" in line
+    assert img.read_bytes() == before
+
+
+def test_missing_output_dir(cli, img, tmp_path):
+    line = _one_line_error(run(cli, ["deblur", img, "--sampler", "wiener", "--out", tmp_path / "no" / "o.png"]), 4)
+    assert "does not exist" in line
+
+
+def test_incompatible_sampler_and_prior(cli, img, tmp_path):
+    line = _one_line_error(run(cli, ["deblur", img, "--sampler", "ddim", "--prior", "gaussian", "--guidance", "nope"]))
+    assert "guidance" in line
+
+
+def test_unconditional_prior_without_guidance_is_refused(cli, img):
+    from restoreflow.plugins import collect
+
+    regs = collect(get_plugin_manager())
+    if "default" not in regs.priors:
+        pytest.skip("the bundled default prior is not installed")
+    line = _one_line_error(run(cli, ["deblur", img, "--sampler", "ddim", "--prior", "default"]))
+    assert "ignore the measurement" in line
