@@ -67,9 +67,12 @@ def read_image(path: str | Path) -> Measurement:
     if p.stat().st_size == 0:
         raise InputError(f"input {p} is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arr = skio.imread(p)
+        if p.suffix.lower() == ".png":
+            arr = _read_png(p)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                arr = skio.imread(p)
     except Exception as e:  # truncated/corrupt/wrong-format files surface as many exception types
         raise InputError(f"input {p} cannot be read as an image ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
     arr = np.asarray(arr)
@@ -106,6 +109,31 @@ def read_image(path: str | Path) -> Measurement:
     return Measurement(to_tensor(arr), p, depth, alpha, {"suffix": p.suffix.lower()})
 
 
+def _read_png(path: Path) -> np.ndarray:
+    """PNG through pypng: every bit depth (1-16), palette and transparency expanded exactly.
+
+    (Pillow silently reduces 16-bit colour PNGs to 8 bits.)"""
+    import png
+
+    w, h, rows, info = png.Reader(filename=str(path)).asDirect()
+    planes = info["planes"]
+    dtype = np.uint16 if info["bitdepth"] > 8 else np.uint8
+    arr = np.vstack([np.asarray(r, dtype=dtype) for r in rows]).reshape(h, w, planes)
+    if info["bitdepth"] not in (8, 16):  # 1/2/4-bit greyscale: rescale to 8 bits
+        arr = (arr.astype(np.uint32) * 255 // (2 ** info["bitdepth"] - 1)).astype(np.uint8)
+    return arr[..., 0] if planes == 1 else arr
+
+
+def _write_png(path: Path, out: np.ndarray) -> None:
+    import png
+
+    h, w = out.shape[:2]
+    planes = 1 if out.ndim == 2 else out.shape[2]
+    writer = png.Writer(w, h, greyscale=planes in (1, 2), alpha=planes in (2, 4), bitdepth=16 if out.dtype == np.uint16 else 8)
+    with open(path, "wb") as f:
+        writer.write(f, out.reshape(h, w * planes))
+
+
 def atomic_path(path: Path) -> tuple[Path, Path]:
     """A temporary sibling of ``path`` (same directory, so ``os.replace`` is atomic)."""
     path = Path(path)
@@ -140,9 +168,12 @@ def write_image(path: str | Path, image: Tensor, like: Measurement | None = None
         out = np.round(arr * 255).astype(np.uint8)
     tmp, final = atomic_path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            skio.imsave(tmp, out, check_contrast=False)
+        if suffix == ".png":
+            _write_png(tmp, out)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                skio.imsave(tmp, out, check_contrast=False)
         os.replace(tmp, final)
     except OutputError:
         raise
