@@ -241,12 +241,43 @@ def _plugins_command(pm, regs: Registries) -> click.Command:
     return cmd
 
 
+class RestoreflowGroup(click.Group):
+    """Click group whose usage errors are one line (with suggestions for unknown commands)."""
+
+    def resolve_command(self, ctx, args):
+        name = click.utils.make_str(args[0]) if args else None
+        if name is not None and name not in self.commands and not name.startswith("-"):
+            from .errors import UnknownNameError
+
+            raise click.UsageError(str(UnknownNameError("command", name, self.commands)))
+        return super().resolve_command(ctx, args)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            hint = f" (see `restoreflow {e.ctx.command_path.split(' ', 1)[1]} --help`)" if e.ctx and " " in e.ctx.command_path else ""
+            err(e.format_message() + hint)
+            sys.exit(2)
+        except click.ClickException as e:
+            err(e.format_message())
+            sys.exit(e.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            err("interrupted; no output was written")
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 def build_cli(pm=None) -> click.Group:
     """The ``restoreflow`` click group for plugin manager ``pm`` (the default one when ``None``)."""
     pm = pm if pm is not None else default_plugin_manager()
     regs = collect(pm)
 
-    @click.group(help="Image restoration and inverse problems with diffusion and flow models.",
+    @click.group(cls=RestoreflowGroup, help="Image restoration and inverse problems with diffusion and flow models.",
                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
     @click.version_option(__version__, prog_name="restoreflow")
     def cli():

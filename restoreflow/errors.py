@@ -28,8 +28,8 @@ class RestoreflowError(Exception):
 
     exit_code = 1
 
-    def __str__(self) -> str:  # always one line
-        return " ".join(super().__str__().split())
+    def __str__(self) -> str:  # always one line (and never KeyError's quoted repr)
+        return " ".join(BaseException.__str__(self).split())
 
 
 class UnknownNameError(RestoreflowError, KeyError):
@@ -48,8 +48,6 @@ class UnknownNameError(RestoreflowError, KeyError):
         else:
             msg += f"; no {kind}s are registered (did you `pip install -e .`?)"
         super().__init__(msg)
-
-    __str__ = RestoreflowError.__str__
 
 
 class ConfigError(RestoreflowError, ValueError):
