@@ -176,6 +176,9 @@ def _load_input(image: Any, task: str, device: torch.device, pm: Any = None) -> 
     if isinstance(image, Measurement):
         return image
     if isinstance(image, Tensor):
+        from .io import check_size
+
+        check_size(int(image.shape[-2]), int(image.shape[-1]), "the input tensor")
         x = image if image.ndim == 4 else image[None] if image.ndim == 3 else image[None, None]
         if not torch.isfinite(x).all():
             raise InputError("the input tensor contains NaN or Inf")
@@ -186,6 +189,8 @@ def _load_input(image: Any, task: str, device: torch.device, pm: Any = None) -> 
     pm = pm if pm is not None else default_plugin_manager()
     m = pm.hook.load_measurement(path=p, task=task)
     if m is None:
+        if p.is_dir():
+            raise InputError(f"input {p} is a directory; restore a folder of images with `restoreflow batch`")
         raise InputError(f"no reader for {p.suffix or 'extension-less'} files ({p.name})")
     return m
 

@@ -130,8 +130,8 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
         for extra in (out_path, save_degraded, uncertainty):
             if extra is not None and _same_file(image, extra) and not force:
                 raise OutputError(f"refusing to overwrite the input {image} (pass --force, or choose another --out)")
-            if extra is not None and not Path(extra).parent.exists():
-                raise OutputError(f"output directory {Path(extra).parent} does not exist")
+            if extra is not None and not Path(extra).parent.is_dir():
+                raise OutputError(f"output directory {Path(extra).parent} does not exist (or is not a directory)")
         from .api import _load_input, resolve_device
 
         meas = _load_input(image, task.name, resolve_device(device), pm)

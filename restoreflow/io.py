@@ -22,9 +22,24 @@ from torch import Tensor
 from .errors import InputError, OutputError
 from .hookspecs import hookimpl
 
-__all__ = ["Measurement", "read_image", "write_image", "atomic_path", "IMAGE_SUFFIXES", "to_tensor", "to_array"]
+__all__ = ["max_pixels", "check_size", "Measurement", "read_image", "write_image", "atomic_path", "IMAGE_SUFFIXES", "to_tensor", "to_array"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def max_pixels() -> int:
+    """The largest image (H x W) restoreflow accepts: ``RESTOREFLOW_MAX_PIXELS`` (default 64 megapixels)."""
+    try:
+        return int(float(os.environ.get("RESTOREFLOW_MAX_PIXELS", 64e6)))
+    except ValueError:
+        return int(64e6)
+
+
+def check_size(h: int, w: int, what: str) -> None:
+    """Refuse images above :func:`max_pixels` before decoding them (never an out-of-memory kill)."""
+    if h * w > max_pixels():
+        raise InputError(f"{what} is {w}x{h} ({h * w / 1e6:.1f} MP), above the {max_pixels() / 1e6:.0f} MP limit; "
+                         f"downscale or crop it, or raise RESTOREFLOW_MAX_PIXELS")
 
 
 @dataclass
@@ -73,9 +88,13 @@ def read_image(path: str | Path) -> Measurement:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 arr = skio.imread(p)
+    except InputError:
+        raise
     except Exception as e:  # truncated/corrupt/wrong-format files surface as many exception types
         raise InputError(f"input {p} cannot be read as an image ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
     arr = np.asarray(arr)
+    if arr.ndim >= 2:
+        check_size(arr.shape[0], arr.shape[1], f"input {p}")
     if arr.dtype == object or arr.ndim not in (2, 3) or arr.size == 0:
         raise InputError(f"input {p} is not a 2-D image (array shape {arr.shape})")
     if arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4) and arr.shape[0] in (1, 3, 4):
@@ -116,6 +135,7 @@ def _read_png(path: Path) -> np.ndarray:
     import png
 
     w, h, rows, info = png.Reader(filename=str(path)).asDirect()
+    check_size(h, w, f"input {path}")
     planes = info["planes"]
     dtype = np.uint16 if info["bitdepth"] > 8 else np.uint8
     arr = np.vstack([np.asarray(r, dtype=dtype) for r in rows]).reshape(h, w, planes)
@@ -137,8 +157,8 @@ def _write_png(path: Path, out: np.ndarray) -> None:
 def atomic_path(path: Path) -> tuple[Path, Path]:
     """A temporary sibling of ``path`` (same directory, so ``os.replace`` is atomic)."""
     path = Path(path)
-    if not path.parent.exists():
-        raise OutputError(f"output directory {path.parent} does not exist")
+    if not path.parent.is_dir():
+        raise OutputError(f"output directory {path.parent} does not exist (or is not a directory)")
     if not os.access(path.parent, os.W_OK):
         raise OutputError(f"output directory {path.parent} is not writable")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
