@@ -14,6 +14,9 @@ def psnr(x: Tensor, ref: Tensor) -> float:
     """PSNR in dB of ``x`` against ``ref`` (both ``1 x C x H x W`` in [0, 1]; clamped)."""
     from skimage.metrics import peak_signal_noise_ratio
 
+    if x.shape[0] > 1:  # a volume (slices on the batch dimension): one PSNR over all voxels
+        mse = float(((x.detach().double().clamp(0, 1) - ref.detach().double().clamp(0, 1).to(x.device)) ** 2).mean())
+        return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
     a, b = to_array(ref), to_array(x)
     if np.array_equal(a, b):
         return float("inf")
@@ -21,7 +24,9 @@ def psnr(x: Tensor, ref: Tensor) -> float:
 
 
 def ssim(x: Tensor, ref: Tensor) -> float:
-    """SSIM (scikit-image defaults, data range 1, channels averaged)."""
+    """SSIM (scikit-image defaults, data range 1, channels averaged; slices averaged for volumes)."""
+    if x.shape[0] > 1:
+        return float(np.mean([ssim(x[i:i + 1], ref[i:i + 1]) for i in range(x.shape[0])]))
     from skimage.metrics import structural_similarity
 
     a, b = to_array(ref), to_array(x)
