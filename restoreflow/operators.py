@@ -337,15 +337,18 @@ def kernel_to_symbol(kernel: Tensor, shape: tuple[int, int]) -> Tensor:
 
     The kernel is zero-padded to ``shape`` with its centre moved to pixel (0, 0), so that
     ``ifft2(symbol * fft2(x))`` convolves without shifting the image (unnormalised FFT convention).
+    Kernels larger than the image wrap around (still exact circular convolution).
     """
     H, W = shape
     k = kernel if kernel.ndim == 3 else kernel[None]
     kh, kw = k.shape[-2:]
-    if kh > H or kw > W:
-        raise ConfigError(f"a {kh}x{kw} kernel does not fit a {H}x{W} image")
+    # place tap (i, j) at ((i - kh//2) mod H, (j - kw//2) mod W): exact circular convolution, also when the
+    # kernel is larger than the image (its taps then wrap around and add up)
+    rows = (torch.arange(kh, device=k.device) - kh // 2) % H
+    cols = (torch.arange(kw, device=k.device) - kw // 2) % W
     pad = torch.zeros(k.shape[0], H, W, dtype=k.dtype, device=k.device)
-    pad[:, :kh, :kw] = k
-    pad = torch.roll(pad, shifts=(-(kh // 2), -(kw // 2)), dims=(-2, -1))
+    idx = (rows[:, None] * W + cols[None, :]).reshape(-1)
+    pad.reshape(k.shape[0], -1).index_add_(1, idx, k.reshape(k.shape[0], -1))
     return torch.fft.fft2(pad)
 
 
