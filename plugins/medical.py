@@ -576,6 +576,9 @@ def _atomic_write(path: Path, suffix: str, write: Callable[[Path], None]) -> Non
         write(tmp_p)
         with open(tmp_p, "rb") as fh:
             os.fsync(fh.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp_p, 0o666 & ~mask)
         os.replace(tmp_p, path)
     except OutputError:
         tmp_p.unlink(missing_ok=True)

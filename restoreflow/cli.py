@@ -291,6 +291,7 @@ def build_cli(pm=None) -> click.Group:
     for name, attr in (("samplers", "samplers"), ("operators", "operators"), ("priors", "priors"), ("tasks", "tasks"),
                        ("guidance", "guidance"), ("correctors", "correctors"), ("trainers", "trainers")):
         cli.add_command(_listing(name, attr, regs))
+    from .batch import batch_command; cli.add_command(batch_command(regs, pm))
     pm.hook.register_commands(cli=cli)
     if not len(regs.samplers):
         click.echo("warning: no samplers are registered; did you `pip install -e .`?", err=True)

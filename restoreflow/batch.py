@@ -1,0 +1,517 @@
+"""``restoreflow batch``: restore every file of a folder -- resumable, atomic, and sharded under torchrun.
+
+::
+
+    restoreflow batch IN_DIR --task deblur --out OUT_DIR [--sampler ... --prior ... --steps ... --seed ...]
+    torchrun --nproc-per-node 4 --no-python restoreflow batch IN_DIR --task deblur --out OUT_DIR
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+        -m restoreflow.batch IN_DIR --task sr --out OUT_DIR --device cuda
+
+How it works:
+
+* **Plan first.** Names, options and compatibility are checked once (:func:`restoreflow.api.plan`) before any
+  file is read or written; the prior's weights load once per process (cached by device and shape).
+* **Inputs** are the files of ``IN_DIR`` matching ``--pattern`` (default: every file with a known image or
+  medical suffix), sorted by their path relative to ``IN_DIR``; files under ``OUT_DIR`` are skipped.
+  Outputs keep the relative path (and the suffix, unless ``--suffix`` is given) under ``OUT_DIR``.
+* **Seeds.** Image ``rel`` is restored with seed ``int.from_bytes(sha256(f"{seed}:{rel}")[:8], "little")
+  & (2**63 - 1)`` (``rel`` in POSIX form), so a result depends only on the base seed and the file's relative
+  path -- never on the number of processes, the order, or what was done before.
+* **Manifest.** Each process appends one JSON line per input to ``OUT_DIR/.manifest-rank<R>.jsonl`` (one
+  ``write`` of a whole line on an ``O_APPEND`` file, then ``fsync``; a torn last line from a crash is
+  ignored). At the end rank 0 merges every part into ``OUT_DIR/manifest.jsonl`` (sorted by input, written to
+  a temporary file and renamed) and deletes the parts. Fields: ``input``, ``output``, ``status`` (ok/error),
+  ``error``, ``task``, ``sampler``, ``prior``, ``seed`` (the image's own), ``nfe``, ``seconds``, ``metrics``
+  (with ``--simulate``), ``sha256`` of the output file, ``rank``, ``config`` (a fingerprint of the settings)
+  and ``finished`` (UTC).
+* **Resume.** An input is skipped when its output exists *and* a manifest line (merged or part) with status
+  ok and the same settings fingerprint names it; everything else is (re)done. Outputs are written
+  atomically through the ``save_result`` hook, so an interrupted run leaves no half files and rerunning the
+  same command finishes the job. An ``OUT_DIR`` made with other settings is refused unless ``--redo``.
+* **Failures** are recorded (status error) and the run goes on; the command exits with status 1 and one
+  summary line when any input failed.
+* **torchrun.** When ``WORLD_SIZE > 1`` the process group is initialised from the environment
+  (``gloo`` on CPU, ``nccl`` with ``--device cuda``: one GPU per local rank). All ranks read the manifest,
+  meet at a barrier, and take the pending inputs ``i`` with ``i % world_size == rank``; they meet again at
+  the end, where the failure count is summed and rank 0 merges the manifest. The union of the outputs is the
+  single-process result, byte for byte, on the same device type with the same thread count.
+  ``RESTOREFLOW_DIST_TIMEOUT`` (seconds, default 86400) bounds the final barrier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import ConfigError, InputError, OutputError, RestoreflowError
+
+__all__ = ["image_seed", "list_inputs", "output_name", "read_manifest", "run_batch", "batch_command", "main",
+           "DEFAULT_SUFFIXES", "MANIFEST"]
+
+MANIFEST = "manifest.jsonl"
+SETTINGS = "batch.json"
+PART_PREFIX = ".manifest-rank"
+DEFAULT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".nii", ".nii.gz", ".dcm", ".npy")
+
+
+def image_seed(seed: int, rel: str) -> int:
+    """The seed of one input: a hash of the base seed and its relative POSIX path (63 bits)."""
+    digest = hashlib.sha256(f"{int(seed)}:{rel}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _full_suffix(name: str) -> str:
+    low = name.lower()
+    return ".nii.gz" if low.endswith(".nii.gz") else Path(low).suffix
+
+
+def output_name(rel: str, suffix: str | None) -> str:
+    """``rel`` with its (full, e.g. ``.nii.gz``) suffix replaced by ``suffix`` when given."""
+    if not suffix:
+        return rel
+    suffix = suffix if suffix.startswith(".") else "." + suffix
+    cur = _full_suffix(rel)
+    return (rel[: len(rel) - len(cur)] if cur else rel) + suffix
+
+
+def list_inputs(in_dir: Path, pattern: str | None, out_dir: Path | None = None) -> list[str]:
+    """Relative POSIX paths of the inputs, sorted; ``pattern`` is a glob (``**/`` recurses)."""
+    in_dir = Path(in_dir)
+    out_res = out_dir.resolve() if out_dir is not None else None
+    paths = in_dir.glob(pattern) if pattern else in_dir.iterdir()
+    rels = []
+    for p in paths:
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if out_res is not None and (p.resolve() == out_res or out_res in p.resolve().parents):
+            continue
+        if pattern is None and _full_suffix(p.name) not in DEFAULT_SUFFIXES:
+            continue
+        rels.append(p.relative_to(in_dir).as_posix())
+    return sorted(rels)
+
+
+# -- manifest -------------------------------------------------------------------------------------
+
+
+def _read_lines(path: Path) -> list[dict]:
+    out = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError):
+        return out
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line from a crash: the input is simply redone
+            continue
+        if isinstance(rec, dict) and "input" in rec:
+            out.append(rec)
+    return out
+
+
+def read_manifest(out_dir: Path) -> list[dict]:
+    """Every record of the merged manifest and of the per-rank parts (oldest first per file)."""
+    out_dir = Path(out_dir)
+    recs = _read_lines(out_dir / MANIFEST)
+    for part in sorted(out_dir.glob(f"{PART_PREFIX}*.jsonl")):
+        recs.extend(_read_lines(part))
+    return recs
+
+
+def _best(records: list[dict]) -> dict[str, dict]:
+    """Per input: the latest ok record, else the latest record."""
+    best: dict[str, dict] = {}
+    for r in sorted(records, key=lambda r: str(r.get("finished", ""))):
+        cur = best.get(r["input"])
+        if cur is None or r.get("status") == "ok" or cur.get("status") != "ok":
+            best[r["input"]] = r
+    return best
+
+
+def _append_line(path: Path, record: dict) -> None:
+    data = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def merge_manifest(out_dir: Path, fingerprint: str) -> list[dict]:
+    """Fold the parts into ``manifest.jsonl`` (records of these settings only, one per input, sorted)."""
+    out_dir = Path(out_dir)
+    parts = sorted(out_dir.glob(f"{PART_PREFIX}*.jsonl"))
+    recs = [r for r in read_manifest(out_dir) if r.get("config") == fingerprint]
+    best = _best(recs)
+    rows = [best[k] for k in sorted(best)]
+    _write_atomic(out_dir / MANIFEST, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows))
+    for p in parts:
+        p.unlink(missing_ok=True)
+    return rows
+
+
+# -- distributed ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    owned: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.local_rank])
+            else:
+                dist.barrier()
+
+    def sum(self, value: int, device: Any) -> int:
+        if not self.active:
+            return int(value)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([int(value)], dtype=torch.int64, device=device if self.backend == "nccl" else "cpu")
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def close(self) -> None:
+        if self.active and self.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _dist_setup(device: str) -> tuple[_Dist, str]:
+    """Join the torchrun process group (if any); returns it and the device this rank uses."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return _Dist(), device
+    import torch
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was requested but no CUDA GPU is available")
+        dev = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        device = str(dev)
+    elif device == "auto":
+        device = "cpu"
+    backend = "nccl" if use_cuda else "gloo"
+    owned = False
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=float(os.environ.get("RESTOREFLOW_DIST_TIMEOUT", 86400)))
+        dist.init_process_group(backend, timeout=timeout)
+        owned = True
+    else:
+        backend = dist.get_backend()
+    return _Dist(rank=rank, world=world, local_rank=local, backend=backend, owned=owned), device
+
+
+# -- the engine ----------------------------------------------------------------------------------
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def settings_of(pl: Any, *, seed: int, simulate: bool, suffix: str | None, prior_options: dict) -> dict:
+    """What determines the outputs (the fingerprint covers exactly this)."""
+    return _jsonable({
+        "task": pl.task.name,
+        "operator": pl.operator_cls.name, "operator_config": pl.operator_config,
+        "sampler": pl.sampler.name, "sampler_config": pl.sampler.config,
+        "prior": pl.prior_label, "prior_options": dict(prior_options),
+        "guidance": getattr(pl.guidance, "name", None), "guidance_config": getattr(pl.guidance, "config", None),
+        "corrector": getattr(pl.corrector, "name", None), "corrector_config": getattr(pl.corrector, "config", None),
+        "seed": int(seed), "simulate": bool(simulate), "suffix": suffix,
+    })
+
+
+def fingerprint_of(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cache_prior_loads(prior: Any, size: int = 8) -> None:
+    """Load the prior's network once per (device, shape) in this process instead of once per image."""
+    if prior is None or getattr(prior, "_batch_cached", False):
+        return
+    load = prior.load
+    cache: dict[tuple, Any] = {}
+
+    def cached(*, device: Any = "cpu", x_shape: Any = None) -> Any:
+        key = (str(device), None if x_shape is None else tuple(int(s) for s in x_shape))
+        if key not in cache:
+            if len(cache) >= size:
+                cache.pop(next(iter(cache)))
+            cache[key] = load(device=device, x_shape=x_shape)
+        return cache[key]
+
+    prior.load = cached
+    prior._batch_cached = True
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _describe_diff(old: dict, new: dict) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if k != "config" and old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {json.dumps(old.get(k), default=str)} -> {json.dumps(new.get(k), default=str)}"
+                     for k in keys[:3]) or "unknown differences"
+
+
+def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registries: Any = None,
+              sampler: str | None = None, prior: str | None = None, guidance: str | None = None,
+              corrector: str | None = None, operator: str | None = None, steps: int | None = None, seed: int = 0,
+              device: str = "cpu", op_options: dict | None = None, sampler_options: dict | None = None,
+              guidance_options: dict | None = None, corrector_options: dict | None = None,
+              prior_options: dict | None = None, simulate: bool = False, pattern: str | None = None,
+              suffix: str | None = None, redo: bool = False,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Restore every input of ``in_dir`` into ``out_dir`` (see the module docstring); returns a summary.
+
+    Under torchrun each rank calls this with the same arguments. Raises :class:`RestoreflowError` for
+    mistakes found before any image is processed; per-image failures are recorded, not raised.
+    """
+    import torch
+
+    from .api import _load_input, plan, restore
+    from .cli import _write
+    from .plugins import collect, default_plugin_manager
+
+    pm = pm if pm is not None else default_plugin_manager()
+    regs = registries if registries is not None else collect(pm)
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps must be >= 1; got {steps}")
+    pl = plan(task, sampler=sampler, prior=prior, guidance=guidance, corrector=corrector, operator=operator,
+              steps=steps, op_options=op_options, sampler_options=sampler_options, guidance_options=guidance_options,
+              corrector_options=corrector_options, prior_options=prior_options, registries=regs)
+    if not in_dir.is_dir():
+        raise InputError(f"input folder {in_dir} does not exist or is not a directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out {out_dir} exists and is not a directory")
+    if out_dir.resolve() == in_dir.resolve():
+        raise OutputError("--out must differ from the input folder (outputs would overwrite the inputs)")
+    rels = list_inputs(in_dir, pattern, out_dir)
+    if not rels:
+        raise InputError(f"no inputs in {in_dir}" + (f" match {pattern!r}" if pattern else
+                                                     f" (known suffixes: {' '.join(DEFAULT_SUFFIXES)}; use --pattern)"))
+    settings = settings_of(pl, seed=seed, simulate=simulate, suffix=suffix, prior_options=dict(prior_options or {}))
+    fp = fingerprint_of(settings)
+    dist, device = _dist_setup(device)
+    say = log or (lambda s: None)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        records = read_manifest(out_dir)
+        old = [r for r in records if r.get("config") not in (None, fp)]
+        if old and not redo:
+            prev = {}
+            try:
+                prev = json.loads((out_dir / SETTINGS).read_text())
+            except (OSError, json.JSONDecodeError):
+                pass
+            raise ConfigError(f"{out_dir} holds results made with other settings ({_describe_diff(prev, settings)}); "
+                              f"use another --out, or --redo to recompute everything there")
+        best = _best([r for r in records if r.get("config") == fp]) if not redo else {}
+        done = {rel for rel in rels if best.get(rel, {}).get("status") == "ok"
+                and (out_dir / output_name(rel, suffix)).exists()}
+        pending = [rel for rel in rels if rel not in done]
+        dist.barrier()  # everyone has read the manifest before anyone writes
+        if dist.rank == 0:
+            _write_atomic(out_dir / SETTINGS, json.dumps({**settings, "config": fp}, indent=1, sort_keys=True) + "\n")
+        mine = [rel for i, rel in enumerate(pending) if i % dist.world == dist.rank]
+        _cache_prior_loads(pl.prior)
+        part = out_dir / f"{PART_PREFIX}{dist.rank}.jsonl"
+        ok = failed = 0
+        tag = f"[rank {dist.rank}] " if dist.active else ""
+        for n, rel in enumerate(mine, 1):
+            out_rel = output_name(rel, suffix)
+            src, dst = in_dir / rel, out_dir / out_rel
+            s = image_seed(seed, rel)
+            t0 = time.perf_counter()
+            rec: dict[str, Any] = {"input": rel, "output": out_rel, "task": pl.task.name, "sampler": pl.sampler.name,
+                                   "prior": pl.prior_label, "seed": s, "rank": dist.rank, "config": fp}
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                meas = _load_input(src, pl.task.name, torch.device("cpu"))
+                res = restore(meas, pl.task.name, seed=s, device=device, simulate=simulate, planned=pl)
+                _write(pm, dst, res.image, meas)
+                rec.update(status="ok", nfe=res.nfe, seconds=round(res.seconds, 4),
+                           metrics={k: round(float(v), 6) for k, v in res.metrics.items()}, sha256=_sha256(dst))
+                ok += 1
+            except KeyboardInterrupt:
+                raise
+            except RestoreflowError as e:
+                rec.update(status="error", error=str(e), seconds=round(time.perf_counter() - t0, 4))
+                failed += 1
+            except Exception as e:  # noqa: BLE001 - one bad input must not stop the batch
+                msg = " ".join(str(e).split())[:300]
+                rec.update(status="error", error=f"internal error ({type(e).__name__}: {msg})",
+                           seconds=round(time.perf_counter() - t0, 4))
+                failed += 1
+            rec["finished"] = _now()
+            _append_line(part, rec)
+            say(f"{tag}{n}/{len(mine)} {rel}: {rec['status']}"
+                + (f" ({rec['error']})" if rec["status"] == "error" else f" ({rec['seconds']:.2f} s)"))
+        failed_all = dist.sum(failed, device)
+        ok_all = dist.sum(ok, device)
+        dist.barrier()
+        rows = merge_manifest(out_dir, fp) if dist.rank == 0 else []
+        dist.barrier()
+        return {"inputs": len(rels), "skipped": len(done), "restored": ok_all, "failed": failed_all,
+                "manifest": str(out_dir / MANIFEST), "rank": dist.rank, "world_size": dist.world,
+                "records": len(rows) if dist.rank == 0 else None}
+    finally:
+        dist.close()
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def batch_command(regs: Any, pm: Any) -> click.Command:
+    """The ``restoreflow batch`` click command for registries ``regs`` and plugin manager ``pm``."""
+    from .cli import EXIT_INTERRUPTED, err, handle_errors
+    from .registry import parse_options
+
+    @click.command(name="batch", help="Restore every file of IN_DIR into OUT_DIR with one task; resumable "
+                   "(a manifest records what is done), atomic, and sharded across processes under torchrun.")
+    @click.argument("in_dir", type=click.Path(path_type=Path))
+    @click.option("--task", "-t", required=True, help=f"Task ({', '.join(regs.tasks.names()) or 'none registered'}).")
+    @click.option("--out", "-O", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+    @click.option("--sampler", "-s", help="Sampler name (default: the task's).")
+    @click.option("--prior", "-p", help="Prior name or checkpoint path.")
+    @click.option("--guidance", "-g", help="Guidance name (e.g. dps).")
+    @click.option("--corrector", "-c", help="Corrector name (e.g. smc).")
+    @click.option("--operator", help="Operator (default: the task's).")
+    @click.option("--steps", "-n", type=int, help="Sampler steps.")
+    @click.option("--seed", type=int, default=0, show_default=True, help="Base seed; each input gets its own from it.")
+    @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (under torchrun: one GPU per rank).")
+    @click.option("--op", "op_opts", multiple=True, metavar="KEY=VALUE", help="Operator option (repeatable).")
+    @click.option("-o", "--option", "s_opts", multiple=True, metavar="KEY=VALUE", help="Sampler option (repeatable).")
+    @click.option("--guidance-opt", "g_opts", multiple=True, metavar="KEY=VALUE", help="Guidance option.")
+    @click.option("--corrector-opt", "c_opts", multiple=True, metavar="KEY=VALUE", help="Corrector option.")
+    @click.option("--prior-opt", "p_opts", multiple=True, metavar="KEY=VALUE", help="Prior option.")
+    @click.option("--simulate", is_flag=True, help="Treat inputs as clean originals: degrade, restore, record PSNR/SSIM.")
+    @click.option("--pattern", help="Glob of inputs relative to IN_DIR (e.g. '*.png', '**/*.nii.gz').")
+    @click.option("--suffix", help="Output format suffix (e.g. .png, .nii.gz); default: the input's.")
+    @click.option("--redo", is_flag=True, help="Recompute everything, ignoring (and replacing) earlier results.")
+    @click.option("--threads", type=int, help="torch CPU threads per process.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+    @click.option("--quiet", "-q", is_flag=True, help="No per-input lines.")
+    @handle_errors
+    def batch(in_dir, task, out, sampler, prior, guidance, corrector, operator, steps, seed, device, op_opts, s_opts,
+              g_opts, c_opts, p_opts, simulate, pattern, suffix, redo, threads, as_json, quiet):
+        if threads is not None:
+            if threads < 1:
+                raise ConfigError(f"--threads must be >= 1; got {threads}")
+            import torch
+
+            torch.set_num_threads(threads)
+        log = None if quiet or as_json else (lambda s: click.echo(s, err=True))
+        try:
+            summary = run_batch(in_dir, out, task=task, pm=pm, registries=regs, sampler=sampler, prior=prior,
+                                guidance=guidance, corrector=corrector, operator=operator, steps=steps, seed=seed,
+                                device=device, op_options=parse_options(op_opts), sampler_options=parse_options(s_opts),
+                                guidance_options=parse_options(g_opts), corrector_options=parse_options(c_opts),
+                                prior_options=parse_options(p_opts), simulate=simulate, pattern=pattern, suffix=suffix,
+                                redo=redo, log=log)
+        except KeyboardInterrupt:
+            err("interrupted; finished outputs are kept and recorded -- rerun the same command to resume")
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        if summary["rank"] != 0:
+            if summary["failed"]:
+                raise click.exceptions.Exit(1)
+            return
+        if as_json:
+            click.echo(json.dumps(summary))
+        else:
+            click.echo(f"{summary['restored']} restored, {summary['skipped']} already done, {summary['failed']} failed "
+                       f"of {summary['inputs']} inputs" + (f" on {summary['world_size']} processes" if summary["world_size"] > 1 else "")
+                       + f"; manifest {summary['manifest']}")
+        if summary["failed"]:
+            err(f"{summary['failed']} of {summary['inputs']} inputs failed (see {summary['manifest']}); "
+                f"rerun the same command to retry them")
+            raise click.exceptions.Exit(1)
+
+    return batch
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m restoreflow.batch ARGS`` = ``restoreflow batch ARGS`` (for ``torchrun -m``)."""
+    from .cli import main as cli_main
+
+    cli_main(["batch", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()
