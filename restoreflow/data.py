@@ -17,6 +17,7 @@ Nothing here downloads. The built-in split is fixed and documented in every mode
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from importlib import resources
@@ -234,6 +235,11 @@ def folder_pool(folder: Path | str, channels: int = 3, *, min_size: int = 16) ->
 
 def _bundled_array(name: str) -> np.ndarray:
     """The 256-px version of a held-out image (how the bundled PNGs are made)."""
+    return _bundled_cached(name).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _bundled_cached(name: str) -> np.ndarray:
     img = skimage_image(name)
     if name == "astronaut":  # 512 x 512 -> 256 x 256, whole scene
         return _rescale(img, 0.5)

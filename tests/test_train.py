@@ -1,0 +1,219 @@
+"""`restoreflow train`: the generic loop, model cards, loading back, resuming, offline data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from restoreflow import ConfigError, collect, get_plugin_manager
+from restoreflow import data as rfdata
+from restoreflow.cli import build_cli
+from restoreflow.modelcard import load_state_dict, safe_torch_load
+from restoreflow.train_loop import TrainOptions, load_model, train
+
+
+@pytest.fixture(scope="module")
+def pm():
+    return get_plugin_manager()
+
+
+@pytest.fixture(scope="module")
+def cli(pm):
+    return build_cli(pm)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Two small PNGs: a fast training set (the builtin set takes seconds to load)."""
+    from skimage import io as skio
+
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        img = (rfdata.dead_leaves(40, seed=i) * 255).astype(np.uint8)
+        img = np.clip(img.astype(int) + rng.integers(-3, 4, img.shape), 0, 255).astype(np.uint8)
+        skio.imsave(str(d / f"im{i}.png"), img, check_contrast=False)
+    return d
+
+
+TINY = ["--method", "denoiser", "--width", "4", "--batch", "2", "--crop", "16", "--eval-size", "16",
+        "--eval-crops", "1", "--threads", "1", "--quiet", "--device", "cpu", "-m", "mult=1,2"]
+
+
+def _run(cli, args):
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_train_writes_card_and_weights_that_load_back(cli, pm, folder, tmp_path):
+    out = tmp_path / "run"
+    _run(cli, ["train", *TINY, "--steps", "3", "--data", str(folder), "--out", str(out), "--name", "tiny"])
+    weights, card_file = out / "tiny.safetensors", out / "tiny.json"
+    assert weights.exists() and card_file.exists()
+    card = json.loads(card_file.read_text())
+    for key in ("name", "method", "architecture", "path", "prediction", "value_range", "conditional", "data", "steps",
+                "batch", "crop", "lr", "ema", "command", "metrics", "created", "torch_version"):
+        assert key in card, key
+    assert card["steps"] == 3 and card["method"] == "denoiser" and card["conditional"] is False
+    assert card["command"].startswith("restoreflow train --method denoiser") and "--steps 3" in card["command"]
+    assert card["architecture"]["class"] == "unet"
+    assert set(card["metrics"]["psnr"]) == {"0.05", "0.1", "0.2"}
+    assert card["data"]["held_out"] and "astronaut" in card["data"]["held_out"]
+
+    # the written weights are the final EMA weights held in the checkpoint
+    state = safe_torch_load(out / "checkpoint.pt")
+    sd = load_state_dict(weights)
+    assert set(sd) == set(state["ema"]) and all(torch.equal(sd[k], state["ema"][k]) for k in sd)
+    loaded = load_model(weights)
+    ref_net = loaded.method.build_network(channels=3, width=4)
+    ref_net.load_state_dict(state["ema"])
+    ref = loaded.method.denoiser(ref_net.eval())
+    x, t = torch.rand(2, 3, 20, 24), torch.tensor([0.3, 0.7], dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(loaded.denoiser(x, t), ref(x, t))
+    # ... and through the load_prior hook (``--prior PATH``)
+    prior = pm.hook.load_prior(path=weights, options={})
+    assert prior is not None and type(prior).__name__ == "CardPrior"
+    with torch.no_grad():
+        assert torch.equal(prior.load()(x, t), ref(x, t))
+
+
+def test_resume_continues_exactly(cli, folder, tmp_path):
+    # warm-up longer than the run: the learning rate does not depend on --steps, so 2 + 2 == 4
+    common = [*TINY, "--data", str(folder), "--warmup", "100", "--checkpoint-every", "2", "--name", "m"]
+    _run(cli, ["train", *common, "--steps", "4", "--out", str(tmp_path / "straight")])
+    _run(cli, ["train", *common, "--steps", "2", "--out", str(tmp_path / "split")])
+    assert safe_torch_load(tmp_path / "split" / "checkpoint.pt")["step"] == 2
+    res = _run(cli, ["train", *common, "--steps", "4", "--out", str(tmp_path / "split"), "--resume"])
+    assert "resumed from step 2" in res.output
+    assert json.loads((tmp_path / "split" / "m.json").read_text())["steps"] == 4
+    a = load_state_dict(tmp_path / "straight" / "m.safetensors")
+    b = load_state_dict(tmp_path / "split" / "m.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_changed_options(folder, tmp_path):
+    o = TrainOptions(method="denoiser", steps=1, batch=1, crop=16, width=4, data=str(folder), eval_size=16, eval_crops=1,
+                     method_options={"mult": "1,2"})
+    train(o, tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="lr"):
+        train(TrainOptions(**{**o.__dict__, "lr": 1e-3, "steps": 2}), tmp_path, resume=True, progress=False)
+
+
+def test_bad_options_are_one_line_errors(cli, tmp_path):
+    res = CliRunner().invoke(cli, ["train", "--method", "denoiser", "--steps", "0", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "steps must be >= 1" in res.output
+    res = CliRunner().invoke(cli, ["train", "--method", "denoisr", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "did you mean 'denoiser'" in res.output
+    res = CliRunner().invoke(cli, ["train", "--method", "denoiser", "-m", "p_std=-1", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "p_std" in res.output
+
+
+def test_conditional_training_degrades_with_the_task_operator(tmp_path, folder):
+    """A toy conditional method trained through the loop sees mu = the task operator's degraded image."""
+    from dataclasses import dataclass
+
+    from torch import nn
+
+    from restoreflow import PredictionAdapter, hookimpl, vp
+    from restoreflow.nets.unet import UNet
+    from restoreflow.training import TrainingMethod
+
+    seen = {}
+
+    class Toy(TrainingMethod):
+        name = "toy-cond"
+        conditional = True
+        default_sampler = "toy-sampler"
+
+        @dataclass(frozen=True)
+        class Config:
+            pass
+
+        def build_network(self, *, channels, width):
+            return UNet(in_channels=channels, cond_channels=channels, channels=(width, width))
+
+        def loss(self, net, x0, mu, *, generator):
+            seen.setdefault("pairs", []).append((x0.clone(), mu.clone()))
+            return (net(mu, torch.zeros(x0.shape[0]), mu) + mu - x0).square().mean()
+
+        def denoiser(self, net):
+            return PredictionAdapter(net, prediction="x0", path=vp(), conditional=True)
+
+        def card(self):
+            return {"path": vp().describe(), "prediction": "x0", "value_range": [0, 1], "conditional": True}
+
+    from restoreflow import Sampler
+
+    class ToySampler(Sampler):
+        name = "toy-sampler"
+
+        def sample(self, problem, denoiser, *, generator, callback=None):
+            return problem.anchor
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def register_trainers(register):
+            register(Toy)
+
+        @staticmethod
+        @hookimpl
+        def register_samplers(register):
+            register(ToySampler)
+
+    pm = get_plugin_manager()
+    pm.register(Plugin, name="toy")
+    regs = collect(pm)
+    o = TrainOptions(method="toy-cond", task="deblur", steps=2, batch=2, crop=24, width=4, data=str(folder),
+                     eval_size=32, eval_crops=1, op_options={"sigma": 1.5, "noise_sigma": 0.0},
+                     extra_operators=("motion_blur",))
+    card = train(o, tmp_path, registries=regs, progress=False)
+    x0, mu = seen["pairs"][0]
+    assert mu.shape == x0.shape and not torch.allclose(mu, x0)
+    # blur keeps the mean (circular convolution, no noise) but lowers the high-frequency energy
+    assert torch.allclose(mu.mean((1, 2, 3)), x0.mean((1, 2, 3)), atol=1e-4)
+    assert (mu.diff(dim=-1).abs().mean() < x0.diff(dim=-1).abs().mean())
+    assert card["operator_options"]["operators"][0]["name"] == "gaussian_blur"
+    assert card["operator_options"]["operators"][1]["name"] == "motion_blur"
+    m = card["metrics"]
+    assert m["sampler"] == "toy-sampler" and m["psnr"] == m["baseline"]["degraded"]["psnr"]
+
+
+def test_builtin_split_never_trains_on_held_out_images():
+    assert not set(rfdata.TRAIN_IMAGES) & set(rfdata.HELD_OUT)
+    assert set(rfdata.BUNDLED) <= set(rfdata.HELD_OUT) and set(rfdata.EVAL_IMAGES) <= set(rfdata.HELD_OUT)
+    # scikit-image's "cat" is the held-out "chelsea" photo: it must not sneak in under another name
+    assert np.array_equal(rfdata.skimage_image("cat"), rfdata.skimage_image("chelsea"))
+    held = {n: rfdata.skimage_image(n) for n in ("astronaut", "chelsea", "coffee", "camera")}
+    for name in rfdata.TRAIN_IMAGES:
+        img = rfdata.skimage_image(name)
+        assert all(img.shape != h.shape or not np.allclose(img, h) for h in held.values()), name
+
+
+def test_dead_leaves_and_crops_are_deterministic():
+    a, b = rfdata.dead_leaves(48, seed=3), rfdata.dead_leaves(48, seed=3)
+    assert np.array_equal(a, b) and not np.array_equal(a, rfdata.dead_leaves(48, seed=4))
+    assert a.shape == (48, 48, 3) and 0 <= a.min() and a.max() <= 1 and a.std() > 0.05
+    pool = rfdata.ImagePool({"x": [torch.from_numpy(rfdata.to_channels(a, 3))]})
+    c1 = pool.batch(4, 16, generator=torch.Generator().manual_seed(1))
+    c2 = pool.batch(4, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(c1, c2) and c1.shape == (4, 3, 16, 16)
+
+
+def test_bundled_images_are_the_held_out_versions():
+    from skimage import io as skio
+
+    for name in rfdata.BUNDLED:
+        p = rfdata.bundled_image(name)
+        img = skio.imread(str(p))
+        assert img.shape == (256, 256, 3) and img.dtype == np.uint8
+        ref = np.clip(np.round(rfdata._bundled_array(name) * 255), 0, 255).astype(np.uint8)
+        assert np.array_equal(img, ref)
+    crops = rfdata.held_out_images(64, 3, per_image=2)
+    assert crops.shape == (8, 3, 64, 64)
