@@ -60,11 +60,11 @@ def bench():
 
 
 def resfusion_path(T=12, kind="linear_pro"):
-    return rs.ResfusionAdapter(nn.Identity(), rs.ResfusionSchedule(kind, T)).path
+    return rs.ResfusionSchedule(kind, T).image_path()
 
 
 def rddm_path(schedule):
-    return rs.RDDMAdapter(nn.Identity(), schedule).path
+    return schedule.image_path()
 
 
 def chain_moments(kernel, den, problem, ts, m0, S0):
@@ -169,7 +169,8 @@ def test_resfusion_path_is_the_papers_forward_process(gen):
         paper = ah.sqrt() * x0 + (1 - ah.sqrt()) * R + (1 - ah).sqrt() * eps
         assert torch.allclose(p.marginal(x0, (i + 1) / 12, eps, mu), paper, atol=1e-14)
     # [0, 1] image units: the adapter's path is the same process seen through x = (x' + a + b)/2
-    p01 = rs.ResfusionAdapter(nn.Identity(), sch).path
+    p01 = rs.ResfusionAdapter(nn.Identity(), sch).path  # the adapter's path is the image-units path
+    assert torch.allclose(torch.stack(p01.coefficients(0.3)), torch.stack(sch.image_path().coefficients(0.3)))
     t = torch.tensor(3 / 12, dtype=F64)
     a, b, _ = p.coefficients(t)
     x01 = p01.marginal((x0 + 1) / 2, t, eps, (mu + 1) / 2)
