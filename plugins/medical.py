@@ -407,13 +407,17 @@ def _shrink(v: Tensor, tau: float) -> Tensor:
     return torch.sign(v) * (v.abs() - tau).clamp(min=0)
 
 
-def _cg_global(apply: Callable[[Tensor], Tensor], b: Tensor, x: Tensor, iters: int) -> Tensor:
-    """CG with whole-volume inner products (the slices are coupled through the z-differences)."""
+def _cg_global(apply: Callable[[Tensor], Tensor], b: Tensor, x: Tensor, iters: int, tol: float | None = None) -> Tensor:
+    """CG with whole-volume inner products (the slices are coupled through the z-differences); stops at a
+    residual of ``tol * ||b||`` (1e-5 in float32, 1e-10 in float64: iterating past convergence amplifies
+    round-off)."""
+    tol = tol if tol is not None else (1e-10 if b.dtype == torch.float64 else 1e-5)
     r = b - apply(x)
     p = r.clone()
     rs = float((r * r).sum())
+    stop = (tol * tol) * max(float((b * b).sum()), 1e-30)
     for _ in range(iters):
-        if rs <= 1e-30:
+        if rs <= stop:
             break
         Ap = apply(p)
         pAp = float((p * Ap).sum())
@@ -464,7 +468,7 @@ class TV3D(Sampler):
         #: DDIM stochasticity (0 deterministic, 1 DDPM-like)
         eta: float = 0.85
         #: TV weight along z (image units, for ||A|| ~ 1)
-        lam: float = 0.002
+        lam: float = 0.01
         #: ADMM penalty
         rho: float = 0.05
         #: weight of the proximity term ||x - x0_hat||^2 (0: early-stopped CG from x0_hat, as in DDS)
