@@ -1,0 +1,240 @@
+r"""RED-Diff -- variational posterior sampling with a diffusion prior (Mardani, Song, Kautz, Vahdat; ICLR 2024,
+arXiv 2305.04391).
+
+RED-Diff fits a point estimate :math:`\mu` (the mean of a Dirac variational posterior) by stochastic
+optimisation of a data term plus a denoising-score-matching regulariser integrated over diffusion time:
+
+.. math::
+
+   \ell(\mu) = \frac{v}{2}\lVert y - A\mu\rVert^2
+             + \lambda\,\lambda_t\,\big\langle \mathrm{sg}\big[\hat\varepsilon(x_t, t) - \varepsilon\big],\, \mu\big\rangle,
+   \qquad x_t = a_t\mu + \sigma_t\varepsilon ,
+
+one Adam step on :math:`\mu` per diffusion time, on a single descending pass over the grid. The
+denoiser's error :math:`\hat\varepsilon - \varepsilon` is a constant (stop-gradient): the network only runs
+forward, under ``torch.no_grad()``, and is never backpropagated -- RED ("regularisation by denoising") with a
+diffusion denoiser. :math:`\hat\varepsilon` is read from the x0-denoiser on its own path
+(:func:`restoreflow.from_x0`), so any prior works.
+
+Facts and conventions (official code NVlabs/RED-diff @ 66482f2, ``algos/reddiff.py``):
+
+* **Init** :math:`\mu_0 = H^+ y` in the paper (``init="pinv"``). The default ``init="anchor"`` is the
+  problem's degraded image: :math:`y` when it has the image's shape (zero-filled for inpainting, which *is*
+  :math:`H^+y` there; the noisy image for denoising), else :math:`A^\dagger y` (super-resolution, also
+  :math:`H^+y`). It differs only for deblurring, where the pseudo-inverse of a noisy blur amplifies noise.
+* **Grid** ``range(0, 1000, 1000 // steps)`` iterated descending in the code: ``steps`` times
+  :math:`t_k = t_{lo} + (t_{hi} - t_{lo})\,k/\mathrm{steps}`, ``k = steps-1 .. 0``, where :math:`t_{lo}` has
+  :math:`\sigma/a` = ``nsr_min`` (0.01 = DDPM's first step) so that :math:`\hat\varepsilon` is defined.
+* **Weighting** :math:`\lambda_t`: ``linear`` :math:`= \sigma_t/a_t = 1/\sqrt{\mathrm{SNR}}` (default), ``sqrt``,
+  ``square``, ``log`` (:math:`\log(1 + \cdot)`), ``clip`` (:math:`\min(\cdot, 1)`), ``two_thirds``
+  (:math:`(\cdot)^{2/3}`), ``const``.
+* **Units.** Everything here is in [0, 1] image units; the code works in [-1, 1]. Adam is invariant to
+  the scale of the gradient, so the official run is reproduced exactly with ``lr`` halved (the variable
+  halves) and ``obs_weight`` doubled (the residual doubles, the regulariser's gradient doubles):
+  official lr 0.5 (README, 100 steps) -> 0.25, ``obs_weight`` 1 -> 2, ``lam`` 0.25 unchanged.
+* **Normalisation** (``reduction``). The code averages each term over its own size: the regulariser over
+  dim(x), the data term over dim(y), so the data-to-prior balance changes with dim(y)/dim(x) (16x for
+  4x super-resolution). ``reduction="sum"`` (default) normalises both terms by dim(x) -- the balance then
+  does not depend on the measurement's size, as in the variational objective; ``"mean"`` is the code's
+  convention. The two agree whenever dim(y) = dim(x) (deblurring, inpainting, denoising).
+
+**Posterior-mode variant** (not in the paper). For any prior, :math:`E_\varepsilon[\hat\varepsilon(a\mu + \sigma\varepsilon)
+- \varepsilon] = -(\sigma/a)\,\nabla_\mu E_\varepsilon[\log p_t(a\mu + \sigma\varepsilon)]` (Tweedie), so with
+``weighting="inverse"`` (:math:`\lambda_t = a_t/\sigma_t = \sqrt{\mathrm{SNR}_t}`), ``lam=1``, ``obs_weight=None``
+(:math:`1/\sigma_y^2`) and ``reduction="sum"``, the loss at time t is, in expectation, the negative log posterior
+under the prior smoothed at noise level :math:`\sigma_t/a_t` (for a Gaussian prior :math:`N(m, C)` exactly
+:math:`N(m, C + (\sigma_t/a_t)^2 I)`). The descending pass anneals it towards the posterior mode, which the
+estimate approaches as steps grow (tests/plugins/test_red_diff.py). With the official ``linear`` weighting the
+regulariser vanishes like :math:`(\sigma_t/a_t)^2` at the end of the pass and the many-step limit is a
+least-squares fit instead (benchmarks/bench_zero_shot.py measures both). ``antithetic=True`` removes the
+regulariser's Monte-Carlo noise (exactly for a Gaussian prior), which otherwise keeps Adam jittering around
+the mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from restoreflow import Problem, Sampler, check, from_x0, hookimpl
+from restoreflow.paths import AffinePath, as_time
+from restoreflow.sampling import check_finite, randn
+
+__all__ = ["RedDiff", "WEIGHTINGS", "snr_weight", "red_diff_grid"]
+
+WEIGHTINGS: tuple[str, ...] = ("linear", "sqrt", "square", "log", "clip", "two_thirds", "const", "inverse")
+
+
+def snr_weight(nsr: float, kind: str) -> float:
+    r""":math:`\lambda_t` as a function of :math:`\sigma_t/a_t = 1/\sqrt{\mathrm{SNR}_t}`."""
+    if kind == "linear":
+        return nsr
+    if kind == "sqrt":
+        return math.sqrt(nsr)
+    if kind == "square":
+        return nsr * nsr
+    if kind == "log":
+        return math.log1p(nsr)
+    if kind == "clip":
+        return min(nsr, 1.0)
+    if kind == "two_thirds":
+        return nsr ** (2.0 / 3.0)
+    if kind == "inverse":
+        return 1.0 / nsr
+    return 1.0
+
+
+def red_diff_grid(path: AffinePath, steps: int, nsr_min: float = 0.01) -> Tensor:
+    """The ``steps`` descending float64 times RED-Diff visits (see the module docstring)."""
+    t_lo = float(path.t_from_nsr(nsr_min))
+    t_hi = float(path.t_max)
+    k = torch.arange(steps - 1, -1, -1, dtype=torch.float64)
+    return t_lo + (t_hi - t_lo) * k / steps
+
+
+class RedDiff(Sampler):
+    r"""RED-Diff (Mardani et al. 2024): Adam on the image, one step per diffusion time, denoiser forward only."""
+
+    name = "red_diff"
+    requires = frozenset({"denoiser", "unconditional", "differentiable_operator"})
+    uses_measurement = True
+    #: exact bench: the posterior-mode variant (see the module docstring) returns the posterior mean of a Gaussian
+    bench = {"kind": "point", "tol": 5e-3, "steps": 3000,
+             "options": {"weighting": "inverse", "lam": 1.0, "obs_weight": None, "antithetic": True, "lr": 0.01,
+                         "init": "zeros", "clip": False}}
+
+    @dataclass(frozen=True)
+    class Config:
+        steps: int = 100
+        #: Adam step size in [0, 1] units (official README: 0.5 in [-1, 1] units at 100 steps)
+        lr: float = 0.25
+        #: regulariser weight lambda (official ``grad_term_weight``)
+        lam: float = 0.25
+        #: data weight in [0, 1] units (official ``obs_weight`` 1.0 x 2, see the module docstring);
+        #: ``None``: 1/sigma_y^2 from the operator's noise model (the posterior-mode variant below)
+        obs_weight: float | None = 2.0
+        #: SNR weighting lambda_t of the regulariser
+        weighting: str = "linear"
+        #: ``sum``: both terms normalised by dim(x); ``mean``: each by its own size (official code)
+        reduction: str = "sum"
+        #: ``anchor`` (degraded image / A^+ y), ``pinv`` (A^+ y, the paper), ``zeros``
+        init: str = "anchor"
+        #: noise of the variational sample x0 = mu + sigma_x0 * z (official default 0)
+        sigma_x0: float = 0.0
+        #: evaluate +eps and -eps in one batched call (2 NFE per step; not in the paper): cancels the
+        #: regulariser's Monte-Carlo noise exactly for a Gaussian prior, to first order otherwise
+        antithetic: bool = False
+        #: the smallest noise-to-signal ratio on the grid
+        nsr_min: float = 0.01
+        beta1: float = 0.9
+        beta2: float = 0.99
+        #: clamp the output to [0, 1]
+        clip: bool = True
+
+        def __post_init__(self):
+            check(1 <= self.steps <= 100000, f"steps must be in [1, 100000]; got {self.steps}")
+            check(self.lr > 0, f"lr must be > 0; got {self.lr}")
+            check(self.lam >= 0, f"lam must be >= 0; got {self.lam}")
+            check(self.obs_weight is None or self.obs_weight >= 0, f"obs_weight must be >= 0 or None; got {self.obs_weight}")
+            check(self.weighting in WEIGHTINGS, f"weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
+            check(self.reduction in ("sum", "mean"), f"reduction must be sum or mean; got {self.reduction!r}")
+            check(self.init in ("anchor", "pinv", "zeros"), f"init must be anchor, pinv or zeros; got {self.init!r}")
+            check(self.sigma_x0 >= 0, f"sigma_x0 must be >= 0; got {self.sigma_x0}")
+            check(0 < self.nsr_min < 1, f"nsr_min must be in (0, 1); got {self.nsr_min}")
+            check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "Adam betas must be in [0, 1)")
+
+    def init(self, problem: Problem) -> Tensor:
+        c = self.config
+        y = problem.y
+        with torch.no_grad():
+            if c.init == "pinv":
+                mu = problem.operator.A_dagger(y)
+            elif c.init == "anchor" and problem.anchor is not None:
+                mu = problem.anchor
+            else:
+                mu = torch.zeros(problem.x_shape, dtype=y.dtype, device=y.device)
+        return mu.detach().clone().to(y.dtype).reshape(problem.x_shape)
+
+    def nfe(self) -> int:
+        return self.config.steps * (2 if self.config.antithetic else 1)
+
+    def sample(self, problem: Problem, denoiser: Any, *, generator: torch.Generator, guidance: Any = None,
+               corrector: Any = None, callback: Callable[[dict], None] | None = None) -> Tensor:
+        """Run RED-Diff; ``callback`` receives ``{"i", "t", "x", "x0", "nfe", "steps"}`` after each step.
+
+        The gradient of the loss is formed explicitly -- :math:`\lambda\lambda_t(\hat\varepsilon-\varepsilon)/n_x
+        - v J_A^\top r / n_y` -- with the operator's ``A_vjp`` (``A_adjoint`` for linear operators), so no
+        autograd graph is built and the network runs under ``torch.no_grad()``.
+        """
+        c = self.config
+        path = denoiser.path
+        op = problem.operator
+        y = problem.y
+        ts = red_diff_grid(path, c.steps, c.nsr_min)
+        mu = self.init(problem)
+        adam = _Adam(mu, c.lr, c.beta1, c.beta2)
+        B = mu.shape[0]
+        n_x = mu[0].numel()
+        n_data = n_x if c.reduction == "sum" else y[0].numel()
+        obs = c.obs_weight if c.obs_weight is not None else 1.0 / max(float(op.noise.variance()), 1e-12)
+        nfe = 0
+        with torch.no_grad():
+            for i, t in enumerate(ts):
+                t = as_time(t, mu.device)
+                a, _, s = (float(v) for v in path.coefficients(t))
+                lam_t = c.lam * snr_weight(s / a, c.weighting)
+                x0 = mu if c.sigma_x0 == 0 else mu + c.sigma_x0 * randn(mu.shape, generator=generator, like=mu)
+                eps = randn(mu.shape, generator=generator, like=mu)
+                if c.antithetic:
+                    eps = torch.cat([eps, -eps])
+                    x_t = a * torch.cat([x0, x0]) + s * eps
+                else:
+                    x_t = a * x0 + s * eps
+                x0_hat = denoiser(x_t, t)
+                nfe += x_t.shape[0] // B
+                check_finite(x0_hat, i, t)
+                err = from_x0(x0_hat.to(mu.dtype), "eps", x_t, t, path) - eps
+                if c.antithetic:
+                    err = 0.5 * (err[:B] + err[B:])
+                    x0_hat = x0_hat[:B]
+                r = y - op.A(x0)
+                grad = (lam_t / n_x) * err - (obs / n_data) * op.A_vjp(x0, r)
+                mu = adam.step(grad)
+                if callback is not None:
+                    callback({"i": i, "t": t, "x": mu, "x0": x0_hat, "nfe": nfe, "steps": c.steps})
+        return mu.clamp(0, 1) if c.clip else mu
+
+
+class _Adam:
+    """Adam (Kingma & Ba) on one tensor, with torch.optim.Adam's exact update (weight decay 0, eps 1e-8).
+
+    Written out because the update is three lines and ``torch.optim`` imports the compiler stack on first use
+    (seconds) and adds per-step dispatch overhead.
+    """
+
+    def __init__(self, x: Tensor, lr: float, beta1: float, beta2: float, eps: float = 1e-8):
+        self.x = x.clone()
+        self.m = torch.zeros_like(x)
+        self.v = torch.zeros_like(x)
+        self.lr, self.b1, self.b2, self.eps = lr, beta1, beta2, eps
+        self.k = 0
+
+    def step(self, grad: Tensor) -> Tensor:
+        self.k += 1
+        self.m.lerp_(grad, 1 - self.b1)
+        self.v.mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
+        bc1 = 1 - self.b1**self.k
+        bc2 = 1 - self.b2**self.k
+        denom = (self.v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+        self.x.addcdiv_(self.m, denom, value=-self.lr / bc1)
+        return self.x
+
+
+@hookimpl
+def register_samplers(register):
+    register(RedDiff)

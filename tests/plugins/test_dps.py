@@ -1,0 +1,222 @@
+"""DPS guidance and the DPS sampler: conventions checked against the official [-1, 1] rule, per-sample norms,
+the Poisson weighting, composition with the baseline samplers, and the exact Gaussian bench (DPS is biased:
+we bound what must hold -- the data are fitted and the error is far below the prior's -- and report the rest)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from skimage import io
+
+import restoreflow_plugins.dps as dps
+from restoreflow import ConfigError, ExpIntegrator, GaussianDenoiser, Problem, integrate, time_grid, vp
+from restoreflow.cli import build_cli
+from restoreflow.gaussian import gaussian_w2
+from restoreflow.plugins import get_plugin_manager
+from restoreflow.sampling import Context
+from restoreflow.testing import check_sampler_reproducible, make_gaussian_problem
+from restoreflow_plugins.operators import GaussianBlur, Inpaint
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny tensors: thread hand-offs cost more than the work (20x on a loaded 2-core machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _ctx(problem, den, path=None):
+    return Context(path=path or den.path, problem=problem, denoiser=den, generator=torch.Generator(), anchor=None)
+
+
+@pytest.fixture(scope="module")
+def blur_problem():
+    """A 1 x 8 x 8 stationary Gaussian prior with a circulant blur (exact posterior in closed form)."""
+    gp = make_gaussian_problem((1, 8, 8), 64, noise_sigma=0.05, seed=1)
+    op = GaussianBlur(x_shape=(1, 1, 8, 8), sigma=1.0, noise_sigma=0.05)
+    x0 = gp.prior.sample(1, generator=torch.Generator().manual_seed(2))
+    y = op.forward(x0, generator=torch.Generator().manual_seed(3))
+    return gp.prior, op, y, gp.prior.posterior(op, y)
+
+
+def test_registered(registered):
+    with registered(dps) as regs:
+        assert regs.guidance.get("dps") is dps.DPSGuidance
+        assert regs.samplers.get("dps") is dps.DPS
+        assert not regs.problems
+
+
+def test_presets_and_config_errors():
+    assert dps.preset_zeta("gaussian_blur") == pytest.approx(0.15)  # official 0.3 in [-1, 1] units
+    assert dps.preset_zeta("inpaint") == pytest.approx(0.25)  # official 0.5
+    assert dps.preset_zeta("downsample") == dps.PRESETS["sr"]
+    g = dps.DPSGuidance(task="inpaint")
+    assert g.zeta(None) == pytest.approx(0.25)
+    assert dps.DPSGuidance(zeta=0.7).zeta(None) == 0.7
+    for bad in ({"zeta": -1.0}, {"task": "nope"}, {"zeta_schedule": "x"}, {"likelihood": "laplace"},
+                {"poisson_eps": 0.0}):
+        with pytest.raises(ConfigError):
+            dps.DPSGuidance(**bad)
+    with pytest.raises(ConfigError):
+        dps.DPS(steps=0)
+
+
+def test_units_match_the_official_rule(blur_problem):
+    """Our [0, 1] step with zeta equals the official [-1, 1]-unit step with zeta' = 2 zeta, mapped back."""
+    prior, op, y, _ = blur_problem
+    path = vp()
+    den = GaussianDenoiser(prior, path)
+    t = torch.tensor(0.4, dtype=F64)
+    x = path.sample(prior.sample(2, generator=torch.Generator().manual_seed(5)), t,
+                    generator=torch.Generator().manual_seed(6))[0]
+    yy = y.expand(2, *y.shape[1:])
+    prob = Problem(y=yy, operator=op, x_shape=x.shape)
+    zeta = 0.15
+    guid = dps.DPSGuidance(zeta=zeta, zeta_schedule="constant", clip_x0=False)
+    xin = x.clone().requires_grad_(True)
+    ours = guid.delta(xin, den(xin, t), t, t - 1e-3, _ctx(prob, den))
+    # the official computation in net units: x' = 2x - a, x0' = 2 x0 - 1, y' = A(2x - 1) + 2n = 2y - A(1)
+    a = float(path.a(t))
+    xn = (2 * x - a).clone().requires_grad_(True)
+    x0n = 2 * den((xn + a) / 2, t) - 1
+    yn = 2 * yy - op.A(torch.ones_like(x))
+    norm = torch.linalg.vector_norm((yn - op.A(x0n)).reshape(2, -1), dim=1)
+    (gn,) = torch.autograd.grad(norm.sum(), xn)
+    official = -(2 * zeta) * gn / 2  # zeta' = 2 zeta; the net-unit shift halves in image units
+    assert torch.allclose(ours, official, rtol=1e-9, atol=1e-12)
+    assert float(ours.abs().max()) > 0
+
+
+def test_per_sample_norms_decouple_the_batch(blur_problem):
+    prior, op, y, _ = blur_problem
+    den = GaussianDenoiser(prior, vp())
+    t = torch.tensor(0.5, dtype=F64)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x2 = x.clone()
+    x2[1] = x2[1] * 3 + 1  # change only the second sample
+    prob = Problem(y=y.expand(2, *y.shape[1:]), operator=op, x_shape=x.shape)
+
+    def shift(guid, xs):
+        xin = xs.clone().requires_grad_(True)
+        return guid.delta(xin, den(xin, t), t, t - 0.01, _ctx(prob, den))
+
+    per = dps.DPSGuidance(zeta=0.1)
+    assert torch.allclose(shift(per, x)[0], shift(per, x2)[0], rtol=0, atol=1e-14)
+    coupled = dps.DPSGuidance(zeta=0.1, per_sample=False)  # the official code's batch-wide norm (issue #12)
+    assert not torch.allclose(shift(coupled, x)[0], shift(coupled, x2)[0], rtol=1e-3)
+
+
+def test_poisson_weighting_paper_and_code():
+    g = dps.DPSGuidance(likelihood="poisson", poisson_eps=0.01)
+    r = torch.tensor([[0.1, -0.2, 0.3, 0.0]], dtype=F64, requires_grad=True)
+    y = torch.tensor([[0.0, 0.5, 1.0, 0.2]], dtype=F64)
+    n = g.residual_norm(r, y, poisson=True)
+    expect = torch.sqrt((r.detach() ** 2 / (2 * y + 0.01)).sum())
+    assert torch.allclose(n, expect.reshape(1))
+    (grad,) = torch.autograd.grad(n.sum(), r)
+    assert torch.isfinite(grad).all()  # safe at y = 0
+    # the zero-valued pixel carries the largest weight 1/eps: the paper form is not a global rescaling
+    assert float(grad[0, 0] / r[0, 0]) > 10 * float(grad[0, 2] / r[0, 2])
+    code = dps.DPSGuidance(likelihood="poisson", poisson_weighting="code", poisson_eps=0.01)
+    nc = code.residual_norm(r, y, poisson=True)
+    assert torch.allclose(nc, (r.detach().norm() * (1 / (y.abs() + 0.01)).mean()).reshape(1))
+    # auto picks the Poisson form from the operator's noise model
+    op = Inpaint(x_shape=(1, 1, 4, 4), noise="poisson", poisson_gain=50.0)
+    assert dps.DPSGuidance().poisson(op) and not dps.DPSGuidance().poisson(Inpaint(x_shape=(1, 1, 4, 4)))
+
+
+def test_dps_step_schedule_scales_with_the_grid(blur_problem):
+    prior, op, y, _ = blur_problem
+    den = GaussianDenoiser(prior, vp())
+    prob = Problem(y=y, operator=op, x_shape=y.shape)
+    ctx = _ctx(prob, den)
+    g = dps.DPSGuidance(zeta=0.2)
+    t = torch.tensor(0.5, dtype=F64)
+    assert g.step_size(t, t - 1e-3, ctx) == pytest.approx(0.2)  # one of 1000 uniform steps: zeta itself
+    assert g.step_size(t, t - 1e-2, ctx) == pytest.approx(2.0)  # 100 steps: ten times the push per step
+    assert dps.DPSGuidance(zeta=0.2, zeta_schedule="constant").step_size(t, t - 1e-2, ctx) == 0.2
+
+
+def test_composes_with_ddim_bit_identically(blur_problem):
+    """``--sampler ddim -o eta=1 --guidance dps`` is the DPS sampler."""
+    from restoreflow_plugins.diffusion import DDIM
+
+    prior, op, y, _ = blur_problem
+    den = GaussianDenoiser(prior, vp())
+    prob = Problem(y=y.expand(3, *y.shape[1:]).clone(), operator=op, x_shape=(3, 1, 8, 8))
+    a = dps.DPS(steps=20, clip_x0=False).sample(prob, den, generator=torch.Generator().manual_seed(4))
+    b = DDIM(steps=20, eta=1.0, spacing="uniform_t").sample(prob, den, generator=torch.Generator().manual_seed(4),
+                                       guidance=dps.DPSGuidance(clip_x0=False))
+    assert torch.equal(a, b)
+    calls = []
+    dps.DPS(steps=5).sample(prob, den, generator=torch.Generator().manual_seed(4), callback=calls.append)
+    assert [c["i"] for c in calls] == list(range(5)) and calls[-1]["nfe"] == 5
+    assert {"i", "t", "x", "x0", "nfe", "steps"} <= set(calls[0])
+
+
+def test_reproducible_and_dtype(blur_problem):
+    prior, op, y, _ = blur_problem
+    den = GaussianDenoiser(prior, vp())
+    for dtype in (torch.float32, torch.float64):
+        prob = Problem(y=y.to(dtype).expand(2, *y.shape[1:]), operator=op, x_shape=(2, 1, 8, 8))
+        out = check_sampler_reproducible(lambda g: dps.DPS(steps=8).sample(prob, den, generator=g), dtype=dtype)
+        assert float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_exact_gaussian_bench(blur_problem):
+    """DPS with the exact prior denoiser: biased (reported), but it must fit the data and land near the posterior.
+
+    Tolerances from the sample size: the mean of N samples scatters by ~ std / sqrt(N) per coordinate around
+    the sampler's own mean, so a 5-sigma Monte-Carlo term is added to every bound.
+    """
+    prior, op, y, post = blur_problem
+    N = 1024
+    den = GaussianDenoiser(prior, vp())
+    prob = Problem(y=y.expand(N, *y.shape[1:]).clone(), operator=op, x_shape=(N, 1, 8, 8))
+    ts = time_grid(den.path, 100)
+    x = integrate(ExpIntegrator(1, eta=1.0), den, prob, ts, generator=torch.Generator().manual_seed(9),
+                  guidance=dps.DPSGuidance(zeta=0.15, clip_x0=False))
+    X = x.reshape(N, -1)
+    m_post = post.mean.reshape(-1)
+    post_std = torch.diagonal(post.cov).sqrt()
+    mc = 5 * float((X.std(0) / math.sqrt(N)).norm())
+    err = float((X.mean(0) - m_post).norm())
+    prior_err = float((prior.mean.reshape(-1) - m_post).norm())
+    w2 = gaussian_w2(X.mean(0), torch.cov(X.T), m_post, post.cov)
+    print(f"DPS exact bench: mean error {err:.4f} (prior mean {prior_err:.4f}, MC {mc:.4f}), W2 {w2:.4f}")
+    assert err < 0.25 * prior_err + mc
+    # it fits the data: the mean residual per measurement is within a few noise levels (sigma_y = 0.05)
+    res = (op.A(x) - prob.y).reshape(N, -1).pow(2).mean(1).sqrt().mean()
+    assert float(res) < 3 * 0.05
+    # and samples spread (not collapsed on a point), yet no wider than the prior
+    assert float(X.std(0).mean()) > 0.2 * float(post_std.mean())
+    assert float(X.std(0).mean()) < float(torch.diagonal(prior.cov).sqrt().mean())
+
+
+@pytest.fixture
+def img(tmp_path):
+    rng = np.random.default_rng(0)
+    a = (np.clip(rng.random((16, 16, 3)) * 0.3 + np.linspace(0, 0.7, 16)[None, :, None], 0, 1) * 255).astype(np.uint8)
+    p = tmp_path / "in.png"
+    io.imsave(p, a, check_contrast=False)
+    return p
+
+
+@pytest.mark.parametrize("task", ["deblur", "sr", "inpaint", "denoise"])
+def test_cli_every_task(task, img, tmp_path):
+    cli = build_cli(get_plugin_manager())
+    out = tmp_path / "out.png"
+    extra = ["--op", "factor=2"] if task == "sr" else []
+    for args in (["--sampler", "dps"], ["--sampler", "ddim", "-o", "eta=1", "--guidance", "dps"]):
+        res = CliRunner().invoke(cli, [task, str(img), *args, "--prior", "gaussian", "--steps", "3", "--simulate",
+                                       "--out", str(out), *extra])
+        assert res.exit_code == 0, res.output
+        assert io.imread(out).shape == (16, 16, 3)
