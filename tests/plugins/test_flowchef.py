@@ -1,0 +1,193 @@
+"""FlowChef: gradient skipping (no network backprop, the data gradient taken at x0_hat), Euler with the old
+velocity, any prior through the rectified-flow reparameterisation (agreeing with a native velocity model), and
+on the exact Gaussian bench a fit of the data at the noise level."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from skimage import io
+from torch import nn
+
+import restoreflow_plugins.flowchef as fc
+from restoreflow import ConfigError, GaussianDenoiser, PredictionAdapter, Problem, from_x0, rectified_flow, vp
+from restoreflow.cli import build_cli
+from restoreflow.denoiser import Reparameterized
+from restoreflow.gaussian import operator_matrix
+from restoreflow.plugins import get_plugin_manager
+from restoreflow.testing import check_sampler_reproducible, make_gaussian_problem
+from restoreflow_plugins.operators import Downsample, GaussianBlur
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def blur():
+    gp = make_gaussian_problem((1, 8, 8), 64, noise_sigma=0.05, seed=1)
+    op = GaussianBlur(x_shape=(1, 1, 8, 8), sigma=1.0, noise_sigma=0.05)
+    x0 = gp.prior.sample(1, generator=torch.Generator().manual_seed(2))
+    y = op.forward(x0, generator=torch.Generator().manual_seed(3))
+    return gp.prior, op, y, gp.prior.posterior(op, y)
+
+
+def test_registered_and_config(registered):
+    with registered(fc) as regs:
+        assert regs.samplers.get("flowchef") is fc.FlowChef
+    for bad in ({"steps": 0}, {"step_size": -1.0}, {"inner_steps": -1}, {"reduction": "max"}, {"t_start": 1.5}):
+        with pytest.raises(ConfigError):
+            fc.FlowChef(**bad)
+
+
+def _native_rf(prior):
+    """A native rectified-flow *velocity* model (the exact one for ``prior``), wrapped like a real RF net."""
+    rf = rectified_flow()
+    exact = GaussianDenoiser(prior, rf)
+
+    def net(x, t):
+        return from_x0(exact(x, t), "velocity", x, t, rf)
+
+    return PredictionAdapter(net, prediction="velocity", path=rf, dtype=F64)
+
+
+def test_any_prior_through_path_conversion(blur):
+    prior, op, y, _ = blur
+    native = _native_rf(prior)
+    assert fc.as_rectified_flow(native) is native  # used as is
+    vp_den = GaussianDenoiser(prior, vp())
+    assert isinstance(fc.as_rectified_flow(vp_den), Reparameterized)
+    # the VP denoiser driven as a rectified flow and the native velocity model are the same flow
+    prob = Problem(y=y.expand(2, 1, 8, 8).clone(), operator=op, x_shape=(2, 1, 8, 8))
+    kw = dict(steps=30, step_size=10.0, clip=False, t_start=0.99)  # t = 0.999 is beyond the VP path's range
+    a = fc.FlowChef(**kw).sample(prob, native, generator=torch.Generator().manual_seed(0))
+    b = fc.FlowChef(**kw).sample(prob, vp_den, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(a, b, rtol=0, atol=1e-7), float((a - b).abs().max())
+
+
+def test_gradient_skipping_is_the_frozen_velocity_gradient(blur):
+    """grad_{x_t} l(A(x_t - t v)) with v frozen equals the operator's data gradient at x0_hat (no Jacobian)."""
+    prior, op, y, _ = blur
+    smp = fc.FlowChef(reduction="mean")
+    den = fc.as_rectified_flow(GaussianDenoiser(prior, vp()))
+    t = 0.6
+    x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
+    with torch.no_grad():
+        v = (x - den(x, t)) / t
+    xt = x.clone().requires_grad_(True)
+    loss = (op.A(xt - t * v) - y).pow(2).mean()
+    (g,) = torch.autograd.grad(loss, xt)
+    assert torch.allclose(smp.data_grad(op, (x - t * v), y), g, atol=1e-12)
+
+
+class _GradTrap(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Conv2d(1, 1, 1)
+        self.calls = 0
+
+    def forward(self, x, t):
+        assert not torch.is_grad_enabled(), "FlowChef ran the network with autograd enabled"
+        self.calls += 1
+        return self.lin(x)
+
+
+def test_network_is_never_backpropagated_and_one_nfe_per_step():
+    net = _GradTrap()
+    den = PredictionAdapter(net, prediction="velocity", path=rectified_flow())
+    op = Downsample(x_shape=(1, 1, 8, 8), factor=2, noise_sigma=0.01)
+    y = op.forward(torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)), generator=torch.Generator())
+    calls = []
+    fc.FlowChef(steps=7, inner_steps=3).sample(Problem(y=y, operator=op, x_shape=(1, 1, 8, 8)), den,
+                                               generator=torch.Generator().manual_seed(1), callback=calls.append)
+    assert net.calls == 7 and all(p.grad is None for p in net.parameters())
+    assert [c["nfe"] for c in calls] == list(range(1, 8)) and {"i", "t", "x", "x0", "steps"} <= set(calls[0])
+
+
+def test_update_rule_by_hand(blur):
+    """Two steps written out: steer (inner steps, v frozen), then Euler with the *old* v; the last step unsteered."""
+    prior, op, y, _ = blur
+    den = fc.as_rectified_flow(GaussianDenoiser(prior, vp()))
+    x_init = 0.9 * torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=F64)
+    s, n = 7.0, y[0].numel()
+    out = fc.FlowChef(steps=2, step_size=s, inner_steps=2, t_start=0.9, clip=False).sample(
+        Problem(y=y, operator=op, x_shape=(1, 1, 8, 8), x_init=x_init), den, generator=torch.Generator())
+    x, t0, t1 = x_init.clone(), 0.9, 0.45
+    x0 = den(x, t0)
+    v = (x - x0) / t0
+    for _ in range(2):
+        g = 2 * op.A_adjoint(op.A(x - t0 * v) - y) / n
+        x = x - s * g
+    x = x + (t1 - t0) * v
+    expected = den(x, t1)  # the last Euler step to t = 0 lands on x0_hat
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
+def test_reproducible_and_dtype(blur):
+    prior, op, y, _ = blur
+    den = GaussianDenoiser(prior, vp())
+    for dtype in (torch.float32, torch.float64):
+        prob = Problem(y=y.to(dtype).expand(2, 1, 8, 8).clone(), operator=op, x_shape=(2, 1, 8, 8))
+        check_sampler_reproducible(lambda g: fc.FlowChef(steps=6, step_size=10.0).sample(prob, den, generator=g),
+                                   dtype=dtype)
+
+
+def test_exact_gaussian_bench_fits_the_data_at_the_noise_level(blur):
+    """The reference is the exact posterior's expected residual, sqrt((|y - A m|^2 + tr(A C A^T)) / n_y).
+
+    With the exact Gaussian denoiser FlowChef is a linear chain in its starting noise, so its output mean is
+    the run started from zero noise -- its error to the posterior mean is exact, no Monte Carlo.
+    """
+    prior, op, y, post = blur
+    A = operator_matrix(op, (1, 8, 8))
+    m_post = post.mean.reshape(-1)
+    ref = math.sqrt((float((y.reshape(-1) - A @ m_post).pow(2).sum()) + float(torch.trace(A @ post.cov @ A.T))) / 64)
+    N = 256
+    den = GaussianDenoiser(prior, vp())
+    prob = Problem(y=y.expand(N, 1, 8, 8).clone(), operator=op, x_shape=(N, 1, 8, 8))
+
+    def rms(step):
+        x = fc.FlowChef(steps=100, step_size=step, clip=False).sample(prob, den, generator=torch.Generator().manual_seed(0))
+        return float((op.A(x) - prob.y).reshape(N, -1).pow(2).mean(1).sqrt().mean())
+
+    steered, free = rms(10.0), rms(0.0)
+    mean_out = fc.FlowChef(steps=100, step_size=10.0, clip=False).sample(
+        Problem(y=y, operator=op, x_shape=(1, 1, 8, 8), x_init=torch.zeros(1, 1, 8, 8, dtype=F64)), den,
+        generator=torch.Generator())
+    err = float((mean_out.reshape(-1) - m_post).norm())
+    scale = float((prior.mean.reshape(-1) - m_post).norm())
+    print(f"FlowChef exact bench: rms residual {steered:.4f} (posterior {ref:.4f}, unsteered {free:.4f}); "
+          f"error of its mean to the posterior mean {err:.4f} (prior mean {scale:.4f})")
+    assert 0.6 * ref < steered < 1.3 * ref
+    assert free > 1.8 * ref
+    assert err < 0.5 * scale
+
+
+@pytest.fixture
+def img(tmp_path):
+    rng = np.random.default_rng(0)
+    a = (np.clip(rng.random((16, 16, 3)) * 0.3 + np.linspace(0, 0.7, 16)[None, :, None], 0, 1) * 255).astype(np.uint8)
+    p = tmp_path / "in.png"
+    io.imsave(p, a, check_contrast=False)
+    return p
+
+
+@pytest.mark.parametrize("task", ["deblur", "sr", "inpaint", "denoise"])
+def test_cli_every_task(task, img, tmp_path):
+    out = tmp_path / "out.png"
+    extra = ["--op", "factor=2"] if task == "sr" else []
+    res = CliRunner().invoke(build_cli(get_plugin_manager()), [task, str(img), "--sampler", "flowchef", "--prior",
+                                                               "gaussian", "--steps", "3", "--simulate", "--out",
+                                                               str(out), *extra])
+    assert res.exit_code == 0, res.output
+    assert io.imread(out).shape == (16, 16, 3)
