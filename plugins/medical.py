@@ -360,7 +360,13 @@ class GrayDenoiser(nn.Module):
 
 
 class GrayPrior(Prior):
-    """A prior for grayscale (medical) images: the bundled RGB ``default`` prior with the channel replicated."""
+    """A prior for grayscale (medical) images: the bundled RGB ``default`` prior with the channel replicated.
+
+    ``--prior-opt base=NAME|PATH`` wraps another unconditional prior or checkpoint instead; single-channel
+    bases pass through unchanged. Replicating a gray state gives the network noise that is identical across
+    channels (it was trained on independent noise per channel); averaging the three outputs is the
+    simple, deterministic compromise -- a prior trained on grayscale data is better when one exists.
+    """
 
     name = "gray"
     conditional = False
@@ -368,19 +374,35 @@ class GrayPrior(Prior):
     channels = 1
 
     def _base(self) -> tuple[Prior, int | None]:
-        from restoreflow import default_registries
+        from restoreflow import default_plugin_manager, default_registries
+        from restoreflow.api import looks_like_path
 
         opts = dict(self.options)
         base = str(opts.pop("base", "default"))
         if base == self.name:
             raise ConfigError("the gray prior cannot wrap itself")
-        cls = default_registries().priors.get(base)
+        if looks_like_path(base):
+            p = Path(base)
+            if not p.exists():
+                raise InputError(f"prior {p} does not exist")
+            prior = default_plugin_manager().hook.load_prior(path=p, options=opts)
+            if prior is None:
+                raise InputError(f"no plugin recognises the checkpoint format of {p}")
+            cls = type(prior)
+        else:
+            cls = default_registries().priors.get(base)
+            prior = cls(**opts)
         if cls.conditional:
             raise IncompatibleError(f"the gray prior wraps unconditional priors; {base} is conditional")
-        return cls(**opts), cls.channels
+        return prior, cls.channels
 
     def load(self, *, device="cpu", x_shape=None):
         base, ch = self._base()
+        if ch is None and x_shape is not None:  # unknown: try the image's single channel, then RGB
+            try:
+                return base.load(device=device, x_shape=x_shape)
+            except ConfigError:
+                ch = 3
         if ch in (None, 1):
             return base.load(device=device, x_shape=x_shape)
         shape = None if x_shape is None else (x_shape[0], ch, *x_shape[2:])
@@ -461,6 +483,9 @@ class TV3D(Sampler):
     requires = frozenset({"denoiser", "unconditional", "linear_operator"})
     uses_measurement = True
     supports_guidance = False
+    #: an approximate posterior sampler (DDS data consistency): reported, not certified against the exact
+    #: posterior; ``lam=0`` because the bench's batch holds independent samples, not the slices of a volume
+    bench = {"kind": "report", "options": {"lam": 0.0, "steps": 20}, "samples": 256}
 
     @dataclass(frozen=True)
     class Config:
