@@ -493,7 +493,7 @@ class TV3D(Sampler):
         #: DDIM stochasticity (0 deterministic, 1 DDPM-like)
         eta: float = 0.85
         #: TV weight along z (image units, for ||A|| ~ 1)
-        lam: float = 0.01
+        lam: float = 0.002
         #: ADMM penalty
         rho: float = 0.05
         #: weight of the proximity term ||x - x0_hat||^2 (0: early-stopped CG from x0_hat, as in DDS)
