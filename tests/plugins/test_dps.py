@@ -80,7 +80,7 @@ def test_units_match_the_official_rule(blur_problem):
     yy = y.expand(2, *y.shape[1:])
     prob = Problem(y=yy, operator=op, x_shape=x.shape)
     zeta = 0.15
-    guid = dps.DPSGuidance(zeta=zeta, zeta_schedule="constant", clip_x0=False)
+    guid = dps.DPSGuidance(zeta=zeta, zeta_schedule="constant", clip_x0=False, polyak=0.0)
     xin = x.clone().requires_grad_(True)
     ours = guid.delta(xin, den(xin, t), t, t - 1e-3, _ctx(prob, den))
     # the official computation in net units: x' = 2x - a, x0' = 2 x0 - 1, y' = A(2x - 1) + 2n = 2y - A(1)
@@ -131,6 +131,24 @@ def test_poisson_weighting_paper_and_code():
     # auto picks the Poisson form from the operator's noise model
     op = Inpaint(x_shape=(1, 1, 4, 4), noise="poisson", poisson_gain=50.0)
     assert dps.DPSGuidance().poisson(op) and not dps.DPSGuidance().poisson(Inpaint(x_shape=(1, 1, 4, 4)))
+
+
+def test_polyak_cap_never_aims_past_zero_residual(blur_problem):
+    """A huge zeta is cut to the Polyak step: the first-order drop of ||r|| is then exactly ||r|| (per sample)."""
+    prior, op, y, _ = blur_problem
+    den = GaussianDenoiser(prior, vp())
+    t = torch.tensor(0.3, dtype=F64)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
+    prob = Problem(y=y.expand(2, *y.shape[1:]), operator=op, x_shape=x.shape)
+    xin = x.clone().requires_grad_(True)
+    x0 = den(xin, t)
+    norm = torch.linalg.vector_norm((y - op.A(x0)).reshape(2, -1), dim=1)
+    (g,) = torch.autograd.grad(norm.sum(), xin, retain_graph=True)
+    d = dps.DPSGuidance(zeta=1e6, clip_x0=False).delta(xin, x0, t, t - 1e-3, _ctx(prob, den))
+    drop = -(g * d).reshape(2, -1).sum(1)  # first-order decrease of each sample's ||r||
+    assert torch.allclose(drop, norm.detach(), rtol=1e-9)
+    small = dps.DPSGuidance(zeta=1e-4, clip_x0=False)  # below the cap: the plain DPS step
+    assert torch.allclose(small.delta(xin, den(xin, t), t, t - 1e-3, _ctx(prob, den)), -1e-4 * g, rtol=1e-9)
 
 
 def test_dps_step_schedule_scales_with_the_grid(blur_problem):
