@@ -171,11 +171,65 @@ class IRSDESchedule:
     @functools.cached_property
     def path(self) -> AffinePath:
         """The mean-reverting affine path with path time ``t = i / T``."""
-        return mean_reverting(tabulated(self.thetabar), self.lam, params={"method": "mr", **self.to_dict()})
+        base = mean_reverting(_MemoScalar(tabulated(self.thetabar)), self.lam, params={"method": "mr", **self.to_dict()})
+        path = _IRSDEPath(**{f.name: getattr(base, f.name) for f in fields(base)})
+        object.__setattr__(path, "_thetabar_table", self.thetabar)
+        return path
 
     def net_time(self, t: Tensor) -> Tensor:
         """The network's time input: the (fractional) step index ``t * T``."""
         return t * self.T
+
+
+class _IRSDEPath(AffinePath):
+    r"""The IR-SDE path with exact inverses of :math:`\lambda(t)` and :math:`\sigma/a` (no bisection).
+
+    :math:`e^{\lambda} = a/\sigma` with :math:`\sigma = \lambda_\infty\sqrt{1-a^2}` gives
+    :math:`\bar\theta = \tfrac12\log(1 + e^{-2\lambda}/\lambda_\infty^2)`, and the piecewise-linear
+    :math:`\bar\theta` table inverts by search.
+    """
+
+    def t_from_log_snr(self, lam: Any) -> Tensor:
+        lam = as_time(lam)
+        table = getattr(self, "_thetabar_table", None)
+        if table is None:  # a copy made with dataclasses.replace: fall back to bisection
+            return super().t_from_log_snr(lam)
+        table = table.to(lam.device)
+        lam_inf = float(self.params["lam"])
+        tb = 0.5 * torch.log1p(torch.exp(-2 * lam) / lam_inf**2)
+        n = table.numel() - 1
+        i = torch.searchsorted(table, tb.reshape(-1).contiguous()).clamp(1, n).reshape(tb.shape)
+        lo, hi = table[i - 1], table[i]
+        w = ((tb - lo) / (hi - lo)).clamp(0, 1)
+        t = (i - 1 + w) / n
+        return (self.t_min + t * (self.t_max - self.t_min)).clamp(self.t_min, self.t_max)
+
+    def t_from_nsr(self, r: Any) -> Tensor:
+        return self.t_from_log_snr(-torch.log(as_time(r)))
+
+
+class _MemoScalar:
+    """A float64 schedule function that remembers its values at scalar times.
+
+    A sampler step evaluates the path's coefficients at the same two times a dozen times; tabulated
+    interpolation costs ~10 small tensor ops each, which is most of a step's overhead next to a network call.
+    Tensors that need gradients (``AffinePath.derivatives``) and batches bypass the memo.
+    """
+
+    def __init__(self, fn, size: int = 4096):
+        self.fn, self.size = fn, size
+        self.memo: dict[tuple[float, str], Tensor] = {}
+
+    def __call__(self, t: Tensor) -> Tensor:
+        if t.ndim or t.requires_grad:
+            return self.fn(t)
+        key = (float(t), str(t.device))
+        out = self.memo.get(key)
+        if out is None:
+            if len(self.memo) >= self.size:
+                self.memo.clear()
+            out = self.memo[key] = self.fn(t)
+        return out
 
 
 def schedule_of(path: AffinePath) -> IRSDESchedule | None:
@@ -336,23 +390,27 @@ class MRS(_MRSampler):
     (orders 1-3) or ``sde`` (orders 1-2), solved in ``space=data`` (:math:`\hat x_0`, the stable choice at low
     NFE) or ``noise`` (:math:`\hat\varepsilon`). The first ``order - 1`` steps warm up at lower order, and with
     fewer than 10 steps the order drops again at the end. ``denoise_last`` returns the last :math:`\hat x_0`.
-    ``schedule``: ``uniform_t`` (MRS' ``linspace``), ``uniform_lambda`` (``linear-lambda``), ``karras``
-    (``karras-n``: :math:`\rho` on :math:`\sigma/\alpha`), ``leading``, ``trailing``; ``lambda_min`` cuts the
-    noisiest end. ``thresholding`` applies dynamic thresholding to :math:`\hat x_0`. NFE = ``steps``.
+    ``schedule``: ``uniform_lambda`` (MRS' ``linear-lambda``, the default here), ``uniform_t`` (``linspace``,
+    MRS' ODE default), ``karras`` (``karras-n``: :math:`\rho` on :math:`\sigma/\alpha`), ``leading``, ``trailing``;
+    ``lambda_min`` cuts the noisiest end. ``thresholding`` applies dynamic thresholding to :math:`\hat x_0`.
+    NFE = ``steps``. Defaults: ODE, data space, order 2, 20 steps (the reference's), uniform in :math:`\lambda`.
+    On the exact bench (benchmarks/bench_mrs.py: the ideal MR network for Gaussian deblurring, 64x64 RGB)
+    uniform-:math:`\lambda` steps land 10 dB closer to the converged ODE solution than uniform-t steps at
+    5-20 NFE; at 20 NFE the mean PSNR is within 0.06 dB of the converged ODE's (and of exact posterior
+    samples), at 10 NFE within 0.2 dB -- not the 0.05 dB that would make 10 the default.
     """
 
     name = "mrs"
-    bench = {"kind": "flow_map", "order": 2, "steps": (8, 16, 32, 64),
-             "options": {"clip": False, "schedule": "uniform_lambda"},
+    bench = {"kind": "flow_map", "order": 2, "steps": (8, 16, 32, 64), "options": {"clip": False},
              "path": lambda: IRSDESchedule().path}
 
     @dataclass(frozen=True)
     class Config(_MRConfig):
-        steps: int = 10
+        steps: int = 20
         solver: str = "ode"
         space: str = "data"
         order: int = 2
-        schedule: str = "uniform_t"
+        schedule: str = "uniform_lambda"
         lambda_min: float = -5.0
         rho: float = 7.0
         denoise_last: bool = True
