@@ -30,7 +30,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +171,8 @@ class IRSDESchedule:
     @functools.cached_property
     def path(self) -> AffinePath:
         """The mean-reverting affine path with path time ``t = i / T``."""
-        base = mean_reverting(_MemoScalar(tabulated(self.thetabar)), self.lam, params={"method": "mr", **self.to_dict()})
+        base = mean_reverting(_MemoScalar(tabulated(self.thetabar)), self.lam,
+                              params={"method": "mr", **self.to_dict()})
         path = _IRSDEPath(**{f.name: getattr(base, f.name) for f in fields(base)})
         object.__setattr__(path, "_thetabar_table", self.thetabar)
         return path
@@ -230,14 +231,6 @@ class _MemoScalar:
                 self.memo.clear()
             out = self.memo[key] = self.fn(t)
         return out
-
-
-def schedule_of(path: AffinePath) -> IRSDESchedule | None:
-    """The :class:`IRSDESchedule` a path was built from (``None`` for other paths)."""
-    p = dict(path.params)
-    if path.kind != "mean_reverting" or p.get("method") != "mr":
-        return None
-    return IRSDESchedule.from_options(p)
 
 
 # -- predictions and the model adapter ------------------------------------------------------------
@@ -427,7 +420,8 @@ class MRS(_MRSampler):
             check(not (self.solver == "sde" and self.order == 3), "the SDE solver supports orders 1 and 2")
             check(self.schedule in SPACINGS, f"schedule must be one of {', '.join(SPACINGS)}; got {self.schedule!r}")
             check(self.rho > 0, f"rho must be > 0; got {self.rho}")
-            check(0.5 <= self.threshold_ratio <= 1.0, f"threshold_ratio must be in [0.5, 1]; got {self.threshold_ratio}")
+            check(0.5 <= self.threshold_ratio <= 1.0,
+                  f"threshold_ratio must be in [0.5, 1]; got {self.threshold_ratio}")
             check(self.threshold_max >= 1.0, f"threshold_max must be >= 1; got {self.threshold_max}")
             check(not (self.thresholding and self.space == "noise"),
                   "thresholding applies to data predictions only (space=data)")
@@ -553,10 +547,12 @@ class MRTraining(TrainingMethod):
 
         def __post_init__(self):
             IRSDESchedule(self.max_sigma, self.T, self.schedule, self.eps, self.offset)
-            check(self.loss in _LOSS_PREDICTION, f"loss must be one of {', '.join(_LOSS_PREDICTION)}; got {self.loss!r}")
+            check(self.loss in _LOSS_PREDICTION,
+                  f"loss must be one of {', '.join(_LOSS_PREDICTION)}; got {self.loss!r}")
             check(self.norm in ("l1", "l2"), f"norm must be l1 or l2; got {self.norm!r}")
             check(1 <= self.depth <= 6, f"depth must be in [1, 6]; got {self.depth}")
-            check(self.arch in ("irsde_unet", "irsde_nafnet"), f"arch must be irsde_unet or irsde_nafnet; got {self.arch!r}")
+            check(self.arch in ("irsde_unet", "irsde_nafnet"),
+                  f"arch must be irsde_unet or irsde_nafnet; got {self.arch!r}")
 
     def __init__(self, config: Any = None, **options: Any):
         super().__init__(config, **options)
@@ -848,7 +844,8 @@ def register_commands(cli):
     @cli.command("mr-convert")
     @click.argument("src", type=click.Path(exists=True, dir_okay=False))
     @click.argument("dst", type=click.Path(dir_okay=False))
-    @click.option("--opt", "opts", multiple=True, help="SDE/YAML override KEY=VALUE (yaml, max_sigma, T, schedule, eps, offset)")
+    @click.option("--opt", "opts", multiple=True,
+                  help="SDE/YAML override KEY=VALUE (yaml, max_sigma, T, schedule, eps, offset)")
     def mr_convert(src, dst, opts):
         """Convert an IR-SDE .pth (+ its options YAML) into a safetensors model with its SDE parameters."""
         from restoreflow.registry import parse_options
