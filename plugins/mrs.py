@@ -475,8 +475,9 @@ class _Baseline(_MRSampler):
 
 
 class MRPosterior(_Baseline):
-    r"""IR-SDE's "optimal reverse" posterior sampler (the 100-NFE baseline of MRS): each step draws from
-    :math:`q(x_{t-1} \mid x_t, \hat x_0)`, mean :math:`\mu + \tfrac{A(1-C^2)}{1-B^2}(x_t-\mu) + \tfrac{C(1-A^2)}{1-B^2}(\hat x_0-\mu)`,
+    r"""IR-SDE's "optimal reverse" posterior sampler, the 100-NFE baseline of MRS.
+
+    Each step draws from :math:`q(x_{t-1} \mid x_t, \hat x_0)`, mean :math:`\mu + \tfrac{A(1-C^2)}{1-B^2}(x_t-\mu) + \tfrac{C(1-A^2)}{1-B^2}(\hat x_0-\mu)`,
     std :math:`\lambda\sqrt{(1-A^2)(1-C^2)/(1-B^2)}`, :math:`A = e^{-\theta_t dt}`, :math:`B = e^{-\bar\theta_t dt}`,
     :math:`C = e^{-\bar\theta_{t-1} dt}` -- which is exactly the first-order data-space SDE exponential integrator."""
 
