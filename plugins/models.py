@@ -56,8 +56,8 @@ class DenoiserMethod(TrainingMethod):
     r"""Unconditional denoiser, EDM-preconditioned UNet on a VE path (Karras et al., 2022).
 
     Loss: :math:`\|F(c_{in} x, c_{noise}) - (x_0 - c_{skip} x)/c_{out}\|^2` with :math:`x = x_0 + \sigma\varepsilon`,
-    :math:`\ln\sigma \sim \mathcal N(P_{mean}, P_{std}^2)` in the net's [-1, 1] units; this is EDM's
-    :math:`\lambda(\sigma)`-weighted x0 loss.
+    :math:`\ln\sigma \sim \mathcal N(P_{mean}, P_{std}^2)` in the net's [-1, 1] units (a fraction ``p_uniform``
+    log-uniform over the path's range instead); this is EDM's :math:`\lambda(\sigma)`-weighted x0 loss.
     """
 
     name = "denoiser"
@@ -68,6 +68,9 @@ class DenoiserMethod(TrainingMethod):
     class Config:
         p_mean: float = -1.2
         p_std: float = 1.2
+        #: fraction of each batch whose sigma is log-uniform over the whole path range instead (covers the
+        #: very high noise levels that DPS / RED-Diff start from, which the log-normal rarely draws)
+        p_uniform: float = 0.0
         sigma_data: float = 0.5
         sigma_min: float = 0.001  # path range, [0, 1] image units
         sigma_max: float = 80.0
@@ -77,6 +80,7 @@ class DenoiserMethod(TrainingMethod):
 
         def __post_init__(self):
             check(self.p_std > 0, f"p_std must be > 0; got {self.p_std}")
+            check(0 <= self.p_uniform <= 1, f"p_uniform must be in [0, 1]; got {self.p_uniform}")
             check(self.sigma_data > 0, f"sigma_data must be > 0; got {self.sigma_data}")
             check(0 < self.sigma_min < self.sigma_max, f"need 0 < sigma_min < sigma_max; got {self.sigma_min}, {self.sigma_max}")
             try:
@@ -103,6 +107,11 @@ class DenoiserMethod(TrainingMethod):
         B = x0.shape[0]
         z = torch.randn(B, generator=generator, device=x0.device, dtype=torch.float64)
         sigma = torch.exp(c.p_mean + c.p_std * z)
+        if c.p_uniform > 0:  # net units: twice the [0, 1]-unit path range
+            u = torch.rand(B, generator=generator, device=x0.device, dtype=torch.float64)
+            lo, hi = math.log(2 * c.sigma_min), math.log(2 * c.sigma_max)
+            pick = torch.rand(B, generator=generator, device=x0.device, dtype=torch.float64) < c.p_uniform
+            sigma = torch.where(pick, torch.exp(lo + (hi - lo) * u), sigma)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         pred, target = self._wrap(net).training_target(2 * x0 - 1, noise, sigma)
         return (pred.float() - target.float()).square().mean()
@@ -585,7 +594,7 @@ def _canonical_command(params: dict[str, Any]) -> str:
     parts = ["restoreflow", "train"]
     for key in ("method", "task", "name", "steps", "batch", "crop", "lr", "warmup", "ema", "width", "channels", "data",
                 "dead_leaves", "seed", "device", "threads", "checkpoint_every", "eval_size", "eval_crops", "eval_steps",
-                "noise_range"):
+                "noise_range", "init"):
         v = params.get(key)
         if v is None:
             continue
@@ -630,12 +639,14 @@ def _train_command(cli: click.Group) -> click.Command:
     @click.option("--extra-operator", multiple=True, help="Also degrade with this operator (random mix per image).")
     @click.option("--noise-range", default=None, metavar="LO,HI", help="Random noise_sigma per image in [LO, HI].")
     @click.option("-m", "--method-opt", "m_opts", multiple=True, metavar="KEY=VALUE", help="Training-method option.")
+    @click.option("--init", "init", type=click.Path(exists=True, dir_okay=False), default=None,
+                  help="Start from these weights (fine-tuning); their card is recorded in the new card.")
     @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
     @click.option("--quiet", is_flag=True, help="No progress bar.")
     @handle_errors
     def train_cmd(method, task, name, out, steps, batch, crop, lr, warmup, ema, width, channels, data, dead_leaves,
                   seed, device, threads, checkpoint_every, eval_size, eval_crops, eval_steps, op_opts, extra_operator,
-                  noise_range, m_opts, resume, quiet):
+                  noise_range, m_opts, init, resume, quiet):
         from restoreflow.plugins import default_registries
         from restoreflow.train_loop import TrainOptions, train
 
@@ -658,12 +669,12 @@ def _train_command(cli: click.Group) -> click.Command:
                       ema=ema, width=width, channels=channels, data=data, dead_leaves=dead_leaves, seed=seed,
                       device=device, threads=threads, checkpoint_every=checkpoint_every, eval_size=eval_size,
                       eval_crops=eval_crops, eval_steps=eval_steps, noise_range=noise_range, op=sorted(ops.items()),
-                      extra_operator=extra_operator, method_opt=sorted(mopts.items()), out=out)
+                      extra_operator=extra_operator, method_opt=sorted(mopts.items()), init=init, out=out)
         opts = TrainOptions(method=method, task=task, name=name, steps=steps, batch=batch, crop=crop, lr=lr,
                             warmup=warmup, ema=ema, width=width, channels=channels, data=data, dead_leaves=dead_leaves,
                             seed=seed, device=device, threads=threads, checkpoint_every=checkpoint_every,
                             eval_size=eval_size, eval_crops=eval_crops, eval_steps=eval_steps, op_options=ops,
-                            extra_operators=tuple(extra_operator), noise_range=nr, method_options=mopts,
+                            extra_operators=tuple(extra_operator), noise_range=nr, method_options=mopts, init=init,
                             command=_canonical_command(params))
         card = train(opts, out, registries=regs, resume=resume, progress=not quiet,
                      log=lambda s: click.echo(s, err=True))

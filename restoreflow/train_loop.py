@@ -78,6 +78,7 @@ class TrainOptions:
     extra_operators: tuple[str, ...] = ()
     noise_range: tuple[float, float] | None = None
     method_options: Mapping[str, Any] = field(default_factory=dict)
+    init: str | None = None
     command: str = ""
 
     def __post_init__(self):
@@ -318,6 +319,14 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any = None, res
     gen = torch.Generator().manual_seed(o.seed)  # crops, degradations (CPU)
     dgen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(o.seed + 1)
     step, losses = 0, []
+    init_from = None
+    if o.init:  # fine-tune: start from the weights of an earlier run (its card is recorded in ours)
+        init_w = Path(o.init)
+        load_into(net, load_state_dict(init_w), source=str(init_w))
+        ema.load_state_dict(net.state_dict())
+        init_card = read_card(card_path(init_w)) if card_path(init_w).exists() else {}
+        init_from = {"weights": init_w.name, "steps": init_card.get("steps"), "command": init_card.get("command"),
+                     "init_from": init_card.get("init_from"), "method_options": init_card.get("method_options")}
     ckpt = out / CHECKPOINT
     if resume:
         if not ckpt.exists():
@@ -398,6 +407,7 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any = None, res
         "operator_options": degrader.describe() if degrader is not None else None,
         "data": {"train": pool.description, "held_out": list(rfdata.HELD_OUT), "crop": o.crop},
         "steps": step,
+        "init_from": init_from,
         "batch": o.batch,
         "crop": o.crop,
         "lr": o.lr,
