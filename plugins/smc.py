@@ -383,8 +383,12 @@ def twisted_log_potential(x0_hat: Tensor, y: Tensor, operator: Any, r2: float) -
     var = noise.variance() if getattr(noise, "gaussian", False) else noise.variance(z.detach())
     var = (torch.as_tensor(var, dtype=torch.float64, device=z.device) + r2).clamp(min=1e-12)
     r = yy - z
+    n = z.shape[0]
+    if var.ndim == 0:
+        m = r[0].numel()
+        return -0.5 * (r * r).reshape(n, -1).sum(-1) / var - 0.5 * m * torch.log(2 * math.pi * var)
     terms = r * r / var + torch.log(2 * math.pi * var)
-    return -0.5 * terms.reshape(z.shape[0], -1).sum(-1) if terms.ndim else -0.5 * terms
+    return -0.5 * terms.reshape(n, -1).sum(-1)
 
 
 def _log_likelihood(operator: Any, y: Tensor, x: Tensor) -> Tensor:
@@ -642,6 +646,10 @@ class SMC(_Particles):
         n = x_next.shape[0]
         d = (mean_proposal - mean_prior).to(torch.float64)
         e = (x_next - mean_proposal).to(torch.float64)
+        if std_t.ndim == 0:  # the usual case: one standard deviation for the whole step
+            quad = (d * (d + 2 * e)).reshape(n, -1).sum(-1)
+            self._pending = self._pending - quad / (2 * float(std_t) ** 2)
+            return
         s2 = (bcast(std_t, d) if std_t.ndim == 1 else std_t) ** 2
         s2 = torch.broadcast_to(s2, d.shape)
         if bool(((s2 == 0) & (d != 0)).any()):
