@@ -112,10 +112,20 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
     @click.option("--uncertainty", type=click.Path(path_type=Path), help="Write the per-pixel std (correctors).")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
     @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+    @click.option("--compare", metavar="M1,M2,...", help="Restore with each listed sampler (SAMPLER[+GUIDANCE][@PRIOR]; "
+                  "same seed and measurement) and write one side-by-side PNG to --out.")
     @handle_errors
     def run(image: Path, sampler, prior, guidance, corrector, particles, operator, steps, seed, device, op_opts,
-            s_opts, g_opts, c_opts, p_opts, out, force, simulate, save_degraded, uncertainty, as_json, quiet):
+            s_opts, g_opts, c_opts, p_opts, out, force, simulate, save_degraded, uncertainty, as_json, quiet, compare):
         from .api import plan, restore
+
+        if compare:
+            from .bench import compare_cli
+            return compare_cli(image, task.name, compare, regs=regs, pm=pm, sampler=sampler, prior=prior, guidance=guidance,
+                               corrector=corrector, particles=particles, operator=operator, steps=steps, seed=seed,
+                               device=device, options=s_opts + g_opts + c_opts, op_options=_options(op_opts),
+                               prior_options=_options(p_opts), out=out, force=force, simulate=simulate,
+                               extra_outputs=(save_degraded, uncertainty), as_json=as_json)
 
         c_options = _options(c_opts)
         if particles is not None:
@@ -292,6 +302,7 @@ def build_cli(pm=None) -> click.Group:
                        ("guidance", "guidance"), ("correctors", "correctors"), ("trainers", "trainers")):
         cli.add_command(_listing(name, attr, regs))
     from .batch import batch_command; cli.add_command(batch_command(regs, pm))
+    from .bench import bench_command; cli.add_command(bench_command(regs, pm))
     pm.hook.register_commands(cli=cli)
     if not len(regs.samplers):
         click.echo("warning: no samplers are registered; did you `pip install -e .`?", err=True)
