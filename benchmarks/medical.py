@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(2)
     size, depth, seeds = (32, 8, 2) if args.quick else (64, 16, 3)
-    steps = 20 if args.quick else 50
+    steps = 12 if args.quick else 50
     regs = default_registries()
     x = phantom_volume(size, depth)
     shape = tuple(x.shape)
