@@ -315,4 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     except RestoreflowError as e:
         err(str(e))
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err("interrupted; no output was written")
+        sys.exit(EXIT_INTERRUPTED)
     cli.main(args=argv, prog_name="restoreflow")

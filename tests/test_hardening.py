@@ -193,10 +193,13 @@ def test_huge_image_is_refused_before_decoding(work, monkeypatch):
 def test_ctrl_c_leaves_no_output(tmp_path):
     _write_png(tmp_path / "in.png", (np.random.default_rng(1).random((192, 192)) * 255).astype(np.uint8))
     out = tmp_path / "out.png"
-    exe = Path(sys.executable).parent / "restoreflow"
-    proc = subprocess.Popen([str(exe), "deblur", str(tmp_path / "in.png"), "--prior", "gaussian", "--sampler",
-                             "euler-maruyama", "--steps", "10000", "--out", str(out), "-q"], stderr=subprocess.PIPE, stdout=subprocess.PIPE)
-    time.sleep(12)
+    args = [str(tmp_path / "in.png"), "--prior", "gaussian", "--sampler", "euler-maruyama", "--steps", "10000",
+            "--out", str(out), "-q"]
+    code = ("import sys, restoreflow.cli as c; print('imported', flush=True); "
+            f"c.main(['deblur'] + {args!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"imported"  # interrupt only once the CLI owns the process
+    time.sleep(4)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()
