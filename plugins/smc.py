@@ -113,6 +113,7 @@ __all__ = [
     "RESAMPLERS",
     "ess",
     "twisted_log_potential",
+    "twist_variance",
     "apply_operator",
 ]
 
@@ -402,6 +403,21 @@ def _nsr2(path: AffinePath, t: Any) -> float:
     return (s / a) ** 2
 
 
+def twist_variance(path: AffinePath, t: Any, scale: float = 1.0, tau2: float | None = None) -> float:
+    r"""The twisting variance :math:`r_t^2` added to the noise variance in :math:`\psi_t`.
+
+    ``tau2=None``: TDS' :math:`\kappa\,\sigma_t^2/a_t^2` (the variance of :math:`x_0` given :math:`x_t` under a
+    flat prior; unbounded at high noise, so the twist is weak early). A number: the PiGDM form
+    :math:`\kappa\,\tau^2 r^2/(\tau^2 + r^2)` with :math:`r^2 = \sigma_t^2/a_t^2`, exact for an isotropic
+    :math:`N(m, \tau^2 I)` prior and bounded by :math:`\kappa\tau^2` (:math:`\tau^2` about the prior's
+    per-pixel variance).
+    """
+    r2 = _nsr2(path, t)
+    if tau2 is None or not math.isfinite(r2):
+        return scale * r2
+    return scale * tau2 * r2 / (tau2 + r2)
+
+
 # -- guidance ---------------------------------------------------------------------------------
 
 
@@ -413,7 +429,8 @@ class TDSGuidance(Guidance):
     :math:`(1-\bar\alpha)/\sqrt{\bar\alpha}`, the TDS code's factor). The kernel mean moves by that shift
     times the ancestral step's :math:`\hat x_0` coefficient :math:`a'(1 - e^{-2h})`, :math:`h = \lambda' - \lambda`
     (exact for DDPM / DDIM η=1 / the order-1 SDE step; any other kernel still gets a valid proposal,
-    which :class:`SMC` corrects). The TDS code's clamp of the twisted :math:`\hat x_0` is not applied.
+    which :class:`SMC` corrects). Like the TDS code, the twisted :math:`\hat x_0` is clamped to the image
+    range (``clip_x0``; turn it off for data outside [0, 1]).
     """
 
     name = "tds"
@@ -424,11 +441,16 @@ class TDSGuidance(Guidance):
     class Config:
         #: multiplies the twisting variance r_t^2 = sigma_t^2 / a_t^2 (0: likelihood at x0_hat)
         twist_scale: float = 1.0
+        #: None: TDS' r_t^2; a prior variance tau^2: the bounded PiGDM form (see twist_variance)
+        twist_tau2: float | None = None
         #: multiplies the shift (1 = TDS)
         scale: float = 1.0
+        #: clamp the twisted x0_hat to the image range [0, 1] (the TDS code's clamp; keeps strong twists stable)
+        clip_x0: bool = True
 
         def __post_init__(self):
             check(self.twist_scale >= 0, f"twist_scale must be >= 0; got {self.twist_scale}")
+            check(self.twist_tau2 is None or self.twist_tau2 > 0, f"twist_tau2 must be > 0; got {self.twist_tau2}")
             check(self.scale >= 0, f"scale must be >= 0; got {self.scale}")
 
     def delta(self, x: Tensor, x0_hat: Tensor, t: Tensor, t_next: Tensor, ctx: Any) -> Tensor:
@@ -438,13 +460,18 @@ class TDSGuidance(Guidance):
         if not x0_hat.requires_grad:
             raise IncompatibleError("tds guidance needs a denoiser that is differentiable in its input")
         path = ctx.path
-        lp = twisted_log_potential(x0_hat, problem.y, problem.operator, self.config.twist_scale * _nsr2(path, t))
+        c = self.config
+        lp = twisted_log_potential(x0_hat, problem.y, problem.operator, twist_variance(path, t, c.twist_scale, c.twist_tau2))
         (grad,) = torch.autograd.grad(lp.sum(), x)
         a, _, s = (float(v) for v in path.coefficients(as_time(t)))
         a1, _, s1 = (float(v) for v in path.coefficients(as_time(t_next)))
         decay = (a * s1) / (s * a1)  # e^{-h}
         coef = a1 * (1.0 - decay * decay)
-        return (self.config.scale * coef * (s * s / a) * grad).detach().to(x.dtype)
+        shift = (c.scale * (s * s / a) * grad).detach().to(x.dtype)
+        if c.clip_x0:
+            x0 = x0_hat.detach()
+            shift = (x0 + shift).clamp(0, 1) - x0
+        return coef * shift
 
 
 # -- correctors -------------------------------------------------------------------------------
@@ -518,6 +545,8 @@ class SMC(_Particles):
         potential: str = "tds"
         #: multiplies the twisting variance r_t^2 = sigma_t^2 / a_t^2
         twist_scale: float = 1.0
+        #: None: TDS' r_t^2; a prior variance tau^2: the bounded PiGDM form (see twist_variance)
+        twist_tau2: float | None = None
         #: deterministic final step: model (exact, unguided final mean) or proposal (keep the guided move)
         terminal: str = "model"
         #: FKC stabiliser (biased): subtract the particles' mean increment before clipping
@@ -537,6 +566,7 @@ class SMC(_Particles):
             check(self.chunk is None or self.chunk >= 1, f"chunk must be >= 1; got {self.chunk}")
             check(self.potential in ("tds", "none"), f"potential must be tds or none; got {self.potential!r}")
             check(self.twist_scale >= 0, f"twist_scale must be >= 0; got {self.twist_scale}")
+            check(self.twist_tau2 is None or self.twist_tau2 > 0, f"twist_tau2 must be > 0; got {self.twist_tau2}")
             check(self.terminal in ("model", "proposal"), f"terminal must be model or proposal; got {self.terminal!r}")
             check(self.increment_clip is None or self.increment_clip > 0,
                   f"increment_clip must be > 0; got {self.increment_clip}")
@@ -568,8 +598,9 @@ class SMC(_Particles):
         return x
 
     def _log_potential(self, x0_hat: Tensor, t: Tensor, ctx: Any) -> Tensor:
+        c = self.config
         return twisted_log_potential(x0_hat, self._y, self._problem.operator,
-                                     self.config.twist_scale * _nsr2(ctx.path, t))
+                                     twist_variance(ctx.path, t, c.twist_scale, c.twist_tau2))
 
     def _add(self, inc: Tensor) -> None:
         c = self.config

@@ -279,7 +279,7 @@ def test_tds_shift_is_the_twisted_x0_through_the_ancestral_step(gp):
     x = torch.randn(4, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
     t, t1 = torch.tensor(0.5, dtype=F64), torch.tensor(0.45, dtype=F64)
     x0 = den(x, t)
-    delta = TDSGuidance().delta(x, x0, t, t1, ctx)
+    delta = TDSGuidance(clip_x0=False).delta(x, x0, t, t1, ctx)
     a, _, s = (float(v) for v in path.coefficients(t))
     M = gp.operator.matrix
     # analytic grad of log psi: J^T A^T (y - A x0) / (s_y^2 + s^2/a^2), J = a C (a^2 C + s^2)^-1 (symmetric)
@@ -291,6 +291,12 @@ def test_tds_shift_is_the_twisted_x0_through_the_ancestral_step(gp):
     base = k.step(x.detach(), t, t1, x0.detach(), {"q": [], "lam": [], "i": 0}, ctx)[0].mean
     tw = k.step(x.detach(), t, t1, x0.detach() + (s * s / a) * grad.reshape(4, 1, 2, 2), {"q": [], "lam": [], "i": 0}, ctx)[0].mean
     assert torch.allclose(delta, tw - base, atol=1e-12)
+    # the default clamps the twisted x0_hat to the image range, as the TDS code does
+    coef = k.step(x.detach(), t, t1, x0.detach() + 1, {"q": [], "lam": [], "i": 0}, ctx)[0].mean - base  # a'(1 - e^-2h)
+    x0 = den(x, t)
+    x0_tw = x0.detach() + TDSGuidance().delta(x, x0, t, t1, ctx) / coef
+    assert float((x0_tw - (x0.detach() + (s * s / a) * grad.reshape(4, 1, 2, 2)).clamp(0, 1)).abs().max()) < 1e-10
+    assert float(x0_tw.min()) >= -1e-12 and float(x0_tw.max()) <= 1 + 1e-12
 
 
 # -- exactness: twisted SMC targets the exact posterior ------------------------------------------
@@ -500,7 +506,7 @@ def test_smc_recovers_a_bimodal_posterior():
 
     def mass(corr, seed):
         x = integrate(ExpIntegrator(1, eta=1.0), den, prob, ts, generator=torch.Generator().manual_seed(seed),
-                      guidance=TDSGuidance(), corrector=corr)
+                      guidance=TDSGuidance(clip_x0=False), corrector=corr)  # the modes sit outside [0, 1]
         return float((x.reshape(M, -1)[:, 0] > 0).to(F64).mean())
 
     p = float(post.weights[0, 1])  # the right-hand mode
