@@ -65,15 +65,22 @@ class DeepinvWrapper(torch.nn.Module):
         return self.den(a * x, t)
 
 
-def unet_denoiser(width: int = 32):
-    """A denoiser of the default prior's architecture (EDM UNet on the VE path), random weights."""
+def unet_denoiser():
+    """The bundled ``default`` prior (EDM UNet on the VE path); if its weights are absent, the same architecture
+    with random weights (timing and memory do not depend on the weights). Returns ``(denoiser, label)``."""
     from restoreflow.nets.unet import EDMDenoiser, UNet
+    from restoreflow.plugins import default_registries
 
+    regs = default_registries()
+    if "default" in regs.priors:
+        prior = regs.priors.get("default")()
+        if Path(prior._weights()).exists():
+            return prior.load(), "the bundled default prior (EDM UNet, 1.9M parameters)"
     torch.manual_seed(0)  # parameter init only; every sampler draw below uses its own generator
-    net = UNet(in_channels=3, channels=[width * m for m in (1, 2, 4, 4)], blocks=1, up_blocks=1).eval()
+    net = UNet(in_channels=3, channels=[24, 48, 96, 96], blocks=1, up_blocks=1).eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    return EDMDenoiser(net)
+    return EDMDenoiser(net), "EDM UNet of the default prior's architecture, random weights"
 
 
 def median_time(fn, repeats: int) -> float:
@@ -179,11 +186,13 @@ def head_to_head(quick: bool, nfe: int, size: int) -> dict:
     seeds = 1 if quick else 2
     sigma_y = 0.025  # = DPS's 0.05 in [-1, 1] units
     priors = ["gaussian"]
-    if (Path(regs.priors.get("default")()._weights()).exists() if "default" in regs.priors else False):
+    if "default" in regs.priors and Path(regs.priors.get("default")()._weights()).exists():
         priors.append("default")
-    weights = (30.0, 100.0, 300.0) if quick else (10.0, 30.0, 100.0, 300.0, 1000.0)
-    rows = []
-    for prior_name in priors:
+    weights = (100.0, 300.0, 1000.0) if quick else (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+    zetas = (0.15, 0.5) if quick else (0.05, 0.15, 0.5, 1.5, 5.0)
+    rows: list[dict] = []
+
+    def cases(prior_name):
         prior = regs.priors.get(prior_name)()
         for i, name in enumerate(names):
             clean = images[i:i + 1]
@@ -191,71 +200,92 @@ def head_to_head(quick: bool, nfe: int, size: int) -> dict:
             physics = dinv.physics.BlurFFT(img_size=tuple(clean.shape[1:]), filter=op.kernel[None, None],
                                            noise_model=dinv.physics.GaussianNoise(sigma_y))
             den = prior.load(x_shape=tuple(clean.shape))
-            wrap = DeepinvWrapper(den)
             for seed in range(seeds):
                 y = op.forward(clean, generator=torch.Generator().manual_seed(100 + seed))
-                prob = Problem(y=y, operator=op, x_shape=tuple(clean.shape))
+                yield prior, name, clean, physics, den, seed, y, Problem(y=y, operator=op, x_shape=tuple(clean.shape))
 
-                def record(method, fn, nfe_expected, **extra):
-                    wrap.calls = 0
-                    t0 = time.perf_counter()
-                    x = fn()
-                    wall = time.perf_counter() - t0
-                    rows.append({"prior": prior_name, "image": name, "seed": seed, "method": method,
-                                 "psnr": rfdata.psnr(x.float(), clean)[0], "seconds": wall,
-                                 "nfe": wrap.calls or nfe_expected, **extra})
+    def record(prior_name, name, seed, clean, wrap, method, fn, nfe_expected, **extra):
+        wrap.calls = 0
+        t0 = time.perf_counter()
+        x = fn()
+        wall = time.perf_counter() - t0
+        rows.append({"prior": prior_name, "image": name, "seed": seed, "method": method,
+                     "psnr": rfdata.psnr(x.float(), clean)[0], "seconds": wall, "nfe": wrap.calls or nfe_expected,
+                     **extra})
 
-                g = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
-                record("restoreflow dps (preset)", lambda: DPS(steps=nfe).sample(prob, den, generator=g()), nfe)
-                record("restoreflow dps (preset), half the NFE", lambda: DPS(steps=nfe // 2).sample(prob, den, generator=g()),
-                       nfe // 2)
-                for w in weights:
-                    def run_dinv(w=w):
-                        m = dinv.sampling.DPS(wrap, num_steps=nfe + 1, weight=w, rng=g())
-                        with torch.no_grad():
-                            return m(y, physics, seed=seed)
-                    record("deepinv dps", run_dinv, nfe, weight=w)
+    def mean_psnr(prior_name, method, weight):
+        return statistics.fmean(r["psnr"] for r in rows if r["prior"] == prior_name and r["method"] == method
+                                and r.get("weight") == weight)
 
-                def run_diffpir():
-                    torch.manual_seed(seed)  # DiffPIR draws from the global RNG
-                    m = dinv.sampling.DiffPIR(wrap, dinv.optim.data_fidelity.L2(), sigma=sigma_y, max_iter=nfe)
-                    return m(y, physics)
-                record("deepinv diffpir", run_diffpir, nfe)
-                record("restoreflow red_diff", lambda: RedDiff(steps=nfe).sample(prob, den, generator=g()), nfe)
-                record("restoreflow flowchef", lambda: FlowChef(steps=nfe).sample(prob, den, generator=g()), nfe)
-                if getattr(prior, "exact_posterior", False):
-                    record("wiener (exact posterior mean)", lambda: prior.posterior(prob)(y, torch.tensor(0.0, dtype=F64)), 0)
-    # summary per prior and method (deepinv dps: best weight by mean PSNR, chosen on this run)
+    for prior_name in priors:
+        for prior, name, clean, physics, den, seed, y, prob in cases(prior_name):
+            wrap = DeepinvWrapper(den)
+            rec = lambda *a, **k: record(prior_name, name, seed, clean, wrap, *a, **k)  # noqa: E731
+            g = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
+            for z in zetas:
+                rec("restoreflow dps", lambda z=z: DPS(steps=nfe, zeta=z).sample(prob, den, generator=g()), nfe, weight=z)
+            rec("restoreflow dps (preset)", lambda: DPS(steps=nfe).sample(prob, den, generator=g()), nfe)
+            for w in weights:
+                def run_dinv(w=w):
+                    m = dinv.sampling.DPS(wrap, num_steps=nfe + 1, weight=w, rng=g())
+                    with torch.no_grad():
+                        return m(y, physics, seed=seed)
+                rec("deepinv dps", run_dinv, nfe, weight=w)
+
+            def run_diffpir():
+                torch.manual_seed(seed)  # DiffPIR draws from the global RNG
+                m = dinv.sampling.DiffPIR(wrap, dinv.optim.data_fidelity.L2(), sigma=sigma_y, max_iter=nfe)
+                return m(y, physics)
+            rec("deepinv diffpir", run_diffpir, nfe)
+            rec("restoreflow red_diff", lambda: RedDiff(steps=nfe).sample(prob, den, generator=g()), nfe)
+            rec("restoreflow flowchef", lambda: FlowChef(steps=nfe).sample(prob, den, generator=g()), nfe)
+            if getattr(prior, "exact_posterior", False):
+                rec("wiener (exact posterior mean)", lambda: prior.posterior(prob)(y, torch.tensor(0.0, dtype=F64)), 0)
+        # the best zeta at the full NFE, reused at half the NFE (the dt schedule transfers across step counts)
+        z_best = max(zetas, key=lambda z: mean_psnr(prior_name, "restoreflow dps", z))
+        for prior, name, clean, physics, den, seed, y, prob in cases(prior_name):
+            wrap = DeepinvWrapper(den)
+            record(prior_name, name, seed, clean, wrap, "restoreflow dps, half the NFE",
+                   lambda: DPS(steps=nfe // 2, zeta=z_best).sample(prob, den, generator=torch.Generator().manual_seed(seed)),
+                   nfe // 2, weight=z_best)
+
     summary = []
     for prior_name in priors:
         pr = [r for r in rows if r["prior"] == prior_name]
-        methods = []
+        keys: list[tuple] = []
         for r in pr:
-            key = (r["method"], r.get("weight"))
-            if key not in methods:
-                methods.append(key)
+            if (r["method"], r.get("weight")) not in keys:
+                keys.append((r["method"], r.get("weight")))
         agg = {}
-        for key in methods:
-            rs = [r for r in pr if (r["method"], r.get("weight")) == key]
-            agg[key] = {"psnr": statistics.fmean(r["psnr"] for r in rs),
-                        "psnr_std": statistics.stdev([r["psnr"] for r in rs]) if len(rs) > 1 else 0.0,
-                        "seconds": statistics.fmean(r["seconds"] for r in rs), "nfe": rs[0]["nfe"], "n": len(rs)}
-        best_w = max((k for k in agg if k[0] == "deepinv dps"), key=lambda k: agg[k]["psnr"])
+        for key in keys:
+            ps = [r["psnr"] for r in pr if (r["method"], r.get("weight")) == key]
+            agg[key] = {"psnr": statistics.fmean(ps), "psnr_std": statistics.stdev(ps) if len(ps) > 1 else 0.0,
+                        "seconds": statistics.fmean(r["seconds"] for r in pr if (r["method"], r.get("weight")) == key),
+                        "nfe": next(r["nfe"] for r in pr if (r["method"], r.get("weight")) == key), "n": len(ps)}
+        best = {m: max((k for k in agg if k[0] == m), key=lambda k: agg[k]["psnr"])
+                for m in ("restoreflow dps", "deepinv dps")}
         for key, a in agg.items():
-            if key[0] == "deepinv dps" and key != best_w:
+            if key[0] in best and key != best[key[0]]:
                 continue
-            label = f"deepinv dps (best weight {key[1]:g})" if key[0] == "deepinv dps" else key[0]
+            label = key[0]
+            if key[0] == "restoreflow dps":
+                label = f"restoreflow dps (best zeta {key[1]:g} of {list(zetas)})"
+            elif key[0] == "deepinv dps":
+                label = f"deepinv dps (best weight {key[1]:g} of {list(weights)})"
+            elif key[1] is not None:
+                label = f"{key[0]} (zeta {key[1]:g})"
             summary.append({"prior": prior_name, "method": label, **a})
-        ours = agg[("restoreflow dps (preset)", None)]
-        theirs = agg[best_w]
-        summary.append({"prior": prior_name, "method": "ratio restoreflow/deepinv dps, same NFE",
-                        "psnr_gain_db": ours["psnr"] - theirs["psnr"], "wall_ratio": ours["seconds"] / theirs["seconds"]})
-        half = agg[("restoreflow dps (preset), half the NFE", None)]
-        summary.append({"prior": prior_name, "method": "ratio restoreflow dps at half the NFE / deepinv dps",
-                        "psnr_gain_db": half["psnr"] - theirs["psnr"], "wall_ratio": half["seconds"] / theirs["seconds"]})
+        ours, theirs = agg[best["restoreflow dps"]], agg[best["deepinv dps"]]
+        half = next(a for k, a in agg.items() if k[0] == "restoreflow dps, half the NFE")
+        preset = agg[("restoreflow dps (preset)", None)]
+        for label, a in (("best vs best, same NFE", ours), ("preset vs deepinv's best, same NFE", preset),
+                         ("best at half the NFE vs deepinv's best", half)):
+            summary.append({"prior": prior_name, "method": f"restoreflow/deepinv dps: {label}",
+                            "psnr_gain_db": a["psnr"] - theirs["psnr"], "wall_ratio": a["seconds"] / theirs["seconds"]})
     return {"task": "Gaussian deblur sigma 2 px (circular), noise 0.025 in [0,1] units (DPS's 0.05 in [-1,1])",
             "images": list(names), "size": size, "seeds": seeds, "nfe": nfe, "priors": priors,
-            "deepinv_weights_tried": list(weights), "rows": rows, "summary": summary}
+            "deepinv_weights_tried": list(weights), "restoreflow_zetas_tried": list(zetas), "rows": rows,
+            "summary": summary}
 
 
 # -- 3. overhead --------------------------------------------------------------------------------
@@ -270,7 +300,7 @@ def overhead(quick: bool, nfe: int, size: int) -> dict:
     from restoreflow_plugins.operators import GaussianBlur
     from restoreflow_plugins.red_diff import RedDiff
 
-    den = unet_denoiser()
+    den, label = unet_denoiser()
     shape = (1, 3, size, size)
     clean = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     op = GaussianBlur(x_shape=shape, sigma=2.0, noise_sigma=0.025)
@@ -316,7 +346,7 @@ def overhead(quick: bool, nfe: int, size: int) -> dict:
         w = statistics.median(ws)
         rows.append({"method": k, "nfe": nfe, "seconds": w, "ratio_to_forward_loop": w / loop,
                      "ratio_to_nfe_calls": w / (nfe * t_call), "ratio_to_nfe_grad_calls": w / (nfe * t_grad)})
-    return {"denoiser": "EDM UNet (default prior architecture, width 32, mult 1,2,4,4), random weights",
+    return {"denoiser": label,
             "size": size, "nfe": nfe, "one_call_seconds": t_call, "one_call_with_backward_seconds": t_grad,
             "repeats": reps, "rows": rows,
             "note": "ratio_to_forward_loop divides by NFE no-grad denoiser calls timed in the same interleaved rounds "
@@ -343,7 +373,7 @@ def _probe(mode: str, size: int, nfe: int) -> None:
     from restoreflow_plugins.red_diff import RedDiff
 
     torch.set_num_threads(1)
-    den = unet_denoiser()
+    den, _ = unet_denoiser()
     shape = (1, 3, size, size)
     op = GaussianBlur(x_shape=shape, sigma=2.0, noise_sigma=0.025)
     y = op.forward(torch.rand(shape, generator=torch.Generator().manual_seed(0)), generator=torch.Generator().manual_seed(1))
@@ -411,7 +441,8 @@ def markdown(out: dict) -> str:
     h = out["deepinv"]
     md += ["", f"## 2. Same denoiser, operator, image and NFE as deepinv {out['deepinv_version']}", "",
            f"{h['task']}; {h['size']}px crops of {', '.join(h['images'])}; {h['seeds']} seed(s); NFE {h['nfe']}. "
-           f"deepinv DPS weight: best of {h['deepinv_weights_tried']} on this run; restoreflow DPS: preset, untuned.", "",
+           "Both DPS step sizes are picked by mean PSNR over the same runs (restoreflow's preset, untuned, also "
+           "shown). PSNR of one posterior sample per image and seed (not of a posterior mean).", "",
            "| prior | method | PSNR (dB) | s/image | NFE |", "|---|---|---|---|---|"]
     for r in h["summary"]:
         if "psnr" in r:

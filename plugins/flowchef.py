@@ -29,6 +29,11 @@ Facts and conventions (official code FlowChef/FlowChef @ 9b705fc, pixel RF++ scr
 * ``reduction="mean"`` is the code's mean over the measurement's entries (the step then depends on
   dim(y)); ``"sum"`` divides the summed squared residual by dim(x) instead, so one ``step_size`` means the
   same per-pixel step for every operator. They agree when dim(y) = dim(x).
+
+Measured with the bundled ``default`` prior (50 steps, 64-px held-out crops of astronaut and chelsea, task
+defaults, denoising at sigma 0.1; PSNR dB for step_size 100 / 500 / 1000 / 2000): deblur 16.8 / 20.9 / 21.9 /
+22.8, sr x4 17.7 / 21.9 / 22.2 / 22.3, inpaint 18.7 / 23.9 / 24.9 / 25.6, denoise 19.6 / 22.9 / 20.2 / 19.9.
+The default stays the code's 500; this small prior prefers larger steps except for denoising.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from skimage import io
 
 import restoreflow_plugins.dps as dps
-from restoreflow import ConfigError, ExpIntegrator, GaussianDenoiser, Problem, integrate, time_grid, vp
+from restoreflow import ConfigError, ExpIntegrator, GaussianDenoiser, Problem, integrate, time_grid, ve, vp
 from restoreflow.cli import build_cli
 from restoreflow.gaussian import gaussian_w2
 from restoreflow.plugins import get_plugin_manager
@@ -55,13 +55,14 @@ def test_registered(registered):
 
 
 def test_presets_and_config_errors():
-    assert dps.preset_zeta("gaussian_blur") == pytest.approx(0.15)  # official 0.3 in [-1, 1] units
-    assert dps.preset_zeta("inpaint") == pytest.approx(0.25)  # official 0.5
-    assert dps.preset_zeta("downsample") == dps.PRESETS["sr"]
-    g = dps.DPSGuidance(task="inpaint")
-    assert g.zeta(None) == pytest.approx(0.25)
+    assert dps.preset_zeta("gaussian_blur", "paper") == pytest.approx(0.15)  # official 0.3 in [-1, 1] units
+    assert dps.preset_zeta("inpaint", "paper") == pytest.approx(0.25)  # official 0.5
+    assert dps.preset_zeta("downsample") == dps.PRESETS["sr"] and dps.preset_zeta("denoise") == dps.PRESETS["denoise"]
+    assert dps.preset_zeta("mri_cartesian") == dps.PRESETS["deblur"]  # unknown operators: the deblurring value
+    assert dps.DPSGuidance(task="inpaint", preset="paper").zeta(None) == pytest.approx(0.25)
+    assert dps.DPSGuidance(task="sr").zeta(None) == dps.PRESETS["sr"]
     assert dps.DPSGuidance(zeta=0.7).zeta(None) == 0.7
-    for bad in ({"zeta": -1.0}, {"task": "nope"}, {"zeta_schedule": "x"}, {"likelihood": "laplace"},
+    for bad in ({"zeta": -1.0}, {"task": "nope"}, {"preset": "x"}, {"zeta_schedule": "x"}, {"likelihood": "laplace"},
                 {"poisson_eps": 0.0}):
         with pytest.raises(ConfigError):
             dps.DPSGuidance(**bad)
@@ -144,16 +145,16 @@ def test_polyak_cap_never_aims_past_zero_residual(blur_problem):
     x0 = den(xin, t)
     norm = torch.linalg.vector_norm((y - op.A(x0)).reshape(2, -1), dim=1)
     (g,) = torch.autograd.grad(norm.sum(), xin, retain_graph=True)
-    d = dps.DPSGuidance(zeta=1e6, clip_x0=False).delta(xin, x0, t, t - 1e-3, _ctx(prob, den))
+    d = dps.DPSGuidance(zeta=1e6, zeta_schedule="constant", clip_x0=False).delta(xin, x0, t, t - 1e-3, _ctx(prob, den))
     drop = -(g * d).reshape(2, -1).sum(1)  # first-order decrease of each sample's ||r||
     assert torch.allclose(drop, norm.detach(), rtol=1e-9)
-    small = dps.DPSGuidance(zeta=1e-4, clip_x0=False)  # below the cap: the plain DPS step
+    small = dps.DPSGuidance(zeta=1e-4, zeta_schedule="constant", clip_x0=False)  # below the cap: the plain DPS step
     assert torch.allclose(small.delta(xin, den(xin, t), t, t - 1e-3, _ctx(prob, den)), -1e-4 * g, rtol=1e-9)
 
 
 def test_dps_step_schedule_scales_with_the_grid(blur_problem):
     prior, op, y, _ = blur_problem
-    den = GaussianDenoiser(prior, vp())
+    den = GaussianDenoiser(prior, dps.reference_path())  # an ADM-like [-1, 1] DDPM model: reference time = t
     prob = Problem(y=y, operator=op, x_shape=y.shape)
     ctx = _ctx(prob, den)
     g = dps.DPSGuidance(zeta=0.2)
@@ -163,6 +164,21 @@ def test_dps_step_schedule_scales_with_the_grid(blur_problem):
     assert dps.DPSGuidance(zeta=0.2, zeta_schedule="constant").step_size(t, t - 1e-2, ctx) == 0.2
 
 
+def test_schedule_is_the_same_on_any_path(blur_problem):
+    """A VE prior gets the DDPM noise levels and the same guidance per level as a VP one (matched sigma/a)."""
+    prior, op, y, _ = blur_problem
+    prob = Problem(y=y, operator=op, x_shape=y.shape)
+    ref, other = dps.reference_path(), ve(0.002, 100.0)
+    ts_ref, ts_ve = dps.ddpm_grid(ref, 25), dps.ddpm_grid(other, 25)
+    assert torch.allclose(ts_ref, torch.linspace(1, 0, 26, dtype=F64), atol=1e-12)
+    inside = ref.nsr(ts_ref[1:-1]) > 0.002  # levels the VE path can represent
+    assert torch.allclose(other.nsr(ts_ve[1:-1])[inside], ref.nsr(ts_ref[1:-1])[inside], rtol=1e-9)
+    g = dps.DPSGuidance(zeta=0.2)
+    z_ref = [g.step_size(a, b, _ctx(prob, GaussianDenoiser(prior, ref))) for a, b in zip(ts_ref[5:10], ts_ref[6:11])]
+    z_ve = [g.step_size(a, b, _ctx(prob, GaussianDenoiser(prior, other))) for a, b in zip(ts_ve[5:10], ts_ve[6:11])]
+    assert z_ref == pytest.approx(z_ve, rel=1e-9) and z_ref[0] == pytest.approx(0.2 * 1000 / 25)
+
+
 def test_composes_with_ddim_bit_identically(blur_problem):
     """``--sampler ddim -o eta=1 --guidance dps`` is the DPS sampler."""
     from restoreflow_plugins.diffusion import DDIM
@@ -170,7 +186,7 @@ def test_composes_with_ddim_bit_identically(blur_problem):
     prior, op, y, _ = blur_problem
     den = GaussianDenoiser(prior, vp())
     prob = Problem(y=y.expand(3, *y.shape[1:]).clone(), operator=op, x_shape=(3, 1, 8, 8))
-    a = dps.DPS(steps=20, clip_x0=False).sample(prob, den, generator=torch.Generator().manual_seed(4))
+    a = dps.DPS(steps=20, clip_x0=False, spacing="uniform_t").sample(prob, den, generator=torch.Generator().manual_seed(4))
     b = DDIM(steps=20, eta=1.0, spacing="uniform_t").sample(prob, den, generator=torch.Generator().manual_seed(4),
                                        guidance=dps.DPSGuidance(clip_x0=False))
     assert torch.equal(a, b)
