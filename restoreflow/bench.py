@@ -19,8 +19,12 @@ How it works:
   options (the operator's ``seed`` fixes kernels and masks: every method sees the same ones).
 * **Grid.** Every method runs at every ``--nfe`` value (its ``steps`` option; the NFE actually spent is
   recorded) -- methods without steps (pinv, Wiener) once; with every ``--priors`` entry that fits it
-  (pairs that do not fit are listed as skipped; a method no prior fits is an error). Everything is planned
-  (names, options, compatibility) before the first image is read.
+  (pairs that do not fit are listed as skipped; a method no listed prior fits uses its own default prior,
+  e.g. ``mrs`` its MR model). Everything is planned (names, options, compatibility) before the first
+  image is read.
+* **Timing.** Each cell first runs once untimed (``--no-warmup`` to skip), so one-off set-up -- weight
+  loading, cached spectra -- is in no time or memory figure. Seconds are the sampler's wall time per
+  image (measurement simulation and metrics excluded); memory is the peak growth over the whole run.
 * **Runs.** For each image (``--images``: a folder or file; default the bundled held-out images,
   centre-cropped to ``--size``), seed and cell, :func:`restoreflow.api.restore` degrades the clean image
   with noise drawn from the seed (``simulate``) and restores it, so all methods of one image and seed
@@ -352,8 +356,8 @@ def plan_cells(task: str, methods: Sequence[Method], *, priors: Sequence[str] | 
                       guidance_options=routed.get(("guidance", m.guidance), {}) if m.guidance else None,
                       corrector_options=routed.get(("corrector", m.corrector), {}) if m.corrector else None,
                       registries=regs, pm=pm)
+            steps_list: list[int | None] = [int(n) for n in nfe] if has_steps else [None]
             for p in candidates:
-                steps_list: list[int | None] = [int(n) for n in nfe] if has_steps else [None]
                 try:
                     plans = [plan(task, prior=p, steps=s, **kw) for s in steps_list]
                 except IncompatibleError as e:
@@ -362,6 +366,14 @@ def plan_cells(task: str, methods: Sequence[Method], *, priors: Sequence[str] | 
                     first_error = first_error or e
                     skipped.append(f"{m.name} x {p}: {e}")
                     continue
+                for s, pl in zip(steps_list, plans):
+                    cells.append(Cell(m, pl.prior_label, s, pl, {}, opts))
+                    made += 1
+            if not made:  # no listed prior fits: the method's own default prior
+                try:
+                    plans = [plan(task, prior=None, steps=s, **kw) for s in steps_list]
+                except IncompatibleError as e:
+                    raise IncompatibleError(f"{m.token}: no listed prior fits ({first_error}); nor its default: {e}") from None
                 for s, pl in zip(steps_list, plans):
                     cells.append(Cell(m, pl.prior_label, s, pl, {}, opts))
                     made += 1
