@@ -19,7 +19,8 @@ over seeds. Finite M puts a floor under W2: it is measured with M exact posterio
 registered ``dps`` guidance (per-sample norm, no clamp: the toy values leave [0, 1]) with its step size
 tuned on the first seed over a grid (the best value is kept: the most favourable baseline). SMC runs with
 the TDS twisted proposal (``--guidance tds --corrector smc``) and with the DPS proposal (``--guidance dps
---corrector smc``); N particles cost N x the network calls of one chain.
+--corrector smc``, at DPS's own best step size); N particles cost N x the network calls of one chain. The
+summary records W2(SMC N=16) / W2(DPS) and the same ratio for the error of the mean (the issue's goal: <= 0.5).
 
     python benchmarks/bench_smc.py --quick   # < 1 min on a 2-core CPU
     python benchmarks/bench_smc.py           # M = 1000 chains, 4 seeds, N up to 256
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     M = args.chains or (200 if args.quick else 1000)
     seeds = list(range(args.seeds or (2 if args.quick else 4)))
     particles = [1, 4, 16, 64] if args.quick else [1, 4, 16, 64, 256]
-    zetas = [0.01, 0.03] if args.quick else [0.001, 0.003, 0.01, 0.03, 0.1]
+    zetas = [0.01, 0.03] if args.quick else [0.001, 0.003, 0.01, 0.03, 0.1, 0.3]
     dps_particles = [16] if args.quick else particles
     path = vp()
 
@@ -135,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         x = integrate(pb["kernel"], den, prob, pb["ts"], generator=torch.Generator().manual_seed(1000 + seed),
                       guidance=guidance, corrector=corrector)
-        return x, time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        extra = {"ess_final": float(corrector.ess_final.mean())} if corrector is not None else {}
+        return x, wall, extra
 
     def dps(zeta):
         return DPS(zeta=zeta, clip_x0=False)
@@ -170,15 +173,17 @@ def main(argv: list[str] | None = None) -> int:
             res["dps"]["tuning_w2"] = tune
         for n in particles:
             out = [run(pb, pb["prior_den"], TDS(clip_x0=False), SMC(particles=n), s) for s in seeds]
-            record(f"smc-tds N={n}", "smc+tds", n, [errors(pb, o[0]) for o in out], [o[1] for o in out])
+            record(f"smc-tds N={n}", "smc+tds", n, [{**errors(pb, o[0]), **o[2]} for o in out], [o[1] for o in out])
             if DPS is not None and n in dps_particles:
                 out = [run(pb, pb["prior_den"], dps(best_zeta), SMC(particles=n), s) for s in seeds]
-                record(f"smc-dps N={n}", "smc+dps", n, [errors(pb, o[0]) for o in out], [o[1] for o in out])
+                record(f"smc-dps N={n}", "smc+dps", n, [{**errors(pb, o[0]), **o[2]} for o in out], [o[1] for o in out])
         s = {"steps": steps, "w2_floor_exact_samples": res["exact samples"]["w2"]}
         if DPS is not None:
             s["dps_zeta"] = best_zeta
             s["ratio_w2_smc16_tds_over_dps"] = res["smc-tds N=16"]["w2"] / res["dps"]["w2"]
             s["ratio_w2_smc16_dps_over_dps"] = res["smc-dps N=16"]["w2"] / res["dps"]["w2"]
+            s["ratio_mean_err_smc16_tds_over_dps"] = res["smc-tds N=16"]["mean_err"] / res["dps"]["mean_err"]
+            s["ratio_mean_err_smc16_dps_over_dps"] = res["smc-dps N=16"]["mean_err"] / res["dps"]["mean_err"]
             if pb["mixture"] is not None:
                 s["ratio_mode_tv_smc16_tds_over_dps"] = res["smc-tds N=16"]["mode_tv"] / max(res["dps"]["mode_tv"], 1e-12)
         summary[pb["name"]] = s
@@ -194,7 +199,17 @@ def main(argv: list[str] | None = None) -> int:
              f"{out['machine']}; M = {M} chains (one output each) per run, {len(seeds)} seeds, mean +- std over seeds; "
              f"{elapsed:.0f} s in all. W2 = 2-Wasserstein distance between the Gaussian fitted to the M outputs and the "
              "exact posterior moments; 'exact samples' is the floor that M samples impose. NFE per sample = particles x "
-             "steps. DPS: the registered `dps` guidance, step size tuned per problem (best W2 on seed 0).", ""]
+             "steps. DPS: the registered `dps` guidance, step size tuned per problem (best W2 on seed 0"
+             + (", grid 0.01/0.03 in --quick" if args.quick else "") + "). 'final ESS/N': the normalised effective "
+             "sample size of the final weights (near 1/N: the weights are degenerate and SMC returns 'the best of N').",
+             "",
+             "Reading the table: SMC's target is the exact posterior *of the kernel's chain*, so its error falls towards "
+             "the kernel floor (the same kernel driven by the exact posterior denoiser), not to zero. A proposal helps SMC "
+             "only if its per-step shift is comparable to the kernel's noise: the path-space weights are "
+             "exp(-sum ||shift||^2 / 2 std^2 + ...), so DPS at the step size that is best *alone* can be hundreds of nats "
+             "away from the target path (ESS ~ 1), where more particles do not help before N ~ exp(KL). The TDS "
+             "proposal is built for SMC; its weakness is the loose twist r_t^2 = sigma_t^2 / a_t^2 when measurements "
+             "are strong (gauss-exact).", ""]
     for pb in problems:
         s = summary[pb["name"]]
         lines += [f"## {pb['name']} ({s['steps']} steps)", ""]
@@ -205,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"Mode-mass TV(SMC N=16) / TV(DPS) = {s['ratio_mode_tv_smc16_tds_over_dps']:.3f}.")
             lines.append("")
         extra = pb["mixture"] is not None
-        lines.append("| method | particles | NFE/sample | W2 | mean error |" + (" mode TV |" if extra else "") + " wall (s) |")
-        lines.append("|---|---:|---:|---:|---:|" + ("---:|" if extra else "") + "---:|")
+        lines.append("| method | particles | NFE/sample | W2 | mean error |" + (" mode TV |" if extra else "")
+                     + " final ESS/N | wall (s) |")
+        lines.append("|---|---:|---:|---:|---:|" + ("---:|" if extra else "") + "---:|---:|")
         for r in rows:
             if r["problem"] != pb["name"]:
                 continue
@@ -214,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['mean_err']:.4f} +- {r['mean_err_std']:.4f}"]
             if extra:
                 cells.append(f"{r['mode_tv']:.3f} +- {r['mode_tv_std']:.3f}")
+            cells.append(f"{r['ess_final']:.2f}" if "ess_final" in r else "-")
             cells.append(f"{r['wall_s']:.2f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -302,10 +302,11 @@ def test_tds_shift_is_the_twisted_x0_through_the_ancestral_step(gp):
 # -- exactness: twisted SMC targets the exact posterior ------------------------------------------
 
 
-@pytest.mark.parametrize("scheme", ["systematic", "residual"])
-def test_twisted_smc_samples_the_exact_posterior(scheme):
+@pytest.mark.parametrize("scheme,proposal", [("systematic", "tds"), ("residual", "tds"), ("stratified", "dps-like"),
+                                             ("multinomial", "dps-like")])
+def test_twisted_smc_samples_the_exact_posterior(scheme, proposal):
     """With the exact reverse kernel the SMC target is the exact posterior for any grid: the output of M
-    independent runs must match its mean and variances within z = 5, while the TDS proposal alone fails."""
+    independent runs must match its mean and variances within z = 5, while the guided proposal alone fails."""
     M = 1500
     prior, op, y, problem, kernel = diagonal_problem(M)
     post = prior.posterior(op, y)
@@ -313,9 +314,11 @@ def test_twisted_smc_samples_the_exact_posterior(scheme):
     den = GaussianDenoiser(prior, path)
     ts = time_grid(path, 8)
 
+    guidance = TDSGuidance() if proposal == "tds" else ResidualGuidance()
+
     def run(corr, seed=1):
         return integrate(kernel, den, problem, ts, generator=torch.Generator().manual_seed(seed),
-                         guidance=TDSGuidance(), corrector=corr)
+                         guidance=guidance, corrector=corr)
 
     smc = SMC(particles=16, resampling=scheme)
     zm, zv = z_scores(run(smc), post)
