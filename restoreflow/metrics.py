@@ -178,6 +178,16 @@ def _reset_hwm() -> bool:
         return False
 
 
+def _malloc_trim() -> None:
+    """glibc ``malloc_trim(0)``: give freed heap memory back to the OS (no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Context manager: ``with PeakMemory(device) as m: ...`` then ``m.peak_bytes`` (growth above the start)
     and ``m.method`` (``cuda_max_allocated``, ``rss_hwm``, ``rss_poll`` or ``unavailable``)."""
@@ -209,6 +219,7 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated(self.device)
             self.method = "cuda_max_allocated"
             return self
+        _malloc_trim()  # return freed heap pages first, so reused memory shows up as growth
         start = rss_bytes()
         if start is None:
             return self
