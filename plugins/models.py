@@ -173,7 +173,7 @@ def _maybe_tile(den: Any, options: dict[str, Any]) -> Any:
 
     try:
         size = int(options["tile"])
-        overlap = int(options.get("overlap", max(16, size // 4)))
+        overlap = int(options.get("overlap", min(size // 2, max(8, size // 4))))
     except ValueError:
         raise ConfigError(f"prior options tile/overlap must be integers; got {options.get('tile')!r}, "
                           f"{options.get('overlap')!r}") from None

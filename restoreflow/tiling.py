@@ -114,14 +114,14 @@ class TiledDenoiser(nn.Module):
 
     def __init__(self, denoiser: Any, *, tile: int = 256, overlap: int = 32):
         super().__init__()
-        if tile < 8:
-            raise ConfigError(f"tile must be >= 8 pixels; got {tile}")
-        if not 0 <= overlap <= tile // 2:
-            raise ConfigError(f"overlap must be in [0, tile/2]; got {overlap} for tile {tile}")
         if not is_tileable(denoiser):
             name = type(getattr(denoiser, "net", denoiser)).__name__
             raise IncompatibleError(f"{name} is not fully convolutional (tileable = False) and cannot run in tiles; "
                                     f"use a smaller image or a convolutional prior")
+        if tile < 8:
+            raise ConfigError(f"tile must be >= 8 pixels; got {tile}")
+        if not 0 <= overlap <= tile // 2:
+            raise ConfigError(f"overlap must be in [0, tile/2]; got {overlap} for tile {tile}")
         self.denoiser = denoiser
         self.tile, self.overlap = int(tile), int(overlap)
         self.path = denoiser.path
