@@ -486,6 +486,7 @@ def render(src: Sources, *, run_log: dict | None = None, title: str = "Benchmark
     if run_log:
         lines += ["## Last run of `benchmarks/run_all.py`", "",
                   f"{'Quick' if run_log.get('quick') else 'Full'} mode on {run_log.get('machine', '?')}, "
+                  f"{run_log.get('jobs', 1)} step(s) at a time, "
                   f"finished {run_log.get('finished', '?')}; total wall {run_log.get('wall_s', float('nan')):.0f} s "
                   f"(CPU {run_log.get('cpu_s', float('nan')):.0f} s; load average at start "
                   f"{run_log.get('loadavg_start', '?')}).", "",

@@ -9,7 +9,10 @@ Steps, in order:
 
 1. every script ``benchmarks/*.py`` except this one and ``report.py`` (so a new benchmark is picked up by
    being added), each in its own process with ``--quick`` passed through and ``--out`` set to the results
-   folder; a script that fails or runs past ``--timeout`` is recorded and the next one runs;
+   folder, its output in ``results/logs/NAME.log``; a script that fails or runs past ``--timeout`` is
+   recorded and the others run. ``--jobs`` steps run at once: 1 by default, 2 with ``--quick`` (the
+   benchmarks time with one torch thread, so two share a 2-core machine a core each; their ratios are
+   measured within one process, but absolute times of a quick run are not for quoting);
 2. the ``restoreflow bench`` grids (:data:`GRIDS`): the classical baselines, the default prior's samplers and
    deepinv's DPS and DiffPIR on the same denoiser, operator, images and NFE; MRS against the IR-SDE sampler
    at 100 steps on the bundled MR model. Methods whose prior is not installed are left out (and listed).
@@ -28,12 +31,14 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -63,11 +68,6 @@ def scripts() -> list[Path]:
     return sorted(p for p in HERE.glob("*.py") if p.name not in NOT_BENCHMARKS and not p.name.startswith("_"))
 
 
-def _cpu_children() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def _loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -75,20 +75,64 @@ def _loadavg() -> str:
         return "?"
 
 
-def run_step(name: str, cmd: list[str], timeout: float, log: list[dict], echo: bool = True) -> int:
-    shown = " ".join([Path(cmd[1]).name if cmd[1].endswith(".py") else cmd[1], *cmd[2:]]) if len(cmd) > 1 else name
-    print(f"== {shown}", flush=True)
-    t0, c0 = time.time(), _cpu_children()
+@dataclass
+class Step:
+    name: str
+    cmd: list[str]
+    note: str = ""
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    log_file: Any = None
+
+    @property
+    def shown(self) -> str:
+        head = Path(self.cmd[1]).name if self.cmd[1].endswith(".py") else f"-m {self.cmd[2]}"
+        rest = self.cmd[2:] if self.cmd[1].endswith(".py") else self.cmd[3:]
+        return " ".join([head, *rest])
+
+
+def run_steps(steps: list[Step], *, jobs: int, timeout: float, logs: Path) -> list[dict]:
+    """Run ``steps`` at most ``jobs`` at a time, each in its own process group (a timeout also ends what it
+    started) with its output in ``logs/NAME.log``; returns one record per step (status, wall, CPU seconds)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    pending, running, done = list(steps), [], {}
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, stdout=None if echo else subprocess.DEVNULL)
-        rc = proc.returncode
-        status = "ok" if rc == 0 else f"exit {rc}"
-    except subprocess.TimeoutExpired:
-        rc, status = 124, f"timeout after {timeout:.0f} s"
-    wall, cpu = time.time() - t0, _cpu_children() - c0
-    log.append({"name": name, "command": shown, "status": status, "rc": rc, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)})
-    print(f"== {name}: {status} in {wall:.1f} s (CPU {cpu:.1f} s)", flush=True)
-    return rc
+        while pending or running:
+            while pending and len(running) < jobs:
+                st = pending.pop(0)
+                st.log_file = open(logs / f"{st.name}.log", "w")
+                print(f"== start {st.name}: {st.shown}", flush=True)
+                st.started = time.time()
+                st.proc = subprocess.Popen(st.cmd, cwd=ROOT, stdout=st.log_file, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+                running.append(st)
+            time.sleep(0.2)
+            for st in list(running):
+                pid, status, usage = os.wait4(st.proc.pid, os.WNOHANG)
+                wall = time.time() - st.started
+                if pid == 0 and wall <= timeout:
+                    continue
+                if pid == 0:  # past its time: end the whole group
+                    os.killpg(st.proc.pid, signal.SIGKILL)
+                    pid, status, usage = os.wait4(st.proc.pid, 0)
+                    rc, text = 124, f"timeout after {timeout:.0f} s"
+                else:
+                    rc = os.waitstatus_to_exitcode(status)
+                    text = "ok" if rc == 0 else f"exit {rc}"
+                st.proc.returncode = rc
+                st.log_file.close()
+                running.remove(st)
+                cpu = usage.ru_utime + usage.ru_stime
+                done[st.name] = {"name": st.name, "command": st.shown, "status": text + st.note, "rc": rc,
+                                 "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                                 "log": (logs / f"{st.name}.log").as_posix()}
+                print(f"== {st.name}: {text} in {wall:.1f} s (CPU {cpu:.1f} s){st.note}", flush=True)
+    except KeyboardInterrupt:
+        for st in running:
+            os.killpg(st.proc.pid, signal.SIGKILL)
+            st.proc.wait()
+        raise
+    return [done[s.name] for s in steps if s.name in done]
 
 
 def installed_priors(names: set[str]) -> dict[str, str | None]:
@@ -114,15 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", help="comma-separated step names to leave out")
     ap.add_argument("--results", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="the page to write")
-    ap.add_argument("--timeout", type=float, default=None, help="seconds per step (default 600, quick 240)")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds per step before it is stopped (default 3600, quick 900: generous, for hangs)")
     ap.add_argument("--device", default="cpu", help="device for the bench grids (cpu, cuda, auto)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the bench grids (1: stable timings)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="steps run at once (default 1; quick 2: each step is single-threaded, one per core)")
     ap.add_argument("--resume", action="store_true", help="keep the grids' earlier runs (resume an interrupted run)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the page from the existing results")
     ap.add_argument("--list", action="store_true", help="list the steps and exit")
     args = ap.parse_args(argv)
 
-    timeout = args.timeout or (240.0 if args.quick else 600.0)
+    timeout = args.timeout or (900.0 if args.quick else 3600.0)
     steps = [p.stem for p in scripts()] + list(GRIDS)
     if args.list:
         print("\n".join(steps))
@@ -138,17 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [s for s in steps if (only is None or s in only) and s not in skip]
     args.results.mkdir(parents=True, exist_ok=True)
     log: list[dict] = []
-    t_start, c_start = time.time(), _cpu_children()
+    t_start = time.time()
     load0 = _loadavg()
     failed = 0
     if not args.report_only:
+        todo: list[Step] = []
         for p in scripts():
             if p.stem not in wanted:
                 continue
             cmd = [sys.executable, str(p)] + (["--quick"] if args.quick else [])
             if '"--out"' in p.read_text():
                 cmd += ["--out", str(args.results)]
-            failed += run_step(p.stem, cmd, timeout, log) != 0
+            todo.append(Step(p.stem, cmd))
         grids = [g for g in GRIDS if g in wanted]
         if grids:
             needed = {m.split("@", 1)[1] for g in grids for m in GRIDS[g]["methods"] if "@" in m}
@@ -159,31 +207,31 @@ def main(argv: list[str] | None = None) -> int:
                 spec = GRIDS[g]
                 methods = [m for m in spec["methods"] if "@" not in m or m.split("@", 1)[1] not in missing]
                 left_out = [m for m in spec["methods"] if m not in methods]
+                note = f" (left out, prior not installed: {', '.join(left_out)})" if left_out else ""
                 out = args.results / (f"{g}_quick" if args.quick else g)
                 if not args.resume and out.exists():
                     for f in ("runs.jsonl", "results.json", "results.md", "psnr_vs_nfe.png", "side_by_side.png"):
                         (out / f).unlink(missing_ok=True)
                     shutil.rmtree(out / "images", ignore_errors=True)
                 if not [m for m in methods if m not in ("pinv", "wiener")]:
-                    log.append({"name": g, "command": g, "status": f"skipped (no prior installed for {', '.join(left_out)})",
-                                "rc": 0, "wall_s": 0.0, "cpu_s": 0.0})
-                    print(f"== {g}: skipped, nothing but baselines left", flush=True)
+                    log.append({"name": g, "command": g, "status": "skipped" + note, "rc": 0, "wall_s": 0.0, "cpu_s": 0.0})
+                    print(f"== {g}: skipped, nothing but baselines left{note}", flush=True)
                     continue
                 cmd = [sys.executable, "-m", "restoreflow.bench", "--methods", ",".join(methods), *spec["args"],
                        *spec["quick" if args.quick else "full"], "--threads", str(args.threads), "--device", args.device,
                        "--out", str(out), "--quiet"]
-                rc = run_step(g, cmd, timeout, log)
-                if left_out:
-                    log[-1]["status"] += f" (left out, prior not installed: {', '.join(left_out)})"
-                failed += rc != 0
-    wall, cpu = time.time() - t_start, _cpu_children() - c_start
+                todo.append(Step(g, cmd, note))
+        jobs = args.jobs or (2 if args.quick else 1)
+        log += run_steps(todo, jobs=jobs, timeout=timeout, logs=args.results / "logs")
+        failed = sum(1 for r in log if r["rc"] != 0)
+    wall, cpu = time.time() - t_start, sum(r["cpu_s"] for r in log)
     if not args.report_only:
         import torch
 
         run_log = {"quick": args.quick, "machine": f"{os.cpu_count()}-core CPU ({platform.machine()})"
                    + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
                    "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "loadavg_start": load0, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "steps": log}
+                   "loadavg_start": load0, "jobs": jobs, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "steps": log}
         tmp = args.results / ".run_all.json.tmp"
         tmp.write_text(json.dumps(run_log, indent=2) + "\n")
         tmp.replace(args.results / "run_all.json")

@@ -65,8 +65,8 @@ from .errors import CheckpointError, ConfigError, IncompatibleError, InputError,
 from .registry import Registries, build_config, config_fields, parse_options
 
 __all__ = ["Method", "Cell", "Peer", "PEERS", "parse_method", "parse_methods", "route_options", "plan_cells",
-           "run_bench", "aggregate", "write_outputs", "bench", "bench_command", "compare_samplers", "compare_cli", "load_images", "main",
-           "RUNS", "RESULTS_JSON", "RESULTS_MD"]
+           "run_bench", "aggregate", "write_outputs", "bench", "bench_command", "compare_samplers", "compare_cli",
+           "load_images", "read_runs", "run_key", "main", "RUNS", "RESULTS_JSON", "RESULTS_MD"]
 
 RUNS = "runs.jsonl"
 RESULTS_JSON = "results.json"
