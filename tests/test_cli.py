@@ -122,10 +122,5 @@ def test_incompatible_sampler_and_prior(cli, img, tmp_path):
 
 
 def test_unconditional_prior_without_guidance_is_refused(cli, img):
-    from restoreflow.plugins import collect
-
-    regs = collect(get_plugin_manager())
-    if "default" not in regs.priors:
-        pytest.skip("the bundled default prior is not installed")
     line = _one_line_error(run(cli, ["deblur", img, "--sampler", "ddim", "--prior", "default"]))
     assert "ignore the measurement" in line
