@@ -3,7 +3,7 @@
 For each case (CT with few views, MRI with acceleration 4) and seed, the same measurement is reconstructed by
 the classical baselines (FBP / zero-filled, pinv, Wiener under the stationary Gaussian prior), by ``tv3d``
 with that prior without TV along z (DDS data consistency only) and with it, and -- when the bundled weights
-exist -- by DPS and tv3d with the ``gray`` prior. It also measures the adjoint mismatch of the operators
+exist -- by DPS and tv3d (diffusion and plug-and-play modes) with the ``gray`` prior. It also measures the adjoint mismatch of the operators
 (ours: exact transposes; deepinv's interpolating CT back-projection for comparison). Volume PSNR/SSIM,
 mean +- std over seeds, and wall time on this machine.
 
@@ -104,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
                    ("pinv", "pinv", None, {}), ("wiener (gaussian prior)", "wiener", den_g, {}),
                    ("tv3d, gaussian prior, lam=0 (DDS)", "tv3d", den_g, {"steps": steps, "lam": 0.0}),
                    ("tv3d, gaussian prior, lam=0.002 (default)", "tv3d", den_g, {"steps": steps, "lam": 0.002}),
-                   ("tv3d, gaussian prior, lam=0.01", "tv3d", den_g, {"steps": steps, "lam": 0.01})]
+                   ("tv3d, gaussian prior, lam=0.01", "tv3d", den_g, {"steps": steps, "lam": 0.01}),
+                   ("tv3d pnp, gaussian prior", "tv3d", den_g, {"steps": steps, "mode": "pnp", "start_nsr": 0.3})]
         if den_net is not None:
-            methods += [("dps, gray(default) prior", "dps", den_net, {"steps": steps * 5}),
-                        ("tv3d, gray(default) prior", "tv3d", den_net, {"steps": steps})]
+            methods += [("dps, gray(default) prior", "dps", den_net, {"steps": steps if args.quick else steps * 4}),
+                        ("tv3d, gray(default) prior", "tv3d", den_net, {"steps": steps}),
+                        ("tv3d pnp, gray(default) prior, lam=0", "tv3d", den_net,
+                         {"steps": steps, "mode": "pnp", "start_nsr": 0.3, "lam": 0.0}),
+                        ("tv3d pnp, gray(default) prior", "tv3d", den_net, {"steps": steps, "mode": "pnp", "start_nsr": 0.3})]
         for mname, sname, den, opts in methods:
             ps, ss, ts = [], [], []
             for seed in range(seeds):

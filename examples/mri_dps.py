@@ -3,6 +3,7 @@
     python examples/mri_dps.py                         # writes a synthetic phantom volume first
     python examples/mri_dps.py knee.nii.gz --accel 4 --sampler dps --steps 100
     python examples/mri_dps.py knee.nii.gz --sampler tv3d --prior gaussian   # no network weights needed
+    python examples/mri_dps.py knee.nii.gz --sampler tv3d -o mode=pnp -o start_nsr=0.3 --steps 20   # best here
 
 Equivalent command line (the task is ``mri``; operator options go through ``--op``)::
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="sampler option")
     args = ap.parse_args(argv)
 
     import restoreflow
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     meas = _load_input(vol, "mri", resolve_device(args.device))
     res = restoreflow.restore(meas, "mri", sampler=args.sampler, prior=args.prior, steps=args.steps, seed=args.seed,
                               device=args.device, simulate=True,
+                              sampler_options=dict(kv.split("=", 1) for kv in args.option),
                               op_options={"accel": args.accel, "center_fraction": args.center_fraction})
     name = vol.name[: -len(".nii.gz")] if vol.name.endswith(".nii.gz") else vol.stem
     out = args.out or vol.with_name(f"{name}.mri-{res.sampler}.nii.gz")

@@ -471,7 +471,13 @@ class TV3D(Sampler):
     3. a DDIM step with :math:`\eta` from the corrected :math:`\hat x_0'` and the network's
        :math:`\hat\varepsilon`: :math:`x_{t_{i+1}} = a'\hat x_0' + \sqrt{\sigma'^2 - s^2}\,\hat\varepsilon + s\,\xi`.
 
-    The result is the last corrected :math:`\hat x_0'`. Differences from the official DiffusionMBIR code:
+    The result is the last corrected :math:`\hat x_0'`. ``start_nsr > 0`` starts from the degraded image
+    diffused to that noise level (CCDF, Chung et al. 2022) instead of pure noise. ``mode="pnp"`` drops the
+    noise altogether: :math:`x_{t_{i+1}} = a'\hat x_0'` from :math:`x = a\,A^\dagger y` (plug-and-play HQS
+    with a decreasing denoiser level, as DPIR); with a small, weakly generative prior such as the bundled one it
+    is much better than sampling (see ``benchmarks/medical.py``).
+
+    Differences from the official DiffusionMBIR code:
     the data consistency acts on :math:`\hat x_0` (DDS), not on the noisy VE state, so any path works;
     :math:`D_z` has a Neumann boundary (the official code wraps the last slice onto the first);
     defaults (``cg_iters=5``, ``eta=0.85``) follow DDS, ``lam``/``rho`` are for :math:`\lVert A\rVert \approx 1`
@@ -503,6 +509,13 @@ class TV3D(Sampler):
         #: slices per network call (0: all at once)
         chunk: int = 8
         spacing: str = "karras"
+        #: > 0: start at the time where sigma/a = start_nsr from the degraded image (CCDF warm start,
+        #: x = a A^+y + sigma eps) instead of from pure noise at t_max; 0: from noise
+        start_nsr: float = 0.0
+        #: ``ddim``: the diffusion sampler above; ``pnp``: noise-free plug-and-play (DPIR-style HQS), the
+        #: denoiser at decreasing levels applied to the data-consistent estimate, x <- a(t') x0', starting
+        #: from the degraded image (use with start_nsr, e.g. 0.3)
+        mode: str = "ddim"
 
         def __post_init__(self):
             check(1 <= self.steps <= 10000, f"steps must be in [1, 10000]; got {self.steps}")
@@ -515,6 +528,16 @@ class TV3D(Sampler):
             check(self.chunk >= 0, f"chunk must be >= 0; got {self.chunk}")
             check(self.spacing in ("uniform_t", "uniform_lambda", "karras"),
                   f"spacing must be uniform_t, uniform_lambda or karras; got {self.spacing!r}")
+            check(self.start_nsr >= 0, f"start_nsr must be >= 0; got {self.start_nsr}")
+            check(self.mode in ("ddim", "pnp"), f"mode must be ddim or pnp; got {self.mode!r}")
+
+    def grid(self, path: Any) -> Tensor:
+        """The time grid: ``steps`` steps from ``t_max`` (or from where sigma/a = ``start_nsr``) to ``t_min``."""
+        c = self.config
+        t_max = None
+        if 0 < c.start_nsr < float(path.nsr(path.t_max)):
+            t_max = float(path.t_from_nsr(torch.tensor(c.start_nsr, dtype=torch.float64)))
+        return time_grid(path, c.steps, c.spacing, t_max=t_max)
 
     def denoise(self, denoiser: Any, x: Tensor, t: Tensor) -> Tensor:
         """:math:`\\hat x_0` for every slice, ``chunk`` slices per network call."""
@@ -556,9 +579,15 @@ class TV3D(Sampler):
             raise IncompatibleError("tv3d needs an unconditional prior on a plain (unanchored) path")
         c = self.config
         op = problem.operator
-        ts = time_grid(path, c.steps, c.spacing)
+        ts = self.grid(path)
+        t_max = float(ts[0]) if float(ts[0]) < float(path.t_max) else None
         ctx = Context(path=path, problem=problem, denoiser=denoiser, generator=generator, anchor=None, ts=ts)
         x = start_state(path, ts[0], problem, generator=generator)
+        a0 = float(path.coefficients(ts[0])[0])
+        if c.mode == "pnp":  # plug-and-play starts from the degraded image itself, without noise
+            x = a0 * problem.anchor.to(x.dtype).clamp(0, 1)
+        elif t_max is not None:  # CCDF: diffuse the degraded image forward instead of starting from noise
+            x = x + a0 * problem.anchor.to(x.dtype).clamp(0, 1)
         y = problem.y.to(x.dtype)
         D = x.shape[0]
         state = {"v": torch.zeros((max(D - 1, 0), *x.shape[1:]), dtype=x.dtype, device=x.device)}
@@ -576,6 +605,8 @@ class TV3D(Sampler):
                 a_t, _, s_t = (float(v) for v in path.coefficients(t_next))
                 if i == c.steps - 1 or s_t == 0:
                     x = x0c
+                elif c.mode == "pnp":
+                    x = a_t * x0c
                 else:
                     eps = (x - a_s * x0) / s_s
                     h = math.log(a_t / s_t) - math.log(a_s / s_s)

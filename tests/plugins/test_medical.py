@@ -420,3 +420,16 @@ def test_mri_task_accepts_complex_kspace(tmp_path, cli):
     assert res.exit_code == 0, res.output
     rec = np.load(tmp_path / "img.npy")
     assert np.allclose(rec, x[0, 0].numpy() * 37.0, atol=1e-3 * 37)
+
+
+def test_tv3d_pnp_mode_starts_from_the_degraded_image(ct_volume):
+    x, pb, den = ct_volume
+    smp = TV3D(TV3D.Config(steps=3, mode="pnp", start_nsr=0.3))
+    seen = []
+    a = smp.sample(pb, den, generator=torch.Generator().manual_seed(0), callback=lambda info: seen.append(info["t"]))
+    b = smp.sample(pb, den, generator=torch.Generator().manual_seed(99))
+    assert torch.equal(a, b)  # no noise is drawn
+    path = den.path
+    assert abs(float(path.nsr(smp.grid(path)[0])) - 0.3) < 1e-6 and len(seen) == 3
+    # and it beats the FBP it starts from
+    assert psnr(a.clamp(0, 1), x) > psnr(pb.anchor.clamp(0, 1), x)
