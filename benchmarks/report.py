@@ -219,7 +219,8 @@ def g_mrs_speedup(src: Sources) -> list[Measurement]:
             speed = _f(base["seconds"]) / _f(r["seconds"])
             gap, sd, n = _paired(g, r, base)
             equal = gap >= -EQUAL_DB or (n > 1 and abs(gap) <= 2 * sd / math.sqrt(n))
-            out.append(Measurement(f"{speed:.1f}× (wall); PSNR gap {_pm(gap, sd)} dB", speed >= 10 and equal, where,
+            cpu = f", CPU {base['cpu_seconds'] / r['cpu_seconds']:.1f}×" if r.get("cpu_seconds") and base.get("cpu_seconds") else ""
+            out.append(Measurement(f"{speed:.1f}× (wall{cpu}); PSNR gap {_pm(gap, sd)} dB", speed >= 10 and equal, where,
                                    device_of(g), f"mrs@{r['prior']} 10 steps vs mr-posterior 100 steps, {n} runs", speed))
     return out
 
@@ -275,7 +276,8 @@ def g_dps_vs_deepinv(src: Sources) -> list[Measurement]:
                 continue
             gain, sd, n = _paired(g, r, peer)
             wall = _f(r["seconds"]) / _f(peer["seconds"])
-            out.append(Measurement(f"PSNR {_pm(gain, sd)} dB, wall {wall:.2f}×", gain >= 0 and wall <= 0.9, where,
+            cpu = f" (CPU {r['cpu_seconds'] / peer['cpu_seconds']:.2f}×)" if r.get("cpu_seconds") and peer.get("cpu_seconds") else ""
+            out.append(Measurement(f"PSNR {_pm(gain, sd)} dB, wall {wall:.2f}×{cpu}", gain >= 0 and wall <= 0.9, where,
                                    device_of(g), f"{r['label']} vs deepinv-dps@{peer['prior']}, {r['steps']} steps, {n} runs",
                                    gain))
     return out

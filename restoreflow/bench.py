@@ -579,8 +579,10 @@ def run_bench(task: str, cells: Sequence[Cell], images: Sequence[tuple[str, Tens
                     if warmup and ci not in warm:  # one untimed run per cell: lazy set-up is not timed
                         warm.add(ci)
                         once()
+                    c0 = time.process_time()
                     with PeakMemory(dev) as mem:
                         r = once()
+                    cpu_seconds = time.process_time() - c0
                 except (CheckpointError, InputError, IncompatibleError) as e:
                     msg = " ".join(str(e).split())
                     dead[ci] = msg
@@ -600,7 +602,7 @@ def run_bench(task: str, cells: Sequence[Cell], images: Sequence[tuple[str, Tens
                 lp = lpips_fn(r["image"], clean.to(r["image"].device)) if lpips else None
                 rec.update(status="ok", psnr=m.get("psnr"), ssim=m.get("ssim"), lpips=lp,
                            psnr_degraded=m.get("psnr_degraded"), ssim_degraded=m.get("ssim_degraded"),
-                           nfe=int(r["nfe"]), seconds=float(r["seconds"]), peak_mib=mem.peak_mib,
+                           nfe=int(r["nfe"]), seconds=float(r["seconds"]), cpu_seconds=cpu_seconds, peak_mib=mem.peak_mib,
                            memory_method=mem.method, finished=_utc(), output=None)
                 if show:
                     folder = Path("images") / _safe(Path(name).stem)
@@ -645,7 +647,7 @@ def aggregate(records: Sequence[Mapping[str, Any]], cells: Sequence[Cell] | None
         first = (rs or errs or [{}])[0]
         row: dict[str, Any] = {"label": label, "method": first.get("method"), "prior": first.get("prior"),
                                "steps": steps, "n": len(rs), "errors": len(errs)}
-        for f in ("psnr", "ssim", "lpips", "seconds", "peak_mib", "nfe"):
+        for f in ("psnr", "ssim", "lpips", "seconds", "cpu_seconds", "peak_mib", "nfe"):
             m, s = _ms([r.get(f) for r in rs])
             row[f], row[f + "_std"] = m, s
         if rs:
@@ -677,23 +679,26 @@ def markdown(result: Mapping[str, Any]) -> str:
              f"{len(meta['images'])} image(s) ({', '.join(meta['images'])}; "
              f"{'centre ' + str(meta['size']) + ' px crops' if meta['size'] else 'whole images'}) x "
              f"{len(meta['seeds'])} seed(s) ({', '.join(map(str, meta['seeds']))}); mean ± std over images x seeds. "
-             f"Device: {meta['device']}. " + (meta['lpips'] if meta['lpips'] else "LPIPS: AlexNet, local weights.")
-             + (" Timings after one untimed warm-up run per row." if meta.get("warmup") else ""), "",
-             "| method | prior | steps | NFE | PSNR (dB) | SSIM | LPIPS | s / image | peak MiB | n |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Device: {meta['device']}. " + (meta['lpips'].rstrip(".") + "." if meta['lpips'] else "LPIPS: AlexNet, local weights.")
+             + (" Timings after one untimed warm-up run per row." if meta.get("warmup") else "")
+             + " *s / image*: the sampler's wall time; *CPU s*: process CPU time of the whole run (all threads; on a "
+             "shared machine the steadier of the two).", "",
+             "| method | prior | steps | NFE | PSNR (dB) | SSIM | LPIPS | s / image | CPU s / image | peak MiB | n |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     d = result.get("degraded")
     if d:
         lines.append(f"| degraded input | - | - | 0 | {_fmt(d['psnr'], d['psnr_std'])} | {_fmt(d['ssim'], d['ssim_std'], 3)} "
-                     f"| - | - | - | {d['n']} |")
+                     f"| - | - | - | - | {d['n']} |")
     for r in result["summary"]:
         if not r["n"]:
             lines.append(f"| {r['method']} | {r['prior'] or '-'} | {r['steps'] or '-'} | - | failed ({r['errors']} run(s)) "
-                         f"| - | - | - | - | 0 |")
+                         f"| - | - | - | - | - | 0 |")
             continue
         nfe = "-" if r["nfe"] is None else f"{r['nfe']:.0f}"
         lines.append(f"| {r['method']} | {r['prior'] or '-'} | {r['steps'] or '-'} | {nfe} | {_fmt(r['psnr'], r['psnr_std'])} "
                      f"| {_fmt(r['ssim'], r['ssim_std'], 3)} | {_fmt(r['lpips'], r['lpips_std'], 3)} "
-                     f"| {_fmt(r['seconds'], r['seconds_std'])} | {_fmt(r['peak_mib'], None, 0)} | {r['n']} |")
+                     f"| {_fmt(r['seconds'], r['seconds_std'])} | {_fmt(r.get('cpu_seconds'), r.get('cpu_seconds_std'))} "
+                     f"| {_fmt(r['peak_mib'], None, 0)} | {r['n']} |")
     if result.get("skipped"):
         lines += ["", "Skipped (method x prior pairs that do not fit):", ""] + [f"- {s}" for s in result["skipped"]]
     errs = result.get("errors") or []
