@@ -294,3 +294,39 @@ def test_run_all_lists_steps_and_reports_only(tmp_path, synthetic):
     assert run_all.main(["--report-only", "--results", str(synthetic), "--output", str(out)]) == 0
     assert "## Goals" in out.read_text()
     assert run_all.main(["--only", "nosuchstep", "--results", str(synthetic), "--output", str(out)]) == 2
+
+
+def test_missing_weights_fail_the_cell_not_the_bench(images, tmp_path):
+    from restoreflow import Prior, hookimpl
+    from restoreflow.errors import CheckpointError
+    from restoreflow.plugins import get_plugin_manager
+
+    class MissingWeights(Prior):
+        """A prior whose weights are not installed."""
+
+        name = "missing-weights"
+        path_kind = "ve"
+
+        def load(self, *, device="cpu", x_shape=None):
+            raise CheckpointError("the missing-weights model is not installed in this build")
+
+    class Plugin:
+        @hookimpl
+        def register_priors(self, register):
+            register(MissingWeights)
+
+    pm = get_plugin_manager()
+    pm.register(Plugin(), name="test-missing-weights")
+    two = tmp_path / "two"
+    two.mkdir()
+    for n in ("a.png", "b.png"):
+        (two / n).write_bytes((images / "a.png").read_bytes())
+    out = tmp_path / "out"
+    r = CliRunner().invoke(build_cli(pm), ["bench", "--methods", "wiener,dps@missing-weights", "--nfe", "2",
+                                           "--images", str(two), "--size", "0", "--out", str(out), "-q"])
+    assert r.exit_code == 1, r.output
+    res = json.loads((out / rb.RESULTS_JSON).read_text())
+    rows = {row["label"]: row for row in res["summary"]}
+    assert rows["wiener"]["n"] == 2 and rows["dps@missing-weights"]["n"] == 0 and rows["dps@missing-weights"]["errors"] == 2
+    assert all("not installed" in e["error"] for e in res["errors"])
+    assert "failed (2 run(s))" in (out / rb.RESULTS_MD).read_text()
