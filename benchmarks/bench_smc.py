@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     M = args.chains or (200 if args.quick else 1000)
     seeds = list(range(args.seeds or (2 if args.quick else 4)))
     particles = [1, 4, 16, 64] if args.quick else [1, 4, 16, 64, 256]
-    zetas = [0.01, 0.03] if args.quick else [0.001, 0.003, 0.01, 0.03, 0.1, 0.3]
+    zetas = [0.01, 0.03] if args.quick else [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
     dps_particles = [16] if args.quick else particles
     path = vp()
 
@@ -169,8 +169,6 @@ def main(argv: list[str] | None = None) -> int:
             best_zeta = min(tune, key=tune.get)
             out = [run(pb, pb["prior_den"], dps(best_zeta), None, s) for s in seeds]
             record("dps", "dps", 1, [errors(pb, o[0]) for o in out], [o[1] for o in out])
-            res["dps"]["zeta"] = best_zeta
-            res["dps"]["tuning_w2"] = tune
         for n in particles:
             out = [run(pb, pb["prior_den"], TDS(clip_x0=False), SMC(particles=n), s) for s in seeds]
             record(f"smc-tds N={n}", "smc+tds", n, [{**errors(pb, o[0]), **o[2]} for o in out], [o[1] for o in out])
@@ -180,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         s = {"steps": steps, "w2_floor_exact_samples": res["exact samples"]["w2"]}
         if DPS is not None:
             s["dps_zeta"] = best_zeta
+            s["dps_tuning_w2_seed0"] = {str(z): w for z, w in tune.items()}
             s["ratio_w2_smc16_tds_over_dps"] = res["smc-tds N=16"]["w2"] / res["dps"]["w2"]
             s["ratio_w2_smc16_dps_over_dps"] = res["smc-dps N=16"]["w2"] / res["dps"]["w2"]
             s["ratio_mean_err_smc16_tds_over_dps"] = res["smc-tds N=16"]["mean_err"] / res["dps"]["mean_err"]
