@@ -195,13 +195,17 @@ class DPSGuidance(Guidance):
             return float(c.zeta)
         return preset_zeta(c.task if c.task != "auto" else str(getattr(operator, "name", "")), c.preset)
 
-    def _tau(self, path: AffinePath, t: Tensor) -> float:
-        """:func:`reference_time`, cached per run (a sampler visits each grid time twice)."""
+    def _tau(self, path: AffinePath, t: Tensor, grid: Tensor | None = None) -> float:
+        """:func:`reference_time`, cached per run; the run's grid (``ctx.ts``) is mapped in one vectorised call."""
         if getattr(self, "_tau_path", None) is not path:
             self._tau_path, self._tau_cache = path, {}
         key = float(t)
         if key not in self._tau_cache:
-            self._tau_cache[key] = float(reference_time(path, key))
+            if grid is not None and len(grid) > 1:
+                g = as_time(grid).detach().cpu().reshape(-1)
+                self._tau_cache.update({float(a): float(b) for a, b in zip(g, reference_time(path, g))})
+            if key not in self._tau_cache:
+                self._tau_cache[key] = float(reference_time(path, key))
         return self._tau_cache[key]
 
     def step_size(self, t: Tensor, t_next: Tensor, ctx: Any) -> float:
@@ -209,7 +213,8 @@ class DPSGuidance(Guidance):
         if self.config.zeta_schedule == "constant":
             return zeta
         span = _REFERENCE.t_max - _REFERENCE.t_min
-        return zeta * abs(self._tau(ctx.path, t) - self._tau(ctx.path, t_next)) * _REF_STEPS / span
+        grid = getattr(ctx, "ts", None)
+        return zeta * abs(self._tau(ctx.path, t, grid) - self._tau(ctx.path, t_next, grid)) * _REF_STEPS / span
 
     def poisson(self, operator: Any) -> bool:
         if self.config.likelihood == "auto":
