@@ -222,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
                        "--out", str(out), "--quiet"]
                 todo.append(Step(g, cmd, note))
         jobs = args.jobs or (2 if args.quick else 1)
+        if jobs > 1:  # longest first (by the CPU time of the last run of the same mode): the jobs finish together
+            try:
+                last = json.loads((args.results / "run_all.json").read_text())
+                cost = {r["name"]: r["cpu_s"] for r in last.get("steps", [])} if last.get("quick") == args.quick else {}
+            except (OSError, ValueError, KeyError, TypeError):
+                cost = {}
+            todo.sort(key=lambda st: -cost.get(st.name, float("inf")))
         log += run_steps(todo, jobs=jobs, timeout=timeout, logs=args.results / "logs")
         failed = sum(1 for r in log if r["rc"] != 0)
     wall, cpu = time.time() - t_start, sum(r["cpu_s"] for r in log)

@@ -104,7 +104,7 @@ def side_by_side(clean: Tensor | np.ndarray | None, degraded: Tensor | np.ndarra
         raise ValueError("side_by_side needs at least one image")
     cols = min(len(panels), max_columns)
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(panel_inches * cols, panel_inches * rows + (0.3 if title else 0)),
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_inches * cols, (panel_inches + 0.45) * rows + (0.3 if title else 0)),
                              squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
@@ -114,7 +114,7 @@ def side_by_side(clean: Tensor | np.ndarray | None, degraded: Tensor | np.ndarra
         ax.set_title(label.replace(" — ", "\n") if len(label) > 30 else label, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.2)
     if path is None:
         return fig
     return save_figure(fig, path)
@@ -152,8 +152,15 @@ def psnr_vs_nfe(rows: Sequence[Mapping[str, Any]], path: Path | str | None = Non
         ax.set_xticklabels([f"{v:g}" for v in xs])
         ax.minorticks_off()
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # a baseline far below everything else (a pseudo-inverse at 5 dB) would squash the curves: list it, don't draw it
+    ys = [p[1] - p[2] for pts in lines.values() for p in pts] + [v for k, v in (reference or {}).items()]
+    floor = min(ys) - 3.0 if ys else None
     for i, (label, p) in enumerate(flat.items()):
-        ax.axhline(p, ls="--", lw=1, color=colours[(len(lines) + i) % len(colours)], label=label)
+        colour = colours[(len(lines) + i) % len(colours)]
+        if floor is not None and p < floor:
+            ax.plot([], [], ls=":", lw=1, color=colour, label=f"{label} ({p:.1f} dB, off scale)")
+        else:
+            ax.axhline(p, ls="--", lw=1, color=colour, label=label)
     ax.set_xlabel("NFE (network calls per image)")
     ax.set_ylabel("PSNR (dB)")
     ax.grid(alpha=0.3)
