@@ -258,13 +258,12 @@ def g_dps_vs_deepinv(src: Sources) -> list[Measurement]:
     out = []
     d, where = src.load("zero_shot")
     if d is not None:
-        for r in d["deepinv"]["summary"]:
-            if r.get("method") != "ratio restoreflow/deepinv dps, same NFE":
+        for r in d["deepinv"]["summary"]:  # the script's paired ratio rows at the same NFE
+            if "psnr_gain_db" not in r or "wall_ratio" not in r or "same nfe" not in str(r.get("method", "")).lower():
                 continue
             gain, wall = _f(r["psnr_gain_db"]), _f(r["wall_ratio"])
             out.append(Measurement(f"PSNR {gain:+.2f} dB, wall {wall:.2f}×", gain >= 0 and wall <= 0.9, where, device_of(d),
-                                   f"prior {r.get('prior')}, NFE {d['deepinv'].get('nfe')}; deepinv weight: best of its grid",
-                                   gain))
+                                   f"{r.get('method')}; prior {r.get('prior')}, NFE {d['deepinv'].get('nfe')}", gain))
     for g, where in src.grids():
         rows = _grid_rows(g)
         for r in rows:

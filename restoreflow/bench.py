@@ -516,6 +516,15 @@ def _run_peer(cell: Cell, clean: Tensor, seed: int, device: torch.device, task: 
     return {"image": out, "degraded": degraded, "metrics": metrics, "nfe": calls, "seconds": seconds}
 
 
+def _loadavg() -> float | None:
+    """The 1-minute load average (``None`` where the OS has none): wall times are only comparable when it is
+    below the number of cores."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
 def _utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -671,6 +680,16 @@ def _fmt(m: float | None, s: float | None, digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if s else f"{m:.{digits}f}"
 
 
+def _load_note(meta: Mapping[str, Any]) -> str:
+    la, n = meta.get("loadavg") or {}, meta.get("cpu_count")
+    vals = [v for v in (la.get("start"), la.get("end")) if v is not None]
+    if not vals or not n:
+        return ""
+    busy = max(vals) > n
+    return (f" Load average {', '.join(f'{v:g}' for v in vals)} (start, end) on {n} cores"
+            + (": the machine was busy, so wall times are inflated and noisy; compare CPU times." if busy else "."))
+
+
 def markdown(result: Mapping[str, Any]) -> str:
     meta = result["meta"]
     lines = [f"# restoreflow bench: {meta['task']} ({meta['operator']}"
@@ -682,7 +701,7 @@ def markdown(result: Mapping[str, Any]) -> str:
              f"Device: {meta['device']}. " + (meta['lpips'].rstrip(".") + "." if meta['lpips'] else "LPIPS: AlexNet, local weights.")
              + (" Timings after one untimed warm-up run per row." if meta.get("warmup") else "")
              + " *s / image*: the sampler's wall time; *CPU s*: process CPU time of the whole run (all threads; on a "
-             "shared machine the steadier of the two).", "",
+             "shared machine the steadier of the two)." + _load_note(meta), "",
              "| method | prior | steps | NFE | PSNR (dB) | SSIM | LPIPS | s / image | CPU s / image | peak MiB | n |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     d = result.get("degraded")
@@ -805,6 +824,7 @@ def bench(task: str = "deblur", methods: str | Sequence[str] | None = None, *, p
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    load_start = _loadavg()
     counts = run_bench(task, cells, imgs, list(seeds), out, size=size, operator=operator, op_options=op_options,
                        device=str(dev), regs=regs, log=log, lpips=lpips, warmup=warmup)
     op_cls, _ = _operator(task, operator, op_options, regs)
@@ -813,7 +833,8 @@ def bench(task: str = "deblur", methods: str | Sequence[str] | None = None, *, p
             "images": [n for n, _ in imgs], "size": size, "source": str(images) if images else "bundled held-out images",
             "device": device_label(dev), "torch": torch.__version__, "restoreflow": __version__,
             "lpips": (lpips_available() if lpips else "not computed (--no-lpips)"), "warmup": warmup, "finished": _utc(),
-            "counts": counts, "command": list(argv) if argv is not None else None}
+            "counts": counts, "cpu_count": os.cpu_count(), "loadavg": {"start": load_start, "end": _loadavg()},
+            "command": list(argv) if argv is not None else None}
     keys = [run_key(n, size, task, operator, op_options, c, s, str(dev)) for n, _ in imgs for s in seeds for c in cells]
     return write_outputs(out, meta, cells, keys, skipped, figures=figures)
 
