@@ -88,7 +88,7 @@ class Step:
     def shown(self) -> str:
         head = Path(self.cmd[1]).name if self.cmd[1].endswith(".py") else f"-m {self.cmd[2]}"
         rest = self.cmd[2:] if self.cmd[1].endswith(".py") else self.cmd[3:]
-        return " ".join([head, *rest])
+        return " ".join([head, *rest]).replace(f"{ROOT}/", "")
 
 
 def run_steps(steps: list[Step], *, jobs: int, timeout: float, logs: Path) -> list[dict]:
@@ -125,7 +125,7 @@ def run_steps(steps: list[Step], *, jobs: int, timeout: float, logs: Path) -> li
                 cpu = usage.ru_utime + usage.ru_stime
                 done[st.name] = {"name": st.name, "command": st.shown, "status": text + st.note, "rc": rc,
                                  "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-                                 "log": (logs / f"{st.name}.log").as_posix()}
+                                 "log": (logs / f"{st.name}.log").as_posix().replace(f"{ROOT}/", "")}
                 print(f"== {st.name}: {text} in {wall:.1f} s (CPU {cpu:.1f} s){st.note}", flush=True)
     except KeyboardInterrupt:
         for st in running:

@@ -29,8 +29,9 @@ How it works:
   centre-cropped to ``--size``), seed and cell, :func:`restoreflow.api.restore` degrades the clean image
   with noise drawn from the seed (``simulate``) and restores it, so all methods of one image and seed
   see the same measurement. Recorded: PSNR, SSIM (scikit-image), LPIPS (null without local weights, see
-  :mod:`restoreflow.metrics`), NFE, sampling wall time, peak memory of the run (:class:`PeakMemory`) and
-  the device.
+  :mod:`restoreflow.metrics`), NFE, sampling wall time, process CPU time, peak memory of the run
+  (:class:`~restoreflow.metrics.PeakMemory`) and the device; the load average at the start and the end
+  goes into the results (wall times of a busy machine are flagged).
 * **Resume.** Each finished run is one JSON line appended to ``OUT/runs.jsonl`` (one write, flush and
   fsync; a torn last line is ignored). A rerun skips runs whose key (image, crop, task, operator options,
   method, options, prior, steps, seed, device) has an ``ok`` line, so an interrupted bench finishes where
