@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from restoreflow import Context, LinearOperator, OperatorConfig, Prior, Sampler, Task, check, hookimpl, time_grid
 from restoreflow.errors import ConfigError, IncompatibleError, InputError, OutputError
-from restoreflow.io import IMAGE_SUFFIXES, Measurement, write_image
+from restoreflow.io import IMAGE_SUFFIXES, Measurement, read_array, write_image
 from restoreflow.sampling import check_finite, randn, start_state
 
 __all__ = [
@@ -95,20 +95,7 @@ def _reflect(m: Tensor) -> Tensor:
 
 def _load_mask_file(path: str, shape: tuple[int, int]) -> Tensor:
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"mask file {p} does not exist")
-    try:
-        if p.suffix == ".npy":
-            m = np.load(p, allow_pickle=False).astype(np.float64)
-        else:
-            from skimage import io as skio
-
-            m = skio.imread(p).astype(np.float64)
-            if m.ndim == 3:
-                m = m[..., :3].mean(-1)
-            m = m / max(float(m.max()), 1e-12)
-    except Exception as e:  # any parse failure is the user's file
-        raise InputError(f"cannot read mask file {p}: {' '.join(str(e).split())[:160]}") from None
+    m = read_array(p, "mask")
     H, W = shape
     if m.ndim == 1 and m.shape[0] == W:
         m = np.broadcast_to(m[None, :], (H, W))

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from restoreflow import LinearOperator, OperatorConfig, Task, check, hookimpl
 from restoreflow.errors import ConfigError, InputError
+from restoreflow.io import read_array
 from restoreflow.operators import fft2, ifft2, kernel_to_symbol
 
 __all__ = ["GaussianBlur", "MotionBlur", "Downsample", "Inpaint", "Denoise", "load_kernel", "load_mask"]
@@ -62,21 +63,7 @@ class _Circulant(LinearOperator):
 def load_kernel(path: str | Path) -> Tensor:
     """Read a blur kernel from ``.npy``, ``.txt``/``.csv`` (whitespace or commas) or an image file."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"kernel file {p} does not exist")
-    try:
-        if p.suffix == ".npy":
-            k = np.load(p, allow_pickle=False)
-        elif p.suffix in (".txt", ".csv"):
-            k = np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
-        else:
-            from skimage import io as skio
-
-            k = skio.imread(p).astype(np.float64)
-            if k.ndim == 3:
-                k = k[..., :3].mean(-1)
-    except Exception as e:  # any parse failure is the user's file, not our bug
-        raise InputError(f"cannot read kernel file {p}: {' '.join(str(e).split())[:160]}") from None
+    k = read_array(p, "kernel")
     k = np.asarray(k, dtype=np.float64)
     if k.ndim != 2 or min(k.shape) < 1 or not np.isfinite(k).all() or (k < 0).any() or k.sum() <= 0:
         raise InputError(f"kernel file {p} must hold a 2-D array of non-negative finite numbers with a positive sum")
@@ -218,20 +205,7 @@ class Downsample(LinearOperator):
 def load_mask(path: str | Path, shape: tuple[int, int]) -> Tensor:
     """A binary mask (1 = observed) from an image or ``.npy`` file of the image's size."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"mask file {p} does not exist")
-    try:
-        if p.suffix == ".npy":
-            m = np.load(p, allow_pickle=False).astype(np.float64)
-        else:
-            from skimage import io as skio
-
-            m = skio.imread(p).astype(np.float64)
-            if m.ndim == 3:
-                m = m[..., :3].mean(-1)
-            m = m / max(m.max(), 1.0)
-    except Exception as e:
-        raise InputError(f"cannot read mask file {p}: {' '.join(str(e).split())[:160]}") from None
+    m = read_array(p, "mask")
     if m.shape != tuple(shape):
         raise InputError(f"mask {p} is {m.shape[0]}x{m.shape[1]} but the image is {shape[0]}x{shape[1]}")
     return torch.from_numpy((m > 0.5).astype(np.float32))

@@ -22,9 +22,33 @@ from torch import Tensor
 from .errors import InputError, OutputError
 from .hookspecs import hookimpl
 
-__all__ = ["max_pixels", "check_size", "Measurement", "read_image", "write_image", "atomic_path", "IMAGE_SUFFIXES", "to_tensor", "to_array"]
+__all__ = ["read_array", "max_pixels", "check_size", "Measurement", "read_image", "write_image", "atomic_path", "IMAGE_SUFFIXES", "to_tensor", "to_array"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def read_array(path: str | Path, what: str) -> np.ndarray:
+    """A small 2-D float64 array (kernel, mask) from ``.npy``, ``.txt``/``.csv`` or an image file (colour
+    images are averaged to grey and divided by their maximum when it exceeds 1). Unreadable files raise one-line
+    :class:`InputError` messages naming ``what``."""
+    from skimage import io as skio
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} file {p} does not exist")
+    try:
+        if p.suffix == ".npy":
+            a = np.load(p, allow_pickle=False)
+        elif p.suffix in (".txt", ".csv"):
+            a = np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
+        else:
+            a = skio.imread(p).astype(np.float64)
+            if a.ndim == 3:
+                a = a[..., :3].mean(-1)
+            a = a / max(float(a.max()), 1.0)  # 0/255, 0/65535 and 0/1 masks all map to 0/1
+        return np.asarray(a, dtype=np.float64)
+    except Exception as e:  # any parse failure is the user's file, not our bug
+        raise InputError(f"cannot read {what} file {p}: {' '.join(str(e).split())[:160]}") from None
 
 
 def max_pixels() -> int:
