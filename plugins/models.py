@@ -638,6 +638,9 @@ def _train_command(cli: click.Group) -> click.Command:
     @click.option("--op", "op_opts", multiple=True, metavar="KEY=VALUE", help="Operator option for the degradation.")
     @click.option("--extra-operator", multiple=True, help="Also degrade with this operator (random mix per image).")
     @click.option("--noise-range", default=None, metavar="LO,HI", help="Random noise_sigma per image in [LO, HI].")
+    @click.option("--anchor", default="measurement", show_default=True,
+                  help="What conditional models are anchored at: the degraded measurement, or the estimate of a "
+                       "measurement-only sampler such as wiener (the model then learns to refine it).")
     @click.option("-m", "--method-opt", "m_opts", multiple=True, metavar="KEY=VALUE", help="Training-method option.")
     @click.option("--init", "init", type=click.Path(exists=True, dir_okay=False), default=None,
                   help="Start from these weights (fine-tuning); their card is recorded in the new card.")
@@ -646,7 +649,7 @@ def _train_command(cli: click.Group) -> click.Command:
     @handle_errors
     def train_cmd(method, task, name, out, steps, batch, crop, lr, warmup, ema, width, channels, data, dead_leaves,
                   seed, device, threads, checkpoint_every, eval_size, eval_crops, eval_steps, op_opts, extra_operator,
-                  noise_range, m_opts, init, resume, quiet):
+                  noise_range, anchor, m_opts, init, resume, quiet):
         from restoreflow.plugins import default_registries
         from restoreflow.train_loop import TrainOptions, train
 
@@ -669,12 +672,12 @@ def _train_command(cli: click.Group) -> click.Command:
                       ema=ema, width=width, channels=channels, data=data, dead_leaves=dead_leaves, seed=seed,
                       device=device, threads=threads, checkpoint_every=checkpoint_every, eval_size=eval_size,
                       eval_crops=eval_crops, eval_steps=eval_steps, noise_range=noise_range, op=sorted(ops.items()),
-                      extra_operator=extra_operator, method_opt=sorted(mopts.items()), init=init, out=out)
+                      extra_operator=extra_operator, anchor=anchor, method_opt=sorted(mopts.items()), init=init, out=out)
         opts = TrainOptions(method=method, task=task, name=name, steps=steps, batch=batch, crop=crop, lr=lr,
                             warmup=warmup, ema=ema, width=width, channels=channels, data=data, dead_leaves=dead_leaves,
                             seed=seed, device=device, threads=threads, checkpoint_every=checkpoint_every,
                             eval_size=eval_size, eval_crops=eval_crops, eval_steps=eval_steps, op_options=ops,
-                            extra_operators=tuple(extra_operator), noise_range=nr, method_options=mopts, init=init,
+                            extra_operators=tuple(extra_operator), noise_range=nr, anchor=anchor, method_options=mopts, init=init,
                             command=_canonical_command(params))
         card = train(opts, out, registries=regs, resume=resume, progress=not quiet,
                      log=lambda s: click.echo(s, err=True))

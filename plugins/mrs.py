@@ -60,7 +60,7 @@ from restoreflow.nets.irsde import infer_architecture, strip_module_prefix
 from restoreflow.parameterization import to_x0
 from restoreflow.paths import as_time, bcast
 from restoreflow.registry import build_config
-from restoreflow.sampling import SPACINGS, randn
+from restoreflow.sampling import SPACINGS, anchored_for, randn
 from restoreflow.training import TrainingMethod
 
 __all__ = [
@@ -353,8 +353,10 @@ def _mr_path(denoiser: Any, who: str) -> AffinePath:
     return path
 
 
-def _start(problem: Problem, path: AffinePath, generator: torch.Generator) -> Problem:
-    r"""IR-SDE's prior :math:`x_T = \mu + \lambda z` (unless the problem brings its own start)."""
+def _start(problem: Problem, path: AffinePath, generator: torch.Generator, denoiser: Any) -> Problem:
+    r"""IR-SDE's prior :math:`x_T = \mu + \lambda z` (unless the problem brings its own start), :math:`\mu` being
+    the anchor the model was trained on (:func:`restoreflow.anchored_for`)."""
+    problem = anchored_for(problem, denoiser)
     if problem.x_init is not None:
         return problem
     mu = path.require_anchor(problem.anchor)
@@ -439,7 +441,7 @@ class MRS(_MRSampler):
         c = self.config
         path = _mr_path(denoiser, self.name)
         den = _Thresholded(denoiser, c.threshold_ratio, c.threshold_max) if c.thresholding else denoiser
-        x = integrate(self.kernel(), den, _start(problem, path, generator), self.grid(path), generator=generator,
+        x = integrate(self.kernel(), den, _start(problem, path, generator, denoiser), self.grid(path), generator=generator,
                       guidance=guidance, corrector=corrector, callback=callback, final_denoise=c.denoise_last)
         return self._finish(x)
 
@@ -469,7 +471,7 @@ class _Baseline(_MRSampler):
     def sample(self, problem, denoiser, *, generator, guidance=None, corrector=None, callback=None):
         path = _mr_path(denoiser, self.name)
         ts = time_grid(path, self.config.steps or _default_steps(path), "uniform_t")
-        x = integrate(self.kernel(), denoiser, _start(problem, path, generator), ts, generator=generator,
+        x = integrate(self.kernel(), denoiser, _start(problem, path, generator, denoiser), ts, generator=generator,
                       guidance=guidance, corrector=corrector, callback=callback)
         return self._finish(x)
 
@@ -750,7 +752,9 @@ def _load_mr_card(weights: Path, options: Mapping[str, Any]) -> IRSDEDenoiser:
     if override and IRSDESchedule.from_options({**sch.to_dict(), **override}) != sch:
         raise CheckpointError(f"{weights.name} was trained with {sch.to_dict()}; refusing to run it with {override}")
     load_into(net, strip_module_prefix(load_state_dict(weights)), source=str(weights))
-    return IRSDEDenoiser(net.eval(), sch, pred)
+    den = IRSDEDenoiser(net.eval(), sch, pred)
+    den.anchor_estimator = card.get("anchor") or "measurement"
+    return den
 
 
 class MRModel(_MRPrior):

@@ -87,7 +87,7 @@ from restoreflow import (
 from restoreflow.modelcard import card_path, load_into, read_card, safe_torch_load
 from restoreflow.nets.rddm import RDDMUnet, UnetRes
 from restoreflow.paths import as_time, bcast
-from restoreflow.sampling import randn
+from restoreflow.sampling import anchored_for, randn
 from restoreflow.training import TrainingMethod
 
 __all__ = [
@@ -438,6 +438,7 @@ class ResfusionSampler(Sampler):
     def sample(self, problem, denoiser, *, generator, guidance=None, corrector=None, callback=None):
         if denoiser is None:
             raise IncompatibleError("the resfusion sampler needs a Resfusion prior")
+        problem = anchored_for(problem, denoiser)
         path = denoiser.path
         ts = self.grid(path)
         if problem.x_init is None:
@@ -841,6 +842,7 @@ class RDDMSampler(Sampler):
     def sample(self, problem, denoiser, *, generator, guidance=None, corrector=None, callback=None):
         if denoiser is None:
             raise IncompatibleError("the rddm sampler needs a conditional prior")
+        problem = anchored_for(problem, denoiser)
         den, ts = self.plan(denoiser)
         return integrate(RDDMKernel(self.config.eta), den, problem, ts, generator=generator, guidance=guidance,
                          corrector=corrector, callback=callback, path=den.path)

@@ -63,7 +63,9 @@ from .sampling import (
     Sampler,
     Task,
     Transition,
+    anchored_for,
     integrate,
+    make_anchor,
     time_grid,
 )
 
@@ -88,6 +90,6 @@ __all__ = [
     "PoissonNoise", "PowerLawSpectrum", "PredictionAdapter", "Prior", "Problem", "RestoreflowError", "Sampler",
     "Task", "Transition", "UnknownNameError", "ValueRange", "ZeroNoise", "build_config", "check", "collect",
     "conjugate_gradient", "default_plugin_manager", "default_registries", "from_x0", "get_plugin_manager", "hookimpl",
-    "integrate", "mean_reverting", "rectified_flow", "reparameterize", "restore", "tabulated", "time_grid", "to_x0",
+    "anchored_for", "integrate", "make_anchor", "mean_reverting", "rectified_flow", "reparameterize", "restore", "tabulated", "time_grid", "to_x0",
     "ve", "vp", "vp_cosine", "__version__",
 ]

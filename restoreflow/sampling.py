@@ -27,6 +27,8 @@ from .registry import build_config, check
 
 __all__ = [
     "Problem",
+    "make_anchor",
+    "anchored_for",
     "Task",
     "Sampler",
     "Guidance",
@@ -70,6 +72,7 @@ class Problem:
     :param anchor: the degraded image :math:`\\mu` that anchored models start from; defaults to
         ``operator.anchor(y)``: ``y`` itself when it has the image's shape, else :math:`A^\\dagger y`.
     :param x_init: optional starting state at the first grid time (tests start from the exact marginal).
+    :param anchor_from: the estimator that made ``anchor`` (see :func:`make_anchor`); ``None``: the operator's.
     """
 
     y: Tensor
@@ -77,6 +80,7 @@ class Problem:
     x_shape: tuple[int, ...]
     anchor: Tensor | None = None
     x_init: Tensor | None = None
+    anchor_from: str | None = None
 
     def __post_init__(self):
         if self.anchor is None and self.operator is not None:
@@ -85,6 +89,40 @@ class Problem:
 
     def replace(self, **changes: Any) -> Problem:
         return dataclasses.replace(self, **changes)
+
+
+def make_anchor(operator: Any, y: Tensor, estimator: str | None = None, *, registries: Any = None) -> Tensor:
+    r"""The degraded image :math:`\mu` a conditional model is anchored at.
+
+    ``estimator`` ``None`` or ``"measurement"``: ``operator.anchor(y)`` (IR-SDE's choice: the degraded image
+    itself). Otherwise the name of a measurement-only sampler (``wiener``, ``pinv``) whose estimate from
+    ``y`` is the anchor: a model trained on Wiener-deconvolved inputs uses the operator the user gives
+    (any kernel, any noise level) and only has to learn what the Wiener filter gets wrong. Training
+    (:class:`restoreflow.train_loop.Degrader`) and sampling (:func:`anchored_for`) share this function,
+    so a model always sees the anchor it was trained on.
+    """
+    with torch.no_grad():
+        if estimator in (None, "measurement"):
+            return operator.anchor(y)
+        from .plugins import default_registries
+
+        regs = registries if registries is not None else default_registries()
+        cls = regs.samplers.get(estimator)
+        if "denoiser" in cls.requires:
+            raise ValueError(f"anchor estimator {estimator} needs a prior; use a measurement-only sampler")
+        x_shape = tuple(operator.x_shape)
+        if y.shape[0] != x_shape[0]:
+            x_shape = (y.shape[0], *x_shape[1:])
+        return cls().sample(Problem(y=y, operator=operator, x_shape=x_shape), None).detach()
+
+
+def anchored_for(problem: Problem, denoiser: Any) -> Problem:
+    """``problem`` with the anchor ``denoiser`` was trained on (its ``anchor_estimator``, set from the model
+    card's ``"anchor"``); unchanged for models anchored at the measurement."""
+    est = getattr(denoiser, "anchor_estimator", None)
+    if est in (None, "measurement") or problem.operator is None or problem.anchor_from == est:
+        return problem
+    return problem.replace(anchor=make_anchor(problem.operator, problem.y, est), anchor_from=est)
 
 
 @dataclass(frozen=True)
@@ -322,7 +360,9 @@ class ExpIntegrator(Kernel):
     ``eta`` interpolates order-1 ODE (0) and SDE (1) steps as in DDIM.
 
     Orders are lowered for warm-up (not enough history), for the last steps when ``lower_order_final``
-    and fewer than 10 steps remain, and on a final step to :math:`\sigma = 0` (infinite :math:`h`).
+    and fewer than 10 steps remain, and on a final step to :math:`\sigma = 0` (infinite :math:`h`). A start at
+    pure noise (:math:`a = 0`, :math:`\lambda = -\infty`, e.g. RDDM and rectified flow at :math:`t = 1`) is an
+    exact order-1 step that keeps no history, so the multistep order builds from the next step on.
     """
 
     def __init__(self, order: int = 1, space: str = "data", stochastic: bool = False, eta: float = 0.0,
@@ -343,8 +383,12 @@ class ExpIntegrator(Kernel):
         a_s, _, s_s = _scalars(path, t)
         a_t, b_t, s_t = _scalars(path, t_next)
         z = x - path.shift(t, x, ctx.anchor)
-        q0 = x0_hat if self.space == "data" else (z - a_s * x0_hat) / s_s
-        lam_s = math.log(a_s) - math.log(s_s)
+        # a start at pure noise (a = 0: RDDM, truncated Resfusion) is lambda = -inf: the first step is then
+        # exact at order 1 (x_t = a_t x0 + sigma_t eps, eps = z / sigma_s) and leaves no history behind
+        pure_noise = a_s <= 0.0
+        space = "data" if pure_noise else self.space
+        q0 = x0_hat if space == "data" else (z - a_s * x0_hat) / s_s
+        lam_s = math.log(a_s) - math.log(s_s) if not pure_noise else -math.inf
         lam_t = math.log(a_t) - math.log(s_t) if s_t > 0 else math.inf
         h = lam_t - lam_s
         hist_q = [q0] + state["q"]
@@ -370,7 +414,7 @@ class ExpIntegrator(Kernel):
                 # 1x weight leaves an O(h^3) local error, i.e. global order 2)
                 D2 = 2 * (D1_0 - D1_1) / (r0 + r1)
         std: float = 0.0
-        if self.space == "data":
+        if space == "data":
             if not self.stochastic:
                 phi1 = -math.expm1(-h)  # 1 - e^{-h}
                 mean = (s_t / s_s) * z + a_t * phi1 * q0 if s_t > 0 else a_t * q0
@@ -408,7 +452,7 @@ class ExpIntegrator(Kernel):
                 std = math.sqrt(max(st_eh * st_eh - s_t * s_t, 0.0))
         if path.anchored:
             mean = mean + b_t * path.require_anchor(ctx.anchor).to(mean.dtype)
-        keep = max(self.order - 1, 0)
+        keep = max(self.order - 1, 0) if not pure_noise else 0
         new_state = {"q": hist_q[: keep] if keep else [], "lam": hist_l[: keep] if keep else [], "i": i + 1}
         return Transition(mean, std), new_state
 

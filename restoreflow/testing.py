@@ -201,18 +201,18 @@ def make_gaussian_problem(d_shape: tuple[int, ...] = (1, 3, 4), m: int = 8, *, n
 def exact_flow_map(model: DenseGaussian, path: AffinePath, x: Tensor, t0: Any, t1: Any, anchor: Tensor | None = None) -> Tensor:
     r"""The exact probability-flow ODE map from ``t0`` to ``t1`` for a Gaussian (prior or posterior) model.
 
-    In :math:`\tilde x = (x - b\mu)/a`, :math:`\tilde\sigma = \sigma/a` the flow is
-    :math:`d\tilde x/d\tilde\sigma = (\tilde x - D(\tilde x))/\tilde\sigma`, so in the eigenbasis of :math:`C`
-    :math:`\tilde x(\tilde\sigma_1) - m = \sqrt{(C + \tilde\sigma_1^2)/(C + \tilde\sigma_0^2)}\,(\tilde x(\tilde\sigma_0) - m)`.
+    In :math:`z = x - b\mu = a x_0 + \sigma\varepsilon` the marginal is :math:`N(am, a^2C + \sigma^2)`, and the flow
+    maps each eigen-coordinate affinely: :math:`z_1 - a_1 m = \sqrt{(a_1^2 C + \sigma_1^2)/(a_0^2 C + \sigma_0^2)}\,(z_0 - a_0 m)`
+    (also from pure noise, :math:`a_0 = 0`).
     """
-    a0, _, s0 = path.coefficients(t0)
-    a1, _, s1 = path.coefficients(t1)
-    z = (x - path.shift(t0, x, anchor)).to(torch.float64) / a0
+    a0, _, s0 = (float(v) for v in path.coefficients(t0))
+    a1, _, s1 = (float(v) for v in path.coefficients(t1))
+    z = (x - path.shift(t0, x, anchor)).to(torch.float64)
     m = model.mean_like(z).reshape(z.shape[0], -1)
-    w = (z.reshape(z.shape[0], -1) - m) @ model.evecs
+    w = (z.reshape(z.shape[0], -1) - a0 * m) @ model.evecs
     lam = model.evals
-    w = w * torch.sqrt((lam + (s1 / a1) ** 2) / (lam + (s0 / a0) ** 2))
-    out = (a1 * (w @ model.evecs.T + m)).reshape(x.shape)
+    w = w * torch.sqrt((a1 * a1 * lam + s1 * s1) / (a0 * a0 * lam + s0 * s0))
+    out = (w @ model.evecs.T + a1 * m).reshape(x.shape)
     return out + path.shift(t1, out, anchor)
 
 

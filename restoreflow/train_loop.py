@@ -40,6 +40,7 @@ from . import data as rfdata
 from .errors import CheckpointError, ConfigError, IncompatibleError
 from .modelcard import card_path, load_into, load_state_dict, read_card, safe_torch_load, save_weights, write_card
 from .registry import check, config_fields
+from .sampling import make_anchor
 
 __all__ = ["TrainOptions", "train", "load_model", "Degrader", "LoadedModel", "evaluate_denoiser"]
 
@@ -77,6 +78,7 @@ class TrainOptions:
     op_options: Mapping[str, Any] = field(default_factory=dict)
     extra_operators: tuple[str, ...] = ()
     noise_range: tuple[float, float] | None = None
+    anchor: str = "measurement"
     method_options: Mapping[str, Any] = field(default_factory=dict)
     init: str | None = None
     command: str = ""
@@ -102,8 +104,15 @@ class Degrader:
     """Makes ``mu`` (the anchor) from clean crops with the task's operator(s), one random draw per image."""
 
     def __init__(self, registries: Any, task: str, op_options: Mapping[str, Any] | None = None,
-                 extra_operators: tuple[str, ...] = (), noise_range: tuple[float, float] | None = None):
+                 extra_operators: tuple[str, ...] = (), noise_range: tuple[float, float] | None = None,
+                 anchor: str = "measurement"):
         t = registries.tasks.get(task)
+        self.registries = registries
+        self.anchor = anchor
+        if anchor != "measurement":
+            est = registries.samplers.get(anchor)
+            if "denoiser" in est.requires:
+                raise ConfigError(f"--anchor {anchor} needs a prior; pick a measurement-only sampler (wiener, pinv)")
         self.task = t
         self.entries: list[tuple[str, type, dict[str, Any]]] = []
         base = dict(t.defaults)
@@ -121,7 +130,8 @@ class Degrader:
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.task.name, "operators": [{"name": n, "options": _jsonable(o)} for n, _, o in self.entries],
-                "random_kernel_per_image": True, "noise_range": list(self.noise_range) if self.noise_range else None}
+                "random_kernel_per_image": True, "noise_range": list(self.noise_range) if self.noise_range else None,
+                "anchor": self.anchor}
 
     def _build(self, k: int, x_shape: tuple[int, ...], generator: torch.Generator | None, seed: int | None = None,
                sigma: float | None = None) -> Any:
@@ -150,7 +160,7 @@ class Degrader:
             op = self._build(k, tuple(xi.shape), generator, seed, sigma).to(xi.device)
             with torch.no_grad():
                 y = op.forward(xi, generator=noise_generator)
-                mus.append(op.anchor(y).to(xi.dtype))
+                mus.append(make_anchor(op, y, self.anchor, registries=self.registries).to(xi.dtype))
         return torch.cat(mus)
 
     def eval_operator(self, x_shape: tuple[int, ...]) -> Any:
@@ -207,12 +217,12 @@ def _mean(v: list[float]) -> float:
 def evaluate_conditional(denoiser: Any, images: Tensor, degrader: Degrader, registries: Any, sampler_name: str,
                          *, steps: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Restore held-out crops degraded by the task's default operator with ``sampler_name``."""
-    from .sampling import Problem
+    from .sampling import Problem, anchored_for
 
     g = torch.Generator(device=images.device).manual_seed(seed)
     op = degrader.eval_operator(tuple(images.shape)).to(images.device)
     y = op.forward(images, generator=g)
-    problem = Problem(y=y, operator=op, x_shape=tuple(images.shape))
+    problem = anchored_for(Problem(y=y, operator=op, x_shape=tuple(images.shape)), denoiser)
     res: dict[str, Any] = {"sampler": sampler_name, "operator": degrader.entries[0][0],
                            "operator_options": _jsonable(degrader.entries[0][2])}
     scls = registries.samplers.get(sampler_name)
@@ -221,7 +231,7 @@ def evaluate_conditional(denoiser: Any, images: Tensor, degrader: Degrader, regi
     out = sampler.sample(problem, denoiser, generator=g).clamp(0, 1)
     res["psnr"] = _mean(rfdata.psnr(out, images))
     res["ssim"] = _mean(rfdata.ssim(out, images))
-    mu = problem.anchor
+    mu = op.anchor(y)  # the degraded input itself, whatever the model is anchored at
     base = {"degraded": {"psnr": _mean(rfdata.psnr(mu, images)), "ssim": _mean(rfdata.ssim(mu, images))}}
     if "wiener" in registries.samplers and sampler_name != "wiener":
         try:
@@ -305,9 +315,9 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any = None, res
     if method_cls.conditional:
         if not o.task:
             raise ConfigError(f"method {o.method} is conditional: pass --task (e.g. deblur)")
-        degrader = Degrader(regs, o.task, o.op_options, o.extra_operators, o.noise_range)
-    elif o.extra_operators or o.op_options:
-        raise IncompatibleError(f"method {o.method} is unconditional: --op / --extra-operator do not apply")
+        degrader = Degrader(regs, o.task, o.op_options, o.extra_operators, o.noise_range, o.anchor)
+    elif o.extra_operators or o.op_options or o.anchor != "measurement":
+        raise IncompatibleError(f"method {o.method} is unconditional: --op / --extra-operator / --anchor do not apply")
 
     pool = (rfdata.builtin_pool(o.channels, dead_leaves_count=o.dead_leaves, seed=o.seed) if o.data == "builtin"
             else rfdata.folder_pool(o.data, o.channels))
@@ -388,6 +398,7 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any = None, res
     # final weights (EMA) and evaluation on held-out images
     ema.eval()
     den = method.denoiser(ema)
+    den.anchor_estimator = o.anchor
     images = rfdata.held_out_images(o.eval_size, o.channels, per_image=o.eval_crops).to(device)
     if degrader is None:
         metrics = evaluate_denoiser(den, images, seed=o.seed)
@@ -405,6 +416,7 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any = None, res
         "parameters": params,
         "task": o.task,
         "operator_options": degrader.describe() if degrader is not None else None,
+        "anchor": o.anchor if degrader is not None else None,
         "data": {"train": pool.description, "held_out": list(rfdata.HELD_OUT), "crop": o.crop},
         "steps": step,
         "init_from": init_from,
@@ -468,4 +480,6 @@ def load_model(weights: Path | str, *, registries: Any = None, device: torch.dev
     net = build_network(arch["class"], **dict(arch.get("kwargs") or {}))
     load_into(net, load_state_dict(weights), source=str(weights))
     net = net.to(device).eval().requires_grad_(False)
-    return LoadedModel(method, net, method.denoiser(net), card)
+    den = method.denoiser(net)
+    den.anchor_estimator = card.get("anchor") or "measurement"
+    return LoadedModel(method, net, den, card)

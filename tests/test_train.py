@@ -114,17 +114,14 @@ def test_bad_options_are_one_line_errors(cli, tmp_path):
     assert res.exit_code == 2 and "p_std" in res.output
 
 
-def test_conditional_training_degrades_with_the_task_operator(tmp_path, folder):
-    """A toy conditional method trained through the loop sees mu = the task operator's degraded image."""
+def _toy_conditional(seen: dict):
+    """Registries with a toy conditional method (records its (x0, mu) pairs in ``seen``) and a sampler that
+    returns the anchor the model was trained on."""
     from dataclasses import dataclass
 
-    from torch import nn
-
-    from restoreflow import PredictionAdapter, hookimpl, vp
+    from restoreflow import PredictionAdapter, Sampler, anchored_for, hookimpl, vp
     from restoreflow.nets.unet import UNet
     from restoreflow.training import TrainingMethod
-
-    seen = {}
 
     class Toy(TrainingMethod):
         name = "toy-cond"
@@ -148,13 +145,11 @@ def test_conditional_training_degrades_with_the_task_operator(tmp_path, folder):
         def card(self):
             return {"path": vp().describe(), "prediction": "x0", "value_range": [0, 1], "conditional": True}
 
-    from restoreflow import Sampler
-
     class ToySampler(Sampler):
         name = "toy-sampler"
 
         def sample(self, problem, denoiser, *, generator, callback=None):
-            return problem.anchor
+            return anchored_for(problem, denoiser).anchor
 
     class Plugin:
         @staticmethod
@@ -169,7 +164,13 @@ def test_conditional_training_degrades_with_the_task_operator(tmp_path, folder):
 
     pm = get_plugin_manager()
     pm.register(Plugin, name="toy")
-    regs = collect(pm)
+    return collect(pm)
+
+
+def test_conditional_training_degrades_with_the_task_operator(tmp_path, folder):
+    """A toy conditional method trained through the loop sees mu = the task operator's degraded image."""
+    seen = {}
+    regs = _toy_conditional(seen)
     o = TrainOptions(method="toy-cond", task="deblur", steps=2, batch=2, crop=24, width=4, data=str(folder),
                      eval_size=32, eval_crops=1, op_options={"sigma": 1.5, "noise_sigma": 0.0},
                      extra_operators=("motion_blur",))
@@ -181,8 +182,40 @@ def test_conditional_training_degrades_with_the_task_operator(tmp_path, folder):
     assert (mu.diff(dim=-1).abs().mean() < x0.diff(dim=-1).abs().mean())
     assert card["operator_options"]["operators"][0]["name"] == "gaussian_blur"
     assert card["operator_options"]["operators"][1]["name"] == "motion_blur"
+    assert card["anchor"] == "measurement"
     m = card["metrics"]
     assert m["sampler"] == "toy-sampler" and m["psnr"] == m["baseline"]["degraded"]["psnr"]
+
+
+def test_wiener_anchored_training_and_sampling_share_the_anchor(tmp_path, folder):
+    """``--anchor wiener``: the model trains on Wiener estimates, its card says so, and the loaded model's
+    samplers see the same estimate (not the blurred measurement) as the anchor."""
+    from restoreflow import Problem, anchored_for, make_anchor
+
+    seen = {}
+    regs = _toy_conditional(seen)
+    o = TrainOptions(method="toy-cond", task="deblur", steps=1, batch=1, crop=24, width=4, data=str(folder),
+                     eval_size=32, eval_crops=1, op_options={"sigma": 1.5, "noise_sigma": 0.0}, anchor="wiener")
+    card = train(o, tmp_path, registries=regs, progress=False)
+    x0, mu = seen["pairs"][0]
+    # the same Wiener estimate the wiener sampler makes from the noiseless blurred crop
+    op = regs.operators.get("gaussian_blur")(sigma=1.5, noise_sigma=0.0, x_shape=tuple(x0.shape))
+    y = op.A(x0)
+    w = regs.samplers.get("wiener")().sample(Problem(y=y, operator=op, x_shape=tuple(x0.shape)), None)
+    assert torch.allclose(mu, w.to(mu.dtype), atol=1e-5)
+    assert (mu - x0).square().mean() < (y - x0).square().mean()  # Wiener undoes part of the blur
+    assert card["anchor"] == "wiener" and card["operator_options"]["anchor"] == "wiener"
+    m = card["metrics"]
+    assert m["psnr"] == m["baseline"]["wiener"]["psnr"] != m["baseline"]["degraded"]["psnr"]
+
+    den = load_model(tmp_path / "toy-cond-deblur.safetensors", registries=regs).denoiser
+    assert den.anchor_estimator == "wiener"
+    p = anchored_for(Problem(y=y, operator=op, x_shape=tuple(x0.shape)), den)
+    assert p.anchor_from == "wiener" and torch.allclose(p.anchor, make_anchor(op, y, "wiener", registries=regs))
+    assert anchored_for(p, den) is p  # not recomputed
+    with pytest.raises(ConfigError, match="measurement-only"):
+        train(TrainOptions(method="toy-cond", task="deblur", steps=1, data=str(folder), anchor="dps"), tmp_path,
+              registries=regs, progress=False)
 
 
 def test_builtin_split_never_trains_on_held_out_images():
