@@ -22,6 +22,8 @@ Facts and conventions (official code NVlabs/RED-diff @ 66482f2, ``algos/reddiff.
   problem's degraded image: :math:`y` when it has the image's shape (zero-filled for inpainting, which *is*
   :math:`H^+y` there; the noisy image for denoising), else :math:`A^\dagger y` (super-resolution, also
   :math:`H^+y`). It differs only for deblurring, where the pseudo-inverse of a noisy blur amplifies noise.
+  ``init="wiener"`` starts from the exact Wiener estimate (:func:`restoreflow.make_anchor`), which the
+  optimisation then only has to sharpen (not in the paper).
 * **Grid** ``range(0, 1000, 1000 // steps)`` iterated descending in the code: ``steps`` times
   :math:`t_k = t_{lo} + (t_{hi} - t_{lo})\,k/\mathrm{steps}`, ``k = steps-1 .. 0``, where :math:`t_{lo}` has
   :math:`\sigma/a` = ``nsr_min`` (0.01 = DDPM's first step) so that :math:`\hat\varepsilon` is defined.
@@ -70,7 +72,7 @@ from torch import Tensor
 
 from restoreflow import Problem, Sampler, check, from_x0, hookimpl
 from restoreflow.paths import AffinePath, as_time
-from restoreflow.sampling import check_finite, randn
+from restoreflow.sampling import check_finite, make_anchor, randn
 
 __all__ = ["RedDiff", "WEIGHTINGS", "snr_weight", "red_diff_grid"]
 
@@ -104,6 +106,9 @@ def red_diff_grid(path: AffinePath, steps: int, nsr_min: float = 0.01) -> Tensor
     return t_lo + (t_hi - t_lo) * k / steps
 
 
+INITS = ("anchor", "pinv", "zeros", "wiener")
+
+
 class RedDiff(Sampler):
     r"""RED-Diff (Mardani et al. 2024): Adam on the image, one step per diffusion time, denoiser forward only."""
 
@@ -129,7 +134,7 @@ class RedDiff(Sampler):
         weighting: str = "linear"
         #: ``sum``: both terms normalised by dim(x); ``mean``: each by its own size (official code)
         reduction: str = "sum"
-        #: ``anchor`` (degraded image / A^+ y), ``pinv`` (A^+ y, the paper), ``zeros``
+        #: ``anchor`` (degraded image / A^+ y), ``pinv`` (A^+ y, the paper), ``zeros``, ``wiener``
         init: str = "anchor"
         #: noise of the variational sample x0 = mu + sigma_x0 * z (official default 0)
         sigma_x0: float = 0.0
@@ -150,7 +155,7 @@ class RedDiff(Sampler):
             check(self.obs_weight is None or self.obs_weight >= 0, f"obs_weight must be >= 0 or None; got {self.obs_weight}")
             check(self.weighting in WEIGHTINGS, f"weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
             check(self.reduction in ("sum", "mean"), f"reduction must be sum or mean; got {self.reduction!r}")
-            check(self.init in ("anchor", "pinv", "zeros"), f"init must be anchor, pinv or zeros; got {self.init!r}")
+            check(self.init in INITS, f"init must be one of {', '.join(INITS)}; got {self.init!r}")
             check(self.sigma_x0 >= 0, f"sigma_x0 must be >= 0; got {self.sigma_x0}")
             check(0 < self.nsr_min < 1, f"nsr_min must be in (0, 1); got {self.nsr_min}")
             check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "Adam betas must be in [0, 1)")
@@ -163,8 +168,10 @@ class RedDiff(Sampler):
                 mu = problem.operator.A_dagger(y)
             elif c.init == "anchor" and problem.anchor is not None:
                 mu = problem.anchor
-            else:
+            elif c.init in ("anchor", "zeros"):
                 mu = torch.zeros(problem.x_shape, dtype=y.dtype, device=y.device)
+            else:
+                mu = make_anchor(problem.operator, y, c.init)
         return mu.detach().clone().to(y.dtype).reshape(problem.x_shape)
 
     def nfe(self) -> int:

@@ -87,6 +87,18 @@ def _with_steps(cls: type, options: dict[str, Any], steps: int | None, owner: st
     return cls(build_config(cls.Config, opts, owner=owner))
 
 
+def _task_prior(regs: Registries, task_obj: Any, s_cls: type, guidance: Any) -> str:
+    """The task's default prior when it suits the sampler, else the bundled unconditional ``default``
+    (``restoreflow deblur --sampler dps`` must not pick the conditional MR deblurring model)."""
+    name = task_obj.default_prior or "default"
+    if name in regs.priors:
+        conditional = regs.priors.get(name).conditional
+        wants_unconditional = "unconditional" in s_cls.requires or guidance is not None
+        if conditional and (wants_unconditional or "conditional" not in s_cls.requires):
+            return "default"
+    return name
+
+
 def _compatible(regs: Registries, pred: Callable[[type], bool]) -> list[str]:
     return [n for n, c in regs.priors.items() if pred(c)]
 
@@ -135,7 +147,7 @@ def plan(task: str, *, sampler: str | None = None, prior: str | None = None, gui
     prior_obj: Prior | None = None
     label = None
     if needs_prior or prior:
-        name = prior or dict(getattr(s_cls, "default_priors", {})).get(task_obj.name) or task_obj.default_prior or "default"
+        name = prior or dict(getattr(s_cls, "default_priors", {})).get(task_obj.name) or _task_prior(regs, task_obj, s_cls, g)
         label = name
         if looks_like_path(name):
             p = Path(name)
@@ -148,6 +160,10 @@ def plan(task: str, *, sampler: str | None = None, prior: str | None = None, gui
             prior_obj = regs.priors.get(name)(**dict(prior_options or {}))
         if not needs_prior and not getattr(prior_obj, "exact_posterior", False):
             raise IncompatibleError(f"{sampler_name} uses no network prior; drop --prior or pick a diffusion sampler")
+    if prior_obj is not None:
+        tuned = prior_obj.sampler_defaults(sampler_name)
+        if tuned:  # options the prior's card recommends for this sampler; the caller's own win
+            smp = _with_steps(s_cls, {**tuned, **dict(sampler_options or {})}, steps, sampler_name)
     condition = False
     if prior_obj is not None:
         pc = type(prior_obj)

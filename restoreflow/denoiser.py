@@ -181,6 +181,11 @@ class Prior(abc.ABC):
         ``exact_posterior = True``). Samplers that ignore ``y`` then sample the posterior."""
         raise TypeError(f"prior {self.name!r} has no closed-form posterior")
 
+    def sampler_defaults(self, sampler: str) -> dict[str, Any]:
+        """Options of ``sampler`` tuned for this prior (a model card's ``"sampler_defaults"``); the user's own
+        options and ``--steps`` override them. None by default."""
+        return {}
+
     @classmethod
     def describe(cls) -> str:
         doc = (cls.__doc__ or "").strip().splitlines()

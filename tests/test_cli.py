@@ -124,3 +124,12 @@ def test_incompatible_sampler_and_prior(cli, img, tmp_path):
 def test_unconditional_prior_without_guidance_is_refused(cli, img):
     line = _one_line_error(run(cli, ["deblur", img, "--sampler", "ddim", "--prior", "default"]))
     assert "ignore the measurement" in line
+
+
+def test_default_prior_suits_the_sampler():
+    """deblur's default prior is the conditional MR model, but zero-shot samplers get the unconditional one."""
+    from restoreflow.api import plan
+
+    assert plan("deblur", sampler="mrs").prior_label == "mr-deblur"
+    for sampler, guidance in (("dps", None), ("red_diff", None), ("flowchef", None), ("ddim", "dps")):
+        assert plan("deblur", sampler=sampler, guidance=guidance).prior_label == "default"

@@ -274,3 +274,25 @@ def test_cards_of_other_methods_are_left_to_their_plugins(pm, tmp_path):
     # an unknown bare state dict is not claimed either
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pt")
     assert M.load_prior(tmp_path / "other.pt", {}) is None
+
+
+def test_card_sampler_defaults_apply_unless_the_user_sets_them(pm, tmp_path):
+    """A card's ``sampler_defaults`` tune a sampler for that prior; explicit options and --steps win."""
+    import shutil
+
+    from restoreflow.api import plan
+
+    src = M._weights_dir() / "default.safetensors"
+    w = tmp_path / "tuned.safetensors"
+    shutil.copy(src, w)
+    card = json.loads((M._weights_dir() / "default.json").read_text())
+    card["sampler_defaults"] = {"red_diff": {"lam": 0.3, "lr": 0.04, "steps": 7}}
+    write_card(tmp_path / "tuned.json", card)
+    c = plan("deblur", sampler="red_diff", prior=str(w)).sampler.config
+    assert (c.lam, c.lr, c.steps) == (0.3, 0.04, 7)
+    c = plan("deblur", sampler="red_diff", prior=str(w), steps=5, sampler_options={"lam": 0.1}).sampler.config
+    assert (c.lam, c.lr, c.steps) == (0.1, 0.04, 5)
+    assert plan("deblur", sampler="dps", prior=str(w)).sampler.config == plan("deblur", sampler="dps").sampler.config
+    shipped = json.loads((M._weights_dir() / "default.json").read_text())["sampler_defaults"]["red_diff"]
+    c = plan("deblur", sampler="red_diff").sampler.config  # the bundled prior ships its own tuning
+    assert (c.lam, c.lr) == (shipped["lam"], shipped["lr"])

@@ -190,3 +190,19 @@ def test_cli_every_task(task, img, tmp_path):
     assert res.exit_code == 0, res.output
     assert io.imread(out).shape == (16, 16, 3)
     assert math.isfinite(io.imread(out).astype(float).mean())
+
+
+def test_inits():
+    """pinv = A^+ y, anchor = the degraded image, wiener = the wiener sampler's estimate, zeros."""
+    from restoreflow_plugins.classical import Wiener
+
+    x = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(0), dtype=F64)
+    op = GaussianBlur(sigma=1.5, noise_sigma=0.02, x_shape=tuple(x.shape))
+    y = op.forward(x, generator=torch.Generator().manual_seed(1))
+    prob = Problem(y=y, operator=op, x_shape=tuple(x.shape))
+    wiener = Wiener().sample(prob, None)
+    assert torch.allclose(rd.RedDiff(init="wiener").init(prob), wiener)
+    assert torch.equal(rd.RedDiff(init="anchor").init(prob), y)
+    assert torch.allclose(rd.RedDiff(init="pinv").init(prob), op.A_dagger(y))
+    assert not rd.RedDiff(init="zeros").init(prob).any()
+    assert (wiener - x).square().mean() < (y - x).square().mean()
