@@ -70,8 +70,13 @@ def _options(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 def default_output(inp: Path, task: str, sampler: str) -> Path:
-    suffix = inp.suffix if inp.suffix.lower() in (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".webp") else ".png"
-    return inp.with_name(f"{inp.stem}.{task}-{sampler}{suffix}")
+    """``IN.TASK-SAMPLER.EXT`` beside the input, in the input's format (``.nii.gz`` kept whole); PNG for a
+    folder or an extension-less input."""
+    suffixes = inp.suffixes[-2:] if inp.suffix.lower() == ".gz" else inp.suffixes[-1:]
+    suffix = "".join(suffixes)
+    if not suffix or inp.is_dir():
+        return inp.with_name(f"{inp.name}.{task}-{sampler}.png")
+    return inp.with_name(f"{inp.name[: -len(suffix)]}.{task}-{sampler}{suffix}")
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -187,6 +187,9 @@ def atomic_path(path: Path) -> tuple[Path, Path]:
         raise OutputError(f"output directory {path.parent} is not writable")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
+    mask = os.umask(0)  # mkstemp makes 0600 files; the result gets the mode a plain open() would give
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
     return Path(tmp), path
 
 

@@ -1,6 +1,7 @@
 """CLI: success paths and every user mistake as one stderr line with a non-zero exit code."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -67,7 +68,20 @@ def test_gaussian_posterior_dpmpp(cli, img, tmp_path):
 def test_default_output_next_to_input(cli, img):
     res = run(cli, ["denoise", img, "--sampler", "wiener", "-q"])
     assert res.exit_code == 0, res.output
-    assert (img.parent / "in.denoise-wiener.png").exists()
+    out = img.parent / "in.denoise-wiener.png"
+    assert out.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # like a plain open(), not mkstemp's 0600
+
+
+def test_default_output_keeps_the_input_format(tmp_path):
+    from restoreflow.cli import default_output
+
+    assert default_output(tmp_path / "knee.nii.gz", "mri", "dps") == tmp_path / "knee.mri-dps.nii.gz"
+    assert default_output(tmp_path / "a.b.tif", "sr", "dps") == tmp_path / "a.b.sr-dps.tif"
+    assert default_output(tmp_path / "slice.dcm", "ct", "tv3d") == tmp_path / "slice.ct-tv3d.dcm"
+    assert default_output(tmp_path / "raw", "deblur", "mrs") == tmp_path / "raw.deblur-mrs.png"
 
 
 def test_same_seed_same_output(cli, img, tmp_path):
