@@ -326,6 +326,32 @@ def g_default_vs_wiener(src: Sources) -> list[Measurement]:
     return out
 
 
+#: the bundled conditional deblurring models and their samplers
+CONDITIONAL_MODELS = {"mrs": "mr-deblur", "resfusion": "resfusion-deblur", "rddm": "rddm-deblur"}
+
+
+def g_conditional_vs_wiener(src: Sources) -> list[Measurement]:
+    """Each bundled conditional model, at each step count of the grid, against Wiener and the blurred input."""
+    out = []
+    for g, where in src.grids():
+        rows = _grid_rows(g)
+        wiener = _first(rows, lambda r: r["method"] == "wiener")
+        deg = (g.get("degraded") or {}).get("psnr")
+        if wiener is None or deg is None:
+            continue
+        for r in rows:
+            if r["method"] not in CONDITIONAL_MODELS or CONDITIONAL_MODELS[r["method"]] != r.get("prior") \
+                    or r.get("psnr") is None:
+                continue
+            v, sd, n = _paired(g, r, wiener)
+            above = _f(r["psnr"]) - _f(deg)
+            out.append(Measurement(f"{r['label']} {r.get('steps') or ''} steps: {_pm(v, sd)} dB vs Wiener, "
+                                   f"{above:+.2f} dB vs blurred", v > 0 and above > 0, where, device_of(g),
+                                   f"{n} paired runs; PSNR {r['psnr']:.2f} dB, SSIM {r.get('ssim') or float('nan'):.3f} "
+                                   f"(Wiener {wiener['psnr']:.2f} / {wiener.get('ssim') or float('nan'):.3f})", v))
+    return out
+
+
 def g_memory(src: Sources) -> list[Measurement]:
     d, where = src.load("zero_shot")
     if d is None:
@@ -353,6 +379,8 @@ GOALS: list[Goal] = [
          "PSNR ≥ deepinv's, wall ≤ 0.9×", g_dps_vs_deepinv),
     Goal("smc_vs_dps", "SMC error ratio vs DPS on the exact bench, 16 particles", "≤ 0.5", g_smc),
     Goal("default_vs_wiener", "Default prior vs the exact Wiener filter (held-out images)", "≥ +1 dB", g_default_vs_wiener),
+    Goal("conditional_vs_wiener", "Bundled MR / Resfusion / RDDM deblurring models vs Wiener and the blurred input "
+         "(held-out images)", "> both", g_conditional_vs_wiener),
     Goal("memory_reddiff_flowchef", "FlowChef / RED-Diff peak memory vs forward-only", "≤ 1.2×", g_memory),
 ]
 

@@ -15,7 +15,7 @@ Steps, in order:
    measured within one process, but absolute times of a quick run are not for quoting);
 2. the ``restoreflow bench`` grids (:data:`GRIDS`): the classical baselines, the default prior's samplers and
    deepinv's DPS and DiffPIR on the same denoiser, operator, images and NFE; MRS against the IR-SDE sampler
-   at 100 steps on the bundled MR model. Methods whose prior is not installed are left out (and listed).
+   at 100 steps on the bundled MR model, beside the bundled Resfusion (its native 5 steps) and RDDM models. Methods whose prior is not installed are left out (and listed).
    Each grid starts afresh unless ``--resume``;
 3. ``benchmarks/report.py``, which reads ``results/*.json`` and writes ``BENCHMARKS.md``
    (``--prefer quick`` after a quick run).
@@ -56,7 +56,8 @@ GRIDS: dict[str, dict] = {
         "quick": ["--nfe", "10,20", "--seeds", "0", "--size", "64", "--max-images", "1"],
     },
     "bench_deblur_mr": {
-        "methods": ["wiener", "mrs@mr-deblur", "mr-posterior@mr-deblur"],
+        "methods": ["wiener", "mrs@mr-deblur", "mr-posterior@mr-deblur", "resfusion@resfusion-deblur",
+                    "rddm@rddm-deblur"],
         "args": ["--task", "deblur", "--op", "seed=0"],
         "full": ["--nfe", "5,10,20,100", "--seeds", "0,1", "--size", "96"],
         "quick": ["--nfe", "10,100", "--seeds", "0", "--size", "64", "--max-images", "1"],

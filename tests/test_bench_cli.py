@@ -284,6 +284,19 @@ def test_report_reads_bench_grids(cli, images, tmp_path):
     best = next(x for x in res["summary"] if x["label"] != "wiener")["psnr"]
     assert f"{best - wiener:+.2f}" in line and "results/bench_deblur/results.json" in line
     assert "![psnr_vs_nfe.png](results/bench_deblur/psnr_vs_nfe.png)" in md
+    # the same row as a bundled conditional model's: compared with Wiener and with the blurred input
+    for row in res["summary"] + res["runs"]:
+        if row["label"] != "wiener":
+            row["prior"], row["method"] = "mr-deblur", "mrs"
+    (res_dir / "bench_deblur_mr").mkdir()
+    (res_dir / "bench_deblur_mr" / rb.RESULTS_JSON).write_text(json.dumps(res))
+    report.main(["--results", str(res_dir), "--output", str(page), "--root", str(tmp_path)])
+    title = next(g.title for g in report.GOALS if g.id == "conditional_vs_wiener")
+    line = next(x for x in page.read_text().splitlines() if x.startswith(f"| {title}"))
+    above = best - res["degraded"]["psnr"]
+    gain = float(line.split(" dB vs Wiener")[0].rsplit(" ", 1)[1])
+    assert gain == pytest.approx(best - wiener, abs=0.006) and f"{above:+.2f} dB vs blurred" in line
+    assert ("**pass**" in line) == (gain > 0 and above > 0)
 
 
 def test_run_all_lists_steps_and_reports_only(tmp_path, synthetic):
