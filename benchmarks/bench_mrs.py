@@ -10,8 +10,9 @@ sits about 3 dB below it.
 
 Timing: wall / (NFE x one network call), where the call time is the mean of the calls timed inside the same
 run (so a loaded machine's swings cancel), with the oracle (an FFT filter: cheap, so the ratio exposes the
-sampler's own per-step overhead) and with the IR-SDE ConditionalUNet the bundled model uses (nf 16, depth 3;
-random weights: the cost does not depend on them). Speed-ups compare walls measured in the same run.
+sampler's own per-step overhead) and with the bundled MR deblurring model (or, where it is not installed,
+the IR-SDE ConditionalUNet with nf 16, depth 3 and random weights: the cost does not depend on them).
+Speed-ups compare walls measured in the same run.
 
     python benchmarks/bench_mrs.py --quick   # < 1 min on a 2-core CPU
     python benchmarks/bench_mrs.py           # more seeds and NFE points
@@ -154,11 +155,19 @@ def main(argv: list[str] | None = None) -> int:
             if fam == "mrs-ode-data-2":
                 ode_err[n] = psnr(x.float().clamp(0, 1), ode_ref.float().clamp(0, 1))
 
-    # the IR-SDE ConditionalUNet the bundled model uses (random weights: the cost does not depend on them)
+    # the bundled MR model when installed (its own schedule and network), else the IR-SDE ConditionalUNet
+    # (nf 16, depth 3; random weights: the cost does not depend on them)
     torch.manual_seed(0)
     unet_size = 32 if args.quick else 64
-    unet = build_network("irsde_unet", in_nc=3, out_nc=3, nf=16, depth=3).eval()
-    net_den = mrs.IRSDEDenoiser(unet, sch, "eps")
+    try:
+        from restoreflow.modelcard import card_path, read_card
+
+        net_den = mrs.MRDeblur().load()
+        arch = read_card(card_path(mrs.bundled_weights("mr-deblur")))["architecture"]
+        net_label = f"the bundled mr-deblur model ({arch['class']}, {json.dumps(arch.get('kwargs', {}))})"
+    except Exception:  # not installed in this build
+        net_den = mrs.IRSDEDenoiser(build_network("irsde_unet", in_nc=3, out_nc=3, nf=16, depth=3).eval(), sch, "eps")
+        net_label = "IR-SDE ConditionalUNet (nf 16, depth 3, random weights)"
     xb = problem.anchor[:1, :, :unet_size, :unet_size].float().contiguous()
     prob_net = Problem(y=xb, operator=None, x_shape=tuple(xb.shape), anchor=xb)
     timing = []
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_wall_oracle": speed_oracle,
         "speedup_wall_unet_nfe10": t_net["posterior-100"]["wall_s"] / t_net["mrs-ode-data-2 NFE 10"]["wall_s"],
         "speedup_wall_unet_nfe20": t_net["posterior-100"]["wall_s"] / t_net["mrs-ode-data-2 NFE 20"]["wall_s"],
-        "unet": {"arch": "irsde_unet nf 16 depth 3", "input": list(xb.shape), "call_s": t_net["mrs-ode-data-2 NFE 10"]["call_s"]},
+        "unet": {"arch": net_label, "input": list(xb.shape), "call_s": t_net["mrs-ode-data-2 NFE 10"]["call_s"]},
         "goals": {
             **{f"nfe{n}_within_{tol}dB_of_posterior100": abs(gap[n]) <= tol for n, tol in ((10, 0.05), (5, 0.3)) if n in gap},
             **{f"nfe{n}_within_{tol}dB_of_converged_ode": abs(gap_ode[n]) <= tol
@@ -237,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{speed_oracle[n]:.1f}x |")
     lines += ["", f"posterior-100 minus exact posterior samples: {base_row['psnr'] - m_exact:+.3f} dB "
               f"(its 100-step discretisation bias; spread {base_row['spread']:.2f})."]
-    lines += ["", f"IR-SDE ConditionalUNet (nf 16, depth 3, the bundled model's architecture), input {tuple(xb.shape)}:", "",
-              "| sampler (ConditionalUNet) | NFE | wall (s) | median call (s) | overhead / step (ms) | wall / (NFE x call) |",
+    lines += ["", f"Network: {net_label}, input {tuple(xb.shape)}:", "",
+              "| sampler (network) | NFE | wall (s) | median call (s) | overhead / step (ms) | wall / (NFE x call) |",
               "|---|---:|---:|---:|---:|---:|"]
     for t in timing:
         lines.append(f"| {t['sampler']} | {t['nfe']} | {t['wall_s']:.3f} | {t['call_s']:.4f} | "

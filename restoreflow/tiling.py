@@ -106,7 +106,7 @@ def tile(fn: Any, x: Tensor, *, tile: int, overlap: int, extra: Tensor | None = 
 class TiledDenoiser(nn.Module):
     """A :class:`restoreflow.Denoiser` evaluated on overlapping ``tile x tile`` windows (see module docstring).
 
-    :param denoiser: the wrapped denoiser (its ``path`` and ``conditional`` are kept).
+    :param denoiser: the wrapped denoiser (its ``path``, ``conditional`` and ``anchor_estimator`` are kept).
     :param tile: tile side in pixels; images no larger than this run in one piece.
     :param overlap: pixels shared by neighbouring tiles (``overlap // 4`` >= the network's receptive radius
         for exact agreement with untiled inference).
@@ -126,6 +126,7 @@ class TiledDenoiser(nn.Module):
         self.tile, self.overlap = int(tile), int(overlap)
         self.path = denoiser.path
         self.conditional = bool(getattr(denoiser, "conditional", False))
+        self.anchor_estimator = getattr(denoiser, "anchor_estimator", None)
 
     def forward(self, x_t: Tensor, t: Any, *, anchor: Tensor | None = None) -> Tensor:
         H, W = x_t.shape[-2:]
