@@ -605,6 +605,8 @@ def _canonical_command(params: dict[str, Any]) -> str:
         if v is None:
             continue
         parts += [f"--{key.replace('_', '-')}", str(v)]
+    if params.get("anchor") not in (None, "measurement"):
+        parts += ["--anchor", str(params["anchor"])]
     for k, v in params.get("op", ()) or ():
         parts += ["--op", f"{k}={v}"]
     for name in params.get("extra_operator", ()) or ():

@@ -264,3 +264,14 @@ def test_init_fine_tunes_from_earlier_weights_and_records_them(folder, tmp_path)
     assert card["init_from"]["steps"] == 1 and card["init_from"]["command"] == "first"
     a, b = load_state_dict(w), load_state_dict(tmp_path / "b" / "b.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_cli_records_the_anchor_in_the_card_and_its_command(cli, folder, tmp_path):
+    _run(cli, ["train", "--method", "mr", "--task", "deblur", "--anchor", "wiener", "--width", "4", "--batch", "1",
+               "--crop", "16", "--steps", "1", "--eval-size", "16", "--eval-crops", "1", "--eval-steps", "2",
+               "--threads", "1", "--quiet", "--device", "cpu", "--data", str(folder), "-m", "arch=irsde_nafnet",
+               "-m", "depth=1", "--out", str(tmp_path)])
+    card = json.loads((tmp_path / "mr-deblur.json").read_text())
+    assert card["anchor"] == "wiener" and "--anchor wiener" in card["command"]
+    res = CliRunner().invoke(cli, ["train", "--method", "denoiser", "--anchor", "wiener", "--out", str(tmp_path)])
+    assert res.exit_code != 0 and "unconditional" in res.output
