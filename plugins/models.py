@@ -149,12 +149,6 @@ class CardPrior(Prior):
     def card(self) -> dict[str, Any]:
         return read_card(card_path(self._weights()))
 
-    def sampler_defaults(self, sampler: str) -> dict[str, Any]:
-        w = self._weights()
-        if not card_path(w).exists():
-            return {}
-        return dict((self.card().get("sampler_defaults") or {}).get(sampler) or {})
-
     def load(self, *, device: torch.device | str = "cpu", x_shape: tuple[int, ...] | None = None) -> Any:
         from restoreflow.train_loop import load_model
 

@@ -785,8 +785,12 @@ class MRDeblur(_MRPrior):
     tasks = ("deblur",)
     channels = 3
 
+    @property
+    def weights(self) -> Path:
+        return bundled_weights(self.name)
+
     def load(self, *, device="cpu", x_shape=None):
-        w = bundled_weights(self.name)
+        w = self.weights
         if not w.exists() or not card_path(w).exists():
             raise CheckpointError(
                 "the bundled mr-deblur model is not installed in this build; pass an MR checkpoint with "

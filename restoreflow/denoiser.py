@@ -182,9 +182,17 @@ class Prior(abc.ABC):
         raise TypeError(f"prior {self.name!r} has no closed-form posterior")
 
     def sampler_defaults(self, sampler: str) -> dict[str, Any]:
-        """Options of ``sampler`` tuned for this prior (a model card's ``"sampler_defaults"``); the user's own
-        options and ``--steps`` override them. None by default."""
-        return {}
+        """Options of ``sampler`` tuned for this prior: the ``"sampler_defaults"`` of the model card next to
+        ``self.weights`` (when the prior has weights with a card); the user's own options and ``--steps``
+        override them."""
+        from pathlib import Path
+
+        from .modelcard import card_path, read_card
+
+        weights = getattr(self, "weights", None)
+        if weights is None or not card_path(Path(weights)).exists():
+            return {}
+        return dict((read_card(card_path(Path(weights))).get("sampler_defaults") or {}).get(sampler) or {})
 
     @classmethod
     def describe(cls) -> str:
