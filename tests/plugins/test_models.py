@@ -266,6 +266,34 @@ def test_diffusers_folder_needs_diffusers(pm, tmp_path):
     assert _load_prior(pm, tmp_path) is None  # a folder that is not a diffusers model is not ours
 
 
+def test_diffusers_unet_folder_matches_diffusers_own_scheduler(pm, tmp_path):
+    """A UNet2DModel + DDPMScheduler folder written by diffusers itself: our denoiser's x0 equals the scheduler's
+    ``pred_original_sample`` (in [0, 1] units, where the state is ``(x_diffusers + sqrt(alphabar)) / 2``)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    net = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    folder = tmp_path / "ddpm"
+    net.save_pretrained(folder / "unet", safe_serialization=True)
+    sch = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    sch.save_pretrained(folder / "scheduler")
+    prior = _load_prior(pm, folder)
+    assert isinstance(prior, M.DiffusersPrior)
+    den = prior.load()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    for k in (10, 500, 900):
+        a = float(sch.alphas_cumprod[k]) ** 0.5
+        with torch.no_grad():
+            ref = sch.step(net(2 * x - a, k).sample, k, 2 * x - a).pred_original_sample
+            ours = den(x, torch.tensor(k / 999, dtype=torch.float64))
+        assert float(((2 * ours - 1) - ref).abs().max()) < 1e-4 / a, k
+    from restoreflow.api import restore
+
+    res = restore(x[:1], "deblur", sampler="dps", prior=str(folder), steps=3, simulate=True)
+    assert res.nfe == 3 and torch.isfinite(res.image).all()
+
+
 def test_cards_of_other_methods_are_left_to_their_plugins(pm, tmp_path):
     w = tmp_path / "mr.safetensors"
     save_weights(w, {"x": torch.zeros(1)})
