@@ -352,17 +352,22 @@ class PathFreeOracle(ConditionalOracle):
         return PathFreeOracle(self.prior, self.operator, path)
 
 
+def _from_pure_noise(bench, oracle_cls, *, batch, seed):
+    """RDDM's restoration path, an oracle on it, and a start at t = 1 where a = 0: x = b mu + sigma z."""
+    path = rddm_path(rs.RDDMSchedule.paper(1000, 0.01))
+    prob = bench.problem(batch=batch)
+    t0 = torch.tensor(1.0, dtype=F64)
+    g = torch.Generator().manual_seed(seed)
+    x_init = float(path.b(t0)) * prob.anchor + float(path.sigma(t0)) * torch.randn(prob.x_shape, generator=g, dtype=F64)
+    return path, oracle_cls(bench.prior, bench.operator, path), prob, t0, x_init, g
+
+
 @pytest.mark.parametrize("schedule", ["model", "residual_then_noise"])
 def test_rddm_ddim_converges_to_the_exact_flow_map(schedule, bench):
     """eta = 0 with the oracle -> the exact PF-ODE map from the start (a = 0: m + C^1/2 z/sigma_T), at first order.
     Both schedules share that limit: the deterministic map is path independent."""
     post = bench.posterior
-    path = rddm_path(rs.RDDMSchedule.paper(1000, 0.01))
-    orc = PathFreeOracle(bench.prior, bench.operator, path)
-    prob = bench.problem(batch=4)
-    t0 = torch.tensor(1.0, dtype=F64)
-    g = torch.Generator().manual_seed(3)
-    x_init = float(path.b(t0)) * prob.anchor + float(path.sigma(t0)) * torch.randn(prob.x_shape, generator=g, dtype=F64)
+    path, orc, prob, t0, x_init, g = _from_pure_noise(bench, PathFreeOracle, batch=4, seed=3)
     ref = exact_flow_map(post, path, x_init, t0, 0.0, prob.anchor)  # from a = 0: m + C^1/2 (x - b mu) / sigma
     nfes, errs = [5, 10, 20, 40], []
     for n in nfes:
@@ -399,13 +404,7 @@ def test_multistep_solver_starts_from_pure_noise(bench, space, order):
     """MRS/DPM-Solver++ of any order and space run from a(t_max) = 0 (RDDM's start): the first step is the exact
     order-1 limit and leaves no history, later steps build their order; they converge to the exact flow map."""
     post = bench.posterior
-    path = rddm_path(rs.RDDMSchedule.paper(1000, 0.01))
-    orc = ConditionalOracle(bench.prior, bench.operator, path)
-    prob = bench.problem(batch=2)
-    t0 = torch.tensor(1.0, dtype=F64)
-    g = torch.Generator().manual_seed(4)
-    x_init = path.marginal(bench.x0.expand(2, -1, -1, -1), t0, torch.randn(prob.x_shape, generator=g, dtype=F64),
-                           prob.anchor)
+    path, orc, prob, t0, x_init, g = _from_pure_noise(bench, ConditionalOracle, batch=2, seed=4)
     ns, errs = (10, 20, 40, 80), []
     for n in ns:
         ts = torch.linspace(1.0, 0.02, n + 1, dtype=F64)
