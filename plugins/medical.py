@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from restoreflow.atomic import atomic_write
 from restoreflow import Context, LinearOperator, OperatorConfig, Prior, Sampler, Task, check, hookimpl, time_grid
 from restoreflow.errors import ConfigError, IncompatibleError, InputError, OutputError
 from restoreflow.io import IMAGE_SUFFIXES, Measurement, read_array, write_image
@@ -612,28 +613,16 @@ class TV3D(Sampler):
 
 
 def _atomic_write(path: Path, suffix: str, write: Callable[[Path], None]) -> None:
-    """Write through a temporary sibling with the same (full) suffix, then ``os.replace``."""
+    """Write through a temporary sibling with the same (full) suffix (:func:`restoreflow.atomic.atomic_write`)."""
     path = Path(path)
     if not path.parent.exists():
         raise OutputError(f"output directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp_p = Path(tmp)
     try:
-        write(tmp_p)
-        with open(tmp_p, "rb") as fh:
-            os.fsync(fh.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp_p, 0o666 & ~mask)
-        os.replace(tmp_p, path)
-    except OutputError:
-        tmp_p.unlink(missing_ok=True)
+        with atomic_write(path, suffix=suffix) as tmp:
+            write(tmp)
+    except (OutputError, KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as e:
-        tmp_p.unlink(missing_ok=True)
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
+    except Exception as e:
         raise OutputError(f"cannot write {path}: {' '.join(str(e).split())[:160]}") from None
 
 

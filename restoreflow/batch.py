@@ -46,7 +46,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from typing import Any
 
 import click
 
+from .atomic import atomic_write
 from .errors import ConfigError, InputError, OutputError, RestoreflowError
 
 __all__ = ["image_seed", "list_inputs", "output_name", "read_manifest", "run_batch", "batch_command", "main",
@@ -155,23 +155,8 @@ def _append_line(path: Path, record: dict) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def merge_manifest(out_dir: Path, fingerprint: str) -> list[dict]:

@@ -51,7 +51,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ import click
 import torch
 from torch import Tensor
 
+from .atomic import atomic_write
 from .errors import CheckpointError, ConfigError, IncompatibleError, InputError, OutputError, RestoreflowError
 from .registry import Registries, build_config, config_fields, parse_options
 
@@ -734,14 +734,8 @@ def markdown(result: Mapping[str, Any]) -> str:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_outputs(out: Path, meta: Mapping[str, Any], cells: Sequence[Cell], keys: Sequence[str],

@@ -12,8 +12,6 @@ interrupted run never leaves half a figure.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from .atomic import atomic_write
 from .errors import OutputError
 
 __all__ = ["side_by_side", "psnr_vs_nfe", "panel_title", "save_figure"]
@@ -55,14 +54,9 @@ def save_figure(fig: Any, path: Path | str, *, dpi: int = 120) -> Path:
     if not path.parent.is_dir():
         plt.close(fig)
         raise OutputError(f"output directory {path.parent} does not exist (or is not a directory)")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_write(path, suffix=path.suffix or ".png") as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

@@ -9,7 +9,6 @@ never leaves a half-written file.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .atomic import atomic_write
 from .errors import InputError, OutputError
 from .hookspecs import hookimpl
 
-__all__ = ["read_array", "max_pixels", "check_size", "Measurement", "read_image", "write_image", "atomic_path", "IMAGE_SUFFIXES", "to_tensor", "to_array"]
+__all__ = ["read_array", "max_pixels", "check_size", "Measurement", "read_image", "write_image", "check_output_dir", "IMAGE_SUFFIXES", "to_tensor", "to_array"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -178,19 +178,13 @@ def _write_png(path: Path, out: np.ndarray) -> None:
         writer.write(f, out.reshape(h, w * planes))
 
 
-def atomic_path(path: Path) -> tuple[Path, Path]:
-    """A temporary sibling of ``path`` (same directory, so ``os.replace`` is atomic)."""
+def check_output_dir(path: Path) -> None:
+    """One-line errors for an output whose directory is missing or not writable (before any work is lost)."""
     path = Path(path)
     if not path.parent.is_dir():
         raise OutputError(f"output directory {path.parent} does not exist (or is not a directory)")
     if not os.access(path.parent, os.W_OK):
         raise OutputError(f"output directory {path.parent} is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    mask = os.umask(0)  # mkstemp makes 0600 files; the result gets the mode a plain open() would give
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    return Path(tmp), path
 
 
 def write_image(path: str | Path, image: Tensor, like: Measurement | None = None) -> None:
@@ -213,22 +207,19 @@ def write_image(path: str | Path, image: Tensor, like: Measurement | None = None
         out = np.round(arr * 65535).astype(np.uint16)
     else:
         out = np.round(arr * 255).astype(np.uint8)
-    tmp, final = atomic_path(path)
+    check_output_dir(path)
     try:
-        if suffix == ".png":
-            _write_png(tmp, out)
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                skio.imsave(tmp, out, check_contrast=False)
-        os.replace(tmp, final)
-    except OutputError:
+        with atomic_write(path, suffix=path.suffix) as tmp:
+            if suffix == ".png":
+                _write_png(tmp, out)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    skio.imsave(tmp, out, check_contrast=False)
+    except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise OutputError(f"cannot write {final}: {' '.join(str(e).split())[:160]}") from None
+    except Exception as e:
+        raise OutputError(f"cannot write {path}: {' '.join(str(e).split())[:160]}") from None
 
 
 @hookimpl(trylast=True)

@@ -11,9 +11,7 @@ Weights are only ever read with safetensors or ``torch.load(weights_only=True)``
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .atomic import atomic_write
 from .errors import CheckpointError
 
 __all__ = ["read_card", "write_card", "load_state_dict", "save_weights", "safe_torch_load", "load_into", "card_path"]
@@ -44,15 +43,8 @@ def read_card(path: Path) -> dict[str, Any]:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_card(path: Path, card: dict[str, Any]) -> None:

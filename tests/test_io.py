@@ -106,3 +106,16 @@ def test_cli_handles_odd_images(tmp_path, arr):
     assert res.exit_code == 0, res.output
     back = read_raw(out)
     assert back.shape == arr.shape and back.dtype == arr.dtype
+
+
+def test_atomic_write_gives_plain_file_modes_and_cleans_up(tmp_path):
+    from restoreflow.atomic import atomic_write, umask
+
+    target = tmp_path / "a.json"
+    with atomic_write(target) as tmp:
+        tmp.write_text("{}")
+    assert target.read_text() == "{}" and target.stat().st_mode & 0o777 == 0o666 & ~umask()
+    with pytest.raises(KeyboardInterrupt), atomic_write(target) as tmp:
+        tmp.write_text("partial")
+        raise KeyboardInterrupt
+    assert target.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

@@ -1,0 +1,61 @@
+"""The bundled conditional deblurring models: present, described by their cards, and better than the blurred
+input (and, for MR diffusion, than the exact Wiener filter) on held-out crops they never saw in training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from restoreflow import data as rfdata
+from restoreflow.api import restore
+from restoreflow.weights import WEIGHTS_DIR
+
+MODELS = [("mrs", "mr-deblur", "mr")]
+
+
+@pytest.fixture(scope="module")
+def crops():
+    return rfdata.held_out_images(64, 3)  # the centre crops of astronaut, chelsea, coffee, camera
+
+
+@pytest.fixture(scope="module")
+def wiener_psnr(crops):
+    return _mean_psnr(crops, "wiener")
+
+
+def _mean_psnr(crops, sampler, key="psnr"):
+    vals = [restore(crops[i:i + 1], "deblur", sampler=sampler, simulate=True, seed=i).metrics[key]
+            for i in range(crops.shape[0])]
+    return sum(vals) / len(vals)
+
+
+def test_all_bundled_weights_fit_the_size_budget():
+    total = sum(p.stat().st_size for p in WEIGHTS_DIR.glob("*.safetensors"))
+    assert total < 25 * 2**20, total
+
+
+@pytest.mark.parametrize("sampler,prior,method", MODELS)
+def test_card_says_how_the_model_was_made(sampler, prior, method):
+    card = json.loads((WEIGHTS_DIR / f"{prior}.json").read_text())
+    assert card["method"] == method and card["task"] == "deblur" and card["anchor"] == "wiener"
+    assert card["command"].startswith(f"restoreflow train --method {method} --task deblur")
+    assert "--anchor wiener" in card["command"]
+    assert set(card["data"]["held_out"]) >= set(rfdata.EVAL_IMAGES)
+    assert card["metrics"]["psnr"] > card["metrics"]["baseline"]["degraded"]["psnr"]
+
+
+@pytest.mark.parametrize("sampler,prior,method", MODELS)
+def test_bundled_model_restores_held_out_crops(crops, wiener_psnr, sampler, prior, method):
+    torch.set_num_threads(1)
+    ours = _mean_psnr(crops, sampler)
+    blurred = _mean_psnr(crops, "wiener", key="psnr_degraded")
+    assert ours > blurred + 1.0, (ours, blurred)
+    if sampler == "mrs":  # the headline model must beat the exact Wiener filter it starts from
+        assert ours > wiener_psnr, (ours, wiener_psnr)
+
+
+def test_deblur_defaults_to_mrs_with_the_bundled_model(crops):
+    res = restore(crops[:1], "deblur", simulate=True)
+    assert res.sampler == "mrs" and res.prior == "mr-deblur"
