@@ -59,8 +59,8 @@ GRIDS: dict[str, dict] = {
         "methods": ["wiener", "mrs@mr-deblur", "mr-posterior@mr-deblur", "resfusion@resfusion-deblur",
                     "rddm@rddm-deblur"],
         "args": ["--task", "deblur", "--op", "seed=0"],
-        "full": ["--nfe", "5,10,20,100", "--seeds", "0,1", "--size", "96"],
-        "quick": ["--nfe", "10,100", "--seeds", "0", "--size", "64", "--max-images", "1"],
+        "full": ["--nfe", "2,5,10,20,100", "--seeds", "0,1", "--size", "96"],
+        "quick": ["--nfe", "2,10,100", "--seeds", "0", "--size", "64", "--max-images", "1"],
     },
 }
 
