@@ -12,7 +12,7 @@ from restoreflow import data as rfdata
 from restoreflow.api import restore
 from restoreflow.weights import WEIGHTS_DIR
 
-MODELS = [("mrs", "mr-deblur", "mr"), ("resfusion", "resfusion-deblur", "resfusion")]
+MODELS = [("mrs", "mr-deblur", "mr"), ("resfusion", "resfusion-deblur", "resfusion"), ("rddm", "rddm-deblur", "rddm")]
 
 
 @pytest.fixture(scope="module")
