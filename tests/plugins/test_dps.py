@@ -62,6 +62,17 @@ def test_presets_and_config_errors():
     assert dps.DPSGuidance(task="inpaint", preset="paper").zeta(None) == pytest.approx(0.25)
     assert dps.DPSGuidance(task="sr").zeta(None) == dps.PRESETS["sr"]
     assert dps.DPSGuidance(zeta=0.7).zeta(None) == 0.7
+
+
+def test_presets_scale_with_image_size():
+    """A preset is for the size it was tuned at (ours 64 px, the paper's 256 px); an explicit zeta is not scaled."""
+    from types import SimpleNamespace
+
+    op = SimpleNamespace(name="downsample", x_shape=(1, 3, 128, 128))
+    assert dps.DPSGuidance().zeta(op) == pytest.approx(2 * dps.PRESETS["sr"])
+    assert dps.DPSGuidance(preset="paper").zeta(op) == pytest.approx(0.5 * dps.PAPER_PRESETS["sr"])
+    assert dps.DPSGuidance(zeta=0.7).zeta(op) == 0.7
+    assert dps.preset_size_scale((1, 3, 64, 32)) == pytest.approx(2 ** -0.5)
     for bad in ({"zeta": -1.0}, {"task": "nope"}, {"preset": "x"}, {"zeta_schedule": "x"}, {"likelihood": "laplace"},
                 {"poisson_eps": 0.0}):
         with pytest.raises(ConfigError):
