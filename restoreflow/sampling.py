@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import Denoiser
-from .errors import NumericalError
+from .errors import ConfigError, NumericalError
 from .paths import AffinePath, as_time, bcast
 from .registry import build_config, check
 
@@ -91,6 +91,16 @@ class Problem:
         return dataclasses.replace(self, **changes)
 
 
+def anchor_estimator(name: str, registries: Any = None) -> type:
+    """The measurement-only sampler class ``name`` (an anchor estimator); a one-line error if it needs a prior."""
+    from .plugins import default_registries
+
+    cls = (registries if registries is not None else default_registries()).samplers.get(name)
+    if "denoiser" in cls.requires:
+        raise ConfigError(f"anchor {name} needs a prior; pick a measurement-only sampler (wiener, pinv)")
+    return cls
+
+
 def make_anchor(operator: Any, y: Tensor, estimator: str | None = None, *, registries: Any = None) -> Tensor:
     r"""The degraded image :math:`\mu` a conditional model is anchored at.
 
@@ -104,12 +114,7 @@ def make_anchor(operator: Any, y: Tensor, estimator: str | None = None, *, regis
     with torch.no_grad():
         if estimator in (None, "measurement"):
             return operator.anchor(y)
-        from .plugins import default_registries
-
-        regs = registries if registries is not None else default_registries()
-        cls = regs.samplers.get(estimator)
-        if "denoiser" in cls.requires:
-            raise ValueError(f"anchor estimator {estimator} needs a prior; use a measurement-only sampler")
+        cls = anchor_estimator(estimator, registries)
         x_shape = tuple(operator.x_shape)
         if y.shape[0] != x_shape[0]:
             x_shape = (y.shape[0], *x_shape[1:])

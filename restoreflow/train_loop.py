@@ -40,7 +40,7 @@ from . import data as rfdata
 from .errors import CheckpointError, ConfigError, IncompatibleError
 from .modelcard import card_path, load_into, load_state_dict, read_card, safe_torch_load, save_weights, write_card
 from .registry import check, config_fields
-from .sampling import make_anchor
+from .sampling import anchor_estimator, make_anchor
 
 __all__ = ["TrainOptions", "train", "load_model", "Degrader", "LoadedModel", "evaluate_denoiser"]
 
@@ -110,9 +110,7 @@ class Degrader:
         self.registries = registries
         self.anchor = anchor
         if anchor != "measurement":
-            est = registries.samplers.get(anchor)
-            if "denoiser" in est.requires:
-                raise ConfigError(f"--anchor {anchor} needs a prior; pick a measurement-only sampler (wiener, pinv)")
+            anchor_estimator(anchor, registries)  # fail before any data loads
         self.task = t
         self.entries: list[tuple[str, type, dict[str, Any]]] = []
         base = dict(t.defaults)
