@@ -291,9 +291,11 @@ def g_smc(src: Sources) -> list[Measurement]:
         if "ratio_w2_smc16_tds_over_dps" not in s:
             continue
         v = _f(s["ratio_w2_smc16_tds_over_dps"])
-        alt = s.get("ratio_w2_smc16_dps_over_dps")
-        note = f"W2 to the exact posterior, N = 16, TDS proposal; DPS proposal: {alt:.3f}" if alt is not None else \
-            "W2 to the exact posterior, N = 16, TDS proposal"
+        note = "W2 to the exact posterior, N = 16, TDS proposal"
+        for key, label in (("ratio_w2_smc16_tds_isotropic_over_dps", "isotropic twist"),
+                           ("ratio_w2_smc16_dps_over_dps", "DPS proposal")):
+            if s.get(key) is not None:
+                note += f"; {label}: {s[key]:.3f}"
         out.append(Measurement(f"{problem}: {v:.3f}", v <= 0.5, where, device_of(d), note, v))
     return out
 

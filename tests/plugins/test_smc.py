@@ -266,7 +266,8 @@ def test_per_image_operators_see_their_particles():
     assert torch.equal(apply_operator(op, x)[:, 0], torch.tensor([1.0] * 4 + [2.0] * 4 + [3.0] * 4, dtype=F64))
 
 
-def test_tds_shift_is_the_twisted_x0_through_the_ancestral_step(gp):
+@pytest.mark.parametrize("form", ["isotropic", "operator"])
+def test_tds_shift_is_the_twisted_x0_through_the_ancestral_step(gp, form):
     """delta = mean(x0_hat + sigma^2/a grad log psi) - mean(x0_hat) for the DDPM step (closed-form check)."""
     from restoreflow import Context
 
@@ -277,14 +278,17 @@ def test_tds_shift_is_the_twisted_x0_through_the_ancestral_step(gp):
     x = torch.randn(4, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
     t, t1 = torch.tensor(0.5, dtype=F64), torch.tensor(0.45, dtype=F64)
     x0 = den(x, t)
-    delta = TDSGuidance(clip_x0=False).delta(x, x0, t, t1, ctx)
+    delta = TDSGuidance(clip_x0=False, twist_form=form).delta(x, x0, t, t1, ctx)
     a, _, s = (float(v) for v in path.coefficients(t))
     M = gp.operator.matrix
-    # analytic grad of log psi: J^T A^T (y - A x0) / (s_y^2 + s^2/a^2), J = a C (a^2 C + s^2)^-1 (symmetric)
-    var = 0.05**2 + (s / a) ** 2
+    # analytic grad of log psi: J^T A^T K^-1 (y - A x0), J = a C (a^2 C + s^2)^-1 (symmetric), with
+    # K = (s_y^2 + s^2/a^2) I (isotropic) or s_y^2 I + (s^2/a^2) A A^T (operator)
+    m = M.shape[0]
+    K = (0.05**2 + (s / a) ** 2) * torch.eye(m, dtype=F64) if form == "isotropic" else \
+        0.05**2 * torch.eye(m, dtype=F64) + (s / a) ** 2 * M @ M.T
     r = gp.y - x0.detach().reshape(4, -1) @ M.T
     J = a * gp.prior.cov @ torch.linalg.inv(a * a * gp.prior.cov + s * s * torch.eye(4, dtype=F64))
-    grad = (r @ M / var) @ J.T
+    grad = (r @ torch.linalg.inv(K) @ M) @ J.T
     k = ExpIntegrator(1, eta=1.0)
     base = k.step(x.detach(), t, t1, x0.detach(), {"q": [], "lam": [], "i": 0}, ctx)[0].mean
     tw = k.step(x.detach(), t, t1, x0.detach() + (s * s / a) * grad.reshape(4, 1, 2, 2), {"q": [], "lam": [], "i": 0}, ctx)[0].mean
@@ -292,16 +296,58 @@ def test_tds_shift_is_the_twisted_x0_through_the_ancestral_step(gp):
     # the default clamps the twisted x0_hat to the image range, as the TDS code does
     coef = k.step(x.detach(), t, t1, x0.detach() + 1, {"q": [], "lam": [], "i": 0}, ctx)[0].mean - base  # a'(1 - e^-2h)
     x0 = den(x, t)
-    x0_tw = x0.detach() + TDSGuidance().delta(x, x0, t, t1, ctx) / coef
+    x0_tw = x0.detach() + TDSGuidance(twist_form=form).delta(x, x0, t, t1, ctx) / coef
     assert float((x0_tw - (x0.detach() + (s * s / a) * grad.reshape(4, 1, 2, 2)).clamp(0, 1)).abs().max()) < 1e-10
     assert float(x0_tw.min()) >= -1e-12 and float(x0_tw.max()) <= 1 + 1e-12
+
+
+def test_operator_twist_is_the_pigdm_likelihood_up_to_a_constant():
+    """form=operator: log N(y; A x0, v I + r2 A A^T) minus a particle-independent constant, with the exact
+    gradient; the Fourier solve (circulant blur) and CG (any linear operator) agree with dense algebra."""
+    from restoreflow.operators import kernel_to_symbol
+    from restoreflow_plugins.smc import gram_solve, twisted_log_potential
+
+    g = torch.Generator().manual_seed(3)
+    op = MatrixOperator(torch.randn(5, 6, generator=g, dtype=F64), x_shape=(1, 1, 2, 3), noise_sigma=0.1)
+    y = torch.randn(1, 5, generator=g, dtype=F64)
+    x0 = torch.randn(7, 1, 2, 3, generator=g, dtype=F64).requires_grad_(True)
+    r2 = 0.3
+    K = 0.01 * torch.eye(5, dtype=F64) + r2 * op.matrix @ op.matrix.T
+    dense = torch.distributions.MultivariateNormal(torch.zeros(5, dtype=F64), covariance_matrix=K)
+    exact = dense.log_prob(y - x0.reshape(7, -1) @ op.matrix.T)
+    lp = twisted_log_potential(x0, y, op, r2, form="operator")
+    diff = lp - exact
+    assert float((diff - diff[0]).abs().max()) < 1e-10  # the same constant for every particle
+    (g1,) = torch.autograd.grad(lp.sum(), x0)
+    (g2,) = torch.autograd.grad(exact.sum(), x0)
+    assert torch.allclose(g1, g2, atol=1e-9)
+    # isotropic is the TDS form (v + r2) I with its normaliser
+    iso = torch.distributions.MultivariateNormal(torch.zeros(5, dtype=F64), covariance_matrix=(0.01 + r2) * torch.eye(5, dtype=F64))
+    assert torch.allclose(twisted_log_potential(x0, y, op, r2, form="isotropic"),
+                          iso.log_prob(y - x0.reshape(7, -1) @ op.matrix.T), atol=1e-10)
+
+    class Blur(MatrixOperator):  # a circulant 4x4 blur as a dense matrix, with its Fourier symbol
+        def fourier_symbol(self):
+            return self.symbol
+
+    k = torch.tensor([[0.5, 0.2], [0.2, 0.1]], dtype=F64)
+    eye = torch.eye(16, dtype=F64).reshape(16, 1, 4, 4)
+    H = kernel_to_symbol(k, (4, 4))
+    cols = torch.fft.ifft2(torch.fft.fft2(eye) * H).real.reshape(16, 16).T
+    blur = Blur(cols, x_shape=(1, 1, 4, 4), y_shape=(1, 4, 4), noise_sigma=0.1)
+    blur.symbol = H
+    res = torch.randn(3, 1, 4, 4, generator=g, dtype=F64)
+    want = torch.linalg.solve(0.01 * torch.eye(16, dtype=F64) + r2 * cols @ cols.T, res.reshape(3, -1).T).T
+    assert torch.allclose(gram_solve(blur, res, 0.01, r2).reshape(3, -1), want, atol=1e-10)
+    res_y = torch.randn(3, 5, generator=g, dtype=F64)
+    assert torch.allclose(gram_solve(op, res_y, 0.01, r2), torch.linalg.solve(K, res_y.T).T, atol=1e-8)
 
 
 # -- exactness: twisted SMC targets the exact posterior ------------------------------------------
 
 
 @pytest.mark.parametrize("scheme,proposal", [("systematic", "tds"), ("residual", "tds"), ("stratified", "dps-like"),
-                                             ("multinomial", "dps-like")])
+                                             ("multinomial", "dps-like"), ("systematic", "tds-isotropic")])
 def test_twisted_smc_samples_the_exact_posterior(scheme, proposal):
     """With the exact reverse kernel the SMC target is the exact posterior for any grid: the output of M
     independent runs must match its mean and variances within z = 5, while the guided proposal alone fails."""
@@ -312,13 +358,14 @@ def test_twisted_smc_samples_the_exact_posterior(scheme, proposal):
     den = GaussianDenoiser(prior, path)
     ts = time_grid(path, 8)
 
-    guidance = TDSGuidance() if proposal == "tds" else ResidualGuidance()
+    form = "isotropic" if proposal == "tds-isotropic" else "operator"
+    guidance = TDSGuidance(twist_form=form) if proposal.startswith("tds") else ResidualGuidance()
 
     def run(corr, seed=1):
         return integrate(kernel, den, problem, ts, generator=torch.Generator().manual_seed(seed),
                          guidance=guidance, corrector=corr)
 
-    smc = SMC(particles=16, resampling=scheme)
+    smc = SMC(particles=16, resampling=scheme, twist_form=form)
     zm, zv = z_scores(run(smc), post)
     assert float(zm.max()) < Z_BOUND and float(zv.max()) < Z_BOUND, (zm, zv)
     zm1, zv1 = z_scores(run(None), post)
