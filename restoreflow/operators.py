@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -252,16 +253,41 @@ class Operator(nn.Module):
         x = torch.zeros((y.shape[0], *self.x_shape[1:]), dtype=y.dtype, device=y.device)
         for _ in range(10):
             g = self.A_vjp(x, y - self.A(x))
-
-            def normal(v: Tensor, at: Tensor = x) -> Tensor:
-                return self.A_vjp(at, torch.func.jvp(self.A, (at,), (v,))[1])
-
-            x = x + conjugate_gradient(normal, g, iters=50, tol=1e-6)
+            x = x + conjugate_gradient(Operator._normal_at(self, x), g, iters=50, tol=1e-6)
         return x
 
     def data_grad(self, x: Tensor, y: Tensor) -> Tensor:
         r""":math:`\nabla_x \log p(y \mid A x)` (the likelihood gradient DPS-like methods use)."""
         return self.A_vjp(x, self.noise.grad_log_prob(y, self.A(x)))
+
+    def _normal_at(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        def normal(v: Tensor) -> Tensor:
+            return self.A_vjp(x, torch.func.jvp(self.A, (x,), (v,))[1])
+        return normal
+
+    def lipschitz(self, x: Tensor | None = None, *, iters: int = 100, dtype: torch.dtype = torch.float32) -> float:
+        r""":math:`\lVert J_A\rVert^2`, the largest eigenvalue of :math:`J_A^\top J_A` at ``x`` (default: one image of
+        zeros): the Lipschitz constant of :math:`\nabla\tfrac12\lVert A(x) - y\rVert^2`, so a gradient step of
+        :math:`\eta/\lVert J_A\rVert^2` is stable for :math:`\eta < 2` whatever the operator and image size.
+
+        Power iteration from a fixed-seed draw (deterministic; no caller's random stream is touched); circulant
+        operators answer :math:`\max|\hat h|^2` exactly.
+        """
+        dev = next((b.device for b in self.buffers()), torch.device("cpu"))
+        at = torch.zeros(1, *self.x_shape[1:], dtype=dtype, device=dev) if x is None else x[:1].to(dtype)
+        normal = self._normal_at(at)
+        v = torch.randn(at.shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(dev)
+        lam = 0.0
+        with torch.no_grad():
+            for _ in range(iters):
+                v = v / v.norm()
+                w = normal(v)
+                lam_new = float((v * w).sum())  # Rayleigh quotient: error quadratic in the eigenvector's
+                if lam_new <= 0.0 or abs(lam_new - lam) <= 1e-6 * lam_new:
+                    lam = max(lam_new, 0.0)
+                    break
+                v, lam = w, lam_new
+        return lam
 
 
 class LinearOperator(Operator):
@@ -293,6 +319,15 @@ class LinearOperator(Operator):
 
     def data_grad(self, x: Tensor, y: Tensor) -> Tensor:
         return self.A_adjoint(self.noise.grad_log_prob(y, self.A(x)))
+
+    def _normal_at(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        return self.normal
+
+    def lipschitz(self, x: Tensor | None = None, *, iters: int = 100, dtype: torch.dtype = torch.float32) -> float:
+        H = self.fourier_symbol()
+        if H is not None:
+            return float(H.abs().max()) ** 2
+        return super().lipschitz(x, iters=iters, dtype=dtype)
 
 
 def conjugate_gradient(apply, b: Tensor, *, x0: Tensor | None = None, iters: int = 100, tol: float = 1e-6) -> Tensor:

@@ -69,7 +69,7 @@ def test_any_prior_through_path_conversion(blur):
     assert isinstance(fc.as_rectified_flow(vp_den), Reparameterized)
     # the VP denoiser driven as a rectified flow and the native velocity model are the same flow
     prob = Problem(y=y.expand(2, 1, 8, 8).clone(), operator=op, x_shape=(2, 1, 8, 8))
-    kw = dict(steps=30, step_size=10.0, clip=False, t_start=0.99)  # t = 0.999 is beyond the VP path's range
+    kw = dict(steps=30, step_size=10.0, clip=False, t_start=0.99, reference_side=None)  # t = 0.999 is beyond the VP path's range
     a = fc.FlowChef(**kw).sample(prob, native, generator=torch.Generator().manual_seed(0))
     b = fc.FlowChef(**kw).sample(prob, vp_den, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(a, b, rtol=0, atol=1e-7), float((a - b).abs().max())
@@ -78,7 +78,7 @@ def test_any_prior_through_path_conversion(blur):
 def test_gradient_skipping_is_the_frozen_velocity_gradient(blur):
     """grad_{x_t} l(A(x_t - t v)) with v frozen equals the operator's data gradient at x0_hat (no Jacobian)."""
     prior, op, y, _ = blur
-    smp = fc.FlowChef(reduction="mean")
+    smp = fc.FlowChef(reduction="mean", reference_side=None, step_size=1.0)  # 2s/n: the gradient of the mean
     den = fc.as_rectified_flow(GaussianDenoiser(prior, vp()))
     t = 0.6
     x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -87,7 +87,28 @@ def test_gradient_skipping_is_the_frozen_velocity_gradient(blur):
     xt = x.clone().requires_grad_(True)
     loss = (op.A(xt - t * v) - y).pow(2).mean()
     (g,) = torch.autograd.grad(loss, xt)
-    assert torch.allclose(smp.data_grad(op, (x - t * v), y), g, atol=1e-12)
+    assert torch.allclose(smp.step_scale(op, y, (1, 1, 8, 8)) * smp.data_grad(op, (x - t * v), y), g, atol=1e-12)
+
+
+def test_step_conventions(blur):
+    """mean/sum keep the per-pixel step of the reference size on any image; lipschitz is s / ||A||^2."""
+    _, op, y, _ = blur
+    for red, n in (("mean", y[0].numel()), ("sum", 64)):
+        literal = fc.FlowChef(reduction=red, step_size=500.0, reference_side=None).step_scale(op, y, (1, 1, 8, 8))
+        assert literal == pytest.approx(1000.0 / n)
+        assert fc.FlowChef(reduction=red, step_size=500.0, reference_side=4).step_scale(op, y, (1, 1, 8, 8)) == \
+            pytest.approx(4 * literal)
+    # the code's default at 64 px and at 128 px: the same per-pixel step (1000 / (3 * 64 * 64))
+    for side in (64, 128):
+        blur = GaussianBlur(x_shape=(1, 3, side, side), sigma=1.0)
+        yy = torch.zeros(blur.y_shape)
+        assert fc.FlowChef().step_scale(blur, yy, blur.x_shape) == pytest.approx(1000.0 / (3 * 64 * 64))
+    down = Downsample(x_shape=(1, 1, 16, 16), factor=2, noise_sigma=0.01)
+    lip = down.lipschitz()
+    A = operator_matrix(down, (1, 16, 16))
+    assert lip == pytest.approx(float(torch.linalg.matrix_norm(A, 2)) ** 2, rel=1e-2)  # a step size, not a norm
+    smp = fc.FlowChef(reduction="lipschitz", step_size=1.5)
+    assert smp.step_scale(down, torch.zeros(down.y_shape), down.x_shape) == pytest.approx(1.5 / lip)
 
 
 class _GradTrap(nn.Module):
@@ -120,7 +141,7 @@ def test_update_rule_by_hand(blur):
     den = fc.as_rectified_flow(GaussianDenoiser(prior, vp()))
     x_init = 0.9 * torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=F64)
     s, n = 7.0, y[0].numel()
-    out = fc.FlowChef(steps=2, step_size=s, inner_steps=2, t_start=0.9, clip=False).sample(
+    out = fc.FlowChef(steps=2, step_size=s, inner_steps=2, t_start=0.9, clip=False, reference_side=8).sample(
         Problem(y=y, operator=op, x_shape=(1, 1, 8, 8), x_init=x_init), den, generator=torch.Generator())
     x, t0, t1 = x_init.clone(), 0.9, 0.45
     x0 = den(x, t0)
@@ -157,11 +178,11 @@ def test_exact_gaussian_bench_fits_the_data_at_the_noise_level(blur):
     prob = Problem(y=y.expand(N, 1, 8, 8).clone(), operator=op, x_shape=(N, 1, 8, 8))
 
     def rms(step):
-        x = fc.FlowChef(steps=100, step_size=step, clip=False).sample(prob, den, generator=torch.Generator().manual_seed(0))
+        x = fc.FlowChef(steps=100, step_size=step, clip=False, reference_side=None).sample(prob, den, generator=torch.Generator().manual_seed(0))
         return float((op.A(x) - prob.y).reshape(N, -1).pow(2).mean(1).sqrt().mean())
 
     steered, free = rms(10.0), rms(0.0)
-    mean_out = fc.FlowChef(steps=100, step_size=10.0, clip=False).sample(
+    mean_out = fc.FlowChef(steps=100, step_size=10.0, clip=False, reference_side=None).sample(
         Problem(y=y, operator=op, x_shape=(1, 1, 8, 8), x_init=torch.zeros(1, 1, 8, 8, dtype=F64)), den,
         generator=torch.Generator())
     err = float((mean_out.reshape(-1) - m_post).norm())
