@@ -36,6 +36,7 @@ from restoreflow import (
     hookimpl,
     vp,
 )
+from restoreflow.denoiser import for_inference
 from restoreflow.modelcard import card_path, read_card
 from restoreflow.nets.unet import EDMDenoiser, UNet
 from restoreflow.training import TrainingMethod
@@ -420,7 +421,7 @@ class ADMPrior(Prior):
         ch = getattr(den, "channels", None)
         if x_shape is not None and ch is not None and len(x_shape) == 4 and x_shape[1] != ch:
             raise ConfigError(f"{self.weights.name} is a {ch}-channel model; the image has {x_shape[1]} channels")
-        return _maybe_tile(den.to(device).eval().requires_grad_(False), self.options)
+        return _maybe_tile(for_inference(den, device), self.options)
 
     def _load_guided(self, sd: dict[str, Tensor]) -> GuidedDiffusionDenoiser:
         from deepinv.models import DiffUNet
@@ -533,7 +534,7 @@ class DiffusersPrior(Prior):
 
         den = PredictionAdapter(fn, prediction=pred, path=path, value_range=(-1.0, 1.0),
                                 time_fn=lambda t: t * (steps - 1), dtype=torch.float32)
-        den.net_module = net.to(device).eval().requires_grad_(False)
+        den.net_module = for_inference(net, device)
         return den
 
 

@@ -84,6 +84,7 @@ from restoreflow import (
     integrate,
     tabulated,
 )
+from restoreflow.denoiser import for_inference
 from restoreflow.modelcard import card_path, load_into, read_card, safe_torch_load
 from restoreflow.nets.rddm import RDDMUnet, UnetRes
 from restoreflow.paths import as_time, bcast
@@ -1095,7 +1096,7 @@ class ResfusionCheckpoint(Prior):
         net = RDDMUnet(**kw)
         load_into(net, sd, source=str(f))
         den = ResfusionAdapter(net, ResfusionSchedule(kind, T), mode)
-        return den.to(device).eval().requires_grad_(False)
+        return for_inference(den, device)
 
 
 _RDDM_BUFFERS = ("alphas", "alphas_cumsum", "one_minus_alphas_cumsum", "betas2", "betas", "betas2_cumsum",
@@ -1169,7 +1170,7 @@ class RDDMCheckpoint(Prior):
         if opts:
             raise ConfigError(f"unknown option {next(iter(opts))!r} for an RDDM checkpoint")
         den = RDDMAdapter(net, schedule, objective, time_input=time_input, clip=clip)
-        return den.to(device).eval().requires_grad_(False)
+        return for_inference(den, device)
 
     @staticmethod
     def _schedule(model: Mapping[str, Any], opts: dict[str, Any], name: str) -> RDDMSchedule:

@@ -19,7 +19,18 @@ from torch import Tensor, nn
 from .parameterization import to_x0
 from .paths import AffinePath, as_time, bcast
 
-__all__ = ["Denoiser", "PredictionAdapter", "reparameterize", "Prior", "ValueRange", "Reparameterized"]
+__all__ = ["Denoiser", "PredictionAdapter", "reparameterize", "Prior", "ValueRange", "Reparameterized", "for_inference"]
+
+
+def for_inference(module: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """Make a loaded network ready for sampling: on ``device``, eval mode, no parameter gradients (DPS-like
+    guidance then backpropagates to the input only), and on CPU its 4-D weights channels-last, which oneDNN's
+    convolutions prefer (measured on 1 thread: bundled UNet forward 0.78-0.84x the time at 96-256 px, NAFNet
+    0.92-0.95x; outputs equal to float32 rounding). Inputs stay in the usual layout."""
+    module = module.to(device).eval().requires_grad_(False)
+    if torch.device(device).type == "cpu":
+        module = module.to(memory_format=torch.channels_last)
+    return module
 
 
 @runtime_checkable

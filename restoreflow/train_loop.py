@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from . import data as rfdata
+from .denoiser import for_inference
 from .errors import CheckpointError, ConfigError, IncompatibleError
 from .modelcard import card_path, load_into, load_state_dict, read_card, safe_torch_load, save_weights, write_card
 from .registry import check, config_fields
@@ -477,7 +478,9 @@ def load_model(weights: Path | str, *, registries: Any = None, device: torch.dev
     arch = card["architecture"]
     net = build_network(arch["class"], **dict(arch.get("kwargs") or {}))
     load_into(net, load_state_dict(weights), source=str(weights))
-    net = net.to(device).eval().requires_grad_(False)
+    net = for_inference(net, device)
     den = method.denoiser(net)
+    if isinstance(den, torch.nn.Module):
+        den.eval()
     den.anchor_estimator = card.get("anchor") or "measurement"
     return LoadedModel(method, net, den, card)

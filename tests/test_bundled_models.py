@@ -59,3 +59,24 @@ def test_bundled_model_restores_held_out_crops(crops, wiener_psnr, sampler, prio
 def test_deblur_defaults_to_mrs_with_the_bundled_model(crops):
     res = restore(crops[:1], "deblur", simulate=True)
     assert res.sampler == "mrs" and res.prior == "mr-deblur"
+
+
+def test_loaded_networks_are_ready_for_cpu_inference():
+    """for_inference: eval, no parameter gradients, channels-last conv weights on CPU, same outputs as the
+    contiguous layout to float32 rounding."""
+    from restoreflow import collect, get_plugin_manager
+    from restoreflow.denoiser import for_inference
+
+    prior = collect(get_plugin_manager()).priors.get("default")()
+    den = prior.load(x_shape=(1, 3, 32, 32))
+    params = list(den.parameters())
+    assert params and not any(p.requires_grad for p in params) and not den.training
+    convs = [p for p in params if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(0.3, dtype=torch.float64)
+    with torch.no_grad():
+        fast = den(x, t)
+        plain = den.to(memory_format=torch.contiguous_format)(x, t)
+    assert float((fast - plain).abs().max()) < 1e-4
+    assert for_inference(torch.nn.Conv2d(2, 2, 3).train(), "cpu").training is False

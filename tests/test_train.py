@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from restoreflow import ConfigError, collect, get_plugin_manager
 from restoreflow import data as rfdata
 from restoreflow.cli import build_cli
+from restoreflow.denoiser import for_inference
 from restoreflow.modelcard import load_state_dict, safe_torch_load
 from restoreflow.train_loop import TrainOptions, load_model, train
 
@@ -72,7 +73,7 @@ def test_train_writes_card_and_weights_that_load_back(cli, pm, folder, tmp_path)
     loaded = load_model(weights)
     ref_net = loaded.method.build_network(channels=3, width=4)
     ref_net.load_state_dict(state["ema"])
-    ref = loaded.method.denoiser(ref_net.eval())
+    ref = loaded.method.denoiser(for_inference(ref_net))  # the same layout as any loaded network
     x, t = torch.rand(2, 3, 20, 24), torch.tensor([0.3, 0.7], dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(loaded.denoiser(x, t), ref(x, t))
