@@ -374,29 +374,28 @@ def _match(v: Tensor, n: int) -> Tensor:
     return v if v.shape[0] == n else v.repeat_interleave(n // v.shape[0], dim=0)
 
 
-def apply_operator(operator: Any, x: Tensor) -> Tensor:
-    """``operator.A`` on a particle batch: an operator built for ``B`` images is applied particle-slice by
-    particle-slice when ``B > 1``, so per-image masks and kernels line up with the ``repeat_interleave`` layout."""
+def _per_particle_slice(fn: Callable[[Tensor], Tensor], operator: Any, x: Tensor) -> Tensor:
+    """``fn`` (a map of ``operator``) on a particle batch: an operator built for ``B`` images is applied
+    particle-slice by particle-slice when ``B > 1``, so per-image masks and kernels line up with the
+    ``repeat_interleave`` layout."""
     n = x.shape[0]
     nb = int(getattr(operator, "x_shape", (n,))[0])
     if nb in (1, n) or n % nb:
-        return operator.A(x)
+        return fn(x)
     r = n // nb
     xs = x.reshape(nb, r, *x.shape[1:])
-    out = torch.stack([operator.A(xs[:, j]) for j in range(r)], dim=1)
+    out = torch.stack([fn(xs[:, j]) for j in range(r)], dim=1)
     return out.reshape(n, *out.shape[2:])
+
+
+def apply_operator(operator: Any, x: Tensor) -> Tensor:
+    """``operator.A`` on a particle batch (see :func:`_per_particle_slice`)."""
+    return _per_particle_slice(operator.A, operator, x)
 
 
 def apply_adjoint(operator: Any, v: Tensor) -> Tensor:
-    """``operator.A_adjoint`` on a particle batch (the counterpart of :func:`apply_operator`)."""
-    n = v.shape[0]
-    nb = int(getattr(operator, "x_shape", (n,))[0])
-    if nb in (1, n) or n % nb:
-        return operator.A_adjoint(v)
-    r = n // nb
-    vs = v.reshape(nb, r, *v.shape[1:])
-    out = torch.stack([operator.A_adjoint(vs[:, j]) for j in range(r)], dim=1)
-    return out.reshape(n, *out.shape[2:])
+    """``operator.A_adjoint`` on a particle batch (see :func:`_per_particle_slice`)."""
+    return _per_particle_slice(operator.A_adjoint, operator, v)
 
 
 def operator_twist_applies(operator: Any) -> bool:
