@@ -128,3 +128,30 @@ def test_fourier_symbol_diagonalises_blur():
     x = torch.rand(1, 1, 16, 16, dtype=torch.float64)
     via_symbol = torch.fft.ifft2(torch.fft.fft2(x) * op.fourier_symbol()).real
     assert torch.allclose(via_symbol, op.A(x), atol=1e-10)
+
+
+def test_lipschitz_is_the_largest_eigenvalue_of_the_normal_operator():
+    """Operator.lipschitz: max |h|^2 for circulant blurs (exact), power iteration on J^T J otherwise (at zeros for
+    a non-linear operator), against dense linear algebra."""
+    from restoreflow.gaussian import operator_matrix
+    from restoreflow.operators import Operator
+    from restoreflow.testing import MatrixOperator
+
+    regs = collect(get_plugin_manager())
+    blur = regs.operators.get("gaussian_blur")(x_shape=(1, 1, 12, 12), sigma=1.5)
+    A = operator_matrix(blur, (1, 12, 12))
+    assert blur.lipschitz() == pytest.approx(float(torch.linalg.matrix_norm(A, 2)) ** 2, rel=1e-6)
+    inp = regs.operators.get("inpaint")(x_shape=(1, 1, 12, 12))
+    assert inp.lipschitz() == pytest.approx(1.0, rel=1e-4)
+    M = torch.randn(6, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lin = MatrixOperator(M, x_shape=(1, 1, 3, 3))
+    want = float(torch.linalg.matrix_norm(M, 2)) ** 2
+    assert lin.lipschitz(dtype=torch.float64) == pytest.approx(want, rel=1e-4)
+
+    class Tanh(Operator):  # y = tanh(M x): J = M at x = 0
+        name = "tanh"
+
+        def A(self, x):
+            return torch.tanh(x.reshape(x.shape[0], -1) @ M.T.to(x.dtype))
+
+    assert Tanh(x_shape=(1, 1, 3, 3)).lipschitz(dtype=torch.float64) == pytest.approx(want, rel=1e-4)
