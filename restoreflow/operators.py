@@ -266,15 +266,18 @@ class Operator(nn.Module):
         return normal
 
     def lipschitz(self, x: Tensor | None = None, *, iters: int = 100, dtype: torch.dtype = torch.float32) -> float:
-        r""":math:`\lVert J_A\rVert^2`, the largest eigenvalue of :math:`J_A^\top J_A` at ``x`` (default: one image of
-        zeros): the Lipschitz constant of :math:`\nabla\tfrac12\lVert A(x) - y\rVert^2`, so a gradient step of
-        :math:`\eta/\lVert J_A\rVert^2` is stable for :math:`\eta < 2` whatever the operator and image size.
+        r""":math:`\lVert J_A\rVert^2`, the largest eigenvalue of :math:`J_A^\top J_A` at ``x`` (default: zeros of
+        ``x_shape``): the Lipschitz constant of :math:`\nabla\tfrac12\lVert A(x) - y\rVert^2`, so a gradient step of
+        :math:`\eta/\lVert J_A\rVert^2` is stable for :math:`\eta < 2` whatever the operator and image size. With
+        several images (``x_shape[0] > 1``) it is the largest over the batch.
 
         Power iteration from a fixed-seed draw (deterministic; no caller's random stream is touched); circulant
         operators answer :math:`\max|\hat h|^2` exactly.
         """
-        dev = next((b.device for b in self.buffers()), torch.device("cpu"))
-        at = torch.zeros(1, *self.x_shape[1:], dtype=dtype, device=dev) if x is None else x[:1].to(dtype)
+        dev = next((b.device for b in (*self.buffers(), *self.parameters())), torch.device("cpu"))
+        # the whole batch at once: per-image masks and kernels are one block-diagonal operator, whose norm is the
+        # largest of the images'
+        at = torch.zeros(self.x_shape, dtype=dtype, device=dev) if x is None else x.to(dtype)
         normal = self._normal_at(at)
         v = torch.randn(at.shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(dev)
         lam = 0.0
