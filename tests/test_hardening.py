@@ -197,7 +197,10 @@ def test_ctrl_c_leaves_no_output(tmp_path):
             "--out", str(out), "-q"]
     code = ("import sys, restoreflow.cli as c; print('imported', flush=True); "
             f"c.main(['deblur'] + {args!r})")
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    # as an interactive Ctrl-C: a shell's background job (`.ci/run &`) starts with SIGINT ignored, which the
+    # child would inherit, and Python then installs no KeyboardInterrupt handler
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == b"imported"  # interrupt only once the CLI owns the process
     time.sleep(4)
     proc.send_signal(signal.SIGINT)
