@@ -9,8 +9,9 @@
 2. **Head-to-head with deepinv 0.5** on the same denoiser (ours, wrapped as a deepinv ``forward(x, sigma)``
    denoiser), operator (deepinv ``BlurFFT`` with our kernel: identical ``A``), measurement, image and NFE:
    restoreflow DPS vs ``deepinv.sampling.DPS`` (both DDPM steps on the same VP schedule) and
-   ``deepinv.sampling.DiffPIR``, plus RED-Diff and FlowChef and the exact Wiener filter. Step sizes: ours is
-   the preset (no tuning); deepinv's ``weight`` is the best of a grid chosen on the same run (favours deepinv).
+   ``deepinv.sampling.DiffPIR``, plus RED-Diff and FlowChef (with the prior card's options) and the exact
+   Wiener filter. DPS step sizes: both libraries' best of a five-point grid on the same runs, and ours' preset
+   (no tuning) beside it.
 3. **Overhead**: wall / (NFE x one denoiser call), with a UNet of the default prior's architecture (random
    weights: timing does not depend on them), median of repeats, all measured in the same process.
 4. **Peak memory** (CPU): each sampler in a fresh subprocess; peak RSS minus a baseline subprocess that
@@ -189,7 +190,7 @@ def head_to_head(quick: bool, nfe: int, size: int) -> dict:
     if "default" in regs.priors and Path(regs.priors.get("default")()._weights()).exists():
         priors.append("default")
     weights = (100.0, 300.0) if quick else (30.0, 100.0, 300.0, 1000.0, 3000.0)
-    zetas = (0.5,) if quick else (0.15, 0.5, 1.5)
+    zetas = (0.5,) if quick else (0.05, 0.15, 0.5, 1.5, 5.0)  # as many as deepinv's weights, same spacing
     rows: list[dict] = []
 
     def cases(prior_name):
@@ -237,8 +238,10 @@ def head_to_head(quick: bool, nfe: int, size: int) -> dict:
                 m = dinv.sampling.DiffPIR(wrap, dinv.optim.data_fidelity.L2(), sigma=sigma_y, max_iter=nfe)
                 return m(y, physics)
             rec("deepinv diffpir", run_diffpir, nfe)
-            rec("restoreflow red_diff", lambda: RedDiff(steps=nfe).sample(prob, den, generator=g()), nfe)
-            rec("restoreflow flowchef", lambda: FlowChef(steps=nfe).sample(prob, den, generator=g()), nfe)
+            # RED-Diff and FlowChef with the options the prior's card recommends (what a user gets)
+            rd, fc = prior.sampler_defaults("red_diff"), prior.sampler_defaults("flowchef")
+            rec("restoreflow red_diff", lambda: RedDiff(steps=nfe, **rd).sample(prob, den, generator=g()), nfe)
+            rec("restoreflow flowchef", lambda: FlowChef(steps=nfe, **fc).sample(prob, den, generator=g()), nfe)
             if getattr(prior, "exact_posterior", False):
                 rec("wiener (exact posterior mean)", lambda: prior.posterior(prob)(y, torch.tensor(0.0, dtype=F64)), 0)
         # the best zeta at the full NFE, reused at half the NFE (the dt schedule transfers across step counts)
