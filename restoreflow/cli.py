@@ -201,13 +201,52 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
     return run
 
 
+_OPTION_FLAG = {"samplers": "-o", "operators": "--op", "guidance": "--guidance-opt", "correctors": "--corrector-opt",
+                "priors": "--prior-opt", "trainers": "-m"}
+
+
+def _describe_one(name: str, attr: str, reg: Any) -> None:
+    """``restoreflow samplers NAME``: the description and every option with its default and meaning."""
+    import dataclasses
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .registry import option_docs
+
+    obj = reg.get(name)
+    console = Console(width=140)
+    doc = (getattr(obj, "help", None) if attr == "tasks" else None) or (obj.__doc__ or "").strip()
+    console.print(f"[bold]{name}[/bold]  ({reg.owner(name).rsplit('.', 1)[-1]})")
+    console.print(doc.split("\n\n", 1)[0].replace("\n", " "), markup=False)
+    cfg = getattr(obj, "Config", None)
+    if cfg is None or not dataclasses.is_dataclass(cfg) or not dataclasses.fields(cfg):
+        return
+    table = Table(box=None, show_header=True, header_style="bold")
+    for col in ("option", "default", "meaning"):
+        table.add_column(col)
+    docs = option_docs(cfg)
+    for f in dataclasses.fields(cfg):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        table.add_row(f.name, repr(default) if isinstance(default, str) else str(default), docs.get(f.name, ""))
+    flag = _OPTION_FLAG.get(attr)
+    console.print(f"\noptions{f' ({flag} KEY=VALUE)' if flag else ''}:")
+    console.print(table, markup=False)
+
+
 def _listing(name: str, attr: str, regs: Registries) -> click.Command:
-    @click.command(name=name, help=f"List the registered {name}.")
-    def cmd():
+    @click.command(name=name, help=f"List the registered {name}; with NAME, one of them with its options.")
+    @click.argument("item", metavar="[NAME]", required=False)
+    @handle_errors
+    def cmd(item):
         from rich.console import Console
         from rich.table import Table
 
         reg = getattr(regs, attr)
+        if item:
+            _describe_one(item, attr, reg)
+            return
         table = Table(box=None, show_header=True, header_style="bold")
         table.add_column("name")
         table.add_column("plugin")

@@ -12,7 +12,7 @@ from .errors import ConfigError, PluginError, UnknownNameError
 
 T = TypeVar("T")
 
-__all__ = ["Registry", "Registries", "build_config", "parse_options", "config_fields"]
+__all__ = ["Registry", "Registries", "build_config", "parse_options", "config_fields", "option_docs"]
 
 
 class Registry(Generic[T]):
@@ -81,6 +81,32 @@ class Registries:
 
 def config_fields(config_cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_cls)}
+
+
+def option_docs(config_cls: type) -> dict[str, str]:
+    """The ``#:`` comment lines written above each field of a ``Config`` dataclass (the Sphinx convention), by
+    field name, searched through the class and its bases; fields without one map to ``""``."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    for klass in reversed(inspect.getmro(config_cls)):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        pending: list[str] = []
+        for line in lines:
+            text = line.strip()
+            if text.startswith("#:"):
+                pending.append(text[2:].strip())
+                continue
+            name = text.split(":", 1)[0].strip() if ":" in text and not text.startswith(("def ", "@", "#")) else ""
+            if name.isidentifier() and pending:
+                docs[name] = " ".join(pending)
+            pending = []
+    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(config_cls)}
 
 
 def _convert(value: str, annotation: Any, key: str) -> Any:

@@ -147,3 +147,38 @@ def test_default_prior_suits_the_sampler():
     assert plan("deblur", sampler="mrs").prior_label == "mr-deblur"
     for sampler, guidance in (("dps", None), ("red_diff", None), ("flowchef", None), ("ddim", "dps")):
         assert plan("deblur", sampler=sampler, guidance=guidance).prior_label == "default"
+
+
+def test_listing_one_plugin_shows_its_options():
+    """`restoreflow samplers NAME` (and the other listings): description, each option's default and its #: comment."""
+    cli = build_cli(get_plugin_manager())
+    res = CliRunner().invoke(cli, ["samplers", "flowchef"])
+    assert res.exit_code == 0, res.output
+    assert "gradient skipping" in res.output and "-o KEY=VALUE" in res.output
+    assert "reference_side" in res.output and "Landweber" in res.output and "500.0" in res.output
+    res = CliRunner().invoke(cli, ["correctors", "smc"])
+    assert res.exit_code == 0 and "twist_form" in res.output and "'operator'" in res.output
+    res = CliRunner().invoke(cli, ["operators", "gaussian_blur"])
+    assert res.exit_code == 0 and "--op KEY=VALUE" in res.output and "sigma" in res.output
+    res = CliRunner().invoke(cli, ["samplers", "flowchf"])
+    assert res.exit_code == 2 and "did you mean 'flowchef'" in res.output and "Traceback" not in res.output
+
+
+def test_option_docs_reads_the_comment_above_each_field():
+    from dataclasses import dataclass
+
+    from restoreflow.registry import option_docs
+
+    @dataclass(frozen=True)
+    class Base:
+        #: the base's field
+        a: int = 1
+
+    @dataclass(frozen=True)
+    class Config(Base):
+        #: first line
+        #: second line
+        b: float = 2.0
+        c: str = "x"  # a trailing comment is not a doc
+
+    assert option_docs(Config) == {"a": "the base's field", "b": "first line second line", "c": ""}
