@@ -413,17 +413,21 @@ def _probe(mode: str, size: int, nfe: int) -> None:
     print(_rss_kib("VmHWM") - before)
 
 
-def memory(size: int, nfe: int) -> dict:
-    peak = {}
-    for mode in ("baseline", "forward", "red_diff", "flowchef", "dps"):
-        res = subprocess.run([sys.executable, __file__, "--probe", mode, "--size", str(size), "--nfe", str(nfe)],
-                             capture_output=True, text=True, check=True)
-        peak[mode] = int(res.stdout.strip().splitlines()[-1])
+def memory(size: int, nfe: int, repeats: int = 3) -> dict:
+    runs: dict[str, list[int]] = {}
+    for _ in range(repeats):  # interleaved; the median of the repeats (RSS peaks vary by ~10% run to run)
+        for mode in ("baseline", "forward", "red_diff", "flowchef", "dps"):
+            res = subprocess.run([sys.executable, __file__, "--probe", mode, "--size", str(size), "--nfe", str(nfe)],
+                                 capture_output=True, text=True, check=True)
+            runs.setdefault(mode, []).append(int(res.stdout.strip().splitlines()[-1]))
+    peak = {m: statistics.median(v) for m, v in runs.items()}
     fwd = max(peak["forward"] - peak["baseline"], 1)
     rows = [{"method": m, "peak_above_start_mib": peak[m] / 1024, "ratio_to_forward": (peak[m] - peak["baseline"]) / fwd}
             for m in ("forward", "red_diff", "flowchef", "dps")]
-    return {"size": size, "nfe": nfe, "baseline_mib": peak["baseline"] / 1024, "rows": rows,
-            "method": "each sampler in a fresh subprocess: peak RSS during the run minus RSS at its start (VmHWM reset "
+    return {"size": size, "nfe": nfe, "baseline_mib": peak["baseline"] / 1024, "rows": rows, "repeats": repeats,
+            "runs_kib": runs,
+            "method": f"median of {repeats} interleaved repeats; each sampler in a fresh subprocess: peak RSS during "
+                      "the run minus RSS at its start (VmHWM reset "
                       "through /proc/self/clear_refs after imports and setup), less the same for an empty run; "
                       "ratio to a forward-only loop of the same NFE"}
 
