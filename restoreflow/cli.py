@@ -219,6 +219,14 @@ def _describe_one(name: str, attr: str, reg: Any) -> None:
     doc = (getattr(obj, "help", None) if attr == "tasks" else None) or (obj.__doc__ or "").strip()
     console.print(f"[bold]{name}[/bold]  ({reg.owner(name).rsplit('.', 1)[-1]})")
     console.print(doc.split("\n\n", 1)[0].replace("\n", " "), markup=False)
+    if attr == "priors":
+        try:
+            tuned = obj().tuned_options()
+        except Exception:  # a prior that needs arguments (a checkpoint path) has no card to read here
+            tuned = {}
+        for smp, opts in tuned.items():
+            console.print(f"tuned for {smp}: " + " ".join(f"{k}={v}" for k, v in opts.items())
+                          + "  (used unless you pass your own)", markup=False)
     cfg = getattr(obj, "Config", None)
     if cfg is None or not dataclasses.is_dataclass(cfg) or not dataclasses.fields(cfg):
         return

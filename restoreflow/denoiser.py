@@ -196,6 +196,10 @@ class Prior(abc.ABC):
         """Options of ``sampler`` tuned for this prior: the ``"sampler_defaults"`` of the model card next to
         ``self.weights`` (when the prior has weights with a card); the user's own options and ``--steps``
         override them."""
+        return dict(self.tuned_options().get(sampler) or {})
+
+    def tuned_options(self) -> dict[str, dict[str, Any]]:
+        """Every sampler's tuned options (see :meth:`sampler_defaults`), by sampler name."""
         from pathlib import Path
 
         from .modelcard import card_path, read_card
@@ -203,7 +207,7 @@ class Prior(abc.ABC):
         weights = getattr(self, "weights", None)
         if weights is None or not card_path(Path(weights)).exists():
             return {}
-        return dict((read_card(card_path(Path(weights))).get("sampler_defaults") or {}).get(sampler) or {})
+        return dict(read_card(card_path(Path(weights))).get("sampler_defaults") or {})
 
     @classmethod
     def describe(cls) -> str:

@@ -160,6 +160,8 @@ def test_listing_one_plugin_shows_its_options():
     assert res.exit_code == 0 and "twist_form" in res.output and "'operator'" in res.output
     res = CliRunner().invoke(cli, ["operators", "gaussian_blur"])
     assert res.exit_code == 0 and "--op KEY=VALUE" in res.output and "sigma" in res.output
+    res = CliRunner().invoke(cli, ["priors", "default"])
+    assert res.exit_code == 0 and "tuned for flowchef: reduction=lipschitz" in res.output
     res = CliRunner().invoke(cli, ["samplers", "flowchf"])
     assert res.exit_code == 2 and "did you mean 'flowchef'" in res.output and "Traceback" not in res.output
 
