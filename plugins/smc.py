@@ -93,9 +93,11 @@ increments across particles, clipping them) are available as ``center_increments
 **Particles.** ``B`` images with ``N`` particles each are stored as ``B * N`` rows, image ``b`` owning rows
 ``b*N .. b*N + N - 1`` (``repeat_interleave`` layout); particle 0 of each image is the driver's own start
 draw, so ``particles=1`` consumes the random stream exactly like the plain guided sampler and reproduces
-it bit for bit (a problem with ``x_init`` starts every particle from it). ``chunk`` evaluates the denoiser on at most ``chunk`` rows at a time. That bounds the
-activation memory of gradient-free runs; with gradient guidance (DPS, TDS) the graphs of all chunks live
-until the backward pass, so peak memory still grows with ``N``. Resampling happens per image.
+it bit for bit (a problem with ``x_init`` starts every particle from it). ``chunk`` evaluates the denoiser
+on at most ``chunk`` rows at a time, and the driver runs gradient guidance (DPS, TDS) chunk by chunk too --
+forward, backward and free before the next chunk -- so peak activation memory is that of ``chunk`` rows
+whatever ``N`` (for an operator shared by all rows; per-image operators with ``B > 1`` keep one graph for all
+rows). Resampling happens per image.
 """
 
 from __future__ import annotations
@@ -576,6 +578,7 @@ class _Particles(Corrector):
         if chunk is not None and chunk < x.shape[0]:
             den = ctx.denoiser
             ctx.denoiser = den.chunked(chunk) if hasattr(den, "chunked") else ChunkedDenoiser(den, chunk)
+            ctx.chunk = chunk  # the driver also runs gradient guidance chunk by chunk
         return x
 
     def _groups(self, v: Tensor) -> Tensor:

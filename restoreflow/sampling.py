@@ -328,6 +328,9 @@ class Context:
     nfe: int = 0
     #: the run's time grid (float64, descending); set by :func:`integrate`
     ts: Tensor | None = None
+    #: evaluate the denoiser -- and gradient guidance, forward and backward -- on at most this many rows at a
+    #: time (set by particle correctors); bounds the activation memory of DPS-like guidance
+    chunk: int | None = None
 
     def denoise(self, x: Tensor, t: Any) -> Tensor:
         """One extra network evaluation (counted), without gradients."""
@@ -537,6 +540,39 @@ def _take(value: Any, idx: Tensor) -> Any:
     return value
 
 
+def _chunked_guidance(ctx: Context, x: Tensor) -> bool:
+    """Whether gradient guidance runs chunk by chunk: a chunk size below the batch, and an operator that treats
+    rows independently (one operator for every row; per-image masks keep the all-at-once path)."""
+    op = ctx.problem.operator
+    return (ctx.chunk is not None and x.shape[0] > ctx.chunk
+            and (op is None or int(getattr(op, "x_shape", (1,))[0]) == 1))
+
+
+def _guide_in_chunks(x: Tensor, t: Tensor, t_next: Tensor, denoiser: Denoiser, guidance: Guidance,
+                     ctx: Context) -> tuple[Tensor, Tensor]:
+    """``x0_hat`` and the guidance shift, ``ctx.chunk`` rows at a time: each chunk's graph is built, differentiated
+    and freed before the next, so peak activation memory is that of one chunk. Guidance is per sample, so the
+    result equals the all-at-once one row for row."""
+    full = ctx.problem
+    n = x.shape[0]
+    x0s, deltas = [], []
+    try:
+        for a in range(0, n, int(ctx.chunk)):
+            sl = slice(a, a + int(ctx.chunk))
+            rows = {k: v[sl] for k, v in (("y", full.y), ("anchor", full.anchor))
+                    if isinstance(v, Tensor) and v.shape[0] == n}
+            ctx.problem = full.replace(x_shape=(x[sl].shape[0], *full.x_shape[1:]), **rows)
+            anchor = ctx.anchor[sl] if ctx.anchor is not None and ctx.anchor.shape[0] == n else ctx.anchor
+            with torch.enable_grad():
+                x_in = x[sl].detach().requires_grad_(True)
+                x0 = denoiser(x_in, t, anchor=anchor)
+                deltas.append(guidance.delta(x_in, x0, t, t_next, ctx).detach())
+            x0s.append(x0.detach())
+    finally:
+        ctx.problem = full
+    return torch.cat(x0s), torch.cat(deltas)
+
+
 def integrate(kernel: Kernel, denoiser: Denoiser, problem: Problem, ts: Tensor, *, generator: torch.Generator,
               guidance: Guidance | None = None, corrector: Corrector | None = None,
               callback: Callable[[dict], None] | None = None, path: AffinePath | None = None,
@@ -565,12 +601,17 @@ def integrate(kernel: Kernel, denoiser: Denoiser, problem: Problem, ts: Tensor, 
     need_grad = guidance is not None and guidance.needs_grad
     for i in range(steps):
         t, t_next = ts[i].to(x.device), ts[i + 1].to(x.device)
-        with torch.set_grad_enabled(need_grad):
-            x_in = x.detach().requires_grad_(need_grad)
-            x0 = denoiser(x_in, t, anchor=anchor)
+        if need_grad and _chunked_guidance(ctx, x):
+            x0, delta = _guide_in_chunks(x, t, t_next, denoiser, guidance, ctx)
             ctx.nfe += 1
             check_finite(x0, i, t)
-            delta = guidance.delta(x_in, x0, t, t_next, ctx).detach() if guidance is not None else None
+        else:
+            with torch.set_grad_enabled(need_grad):
+                x_in = x.detach().requires_grad_(need_grad)
+                x0 = denoiser(x_in, t, anchor=anchor)
+                ctx.nfe += 1
+                check_finite(x0, i, t)
+                delta = guidance.delta(x_in, x0, t, t_next, ctx).detach() if guidance is not None else None
         x0 = x0.detach()
         if corrector is not None:
             idx = corrector.reweight(i, x, x0, t, ctx)
