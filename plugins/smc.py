@@ -412,6 +412,7 @@ def gram_solve(operator: Any, res: Tensor, v: float, r2: float, *, iters: int = 
     if H is not None and tuple(H.shape[-2:]) == tuple(res.shape[-2:]):
         denom = v + r2 * H.to(res.device).abs().to(torch.float64) ** 2
         return torch.fft.ifft2(torch.fft.fft2(res) / denom).real
+
     def apply(w: Tensor) -> Tensor:
         return v * w + r2 * apply_operator(operator, apply_adjoint(operator, w.to(res.dtype))).to(torch.float64)
     return conjugate_gradient(apply, res, iters=iters, tol=tol)
@@ -433,24 +434,19 @@ def twisted_log_potential(x0_hat: Tensor, y: Tensor, operator: Any, r2: float, *
     spectrum of :math:`AA^\top` when measurements are informative. ``r2 = 0`` with Gaussian noise is the exact
     likelihood at :math:`\hat x_0` (up to that constant in the operator form).
     """
-    if form == "operator" and operator_twist_applies(operator):
-        z = apply_operator(operator, x0_hat).to(torch.float64)
-        yy = _match(y, z.shape[0]).to(torch.float64)
-        v = max(float(operator.noise.variance()), 1e-12)
-        res = yy - z
-        with torch.no_grad():
-            u = gram_solve(operator, res.detach(), v, float(r2))
-        n = z.shape[0]
-        # value -res.u/2; gradient wrt z is u (the solve is not differentiated: u already is K^-1 res)
-        value = -0.5 * (res.detach() * u).reshape(n, -1).sum(-1)
-        return value + ((z - z.detach()) * u).reshape(n, -1).sum(-1)
     z = apply_operator(operator, x0_hat).to(torch.float64)
-    yy = _match(y, z.shape[0]).to(torch.float64)
+    r = _match(y, z.shape[0]).to(torch.float64) - z
+    n = z.shape[0]
+    if form == "operator" and operator_twist_applies(operator):
+        v = max(float(operator.noise.variance()), 1e-12)
+        with torch.no_grad():
+            u = gram_solve(operator, r.detach(), v, float(r2))
+        # value -r.u/2, gradient u with respect to z (u = K^-1 r already: the solve is not differentiated)
+        value = -0.5 * (r.detach() * u).reshape(n, -1).sum(-1)
+        return value + ((z - z.detach()) * u).reshape(n, -1).sum(-1)
     noise = operator.noise
     var = noise.variance() if getattr(noise, "gaussian", False) else noise.variance(z.detach())
     var = (torch.as_tensor(var, dtype=torch.float64, device=z.device) + r2).clamp(min=1e-12)
-    r = yy - z
-    n = z.shape[0]
     if var.ndim == 0:
         m = r[0].numel()
         return -0.5 * (r * r).reshape(n, -1).sum(-1) / var - 0.5 * m * torch.log(2 * math.pi * var)
