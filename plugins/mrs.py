@@ -53,6 +53,7 @@ from restoreflow import (
     tabulated,
     time_grid,
 )
+from restoreflow.denoiser import for_inference
 from restoreflow.errors import ConfigError
 from restoreflow.modelcard import card_path, load_into, load_state_dict, read_card, save_weights, write_card
 from restoreflow.nets import build_network
@@ -715,7 +716,7 @@ class IRSDECheckpoint(_MRPrior):
         net = build_network(arch, **kwargs)
         load_into(net, self.state_dict(), source=str(self.weights))
         pred = str(self.options.get("prediction", "eps"))
-        return IRSDEDenoiser(net.eval(), sch, pred).to(device)
+        return for_inference(IRSDEDenoiser(net, sch, pred), device)
 
     def card(self) -> dict[str, Any]:
         arch, kwargs = self.architecture()
@@ -752,7 +753,7 @@ def _load_mr_card(weights: Path, options: Mapping[str, Any]) -> IRSDEDenoiser:
     if override and IRSDESchedule.from_options({**sch.to_dict(), **override}) != sch:
         raise CheckpointError(f"{weights.name} was trained with {sch.to_dict()}; refusing to run it with {override}")
     load_into(net, strip_module_prefix(load_state_dict(weights)), source=str(weights))
-    den = IRSDEDenoiser(net.eval(), sch, pred)
+    den = for_inference(IRSDEDenoiser(net, sch, pred))
     den.anchor_estimator = card.get("anchor") or "measurement"
     return den
 

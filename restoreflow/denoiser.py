@@ -24,11 +24,13 @@ __all__ = ["Denoiser", "PredictionAdapter", "reparameterize", "Prior", "ValueRan
 
 def for_inference(module: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
     """Make a loaded network ready for sampling: on ``device``, eval mode, no parameter gradients (DPS-like
-    guidance then backpropagates to the input only), and on CPU its 4-D weights channels-last, which oneDNN's
-    convolutions prefer (measured on 1 thread: bundled UNet forward 0.78-0.84x the time at 96-256 px, NAFNet
-    0.92-0.95x; outputs equal to float32 rounding). Inputs stay in the usual layout."""
+    guidance then backpropagates to the input only), and on CPU its 4-D weights channels-last when one of its
+    modules says ``channels_last_cpu = True``: oneDNN's convolutions prefer that layout for plain conv nets
+    (measured, 1 thread: the EDM UNet forward 0.78-0.84x the time at 96-256 px, ConditionalNAFNet 0.92-0.95x;
+    outputs equal to float32 rounding), but the RDDM/Resfusion UNets (weight-standardised convs, attention)
+    ran 1.17-1.21x slower, so it is opt-in per architecture. Inputs stay in the usual layout."""
     module = module.to(device).eval().requires_grad_(False)
-    if torch.device(device).type == "cpu":
+    if torch.device(device).type == "cpu" and any(getattr(m, "channels_last_cpu", False) for m in module.modules()):
         module = module.to(memory_format=torch.channels_last)
     return module
 

@@ -89,6 +89,9 @@ class UNet(nn.Module):
     :param dropout: dropout inside the residual blocks.
     """
 
+    #: :func:`restoreflow.denoiser.for_inference` stores the weights channels-last on CPU (measured faster)
+    channels_last_cpu = True
+
     tileable = True
 
     def __init__(self, in_channels: int = 3, out_channels: int | None = None, cond_channels: int = 0,
