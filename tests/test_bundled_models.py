@@ -62,8 +62,8 @@ def test_deblur_defaults_to_mrs_with_the_bundled_model(crops):
 
 
 def test_loaded_networks_are_ready_for_cpu_inference():
-    """for_inference: eval, no parameter gradients, channels-last conv weights on CPU, same outputs as the
-    contiguous layout to float32 rounding."""
+    """for_inference: eval, no parameter gradients, channels-last conv weights on CPU for the architectures that
+    ask for it, same outputs as the contiguous layout to float32 rounding."""
     from restoreflow import collect, get_plugin_manager
     from restoreflow.denoiser import for_inference
 
@@ -80,3 +80,7 @@ def test_loaded_networks_are_ready_for_cpu_inference():
         plain = den.to(memory_format=torch.contiguous_format)(x, t)
     assert float((fast - plain).abs().max()) < 1e-4
     assert for_inference(torch.nn.Conv2d(2, 2, 3).train(), "cpu").training is False
+    # opt-in per architecture: the RDDM UNet (slower channels-last) keeps the usual layout
+    rddm = collect(get_plugin_manager()).priors.get("rddm-deblur")().load(x_shape=(1, 3, 32, 32))
+    assert all(p.is_contiguous() for p in rddm.parameters() if p.ndim == 4)
+    assert not any(p.requires_grad for p in rddm.parameters())
