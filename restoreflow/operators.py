@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -253,7 +253,7 @@ class Operator(nn.Module):
         x = torch.zeros((y.shape[0], *self.x_shape[1:]), dtype=y.dtype, device=y.device)
         for _ in range(10):
             g = self.A_vjp(x, y - self.A(x))
-            x = x + conjugate_gradient(Operator._normal_at(self, x), g, iters=50, tol=1e-6)
+            x = x + conjugate_gradient(self._normal_at(x), g, iters=50, tol=1e-6)
         return x
 
     def data_grad(self, x: Tensor, y: Tensor) -> Tensor:
@@ -261,6 +261,8 @@ class Operator(nn.Module):
         return self.A_vjp(x, self.noise.grad_log_prob(y, self.A(x)))
 
     def _normal_at(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """:math:`v \mapsto J_A(x)^\top J_A(x) v` (the Gauss-Newton normal operator at ``x``)."""
+
         def normal(v: Tensor) -> Tensor:
             return self.A_vjp(x, torch.func.jvp(self.A, (x,), (v,))[1])
         return normal
@@ -285,7 +287,7 @@ class Operator(nn.Module):
             for _ in range(iters):
                 v = v / v.norm()
                 w = normal(v)
-                lam_new = float((v * w).sum())  # Rayleigh quotient: error quadratic in the eigenvector's
+                lam_new = float((v * w).sum())  # Rayleigh quotient: its error is quadratic in the eigenvector's
                 if lam_new <= 0.0 or abs(lam_new - lam) <= 1e-6 * lam_new:
                     lam = max(lam_new, 0.0)
                     break
