@@ -54,10 +54,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from restoreflow.atomic import atomic_write
 from restoreflow import Context, LinearOperator, OperatorConfig, Prior, Sampler, Task, check, hookimpl, time_grid
 from restoreflow.errors import ConfigError, IncompatibleError, InputError, OutputError
-from restoreflow.io import IMAGE_SUFFIXES, Measurement, read_array, write_image
+from restoreflow.io import IMAGE_SUFFIXES, Measurement, read_array, write_file, write_image
 from restoreflow.sampling import check_finite, randn, start_state
 
 __all__ = [
@@ -612,20 +611,6 @@ class TV3D(Sampler):
 # -- I/O: NIfTI ----------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, suffix: str, write: Callable[[Path], None]) -> None:
-    """Write through a temporary sibling with the same (full) suffix (:func:`restoreflow.atomic.atomic_write`)."""
-    path = Path(path)
-    if not path.parent.exists():
-        raise OutputError(f"output directory {path.parent} does not exist")
-    try:
-        with atomic_write(path, suffix=suffix) as tmp:
-            write(tmp)
-    except (OutputError, KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as e:
-        raise OutputError(f"cannot write {path}: {' '.join(str(e).split())[:160]}") from None
-
-
 def _normalise(vol: np.ndarray, what: Path) -> tuple[Tensor, float, float]:
     if not np.isfinite(vol).all():
         raise InputError(f"input {what} contains NaN or infinite values")
@@ -718,7 +703,7 @@ def write_nifti(path: str | Path, image: Tensor, like: Measurement | None = None
         arr = np.moveaxis(vol, 0, 2).astype(np.float32)
         img = nib.Nifti1Image(arr[..., 0] if arr.shape[2] == 1 else arr, np.eye(4))
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    _atomic_write(path, suffix, lambda tmp: nib.save(img, str(tmp)))
+    write_file(path, lambda tmp: nib.save(img, str(tmp)), suffix=suffix)
 
 
 # -- I/O: DICOM ----------------------------------------------------------------------------------
@@ -877,7 +862,7 @@ def write_dicom(path: str | Path, image: Tensor, like: Measurement | None = None
         if phys.shape[0] > 1 and int(ds.get("NumberOfFrames", 1) or 1) != phys.shape[0] and datasets is not None:
             raise OutputError(f"cannot write {phys.shape[0]} slices into a single-frame DICOM like the input")
         ds = _set_pixels(ds, phys if phys.shape[0] > 1 else phys[0], dtype, series_uid)
-        _atomic_write(path, path.suffix, lambda tmp: ds.save_as(str(tmp), enforce_file_format=True))
+        write_file(path, lambda tmp: ds.save_as(str(tmp), enforce_file_format=True))
         return
     if path.suffix:
         raise OutputError(f"cannot write DICOM to {path.name}; use .dcm or a directory name without a suffix")
@@ -954,7 +939,7 @@ def read_npy_measurement(path: Path, task: str) -> Measurement:
 def write_npy(path: Path, image: Tensor, like: Measurement | None) -> None:
     vol = _volume_array(image) * float(like.meta.get("scale", 1.0) if like is not None else 1.0)
     arr = (vol[0] if vol.shape[0] == 1 else vol).astype(np.float32)
-    _atomic_write(path, ".npy", lambda tmp: np.save(tmp, arr))
+    write_file(path, lambda tmp: np.save(tmp, arr), suffix=".npy")
 
 
 def montage(volume: Tensor, cols: int | None = None) -> Tensor:

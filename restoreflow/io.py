@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from .atomic import atomic_write
 from .errors import InputError, OutputError
 from .hookspecs import hookimpl
 
-__all__ = ["read_array", "max_pixels", "check_size", "Measurement", "read_image", "write_image", "check_output_dir", "IMAGE_SUFFIXES", "to_tensor", "to_array"]
+__all__ = ["read_array", "max_pixels", "check_size", "Measurement", "read_image", "write_image", "check_output_dir", "write_file", "IMAGE_SUFFIXES", "to_tensor", "to_array"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -187,6 +188,21 @@ def check_output_dir(path: Path) -> None:
         raise OutputError(f"output directory {path.parent} is not writable")
 
 
+def write_file(path: str | Path, write: Callable[[Path], None], *, suffix: str | None = None) -> None:
+    """Write ``path`` through ``write(tmp)`` atomically (:func:`restoreflow.atomic.atomic_write`; ``suffix`` is the
+    temporary file's, default ``path``'s): a missing or read-only directory and any writer failure become one-line
+    :class:`OutputError`; interrupts propagate; nothing partial is left behind."""
+    path = Path(path)
+    check_output_dir(path)
+    try:
+        with atomic_write(path, suffix=path.suffix if suffix is None else suffix) as tmp:
+            write(tmp)
+    except OutputError:
+        raise
+    except Exception as e:
+        raise OutputError(f"cannot write {path}: {' '.join(str(e).split())[:160]}") from None
+
+
 def write_image(path: str | Path, image: Tensor, like: Measurement | None = None) -> None:
     """Write ``image`` (``1 x C x H x W`` in [0, 1]) atomically in ``like``'s bit depth and alpha."""
     from skimage import io as skio
@@ -207,19 +223,16 @@ def write_image(path: str | Path, image: Tensor, like: Measurement | None = None
         out = np.round(arr * 65535).astype(np.uint16)
     else:
         out = np.round(arr * 255).astype(np.uint8)
-    check_output_dir(path)
-    try:
-        with atomic_write(path, suffix=path.suffix) as tmp:
-            if suffix == ".png":
-                _write_png(tmp, out)
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    skio.imsave(tmp, out, check_contrast=False)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as e:
-        raise OutputError(f"cannot write {path}: {' '.join(str(e).split())[:160]}") from None
+
+    def write(tmp: Path) -> None:
+        if suffix == ".png":
+            _write_png(tmp, out)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                skio.imsave(tmp, out, check_contrast=False)
+
+    write_file(path, write)
 
 
 @hookimpl(trylast=True)
