@@ -540,25 +540,32 @@ def _take(value: Any, idx: Tensor) -> Any:
     return value
 
 
-def _chunked_guidance(ctx: Context, x: Tensor) -> bool:
-    """Whether gradient guidance runs chunk by chunk: a chunk size below the batch, and an operator that treats
-    rows independently (one operator for every row; per-image masks keep the all-at-once path)."""
+def _guidance_chunk(ctx: Context, n: int) -> int:
+    """Rows per gradient-guidance pass: ``ctx.chunk`` when an operator treats rows independently (one operator for
+    every row), else all ``n`` at once (per-image masks need the whole batch)."""
     op = ctx.problem.operator
-    return (ctx.chunk is not None and x.shape[0] > ctx.chunk
-            and (op is None or int(getattr(op, "x_shape", (1,))[0]) == 1))
+    if ctx.chunk is not None and (op is None or int(getattr(op, "x_shape", (1,))[0]) == 1):
+        return min(int(ctx.chunk), n)
+    return n
 
 
-def _guide_in_chunks(x: Tensor, t: Tensor, t_next: Tensor, denoiser: Denoiser, guidance: Guidance,
-                     ctx: Context) -> tuple[Tensor, Tensor]:
-    """``x0_hat`` and the guidance shift, ``ctx.chunk`` rows at a time: each chunk's graph is built, differentiated
-    and freed before the next, so peak activation memory is that of one chunk. Guidance is per sample, so the
-    result equals the all-at-once one row for row."""
+def _guided_denoise(x: Tensor, t: Tensor, t_next: Tensor, denoiser: Denoiser, guidance: Guidance,
+                    ctx: Context) -> tuple[Tensor, Tensor]:
+    """``x0_hat`` and the gradient-guidance shift, :func:`_guidance_chunk` rows at a time: each chunk's graph is
+    built, differentiated and freed before the next, so peak activation memory is that of one chunk. Guidance is
+    per sample, so the result equals the all-at-once one row for row."""
     full = ctx.problem
     n = x.shape[0]
+    chunk = _guidance_chunk(ctx, n)
+    if chunk == n:
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            x0 = denoiser(x_in, t, anchor=ctx.anchor)
+            return x0.detach(), guidance.delta(x_in, x0, t, t_next, ctx).detach()
     x0s, deltas = [], []
     try:
-        for a in range(0, n, int(ctx.chunk)):
-            sl = slice(a, a + int(ctx.chunk))
+        for a in range(0, n, chunk):
+            sl = slice(a, a + chunk)
             rows = {k: v[sl] for k, v in (("y", full.y), ("anchor", full.anchor))
                     if isinstance(v, Tensor) and v.shape[0] == n}
             ctx.problem = full.replace(x_shape=(x[sl].shape[0], *full.x_shape[1:]), **rows)
@@ -601,17 +608,14 @@ def integrate(kernel: Kernel, denoiser: Denoiser, problem: Problem, ts: Tensor, 
     need_grad = guidance is not None and guidance.needs_grad
     for i in range(steps):
         t, t_next = ts[i].to(x.device), ts[i + 1].to(x.device)
-        if need_grad and _chunked_guidance(ctx, x):
-            x0, delta = _guide_in_chunks(x, t, t_next, denoiser, guidance, ctx)
-            ctx.nfe += 1
-            check_finite(x0, i, t)
+        if need_grad:
+            x0, delta = _guided_denoise(x, t, t_next, denoiser, guidance, ctx)
         else:
-            with torch.set_grad_enabled(need_grad):
-                x_in = x.detach().requires_grad_(need_grad)
-                x0 = denoiser(x_in, t, anchor=anchor)
-                ctx.nfe += 1
-                check_finite(x0, i, t)
-                delta = guidance.delta(x_in, x0, t, t_next, ctx).detach() if guidance is not None else None
+            with torch.no_grad():
+                x0 = denoiser(x, t, anchor=anchor)
+                delta = guidance.delta(x, x0, t, t_next, ctx).detach() if guidance is not None else None
+        ctx.nfe += 1
+        check_finite(x0, i, t)
         x0 = x0.detach()
         if corrector is not None:
             idx = corrector.reweight(i, x, x0, t, ctx)
