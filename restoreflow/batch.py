@@ -388,7 +388,7 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
                                    "prior": pl.prior_label, "seed": s, "rank": dist.rank, "config": fp}
             try:
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                meas = _load_input(src, pl.task.name, torch.device("cpu"))
+                meas = _load_input(src, pl.task.name, torch.device("cpu"), pm)
                 res = restore(meas, pl.task.name, seed=s, device=device, simulate=simulate, planned=pl)
                 _write(pm, dst, res.image, meas)
                 rec.update(status="ok", nfe=res.nfe, seconds=round(res.seconds, 4),

@@ -15,6 +15,13 @@ T = TypeVar("T")
 __all__ = ["Registry", "Registries", "build_config", "parse_options", "config_fields", "option_docs"]
 
 
+def _qualname(obj: Any) -> str:
+    """``module.QualName`` of a class, or of the class of an instance (tasks are registered as records)."""
+    klass = obj if isinstance(obj, type) else type(obj)
+    label = f"{getattr(klass, '__module__', '?')}.{getattr(klass, '__qualname__', klass.__name__)}"
+    return label if isinstance(obj, type) else f"{label} instance {getattr(obj, 'name', '?')!r}"
+
+
 class Registry(Generic[T]):
     """Name -> class mapping for one kind of plugin object.
 
@@ -30,12 +37,12 @@ class Registry(Generic[T]):
     def register(self, cls: type[T], *, plugin: str | None = None) -> None:
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name:
-            raise PluginError(f"{cls.__module__}.{cls.__qualname__} has no `name` and cannot be registered as a {self.kind}")
+            raise PluginError(f"{_qualname(cls)} has no `name` and cannot be registered as a {self.kind}")
         if name in self._items and self._items[name] is not cls:
             old = self._items[name]
             raise PluginError(
-                f"{self.kind} {name!r} is registered twice: by {old.__module__}.{old.__qualname__} "
-                f"and by {cls.__module__}.{cls.__qualname__}"
+                f"{self.kind} {name!r} is registered twice: by {_qualname(old)} "
+                f"and by {_qualname(cls)}"
             )
         self._items[name] = cls
         self._owner[name] = plugin or cls.__module__
