@@ -12,7 +12,14 @@ from .errors import ConfigError, PluginError, UnknownNameError
 
 T = TypeVar("T")
 
-__all__ = ["Registry", "Registries", "build_config", "parse_options", "config_fields", "option_docs"]
+__all__ = ["Registry", "Registries", "build_config", "parse_options", "config_fields", "option_docs", "canonical_name"]
+
+
+def canonical_name(name: str) -> str:
+    """The spelling-insensitive key of a registered name: ``-`` and ``_`` are the same character and case does
+    not matter (as pip treats distribution names), so ``red-diff``, ``red_diff`` and ``RED_DIFF`` name one
+    sampler."""
+    return name.replace("_", "-").lower()
 
 
 def _qualname(obj: Any) -> str:
@@ -26,41 +33,55 @@ class Registry(Generic[T]):
     """Name -> class mapping for one kind of plugin object.
 
     A second registration under a name already taken is an error naming both modules, so two plugins
-    can never silently shadow each other.
+    can never silently shadow each other. Lookups accept ``-`` and ``_`` interchangeably (and any case):
+    ``get("red-diff")`` finds ``red_diff``; listings show each name once, as registered.
     """
 
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, type[T]] = {}
         self._owner: dict[str, str] = {}
+        self._canon: dict[str, str] = {}  # canonical_name -> registered spelling
 
     def register(self, cls: type[T], *, plugin: str | None = None) -> None:
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name:
             raise PluginError(f"{_qualname(cls)} has no `name` and cannot be registered as a {self.kind}")
-        if name in self._items and self._items[name] is not cls:
-            old = self._items[name]
+        taken = self._canon.get(canonical_name(name))
+        if taken is not None and self._items[taken] is not cls:
+            old = self._items[taken]
+            same = "" if taken == name else f" (as {taken!r}; - and _ are the same in names)"
             raise PluginError(
-                f"{self.kind} {name!r} is registered twice: by {_qualname(old)} "
+                f"{self.kind} {name!r} is registered twice{same}: by {_qualname(old)} "
                 f"and by {_qualname(cls)}"
             )
+        if taken is not None:
+            return
         self._items[name] = cls
         self._owner[name] = plugin or cls.__module__
+        self._canon[canonical_name(name)] = name
+
+    def resolve(self, name: str) -> str:
+        """The registered spelling of ``name`` (``red-diff`` -> ``red_diff``); unknown names raise
+        :class:`UnknownNameError` with suggestions."""
+        if name in self._items:
+            return name
+        found = self._canon.get(canonical_name(name)) if isinstance(name, str) else None
+        if found is None:
+            raise UnknownNameError(self.kind, name, self._items)
+        return found
 
     def get(self, name: str) -> type[T]:
-        try:
-            return self._items[name]
-        except KeyError:
-            raise UnknownNameError(self.kind, name, self._items) from None
+        return self._items[self.resolve(name)]
 
     def owner(self, name: str) -> str:
-        return self._owner[name]
+        return self._owner[self.resolve(name)]
 
     def names(self) -> list[str]:
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return isinstance(name, str) and (name in self._items or canonical_name(name) in self._canon)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -1,0 +1,174 @@
+"""Estimate the standard deviation of additive white Gaussian noise from one image (``--op noise_sigma=auto``).
+
+The global wavelet estimator (Donoho & Johnstone; :func:`skimage.restoration.estimate_sigma`: MAD of the finest
+diagonal detail band / 0.6745) is biased on photographs in two ways, measured on the held-out crops
+(:func:`restoreflow.data.held_out_images`, Gaussian noise, clipped to [0, 1] and rounded to 8 bits as a file
+would be):
+
+* **Texture** leaks into the detail band and inflates a low noise level (64-px crops at sigma 0.02: up to 1.43x).
+* **Clipping** at black and white shrinks the noise: at sigma 0.2 the estimate falls to 0.60-0.67x the truth.
+
+Here instead:
+
+1. The high-pass is Immerkaer's 3 x 3 operator ``[[1,-2,1],[-2,4,-2],[1,-2,1]] / 6`` (J. Immerkaer, "Fast noise
+   variance estimation", CVIU 1996), which cancels constant, linear and bilinear image content; on white noise
+   of std sigma its output has std sigma.
+2. Its output is cut into 16 x 16 blocks (all channels pooled); each gives an RMS estimate, and the
+   ``quantile``-th block estimate (default the 10 % smoothest block) is taken: smooth blocks carry the noise
+   alone. The small downward bias this choice has on a pure-noise image is calibrated away (:func:`_calibration`,
+   a fixed-seed simulation of the same statistic on white noise).
+3. Blocks where more than ``max_clipped`` of the filter outputs touch a pixel at 0 or 1 are left out, and the
+   estimate is repeated twice leaving out blocks whose mean lies within two estimated sigmas of 0 or 1 (where
+   clipping truncates the noise).
+
+Measured (``python -m restoreflow.noiselevel``; ratio estimate / true sigma, min-max over the crops):
+
+============  ============  ============  ============  ============
+crop          sigma 0.02    sigma 0.05    sigma 0.1     sigma 0.2
+============  ============  ============  ============  ============
+64 px (20)    1.00-1.31     1.00-1.09     0.92-1.05     0.73-0.95
+128 px (20)   1.01-1.17     1.00-1.10     0.94-1.04     0.82-0.93
+256 px (4)    1.04-1.09     1.02-1.04     1.00-1.02     0.90-0.93
+============  ============  ============  ============  ============
+
+(skimage's estimator on the same files: 64 px 0.74-1.44 / 0.67-1.08 / 0.63-1.01 / 0.60-0.97; 128 px 0.84-1.37 /
+0.74-1.08 / 0.70-1.00 / 0.65-0.96; 256 px 1.06-1.25 / 0.93-1.04 / 0.88-0.98 / 0.80-0.93.) Every 128- and
+256-px crop lands within 20 %; the 64-px crops at the ends of the range do not (fine fur texture at 0.02,
+heavy clipping at 0.2).
+
+When fewer than ``min_blocks`` blocks qualify (a tiny or mostly saturated image) the estimate falls back to
+the global MAD of the filter outputs away from clipped pixels. It is never below the quantisation noise of
+the file's bit depth.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+__all__ = ["estimate_noise_sigma", "quantisation_sigma"]
+
+_MAD_TO_SIGMA = 0.6744897501960817  # the median of |N(0, 1)|
+
+
+def quantisation_sigma(bit_depth: int) -> float:
+    """The noise that rounding to ``bit_depth`` bits adds (uniform over one step: step / sqrt(12)); the floor of
+    any estimate, since an integer image is never cleaner than that."""
+    if bit_depth >= 32:
+        return 0.0
+    return 1.0 / ((2 ** int(bit_depth)) - 1) / math.sqrt(12.0)
+
+
+_KERNEL = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]]) / 6.0  # unit gain on white noise
+
+
+def _filter(x: np.ndarray) -> np.ndarray:
+    """Immerkaer's high-pass on the valid region of each channel: ``(H-2) x (W-2) x C``."""
+    H, W = x.shape[:2]
+    out = np.zeros((H - 2, W - 2) + x.shape[2:])
+    for i in range(3):
+        for j in range(3):
+            out += _KERNEL[i, j] * x[i : H - 2 + i, j : W - 2 + j]
+    return out
+
+
+def _windows(a: np.ndarray, k: int) -> np.ndarray:
+    """For every valid 3 x 3 window: ``any`` (bool input) or mean (float input) over it."""
+    H, W = a.shape[:2]
+    parts = [a[i : H - 2 + i, j : W - 2 + j] for i in range(3) for j in range(3)]
+    if a.dtype == bool:
+        return np.logical_or.reduce(parts)
+    return sum(parts) / 9.0
+
+
+def _blocks(a: np.ndarray, size: int) -> np.ndarray:
+    nb, mb = a.shape[0] // size, a.shape[1] // size
+    return a[: nb * size, : mb * size].reshape(nb, size, mb, size, -1).transpose(0, 2, 1, 3, 4).reshape(nb * mb, -1)
+
+
+def _block_statistic(d: np.ndarray, quantile: float, size: int) -> float:
+    rms = np.sqrt(np.mean(_blocks(d, size) ** 2, axis=1))
+    return float(np.quantile(rms, quantile))
+
+
+@functools.cache
+def _calibration(quantile: float, size: int, channels: int) -> float:
+    """The statistic on unit white noise (fixed seed, 4096 blocks): the factor that makes it unbiased there."""
+    rng = np.random.default_rng(20240)
+    z = rng.standard_normal((64 * (size + 2), 64 * (size + 2), channels)) if channels <= 3 else \
+        rng.standard_normal((32 * (size + 2), 32 * (size + 2), channels))
+    d = _filter(z)
+    return _block_statistic(d, quantile, size)
+
+
+def estimate_noise_sigma(image: np.ndarray, *, block: int = 16, quantile: float = 0.1, max_clipped: float = 0.1,
+                         min_blocks: int = 3, bit_depth: int = 32) -> float:
+    """The noise standard deviation of ``image`` (``H x W`` or ``H x W x C``, values in [0, 1]), in image units.
+
+    :param block: block side in pixels.
+    :param quantile: which block estimate to take (low: robust to texture; calibrated on white noise).
+    :param max_clipped: blocks with a larger fraction of filter outputs touching a pixel at 0 or 1 are not used.
+    :param min_blocks: fewer usable blocks than this: the global MAD instead.
+    :param bit_depth: the file's bit depth; the estimate is never below its quantisation noise.
+    """
+    x = np.asarray(image, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.ndim != 3 or x.shape[0] < 3 or x.shape[1] < 3:
+        raise ValueError(f"need an H x W [x C] image of at least 3 x 3 pixels; got shape {x.shape}")
+    floor = quantisation_sigma(bit_depth)
+    eps = 0.5 / 65535.0
+    d = _filter(x)
+    touch = _windows((x <= eps) | (x >= 1.0 - eps), 3)
+    local = _windows(x, 3)
+    sigma = None
+    if d.shape[0] >= block and d.shape[1] >= block:
+        db, tb, lb = _blocks(d, block), _blocks(touch, block), _blocks(local, block)
+        n = db.shape[1]
+        rms = np.sqrt(np.mean(db ** 2, axis=1))
+        usable = tb.mean(axis=1) <= max_clipped
+        ref = _calibration(quantile, block, x.shape[2]) if n == block * block * x.shape[2] else None
+        for _ in range(3):
+            keep = usable.copy()
+            if sigma is not None:
+                mean = lb.mean(axis=1)
+                keep &= (mean >= 2 * sigma) & (mean <= 1 - 2 * sigma)
+            if keep.sum() < min_blocks or ref is None:
+                break
+            sigma = float(np.quantile(rms[keep], quantile)) / ref
+    if sigma is None:
+        good = d[~touch]
+        if good.size == 0:
+            good = d.reshape(-1)
+        sigma = float(np.median(np.abs(good))) / _MAD_TO_SIGMA
+    return max(sigma, floor)
+
+
+def _report() -> None:  # pragma: no cover - the measurement behind the table above
+    from restoreflow.data import held_out_images
+
+    try:
+        from skimage.restoration import estimate_sigma
+    except ImportError:
+        estimate_sigma = None
+    for size, per in ((64, 5), (128, 5), (256, 1)):
+        imgs = held_out_images(size, 3, per_image=per).numpy()
+        row = [f"{size} px ({len(imgs)})"]
+        sk = []
+        for sig in (0.02, 0.05, 0.1, 0.2):
+            rng = np.random.default_rng(1)
+            r, s = [], []
+            for im in imgs:
+                x = np.transpose(im, (1, 2, 0)).astype(np.float64)
+                y = np.round(np.clip(x + sig * rng.standard_normal(x.shape), 0, 1) * 255) / 255
+                r.append(estimate_noise_sigma(y, bit_depth=8) / sig)
+                if estimate_sigma is not None:
+                    s.append(estimate_sigma(y, channel_axis=-1, average_sigmas=True) / sig)
+            row.append(f"{min(r):.2f}-{max(r):.2f}")
+            sk.append(f"{min(s):.2f}-{max(s):.2f}" if s else "-")
+        print("  ".join(row), "  | skimage:", " / ".join(sk))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _report()
