@@ -38,6 +38,7 @@ from restoreflow import (
 )
 from restoreflow.denoiser import for_inference
 from restoreflow.modelcard import card_path, read_card
+from restoreflow.nets.resunet import ResUNet
 from restoreflow.nets.unet import EDMDenoiser, UNet
 from restoreflow.training import TrainingMethod
 
@@ -72,16 +73,22 @@ class DenoiserMethod(TrainingMethod):
         #: fraction of each batch whose sigma is log-uniform over the whole path range instead (covers the
         #: very high noise levels that DPS / RED-Diff start from, which the log-normal rarely draws)
         p_uniform: float = 0.0
+        #: fraction of each batch made grey (luminance in every channel) with the SAME noise in every channel:
+        #: how grayscale (medical) images reach an RGB network through the ``gray`` prior
+        p_gray: float = 0.0
         sigma_data: float = 0.5
         sigma_min: float = 0.001  # path range, [0, 1] image units
         sigma_max: float = 80.0
+        #: network: ``unet`` (time-embedding UNet, GroupNorm) or ``resunet`` (DRUNet-style, noise-level map, no norm)
+        arch: str = "unet"
         mult: str = "1,2,4,4"  # channel multipliers of the UNet levels
         blocks: int = 1
-        up_blocks: int = 1
+        up_blocks: int = 1  # unet only (resunet's decoder mirrors its encoder)
 
         def __post_init__(self):
             check(self.p_std > 0, f"p_std must be > 0; got {self.p_std}")
             check(0 <= self.p_uniform <= 1, f"p_uniform must be in [0, 1]; got {self.p_uniform}")
+            check(0 <= self.p_gray <= 1, f"p_gray must be in [0, 1]; got {self.p_gray}")
             check(self.sigma_data > 0, f"sigma_data must be > 0; got {self.sigma_data}")
             check(0 < self.sigma_min < self.sigma_max, f"need 0 < sigma_min < sigma_max; got {self.sigma_min}, {self.sigma_max}")
             try:
@@ -90,14 +97,17 @@ class DenoiserMethod(TrainingMethod):
                 m = []
             check(bool(m) and min(m) >= 1, f"mult must be comma-separated positive integers; got {self.mult!r}")
             check(self.blocks >= 1 and self.up_blocks >= 1, "blocks and up_blocks must be >= 1")
+            check(self.arch in ("unet", "resunet"), f"arch must be unet or resunet; got {self.arch!r}")
 
     def _mult(self) -> list[int]:
         return [int(v) for v in str(self.config.mult).split(",") if v.strip()]
 
     def build_network(self, *, channels: int, width: int) -> nn.Module:
         c = self.config
-        return UNet(in_channels=channels, channels=[width * m for m in self._mult()], blocks=c.blocks,
-                    up_blocks=c.up_blocks)
+        widths = [width * m for m in self._mult()]
+        if c.arch == "resunet":
+            return ResUNet(in_channels=channels, channels=widths, blocks=c.blocks)
+        return UNet(in_channels=channels, channels=widths, blocks=c.blocks, up_blocks=c.up_blocks)
 
     def _wrap(self, net: nn.Module) -> EDMDenoiser:
         c = self.config
@@ -114,6 +124,12 @@ class DenoiserMethod(TrainingMethod):
             pick = torch.rand(B, generator=generator, device=x0.device, dtype=torch.float64) < c.p_uniform
             sigma = torch.where(pick, torch.exp(lo + (hi - lo) * u), sigma)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if c.p_gray > 0 and x0.shape[1] == 3:
+            grey = torch.rand(B, generator=generator, device=x0.device, dtype=torch.float64) < c.p_gray
+            w = torch.tensor([0.2125, 0.7154, 0.0721], device=x0.device, dtype=x0.dtype).reshape(1, 3, 1, 1)
+            g = grey.reshape(B, 1, 1, 1)
+            x0 = torch.where(g, (x0 * w).sum(1, keepdim=True).expand_as(x0), x0)
+            noise = torch.where(g, noise[:, :1].expand_as(noise), noise)
         pred, target = self._wrap(net).training_target(2 * x0 - 1, noise, sigma)
         return (pred.float() - target.float()).square().mean()
 
@@ -593,13 +609,15 @@ def _pairs(values: tuple[str, ...]) -> dict[str, str]:
 def _canonical_command(params: dict[str, Any]) -> str:
     """The exact, complete ``restoreflow train`` command line for these parameters."""
     parts = ["restoreflow", "train"]
-    for key in ("method", "task", "name", "steps", "batch", "crop", "lr", "warmup", "ema", "width", "channels", "data",
-                "dead_leaves", "seed", "device", "threads", "checkpoint_every", "eval_size", "eval_crops", "eval_steps",
+    for key in ("method", "task", "name", "steps", "batch", "crop", "lr", "lr_min_ratio", "warmup", "ema", "width",
+                "channels", "data", "dead_leaves", "dead_leaves_size", "dead_leaves_texture", "scales", "seed", "device", "threads", "checkpoint_every", "eval_size", "eval_crops", "eval_steps",
                 "noise_range", "init"):
         v = params.get(key)
         if v is None:
             continue
         parts += [f"--{key.replace('_', '-')}", str(v)]
+    if params.get("augment"):
+        parts += ["--augment"]
     if params.get("anchor") not in (None, "measurement"):
         parts += ["--anchor", str(params["anchor"])]
     for k, v in params.get("op", ()) or ():
@@ -631,6 +649,14 @@ def _train_command(cli: click.Group) -> click.Command:
     @click.option("--data", default="builtin", show_default=True,
                   help="'builtin' (scikit-image samples + dead leaves) or an image folder.")
     @click.option("--dead-leaves", type=int, default=64, show_default=True, help="Dead-leaves images (builtin data).")
+    @click.option("--dead-leaves-size", type=int, default=128, show_default=True, help="Side of each dead-leaves image.")
+    @click.option("--dead-leaves-texture", type=float, default=0.0, show_default=True,
+                  help="Fraction of dead-leaves images whose disks are shaded and textured.")
+    @click.option("--scales", default=None, metavar="S1,S2,...",
+                  help="Resampling factors of the builtin training images (default 1,0.5; 0.25 for large ones).")
+    @click.option("--augment", is_flag=True, help="Colour augmentation per crop (channel order, contrast).")
+    @click.option("--lr-min-ratio", type=float, default=0.1, show_default=True,
+                  help="Final learning rate of the cosine decay, as a fraction of --lr (1 = constant).")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--device", default=None, help="cpu | cuda (default: cuda when available).")
     @click.option("--threads", type=int, default=None, help="CPU threads for torch.")
@@ -651,7 +677,7 @@ def _train_command(cli: click.Group) -> click.Command:
     @click.option("--quiet", is_flag=True, help="No progress bar.")
     @handle_errors
     def train_cmd(method, task, name, out, steps, batch, crop, lr, warmup, ema, width, channels, data, dead_leaves,
-                  seed, device, threads, checkpoint_every, eval_size, eval_crops, eval_steps, op_opts, extra_operator,
+                  dead_leaves_size, dead_leaves_texture, scales, augment, lr_min_ratio, seed, device, threads, checkpoint_every, eval_size, eval_crops, eval_steps, op_opts, extra_operator,
                   noise_range, anchor, m_opts, init, resume, quiet):
         from restoreflow.plugins import default_registries
         from restoreflow.train_loop import TrainOptions, train
@@ -666,19 +692,28 @@ def _train_command(cli: click.Group) -> click.Command:
             except ValueError:
                 raise ConfigError(f"--noise-range must look like LO,HI; got {noise_range!r}") from None
             nr = (lo, hi)
+        sc = None
+        if scales:
+            try:
+                sc = tuple(float(v) for v in scales.split(","))
+            except ValueError:
+                raise ConfigError(f"--scales must look like 1,0.5; got {scales!r}") from None
         ops, mopts = _pairs(op_opts), _pairs(m_opts)
         mcls = regs.trainers.get(method)
         from restoreflow.registry import build_config
 
         build_config(mcls.Config, mopts, owner=method)  # validate before loading any data
         params = dict(method=method, task=task, name=name, steps=steps, batch=batch, crop=crop, lr=lr, warmup=warmup,
-                      ema=ema, width=width, channels=channels, data=data, dead_leaves=dead_leaves, seed=seed,
-                      device=device, threads=threads, checkpoint_every=checkpoint_every, eval_size=eval_size,
+                      ema=ema, width=width, channels=channels, data=data, dead_leaves=dead_leaves,
+                      dead_leaves_size=dead_leaves_size if dead_leaves_size != 128 else None,
+                      dead_leaves_texture=dead_leaves_texture or None, scales=scales, augment=augment,
+                      lr_min_ratio=lr_min_ratio if lr_min_ratio != 0.1 else None, seed=seed, device=device, threads=threads, checkpoint_every=checkpoint_every, eval_size=eval_size,
                       eval_crops=eval_crops, eval_steps=eval_steps, noise_range=noise_range, op=sorted(ops.items()),
                       extra_operator=extra_operator, anchor=anchor, method_opt=sorted(mopts.items()), init=init, out=out)
         opts = TrainOptions(method=method, task=task, name=name, steps=steps, batch=batch, crop=crop, lr=lr,
                             warmup=warmup, ema=ema, width=width, channels=channels, data=data, dead_leaves=dead_leaves,
-                            seed=seed, device=device, threads=threads, checkpoint_every=checkpoint_every,
+                            dead_leaves_size=dead_leaves_size, dead_leaves_texture=dead_leaves_texture, scales=sc,
+                            augment=augment, lr_min_ratio=lr_min_ratio, seed=seed, device=device, threads=threads, checkpoint_every=checkpoint_every,
                             eval_size=eval_size, eval_crops=eval_crops, eval_steps=eval_steps, op_options=ops,
                             extra_operators=tuple(extra_operator), noise_range=nr, anchor=anchor, method_options=mopts, init=init,
                             command=_canonical_command(params))

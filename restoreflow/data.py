@@ -102,13 +102,15 @@ def _rescale(img: np.ndarray, factor: float) -> np.ndarray:
 
 
 def dead_leaves(size: int = 128, seed: int = 0, *, r_min: float = 1.5, r_max: float | None = None,
-                alpha: float = 3.0, max_disks: int = 100000) -> np.ndarray:
+                alpha: float = 3.0, max_disks: int = 100000, texture: bool = False) -> np.ndarray:
     """A colour dead-leaves image (``size x size x 3`` float32 in [0, 1]).
 
     Disks are dropped front to back at uniform positions with radii drawn from :math:`p(r)\\propto r^{-\\alpha}`
     on ``[r_min, r_max]`` (scale invariance for :math:`\\alpha = 3`), each hiding what lies beneath, until
     the image is covered. Colours are random, with a per-image random tint so that the colour statistics
-    vary. Deterministic in ``seed``.
+    vary. With ``texture`` each disk is shaded by a random linear gradient plus a random oriented sinusoid
+    (Achddou et al., 2021: texture inside the leaves brings the statistics closer to photographs).
+    Deterministic in ``seed``.
     """
     rng = np.random.default_rng(seed)
     r_max = float(r_max if r_max is not None else size / 2)
@@ -133,7 +135,14 @@ def dead_leaves(size: int = 128, seed: int = 0, *, r_min: float = 1.5, r_max: fl
         if not sub.any():
             continue
         colour = np.clip(base + rng.normal(0, 0.25, size=3) * rng.uniform(0.3, 1.0), 0, 1)
-        img[y0:y1, x0:x1][sub] = colour
+        if texture:
+            py, px = yy[y0:y1, x0:x1][sub] - cy, xx[y0:y1, x0:x1][sub] - cx
+            gy, gx = rng.normal(0, 0.15, size=2) / max(r, 1.0)
+            freq, theta, amp = rng.uniform(0.1, 1.2), rng.uniform(0, np.pi), rng.uniform(0, 0.12) * (rng.uniform() < 0.5)
+            shade = gy * py + gx * px + amp * np.sin(freq * (np.cos(theta) * px + np.sin(theta) * py))
+            img[y0:y1, x0:x1][sub] = np.clip(colour[None, :] + shade[:, None], 0, 1)
+        else:
+            img[y0:y1, x0:x1][sub] = colour
         free[y0:y1, x0:x1][sub] = False
         n_free -= int(sub.sum())
     if rng.uniform() < 0.5:  # half of them out of focus a little, as in photographs
@@ -149,6 +158,10 @@ class ImagePool:
     :meth:`batch` draws ``B`` random crops (uniform over images within a group, groups by ``weights``),
     each randomly flipped and rotated by a multiple of 90 degrees, from the explicit generator.
     """
+
+    #: colour augmentation per crop (channel permutation, contrast x -> a x + b with a in [0.5, 1], no clipping);
+    #: off by default so that the crops of earlier runs are drawn exactly as before
+    augment: bool = False
 
     def __init__(self, groups: dict[str, list[Tensor]], weights: dict[str, float] | None = None,
                  description: dict[str, Any] | None = None):
@@ -172,8 +185,9 @@ class ImagePool:
             imgs = self.groups[self.names[int(gi[b])]]
             img = imgs[int(torch.randint(len(imgs), (1,), generator=generator))]
             _, H, W = img.shape
-            if H < crop or W < crop:  # too small: reflect-pad up to the crop
-                img = torch.nn.functional.pad(img[None], (0, max(0, crop - W), 0, max(0, crop - H)), mode="reflect")[0]
+            while H < crop or W < crop:  # too small: reflect-pad up to the crop (reflect pads < the side each time)
+                pw, ph = min(max(0, crop - W), W - 1), min(max(0, crop - H), H - 1)
+                img = torch.nn.functional.pad(img[None], (0, pw, 0, ph), mode="reflect")[0]
                 _, H, W = img.shape
             y = int(torch.randint(H - crop + 1, (1,), generator=generator))
             x = int(torch.randint(W - crop + 1, (1,), generator=generator))
@@ -182,24 +196,39 @@ class ImagePool:
             if int(flip):
                 patch = patch.flip(-1)
             out[b] = torch.rot90(patch, int(rot), dims=(-2, -1))
+            if self.augment:
+                if self.channels == 3:
+                    out[b] = out[b][torch.randperm(3, generator=generator)]
+                a = 0.5 + 0.5 * float(torch.rand((), generator=generator))
+                off = (1 - a) * float(torch.rand((), generator=generator))
+                out[b] = a * out[b] + off
         return out
 
 
 def builtin_pool(channels: int = 3, *, dead_leaves_count: int = 64, dead_leaves_size: int = 128,
-                 dead_leaves_weight: float = 0.35, seed: int = 0) -> ImagePool:
-    """The built-in offline training set: :data:`TRAIN_IMAGES` at several scales plus dead leaves."""
+                 dead_leaves_weight: float = 0.35, dead_leaves_texture: float = 0.0, seed: int = 0,
+                 scales: Sequence[float] | None = None) -> ImagePool:
+    """The built-in offline training set: :data:`TRAIN_IMAGES` at several scales plus dead leaves.
+
+    ``scales`` (default ``1, 1/2``, and ``1/4`` for images of at least 800 px) are the resampling factors of
+    every training image; ``dead_leaves_texture`` is the fraction of dead-leaves images with textured disks.
+    """
     natural: list[Tensor] = []
     for name in TRAIN_IMAGES:
         img = skimage_image(name)
-        scales = [1.0, 0.5] + ([0.25] if min(img.shape[:2]) >= 800 else [])
-        for s in scales:
+        ss = list(scales) if scales else [1.0, 0.5] + ([0.25] if min(img.shape[:2]) >= 800 else [])
+        for s in ss:
             im = img if s == 1.0 else _rescale(img, s)
-            natural.append(torch.from_numpy(to_channels(im, channels)))
-    leaves = [torch.from_numpy(to_channels(dead_leaves(dead_leaves_size, seed=seed * 100003 + i), channels))
+            if min(im.shape[:2]) >= 16:
+                natural.append(torch.from_numpy(to_channels(im, channels)))
+    n_tex = int(round(dead_leaves_texture * dead_leaves_count))
+    leaves = [torch.from_numpy(to_channels(dead_leaves(dead_leaves_size, seed=seed * 100003 + i, texture=i < n_tex),
+                                           channels))
               for i in range(dead_leaves_count)]
-    desc = {"source": "builtin", "skimage": list(TRAIN_IMAGES), "scales": "1, 1/2 (1/4 for >= 800 px)",
+    desc = {"source": "builtin", "skimage": list(TRAIN_IMAGES),
+            "scales": ", ".join(f"{s:g}" for s in scales) if scales else "1, 1/2 (1/4 for >= 800 px)",
             "dead_leaves": {"count": dead_leaves_count, "size": dead_leaves_size, "seed": seed,
-                            "weight": dead_leaves_weight}}
+                            "weight": dead_leaves_weight, "textured": n_tex}}
     return ImagePool({"skimage": natural, "dead_leaves": leaves},
                      {"skimage": 1 - dead_leaves_weight, "dead_leaves": dead_leaves_weight}, desc)
 

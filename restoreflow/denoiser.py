@@ -194,11 +194,15 @@ class Prior(abc.ABC):
         ``exact_posterior = True``). Samplers that ignore ``y`` then sample the posterior."""
         raise TypeError(f"prior {self.name!r} has no closed-form posterior")
 
-    def sampler_defaults(self, sampler: str) -> dict[str, Any]:
+    def sampler_defaults(self, sampler: str, task: str | None = None) -> dict[str, Any]:
         """Options of ``sampler`` tuned for this prior: the ``"sampler_defaults"`` of the model card next to
-        ``self.weights`` (when the prior has weights with a card); the user's own options and ``--steps``
-        override them."""
-        return dict(self.tuned_options().get(sampler) or {})
+        ``self.weights`` (when the prior has weights with a card), where a ``"SAMPLER:TASK"`` entry refines
+        the ``"SAMPLER"`` one for that task; the user's own options and ``--steps`` override them."""
+        tuned = self.tuned_options()
+        out = dict(tuned.get(sampler) or {})
+        if task is not None:
+            out.update(tuned.get(f"{sampler}:{task}") or {})
+        return out
 
     def tuned_options(self) -> dict[str, dict[str, Any]]:
         """Every sampler's tuned options (see :meth:`sampler_defaults`), by sampler name."""

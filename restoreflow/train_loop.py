@@ -68,6 +68,10 @@ class TrainOptions:
     channels: int = 3
     data: str = "builtin"
     dead_leaves: int = 64
+    dead_leaves_size: int = 128
+    dead_leaves_texture: float = 0.0
+    scales: tuple[float, ...] | None = None
+    augment: bool = False
     seed: int = 0
     device: str = "cpu"
     amp: bool = True
@@ -92,6 +96,11 @@ class TrainOptions:
         check(0 <= self.ema < 1, f"ema must be in [0, 1); got {self.ema}")
         check(self.width >= 4, f"width must be >= 4; got {self.width}")
         check(self.channels in (1, 3), f"channels must be 1 or 3; got {self.channels}")
+        check(self.dead_leaves_size >= 16, f"dead_leaves_size must be >= 16; got {self.dead_leaves_size}")
+        check(0 <= self.dead_leaves_texture <= 1, f"dead_leaves_texture must be in [0, 1]; got {self.dead_leaves_texture}")
+        check(self.scales is None or (len(self.scales) > 0 and all(0 < v <= 1 for v in self.scales)),
+              f"scales must be factors in (0, 1]; got {self.scales}")
+        check(0 < self.lr_min_ratio <= 1, f"lr_min_ratio must be in (0, 1]; got {self.lr_min_ratio}")
         check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1; got {self.checkpoint_every}")
         if self.noise_range is not None:
             lo, hi = self.noise_range
@@ -318,8 +327,12 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any = None, res
     elif o.extra_operators or o.op_options or o.anchor != "measurement":
         raise IncompatibleError(f"method {o.method} is unconditional: --op / --extra-operator / --anchor do not apply")
 
-    pool = (rfdata.builtin_pool(o.channels, dead_leaves_count=o.dead_leaves, seed=o.seed) if o.data == "builtin"
-            else rfdata.folder_pool(o.data, o.channels))
+    pool = (rfdata.builtin_pool(o.channels, dead_leaves_count=o.dead_leaves, dead_leaves_size=o.dead_leaves_size,
+                                dead_leaves_texture=o.dead_leaves_texture, scales=o.scales, seed=o.seed)
+            if o.data == "builtin" else rfdata.folder_pool(o.data, o.channels))
+    pool.augment = o.augment
+    if o.augment:
+        pool.description["augment"] = "channel permutation, contrast a x + b (a in [0.5, 1])"
 
     torch.manual_seed(o.seed)  # parameter initialisation only; all training randomness uses `gen`
     net = method.build_network(channels=o.channels, width=o.width).to(device)

@@ -19,7 +19,7 @@ __all__ = ["register_architecture", "build_network", "architectures"]
 
 _ARCH: dict[str, Callable[..., nn.Module]] = {}
 # modules that define architectures; imported on first use so that `import restoreflow` stays light
-_MODULES = ("unet", "irsde", "rddm")
+_MODULES = ("unet", "resunet", "irsde", "rddm")
 
 
 def register_architecture(name: str) -> Callable[[type], type]:

@@ -1,0 +1,109 @@
+"""Choose ``dpir``'s options per task for a prior, on crops of TRAINING images only (no held-out image).
+
+Grid over ``steps`` x ``lam`` x ``sigma_start``; the mean PSNR over the crops picks the best setting per task.
+Prints the ``sampler_defaults`` entries to put in the prior's card (``"dpir"`` and ``"dpir:TASK"``), and writes
+``benchmarks/results/tune_dpir.json``.
+
+    python benchmarks/tune_dpir.py [--weights W.safetensors] [--tasks deblur,sr,inpaint] [--size 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TRAIN_PHOTOS = ("rocket", "motorcycle_left", "immunohistochemistry", "coins")
+# task -> list of (operator, options); the tuned setting must do well on all of them
+SETTINGS = {
+    "denoise": [("denoise", {"noise_sigma": s}) for s in (0.05, 0.1, 0.2)],
+    "deblur": [("gaussian_blur", {"sigma": 2.0, "noise_sigma": 0.01}), ("motion_blur", {"noise_sigma": 0.01}),
+               ("gaussian_blur", {"sigma": 1.0, "noise_sigma": 0.03})],
+    "sr": [("downsample", {"factor": 4, "noise_sigma": 0.01}), ("downsample", {"factor": 2, "noise_sigma": 0.01})],
+    "inpaint": [("inpaint", {"mask": "random", "ratio": 0.5, "noise_sigma": 0.01}),
+                ("inpaint", {"mask": "box", "noise_sigma": 0.01})],
+    "mri": [("mri_cartesian", {"accel": 4, "noise_sigma": 0.01}), ("mri_cartesian", {"accel": 8, "noise_sigma": 0.01})],
+    "ct": [("ct_parallel", {"views": 60, "noise_sigma": 0.01}), ("ct_parallel", {"views": 30, "noise_sigma": 0.01})],
+}
+GRID = {"steps": (8, 16, 24), "lam": (0.1, 0.23, 0.5), "sigma_start": (0.1, 0.2, 0.4)}
+
+
+def train_crops(size: int, channels: int, per_image: int = 2):
+    import torch
+
+    from restoreflow import data as rfdata
+
+    out = []
+    for name in TRAIN_PHOTOS:
+        img = torch.from_numpy(rfdata.to_channels(rfdata.skimage_image(name), channels))
+        _, H, W = img.shape
+        for k in range(per_image):
+            y = (H - size) * (k + 1) // (per_image + 1)
+            x = (W - size) * (per_image - k) // (per_image + 1)
+            out.append(img[:, y:y + size, x:x + size])
+    return torch.stack(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", default=None, help="default-prior weights (default: the bundled ones)")
+    ap.add_argument("--tasks", default="deblur,sr,inpaint")
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS / "tune_dpir.json")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from restoreflow import data as rfdata
+    from restoreflow.plugins import default_registries
+    from restoreflow.sampling import Problem
+    from restoreflow.train_loop import load_model
+
+    torch.set_num_threads(args.threads)
+    regs = default_registries()
+    den = load_model(args.weights).denoiser if args.weights else regs.priors.get("default")().load()
+    gray = regs.priors.get("gray")
+    t0 = time.time()
+    report = {}
+    for task in args.tasks.split(","):
+        medical = task in ("mri", "ct")
+        d = (gray().load() if not args.weights else gray().wrap(den)) if medical else den
+        xs = train_crops(args.size, 1 if medical else 3)
+        problems = []
+        for j, (op_name, opts) in enumerate(SETTINGS[task]):
+            for i in range(xs.shape[0]):
+                x = xs[i:i + 1]
+                op = regs.operators.get(op_name)(x_shape=tuple(x.shape), **opts)
+                y = op.forward(x, generator=torch.Generator().manual_seed(100 * j + i))
+                problems.append((j, x, Problem(y=y, operator=op, x_shape=tuple(x.shape))))
+        scores = {}
+        for steps, lam, s0 in itertools.product(*GRID.values()):
+            sampler = regs.samplers.get("dpir")(steps=steps, lam=lam, sigma_start=s0)
+            per_setting = [[] for _ in SETTINGS[task]]
+            for j, x, pb in problems:
+                out = sampler.sample(pb, d, generator=torch.Generator().manual_seed(0))
+                per_setting[j].append(rfdata.psnr(out, x)[0])
+            scores[(steps, lam, s0)] = [statistics.fmean(v) for v in per_setting]
+        best = max(scores, key=lambda k: statistics.fmean(scores[k]))
+        dflt = (8, 0.23, 49 / 255)
+        report[task] = {"best": dict(zip(GRID, best)), "best_psnr": scores[best],
+                        "settings": [f"{o} {json.dumps(p)}" for o, p in SETTINGS[task]],
+                        "grid": {f"steps={k[0]} lam={k[1]} sigma_start={k[2]}": v for k, v in scores.items()}}
+        print(f"{task}: best {dict(zip(GRID, best))} -> {[round(v, 2) for v in scores[best]]} "
+              f"(steps 8 lam 0.23 s0 0.2: {[round(v, 2) for v in scores.get((8, 0.23, 0.2), [])]})", flush=True)
+        del dflt
+    report["meta"] = {"crops": f"{len(TRAIN_PHOTOS)} training photos x 2 crops of {args.size} px",
+                      "images": list(TRAIN_PHOTOS), "weights": args.weights or "bundled", "seconds": round(time.time() - t0, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
