@@ -22,12 +22,25 @@ How it works:
   ignored). At the end rank 0 merges every part into ``OUT_DIR/manifest.jsonl`` (sorted by input, written to
   a temporary file and renamed) and deletes the parts. Fields: ``input``, ``output``, ``status`` (ok/error),
   ``error``, ``task``, ``sampler``, ``prior``, ``seed`` (the image's own), ``nfe``, ``seconds``, ``metrics``
-  (with ``--simulate``), ``sha256`` of the output file, ``rank``, ``config`` (a fingerprint of the settings)
+  (with ``--simulate``), ``sha256`` of the output file, ``input_sha256`` of the input as read, ``rank``, ``config`` (a fingerprint of the settings)
   and ``finished`` (UTC).
-* **Resume.** An input is skipped when its output exists *and* a manifest line (merged or part) with status
-  ok and the same settings fingerprint names it; everything else is (re)done. Outputs are written
+* **Resume.** An input is skipped when a manifest line (merged or part) with status ok and the same settings
+  fingerprint names it *and* the input's and the output's current sha256 equal the recorded ``input_sha256``
+  and ``sha256`` (an input replaced or an output truncated since is redone); everything else is (re)done. A
+  manifest line that is not a valid record is ignored with one warning (a torn last line from a crash
+  silently), and its input is redone. Outputs are written
   atomically through the ``save_result`` hook, so an interrupted run leaves no half files and rerunning the
   same command finishes the job. An ``OUT_DIR`` made with other settings is refused unless ``--redo``.
+* **Safety checks, before anything runs.** ``--pattern`` must be relative to ``IN_DIR`` without ``..``;
+  ``--suffix`` must be a plain extension (``.png``, ``.nii.gz``); every output path is resolved (symlinks
+  followed) and must stay inside ``OUT_DIR``, must not be an input (nor a hard link to one), nor one of the
+  folder's own files (``manifest.jsonl``, ``batch.json``); two inputs that map to one output (``x.jpg`` and
+  ``x.png`` with ``--suffix .png``) are one error naming both. A symlink loop on the way is a one-line error.
+* **One run per folder.** The run holds an exclusive ``flock`` on ``OUT_DIR/.restoreflow-batch.lock`` (taken
+  by rank 0 under torchrun, the result shared with the other ranks); a second ``batch`` on the same
+  ``OUT_DIR`` fails at once with one line naming the holder's pid. The lock file is removed at the end.
+  While holding the lock the run removes the temporary files (``.rftmp-*``, see :mod:`restoreflow.atomic`)
+  that killed runs left behind.
 * **Failures** are recorded (status error) and the run goes on; the command exits with status 1 and one
   summary line when any input failed.
 * **torchrun.** When ``WORLD_SIZE > 1`` the process group is initialised from the environment
@@ -43,8 +56,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import errno
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -54,7 +69,7 @@ from typing import Any
 
 import click
 
-from .atomic import atomic_write
+from .atomic import atomic_write, clean_temporaries, is_temporary
 from .errors import ConfigError, InputError, OutputError, RestoreflowError
 
 __all__ = ["image_seed", "list_inputs", "output_name", "read_manifest", "run_batch", "batch_command", "main",
@@ -63,6 +78,7 @@ __all__ = ["image_seed", "list_inputs", "output_name", "read_manifest", "run_bat
 MANIFEST = "manifest.jsonl"
 SETTINGS = "batch.json"
 PART_PREFIX = ".manifest-rank"
+LOCK = ".restoreflow-batch.lock"
 DEFAULT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".nii", ".nii.gz", ".dcm", ".npy")
 
 
@@ -86,16 +102,66 @@ def output_name(rel: str, suffix: str | None) -> str:
     return (rel[: len(rel) - len(cur)] if cur else rel) + suffix
 
 
+def _resolve(path: Path, what: str, error: type[RestoreflowError]) -> Path:
+    """``path.resolve()`` with a symlink loop (or another OS refusal) as one line of ``error``."""
+    try:
+        return Path(path).resolve()
+    except RuntimeError:  # Python < 3.13: "Symlink loop from ..."
+        raise error(f"{what} {path} is (or passes through) a symlink loop") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise error(f"{what} {path} is (or passes through) a symlink loop") from None
+        raise error(f"cannot resolve {what} {path}: {e.strerror or e}") from None
+
+
+def check_pattern(pattern: str | None) -> None:
+    """``--pattern`` is a glob relative to IN_DIR that never leaves it: not absolute, no ``..`` part."""
+    if pattern is None or pattern == "":
+        return
+    if "\0" in pattern:
+        raise InputError("--pattern contains a NUL character")
+    if os.path.isabs(pattern) or pattern.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:[\\/]", pattern):
+        raise InputError(f"--pattern {pattern!r} is an absolute path; give a glob relative to IN_DIR "
+                         f"(e.g. '*.png' or '**/*.png')")
+    if ".." in re.split(r"[\\/]", pattern):
+        raise InputError(f"--pattern {pattern!r} leaves IN_DIR ('..'); give a glob relative to IN_DIR, or pass "
+                         f"the other folder as IN_DIR")
+
+
+_SUFFIX = re.compile(r"\.?[A-Za-z0-9][A-Za-z0-9_+-]*(\.[A-Za-z0-9][A-Za-z0-9_+-]*){0,2}")
+
+
+def check_suffix(suffix: str | None) -> str | None:
+    """``--suffix`` must be a plain extension (``.png``, ``png``, ``.nii.gz``); ``""`` means none."""
+    if suffix is None or suffix == "":
+        return None
+    if len(suffix) > 32 or not _SUFFIX.fullmatch(suffix):
+        raise ConfigError(f"--suffix {suffix!r} is not a file extension; give one like .png, .tif or .nii.gz")
+    return suffix
+
+
 def list_inputs(in_dir: Path, pattern: str | None, out_dir: Path | None = None) -> list[str]:
-    """Relative POSIX paths of the inputs, sorted; ``pattern`` is a glob (``**/`` recurses)."""
+    """Relative POSIX paths of the inputs, sorted; ``pattern`` is a glob (``**/`` recurses) relative to
+    ``in_dir`` (an absolute one or one with ``..`` is an :class:`InputError`). Hidden files, files under
+    ``out_dir``, and names that are not regular files (directories, broken links, symlink loops) are left out."""
     in_dir = Path(in_dir)
-    out_res = out_dir.resolve() if out_dir is not None else None
-    paths = in_dir.glob(pattern) if pattern else in_dir.iterdir()
+    check_pattern(pattern)
+    out_res = _resolve(out_dir, "--out", OutputError) if out_dir is not None else None
     rels = []
+    try:
+        paths = list(in_dir.glob(pattern) if pattern else in_dir.iterdir())
+    except (ValueError, NotImplementedError) as e:
+        raise InputError(f"--pattern {pattern!r} is not a usable glob: {e}") from None
+    except OSError as e:
+        raise InputError(f"cannot list {in_dir}: {e.strerror or e}") from None
     for p in paths:
-        if not p.is_file() or p.name.startswith("."):
+        try:
+            if not p.is_file() or p.name.startswith("."):
+                continue
+            res = p.resolve()
+        except (OSError, RuntimeError):  # a symlink loop or an unreadable entry is not an input
             continue
-        if out_res is not None and (p.resolve() == out_res or out_res in p.resolve().parents):
+        if out_res is not None and (res == out_res or out_res in res.parents):
             continue
         if pattern is None and _full_suffix(p.name) not in DEFAULT_SUFFIXES:
             continue
@@ -103,60 +169,188 @@ def list_inputs(in_dir: Path, pattern: str | None, out_dir: Path | None = None) 
     return sorted(rels)
 
 
+def plan_outputs(in_dir: Path, out_dir: Path, rels: list[str], suffix: str | None) -> dict[str, str]:
+    """``input -> output`` relative paths, checked before anything runs: every output resolves inside
+    ``out_dir``, is no input (nor a hard link to one) and none of the folder's own files, and no two inputs
+    share an output. Each violation is one :class:`OutputError` line naming the input(s)."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    out_res = _resolve(out_dir, "--out", OutputError)
+    inputs: dict[Path, str] = {}
+    inodes: dict[tuple[int, int], str] = {}
+    for rel in rels:
+        src = in_dir / rel
+        inputs[_resolve(src, "input", InputError)] = rel
+        try:
+            st = os.stat(src)
+            inodes[(st.st_dev, st.st_ino)] = rel
+        except OSError:
+            pass
+    own = {out_res / name: name for name in (MANIFEST, SETTINGS, LOCK)}
+    taken: dict[Path, str] = {}
+    outs: dict[str, str] = {}
+    how = f" with --suffix {suffix}" if suffix else ""
+    for rel in rels:
+        out_rel = output_name(rel, suffix)
+        dst = _resolve(out_dir / out_rel, "output", OutputError)
+        if dst in inputs:
+            raise OutputError(f"the output of {rel} would overwrite the input {in_dir / inputs[dst]}; "
+                              f"choose an --out that holds no inputs")
+        if out_res not in dst.parents:
+            raise OutputError(f"the output of {rel} would be {dst}, outside --out {out_dir}; refusing to write there")
+        try:
+            st = os.stat(dst)
+            if (st.st_dev, st.st_ino) in inodes:
+                raise OutputError(f"the output of {rel} ({dst}) is the same file as the input "
+                                  f"{in_dir / inodes[(st.st_dev, st.st_ino)]} (a link); refusing to overwrite it")
+        except OSError:
+            pass
+        if dst in own:
+            raise OutputError(f"the output of {rel} would be {own[dst]}, the batch's own record in --out; "
+                              f"rename the input or narrow --pattern")
+        if dst in taken:
+            raise OutputError(f"inputs {taken[dst]} and {rel} both map to the output {out_rel}{how}; "
+                              f"rename one, narrow --pattern, or restore them into separate folders")
+        taken[dst] = rel
+        outs[rel] = out_rel
+    return outs
+
+
+# -- the lock ------------------------------------------------------------------------------------
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        pid = os.read(fd, 32).decode(errors="replace").strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid.isdigit() else "another process"
+
+
+def acquire_lock(out_dir: Path) -> int | None:
+    """An exclusive, non-blocking ``flock`` on ``out_dir/.restoreflow-batch.lock`` (holding our pid); a held
+    lock is one :class:`OutputError` line. Returns the descriptor (``None`` where ``fcntl`` does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no exclusion
+        return None
+    path = Path(out_dir) / LOCK
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot create the lock file {path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise OutputError(f"another restoreflow batch ({holder}) is writing to {out_dir}; wait for it to "
+                              f"finish, or use another --out") from None
+        except OSError as e:
+            os.close(fd)
+            raise OutputError(f"cannot lock {path}: {e.strerror or e}") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # the previous holder removed the file between our open and our lock: take the new one
+    raise OutputError(f"cannot lock {path}: it keeps being replaced")
+
+
+def release_lock(out_dir: Path, fd: int | None) -> None:
+    """Remove the lock file (while still holding it, so nobody locks a removed file) and release it."""
+    if fd is None:
+        return
+    try:
+        os.unlink(Path(out_dir) / LOCK)
+    except OSError:
+        pass
+    os.close(fd)
+
+
 # -- manifest -------------------------------------------------------------------------------------
 
 
-def _read_lines(path: Path) -> list[dict]:
-    out = []
+_STR_FIELDS = ("status", "config", "output", "sha256", "input_sha256", "finished", "error")
+
+
+def _valid_record(rec: Any) -> bool:
+    return (isinstance(rec, dict) and isinstance(rec.get("input"), str) and bool(rec["input"])
+            and all(rec.get(k) is None or isinstance(rec.get(k), str) for k in _STR_FIELDS))
+
+
+def _read_lines(path: Path, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """The valid records of one manifest file. A torn last line (a crash mid-write) is dropped silently; other
+    lines that are not valid records are dropped with one warning for the file (their inputs are redone)."""
+    out: list[dict] = []
     try:
-        text = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError):
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return out
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
+    except OSError as e:
+        raise OutputError(f"cannot read the manifest {path}: {e.strerror or e}") from None
+    lines = data.split(b"\n")
+    bad: list[int] = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line from a crash: the input is simply redone
-            continue
-        if isinstance(rec, dict) and "input" in rec:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            rec = None
+        if _valid_record(rec):
             out.append(rec)
+        elif not (n == len(lines) and not data.endswith(b"\n")):  # not the torn tail of a crashed append
+            bad.append(n)
+    if bad and warn is not None:
+        warn(f"{path} line {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} "
+             f"{'is not a valid record' if len(bad) == 1 else 'are not valid records'}; ignored (those inputs are redone)")
     return out
 
 
-def read_manifest(out_dir: Path) -> list[dict]:
-    """Every record of the merged manifest and of the per-rank parts (oldest first per file)."""
+def read_manifest(out_dir: Path, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """Every valid record of the merged manifest and of the per-rank parts (oldest first per file);
+    ``warn`` receives one line per file with malformed lines."""
     out_dir = Path(out_dir)
-    recs = _read_lines(out_dir / MANIFEST)
+    recs = _read_lines(out_dir / MANIFEST, warn)
     for part in sorted(out_dir.glob(f"{PART_PREFIX}*.jsonl")):
-        recs.extend(_read_lines(part))
+        recs.extend(_read_lines(part, warn))
     return recs
 
 
 def _best(records: list[dict]) -> dict[str, dict]:
-    """Per input: the latest ok record, else the latest record."""
+    """Per input: its latest record. (An input is only redone when its earlier success no longer holds, so a
+    later failure must not hide behind that stale success.)"""
     best: dict[str, dict] = {}
-    for r in sorted(records, key=lambda r: str(r.get("finished", ""))):
-        cur = best.get(r["input"])
-        if cur is None or r.get("status") == "ok" or cur.get("status") != "ok":
-            best[r["input"]] = r
+    for r in sorted(records, key=lambda r: str(r.get("finished") or "")):
+        best[r["input"]] = r
     return best
 
 
 def _append_line(path: Path, record: dict) -> None:
     data = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise OutputError(f"cannot append to the manifest {path}: {e.strerror or e}") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    try:
+        with atomic_write(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def merge_manifest(out_dir: Path, fingerprint: str) -> list[dict]:
@@ -304,6 +498,18 @@ def _sha256(path: Path) -> str | None:
     return h.hexdigest()
 
 
+def _still_done(rec: dict | None, src: Path, dst: Path, out_rel: str) -> bool:
+    """A recorded success still holds: same output name, and the input and output files hash as recorded."""
+    if not rec or rec.get("status") != "ok" or rec.get("output") not in (None, out_rel):
+        return False
+    if not rec.get("sha256") or not rec.get("input_sha256") or not dst.is_file():
+        return False
+    try:
+        return _sha256(dst) == rec["sha256"] and _sha256(src) == rec["input_sha256"]
+    except OSError:
+        return False
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
 
@@ -321,11 +527,13 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
               guidance_options: dict | None = None, corrector_options: dict | None = None,
               prior_options: dict | None = None, simulate: bool = False, pattern: str | None = None,
               suffix: str | None = None, redo: bool = False,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None,
+              warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Restore every input of ``in_dir`` into ``out_dir`` (see the module docstring); returns a summary.
 
     Under torchrun each rank calls this with the same arguments. Raises :class:`RestoreflowError` for
-    mistakes found before any image is processed; per-image failures are recorded, not raised.
+    mistakes found before any image is processed; per-image failures are recorded, not raised. ``log``
+    receives the progress lines, ``warn`` the warnings (default: ``warning: ...`` on stderr).
     """
     import torch
 
@@ -340,36 +548,58 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
         raise ConfigError(f"--steps must be >= 1; got {steps}")
     pl = plan(task, sampler=sampler, prior=prior, guidance=guidance, corrector=corrector, operator=operator,
               steps=steps, op_options=op_options, sampler_options=sampler_options, guidance_options=guidance_options,
-              corrector_options=corrector_options, prior_options=prior_options, registries=regs)
+              corrector_options=corrector_options, prior_options=prior_options, registries=regs, pm=pm)
     if not in_dir.is_dir():
         raise InputError(f"input folder {in_dir} does not exist or is not a directory")
+    suffix = check_suffix(suffix)
+    check_pattern(pattern)
+    out_res = _resolve(out_dir, "--out", OutputError)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"--out {out_dir} exists and is not a directory")
-    if out_dir.resolve() == in_dir.resolve():
+    if out_res == _resolve(in_dir, "input folder", InputError):
         raise OutputError("--out must differ from the input folder (outputs would overwrite the inputs)")
     rels = list_inputs(in_dir, pattern, out_dir)
     if not rels:
         raise InputError(f"no inputs in {in_dir}" + (f" match {pattern!r}" if pattern else
                                                      f" (known suffixes: {' '.join(DEFAULT_SUFFIXES)}; use --pattern)"))
+    outs = plan_outputs(in_dir, out_dir, rels, suffix)
     settings = settings_of(pl, seed=seed, simulate=simulate, suffix=suffix, prior_options=dict(prior_options or {}))
     fp = fingerprint_of(settings)
     dist, device = _dist_setup(device)
     say = log or (lambda s: None)
+    warn = warn or (lambda s: print(f"warning: {' '.join(s.split())}", file=sys.stderr))
+    lock_fd: int | None = None
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        records = read_manifest(out_dir)
+        lock_error: OutputError | None = None
+        if dist.rank == 0:
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                lock_error = OutputError(f"cannot create --out {out_dir}: {e.strerror or e}")
+            if lock_error is None:
+                try:
+                    lock_fd = acquire_lock(out_dir)
+                except OutputError as e:
+                    lock_error = e
+        if dist.sum(int(lock_error is not None), device):  # every rank stops when rank 0 could not lock
+            raise lock_error or OutputError(f"{out_dir} is locked by another restoreflow batch (see rank 0)")
+        if dist.rank == 0:
+            stale = clean_temporaries(out_dir)
+            if stale:
+                say(f"removed {len(stale)} temporary file(s) left by an interrupted run")
+        records = read_manifest(out_dir, warn if dist.rank == 0 else None)
         old = [r for r in records if r.get("config") not in (None, fp)]
         if old and not redo:
-            prev = {}
+            prev: Any = {}
             try:
-                prev = json.loads((out_dir / SETTINGS).read_text())
-            except (OSError, json.JSONDecodeError):
+                prev = json.loads((out_dir / SETTINGS).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
                 pass
+            prev = prev if isinstance(prev, dict) else {}
             raise ConfigError(f"{out_dir} holds results made with other settings ({_describe_diff(prev, settings)}); "
                               f"use another --out, or --redo to recompute everything there")
         best = _best([r for r in records if r.get("config") == fp]) if not redo else {}
-        done = {rel for rel in rels if best.get(rel, {}).get("status") == "ok"
-                and (out_dir / output_name(rel, suffix)).exists()}
+        done = {rel for rel in rels if _still_done(best.get(rel), in_dir / rel, out_dir / outs[rel], outs[rel])}
         pending = [rel for rel in rels if rel not in done]
         dist.barrier()  # everyone has read the manifest before anyone writes
         if dist.rank == 0:
@@ -380,7 +610,7 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
         ok = failed = 0
         tag = f"[rank {dist.rank}] " if dist.active else ""
         for n, rel in enumerate(mine, 1):
-            out_rel = output_name(rel, suffix)
+            out_rel = outs[rel]
             src, dst = in_dir / rel, out_dir / out_rel
             s = image_seed(seed, rel)
             t0 = time.perf_counter()
@@ -388,11 +618,13 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
                                    "prior": pl.prior_label, "seed": s, "rank": dist.rank, "config": fp}
             try:
                 dst.parent.mkdir(parents=True, exist_ok=True)
+                in_hash = _sha256(src)
                 meas = _load_input(src, pl.task.name, torch.device("cpu"), pm)
                 res = restore(meas, pl.task.name, seed=s, device=device, simulate=simulate, planned=pl)
                 _write(pm, dst, res.image, meas)
                 rec.update(status="ok", nfe=res.nfe, seconds=round(res.seconds, 4),
-                           metrics={k: round(float(v), 6) for k, v in res.metrics.items()}, sha256=_sha256(dst))
+                           metrics={k: round(float(v), 6) for k, v in res.metrics.items()}, sha256=_sha256(dst),
+                           input_sha256=in_hash)
                 ok += 1
             except KeyboardInterrupt:
                 raise
@@ -417,6 +649,7 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
                 "manifest": str(out_dir / MANIFEST), "rank": dist.rank, "world_size": dist.world,
                 "records": len(rows) if dist.rank == 0 else None}
     finally:
+        release_lock(out_dir, lock_fd)
         dist.close()
 
 

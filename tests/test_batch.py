@@ -185,3 +185,179 @@ def test_torchrun_two_processes_match_one_process_bit_for_bit(tmp_path, inputs, 
         assert (a["input"], a["seed"], a["sha256"]) == (b["input"], b["seed"], b["sha256"])
         assert (single / a["output"]).read_bytes() == (multi / b["output"]).read_bytes()
     assert not list(multi.glob(".manifest-rank*"))
+
+
+# -- batch as a safe tool: nothing escapes --out, no input is overwritten, resuming checks the hashes --------
+
+FAST = ["--task", "deblur", "--sampler", "wiener", "--quiet"]
+
+
+def _tiny(path: Path, seed: int = 0, size: int = 32) -> Path:
+    from skimage import io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    io.imsave(path, np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8), check_contrast=False)
+    return path
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_error_line(res) -> str:
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert "Traceback" not in res.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--pattern", "../photos/*.png"], 3, "leaves IN_DIR"),
+    (["--pattern", "sub/../../photos/*.png"], 3, "leaves IN_DIR"),
+    (["--suffix", "/../../x.png"], 2, "not a file extension"),
+    (["--suffix", ".png/../../../x"], 2, "not a file extension"),
+])
+def test_outputs_never_escape_out_nor_touch_inputs(tmp_path, cli, args, code, words):
+    photos, src = tmp_path / "photos", tmp_path / "in"
+    _tiny(photos / "a.png", 1)
+    _tiny(src / "a.png", 2)
+    before = _snapshot(tmp_path)
+    res = run(cli, src, "--out", photos, *FAST, *args)
+    assert res.exit_code == code and words in _one_error_line(res)
+    assert _snapshot(tmp_path) == before  # nothing written anywhere
+
+
+def test_absolute_pattern_is_one_line(tmp_path, cli):
+    _tiny(tmp_path / "in" / "a.png")
+    res = run(cli, tmp_path / "in", "--out", tmp_path / "out", *FAST, "--pattern", str(tmp_path / "in" / "*.png"))
+    assert res.exit_code == 3 and "absolute path" in _one_error_line(res)
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_inputs_one_output_is_refused_before_anything_runs(tmp_path, cli):
+    _tiny(tmp_path / "in" / "x.png", 1)
+    _tiny(tmp_path / "in" / "x.jpg", 2)
+    res = run(cli, tmp_path / "in", "--out", tmp_path / "out", *FAST, "--suffix", ".png")
+    line = _one_error_line(res)
+    assert res.exit_code == 4 and "x.jpg and x.png both map to the output x.png" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_links_into_the_inputs_or_out_of_out_are_refused(tmp_path, cli):
+    src, out, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "elsewhere"
+    _tiny(src / "a.png", 1)
+    _tiny(src / "sub" / "b.png", 2)
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "a.png").symlink_to(src / "a.png")  # a symlink in --out pointing at an input
+    before = _snapshot(src)
+    res = run(cli, src, "--out", out, *FAST, "--pattern", "**/*.png")
+    assert res.exit_code == 4 and "would overwrite the input" in _one_error_line(res)
+    (out / "a.png").unlink()
+    os.link(src / "a.png", out / "a.png")  # a hard link to an input
+    res = run(cli, src, "--out", out, *FAST, "--pattern", "**/*.png")
+    assert res.exit_code == 4 and "same file as the input" in _one_error_line(res)
+    (out / "a.png").unlink()
+    (out / "sub").symlink_to(elsewhere, target_is_directory=True)  # a folder of --out leading outside it
+    res = run(cli, src, "--out", out, *FAST, "--pattern", "**/*.png")
+    assert res.exit_code == 4 and "outside --out" in _one_error_line(res)
+    assert _snapshot(src) == before and not list(elsewhere.iterdir())
+
+
+def test_an_input_named_like_the_manifest_is_refused(tmp_path, cli):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "manifest.jsonl").write_text("{}")
+    res = run(cli, tmp_path / "in", "--out", tmp_path / "out", *FAST, "--pattern", "*.jsonl")
+    assert res.exit_code == 4 and "the batch's own record" in _one_error_line(res)
+
+
+def test_symlink_loops_are_one_line_or_skipped(tmp_path, cli):
+    src = tmp_path / "in"
+    _tiny(src / "a.png")
+    (src / "loop.png").symlink_to(src / "loop.png")  # an input that is a loop: not a file, skipped
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    res = run(cli, src, "--out", tmp_path / "loop", *FAST)
+    assert res.exit_code == 4 and "symlink loop" in _one_error_line(res)
+    res = run(cli, src, "--out", tmp_path / "out", *FAST)
+    assert res.exit_code == 0 and "1 restored" in res.output
+
+
+def test_resume_checks_input_and_output_hashes(tmp_path, cli):
+    src, out = tmp_path / "in", tmp_path / "out"
+    for i, name in enumerate(("a.png", "b.png", "c.png", "d.png")):
+        _tiny(src / name, i)
+    assert run(cli, src, "--out", out, *FAST).exit_code == 0
+    first = _snapshot(out)
+    rows = {r["input"]: r for r in manifest(out)}
+    assert rows["a.png"]["input_sha256"] == hashlib.sha256((src / "a.png").read_bytes()).hexdigest()
+    _tiny(src / "b.png", 99)  # an input replaced
+    (out / "d.png").write_bytes((out / "d.png").read_bytes()[:40])  # an output truncated
+    res = run(cli, src, "--out", out, *FAST, "--json")
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert (summary["restored"], summary["skipped"]) == (2, 2), res.output
+    again = _snapshot(out)
+    assert again["d.png"] == first["d.png"]  # the same input and seed give the same bytes again
+    assert again["b.png"] != first["b.png"] and again["a.png"] == first["a.png"]
+    rows = {r["input"]: r for r in manifest(out)}
+    assert rows["b.png"]["input_sha256"] == hashlib.sha256((src / "b.png").read_bytes()).hexdigest()
+    assert all(r["sha256"] == hashlib.sha256((out / r["output"]).read_bytes()).hexdigest() for r in rows.values())
+
+
+@pytest.mark.parametrize("junk", [b"not json at all", b'{"input": ["a", "list"]}', b'{"input": "a.png", "sha256": 7}',
+                                  b"[1, 2, 3]", b"\xff\xfe\xfd", b'{"no_input": true}', b"[" * 100000])
+def test_a_malformed_manifest_line_is_one_warning_and_its_input_is_redone(tmp_path, cli, junk):
+    src, out = tmp_path / "in", tmp_path / "out"
+    for i, name in enumerate(("a.png", "b.png", "c.png")):
+        _tiny(src / name, i)
+    assert run(cli, src, "--out", out, *FAST).exit_code == 0
+    lines = (out / rb.MANIFEST).read_bytes().splitlines(keepends=True)
+    (out / rb.MANIFEST).write_bytes(lines[0] + junk + b"\n" + lines[2])  # b.png's record replaced by junk
+    res = run(cli, src, "--out", out, *FAST)
+    assert res.exit_code == 0, res.output
+    warnings = [ln for ln in res.output.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 1 and "line 2 is not a valid record" in warnings[0], res.output
+    assert "1 restored, 2 already done" in res.output and "Traceback" not in res.output
+    assert [r["input"] for r in manifest(out)] == ["a.png", "b.png", "c.png"]
+
+
+def test_a_malformed_settings_file_is_no_traceback(tmp_path, cli):
+    src, out = tmp_path / "in", tmp_path / "out"
+    _tiny(src / "a.png")
+    assert run(cli, src, "--out", out, *FAST).exit_code == 0
+    (out / rb.SETTINGS).write_text("[1, 2]")
+    res = run(cli, src, "--out", out, *FAST, "--seed", "5")
+    assert res.exit_code == 2 and "other settings" in _one_error_line(res)
+
+
+def test_stale_temporaries_are_removed_and_a_free_lock_file_is_taken(tmp_path, cli):
+    src, out = tmp_path / "in", tmp_path / "out"
+    _tiny(src / "a.png")
+    _tiny(src / "sub" / "b.png", 1)
+    (out / "sub").mkdir(parents=True)
+    stale = [out / ".rftmp-a.png.k2j4h5g6.png", out / "sub" / ".rftmp-b.png.zzzzzzzz.png", out / ".rftmp-manifest.jsonl.abcdefgh.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a file")
+    (out / rb.LOCK).write_text("12345\n")  # left by a killed run: nobody holds it
+    keep = out / ".my-own-hidden-file"
+    keep.write_text("not ours")
+    res = run(cli, src, "--out", out, "--task", "deblur", "--sampler", "wiener", "--pattern", "**/*.png")
+    assert res.exit_code == 0 and "removed 3 temporary file(s)" in res.output, res.output
+    assert not any(p.exists() for p in stale) and keep.exists() and not (out / rb.LOCK).exists()
+
+
+def test_a_held_lock_fails_at_once_with_the_holder(tmp_path, cli):
+    import fcntl
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    _tiny(src / "a.png")
+    out.mkdir()
+    with open(out / rb.LOCK, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fh.write("4242\n")
+        fh.flush()
+        res = run(cli, src, "--out", out, *FAST)
+        line = _one_error_line(res)
+        assert res.exit_code == 4 and "another restoreflow batch (pid 4242) is writing to" in line
+        assert not (out / "a.png").exists() and not (out / rb.MANIFEST).exists()
+    res = run(cli, src, "--out", out, *FAST)
+    assert res.exit_code == 0 and (out / "a.png").exists()
