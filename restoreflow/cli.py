@@ -2,7 +2,14 @@
 
 One command per registered task (``restoreflow deblur IMG``), listing commands, and whatever plugins add
 through ``register_commands``. Every user mistake is one line on stderr and a non-zero exit code; an output
-is written atomically or not at all.
+is written atomically or not at all; every option and output path is checked before the first network call.
+
+Fast start: importing this module imports neither torch nor any plugin. ``restoreflow --help`` and the
+listings (``plugins``, ``samplers``, ``priors``, ``tasks``, ...) are answered from an index of what the
+plugins registered (JSON in ``$RESTOREFLOW_CACHE_DIR``, default ``~/.cache/restoreflow``), written by any full
+run and valid while the installed entry points, their versions and the plugin packages' files (mtime, size)
+are unchanged; without a valid index the plugins load as before and the index is (re)written.
+``RESTOREFLOW_NO_CACHE=1`` disables it.
 """
 
 from __future__ import annotations
@@ -18,9 +25,8 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import ConfigError, OutputError, RestoreflowError
-from .plugins import collect, default_plugin_manager
-from .registry import Registries, parse_options
+from .errors import ConfigError, IncompatibleError, InputError, OutputError, RestoreflowError
+from .registry import Registries, canonical_name, parse_options
 
 __all__ = ["build_cli", "main", "handle_errors", "err"]
 
@@ -92,20 +98,540 @@ def _write(pm, path: Path, image, like) -> None:
         raise OutputError(f"no writer for {path.suffix or 'extension-less'} files ({path.name})")
 
 
+# -- text: docstrings as plain text -------------------------------------------------------------
+
+_LATEX = {
+    r"\bar\alpha": "ᾱ", r"\alpha": "α", r"\beta": "β", r"\gamma": "γ", r"\delta": "δ", r"\Delta": "Δ",
+    r"\epsilon": "ε", r"\varepsilon": "ε", r"\eta": "η", r"\zeta": "ζ", r"\theta": "θ", r"\kappa": "κ",
+    r"\lambda": "λ", r"\Lambda": "Λ", r"\xi": "ξ", r"\varphi": "φ", r"\chi": "χ", r"\Phi": "Φ", r"\mu": "μ", r"\nu": "ν", r"\pi": "π", r"\rho": "ρ", r"\sigma": "σ",
+    r"\Sigma": "Σ", r"\tau": "τ", r"\phi": "φ", r"\psi": "ψ", r"\omega": "ω", r"\nabla": "∇", r"\odot": "⊙",
+    r"\otimes": "⊗", r"\top": "ᵀ", r"\dagger": "†", r"\approx": "≈", r"\propto": "∝", r"\leq": "≤", r"\le": "≤",
+    r"\geq": "≥", r"\ge": "≥", r"\neq": "≠", r"\cdot": "·", r"\times": "×", r"\to": "→", r"\mid": "|",
+    r"\lVert": "‖", r"\rVert": "‖", r"\|": "‖", r"\infty": "∞", r"\sum": "Σ", r"\int": "∫", r"\partial": "∂",
+    r"\in": "∈", r"\sim": "~", r"\log": "log", r"\exp": "exp", r"\min": "min", r"\max": "max", r"\ ": " ",
+    r"\,": " ", r"\;": " ", r"\quad": " ", r"\left": "", r"\right": "", r"\Big": "", r"\big": "",
+}
+
+
+def plain_text(text: str) -> str:
+    r"""A reST/LaTeX docstring fragment as plain text: ``:math:`\sigma_y``` -> ``σ_y``, ``:func:`f``` -> ``f``,
+    ````code```` -> ``code``, ``\sqrt{x}`` -> ``√(x)``, ``\hat x`` -> ``x̂``; whitespace collapsed."""
+    import re
+
+    def math(m: "re.Match[str]") -> str:
+        t = m.group(1)
+        t = re.sub(r"\\(?:hat|widehat)\s*\\([A-Za-z]+)", lambda g: "\\" + g.group(1) + "\u0302", t)
+        t = re.sub(r"\\(?:tilde|widetilde)\s*\\([A-Za-z]+)", lambda g: "\\" + g.group(1) + "\u0303", t)
+        t = re.sub(r"\\(?:t|d)?frac\s*(\d)(\d)", r"\1/\2", t)
+        for k in sorted(_LATEX, key=len, reverse=True):
+            t = re.sub(re.escape(k) + r"(?![A-Za-z])", lambda _m, v=_LATEX[k]: v, t)
+        for _ in range(6):
+            before = t
+            t = re.sub(r"\\(?:mathrm|text|mathbf|mathcal|operatorname|boldsymbol|mathbb)\{([^{}]*)\}", r"\1", t)
+            t = re.sub(r"\\sqrt\{([^{}]*)\}", r"√(\1)", t)
+            t = re.sub(r"\\(?:t|d)?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", t)
+            t = re.sub(r"\\(?:hat|widehat)\{?\s*([^{}\s])\}?", "\\1\u0302", t)
+            t = re.sub(r"\\(?:tilde|widetilde)\{?\s*([^{}\s])\}?", "\\1\u0303", t)
+            t = re.sub(r"\\underbrace\{([^{}]*)\}_\{([^{}]*)\}", r"\1", t)
+            t = re.sub(r"([_^])\{([^{}]*)\}", lambda g: g.group(1) + (g.group(2) if len(g.group(2)) == 1
+                                                                           else f"({g.group(2)})"), t)
+            if t == before:
+                break
+        t = re.sub(r"\\([A-Za-z]+)", r"\1", t)
+        return t.replace("{", "").replace("}", "")
+
+    text = re.sub(r":math:`([^`]*)`", math, text)
+    text = re.sub(r"\.\. math::\s*(.*)", lambda m: math(re.match(r"(.*)", m.group(1), re.S)), text)
+    text = re.sub(r":[a-z]+:`~?([^`]*)`", lambda m: m.group(1).rsplit(".", 1)[-1] if m.group(1).count(".") > 1
+                  else m.group(1), text)
+    text = re.sub(r"``([^`]*)``", r"\1", text)
+    text = re.sub(r"`([^`]*)`_?", r"\1", text)
+    return " ".join(text.split())
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of a plain-text paragraph (never cut inside one; ``e.g.`` and ``i.e.`` do not end it)."""
+    import re
+
+    for m in re.finditer(r"[.!?](?=\s+[A-Z(]|\s*$)", text):
+        before = text[: m.end()]
+        if re.search(r"(?:\be\.g|\bi\.e|\bet al|\bvs|\bcf|\bDr|\bFig|\bEq|\bSec)\.$", before):
+            continue
+        return before.strip()
+    return text.strip()
+
+
+def _paragraph(obj: Any) -> str:
+    doc = (obj.__doc__ or "").strip() if obj is not None else ""
+    return plain_text(doc.split("\n\n", 1)[0]) if doc else ""
+
+
+# -- what the plugins registered, as data (also the fast-listing index) ----------------------------
+
+_LISTINGS = (("samplers", "samplers"), ("operators", "operators"), ("priors", "priors"), ("tasks", "tasks"),
+             ("guidance", "guidance"), ("correctors", "correctors"), ("trainers", "trainers"))
+_OPTION_FLAG = {"samplers": "-o", "operators": "--op", "guidance": "--guidance-opt", "correctors": "--corrector-opt",
+                "priors": "--prior-opt", "trainers": "-m"}
+NOISE_AUTO_HELP = "auto (estimated from IMAGE; the task default with --simulate)"
+MASK_HELP = ("mask: an image or .npy of IMAGE's size, white/1 = keep (observed), black/0 = missing; "
+             "or transparent pixels of IMAGE's alpha channel (transparent = missing); mask=box|random make a "
+             "synthetic one (with --simulate the default is box)")
+
+
+def _fmt(v: Any) -> str:
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _docstring_meaning(field_name: str, doc: str) -> str:
+    """The sentences of an object's docstring that name ````field_name```` (or ````field_name=...````): the meaning
+    of an option whose field has no ``#:`` comment."""
+    import re
+
+    raw = " ".join(doc.split())
+    pattern = re.compile(r"``" + re.escape(field_name) + r"(?:\s*=[^`]*)?``")
+    found = []
+    for sentence in re.split(r"(?<=[.;])\s+(?=[A-Z`(:])", raw):
+        if pattern.search(sentence):
+            found.append(sentence)
+    return plain_text(" ".join(found[:2]))
+
+
+def _options_rows(cfg: Any, owner: Any = None) -> list[list[str]]:
+    import dataclasses
+
+    from .registry import option_docs
+
+    if cfg is None or not dataclasses.is_dataclass(cfg) or not dataclasses.fields(cfg):
+        return []
+    docs = option_docs(cfg)
+    owner_doc = (getattr(owner, "__doc__", None) or "") if owner is not None else ""
+    rows = []
+    for f in dataclasses.fields(cfg):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        meaning = plain_text(docs.get(f.name, "")) or (_docstring_meaning(f.name, owner_doc) if owner_doc else "")
+        rows.append([f.name, _fmt(default), meaning])
+    return rows
+
+
+def _prior_for(task: Any, s_cls: Any, regs: Registries) -> str | None:
+    """The prior ``plan`` picks for ``s_cls`` on ``task`` (without building anything), or None if none."""
+    if "denoiser" not in getattr(s_cls, "requires", ()):
+        return None
+    name = dict(getattr(s_cls, "default_priors", {}) or {}).get(task.name)
+    if name:
+        return name
+    name = task.default_prior or "default"
+    if name in regs.priors:
+        conditional = regs.priors.get(name).conditional
+        if conditional and ("unconditional" in s_cls.requires or "conditional" not in s_cls.requires):
+            return "default"
+    return name
+
+
+def task_defaults(task: Any, regs: Registries, pm: Any = None) -> dict[str, Any]:
+    """What ``restoreflow TASK IMAGE`` uses when no option is given: operator and its options, sampler, prior and
+    the sampler options that differ from the sampler's own defaults (tuned by the prior's card)."""
+    import dataclasses
+
+    op_cls = regs.operators.get(task.operator)
+    op_opts: dict[str, Any] = {}
+    if dataclasses.is_dataclass(getattr(op_cls, "Config", None)):
+        op_opts = {f.name: f.default for f in dataclasses.fields(op_cls.Config) if f.default is not dataclasses.MISSING}
+    op_opts.update(dict(task.defaults))
+    simulate_sigma = op_opts.get("noise_sigma")
+    if "noise_sigma" in op_opts and op_opts.get("noise", "gaussian") == "gaussian":
+        op_opts["noise_sigma"] = "auto"
+    info: dict[str, Any] = {"task": task.name, "operator": op_cls.name, "operator_options": op_opts,
+                            "simulate_noise_sigma": simulate_sigma, "sampler": task.default_sampler, "prior": None,
+                            "sampler_options": {}}
+    try:
+        s_cls = regs.samplers.get(task.default_sampler)
+        info["prior"] = _prior_for(task, s_cls, regs)
+        info["sampler_options"] = _effective_sampler_options(s_cls, info["prior"], task.name, regs)
+    except Exception:  # a broken third-party default must not break --help
+        pass
+    return info
+
+
+def _effective_sampler_options(s_cls: Any, prior: str | None, task: str, regs: Registries) -> dict[str, Any]:
+    """The options a prior's card tunes for ``s_cls`` on ``task`` (what ``plan`` applies unless you pass your own)."""
+    if not prior or prior not in regs.priors:
+        return {}
+    try:
+        obj = regs.priors.get(prior)()
+        try:
+            tuned = obj.sampler_defaults(s_cls.name, task)
+        except TypeError:
+            tuned = obj.sampler_defaults(s_cls.name)
+    except Exception:
+        return {}
+    return {k: v for k, v in dict(tuned or {}).items()}
+
+
+def _entry(attr: str, name: str, obj: Any, regs: Registries) -> dict[str, Any]:
+    reg = getattr(regs, attr)
+    if attr == "tasks":
+        doc = plain_text(getattr(obj, "help", "") or "")
+        cfg = None
+    else:
+        doc = _paragraph(obj)
+        cfg = getattr(obj, "Config", None)
+    notes: list[str] = []
+    if attr == "tasks":
+        d = task_defaults(obj, regs)
+        notes.append(f"operator: {d['operator']} (--operator)")
+        notes.append("operator options (--op): " + " ".join(f"{k}={v}" for k, v in d["operator_options"].items()))
+        if d["operator_options"].get("noise_sigma") == "auto":
+            notes.append(f"  noise_sigma=auto: estimated from IMAGE and printed; with --simulate the noise is "
+                         f"{d['simulate_noise_sigma']}")
+        if "mask" in d["operator_options"]:
+            notes.append(f"  {MASK_HELP}")
+        notes.append(f"sampler: {d['sampler']} (--sampler)" + ("" if not d["sampler_options"] else
+                     "  with " + " ".join(f"{k}={v}" for k, v in d["sampler_options"].items())
+                     + f" (tuned by prior {d['prior']})"))
+        notes.append(f"prior: {d['prior'] or '- (none needed)'} (--prior)")
+    elif attr == "priors":
+        try:
+            tuned = obj().tuned_options()
+        except Exception:  # a prior that needs arguments (a checkpoint path) has no card to read here
+            tuned = {}
+        for smp, opts in tuned.items():
+            notes.append(f"tuned for {smp}: " + " ".join(f"{k}={v}" for k, v in opts.items())
+                         + "  (used unless you pass your own)")
+    elif attr == "samplers":
+        for tname, task in regs.tasks.items():
+            prior = _prior_for(task, obj, regs)
+            eff = _effective_sampler_options(obj, prior, tname, regs)
+            if eff:
+                notes.append(f"effective defaults in `{tname}` (prior {prior}): "
+                             + " ".join(f"{k}={v}" for k, v in eff.items()))
+    return {"name": name, "plugin": reg.owner(name).rsplit(".", 1)[-1], "summary": first_sentence(doc), "doc": doc,
+            "options": _options_rows(cfg, obj), "notes": notes}
+
+
+def registry_entries(attr: str, regs: Registries) -> list[dict[str, Any]]:
+    out = []
+    for n, obj in getattr(regs, attr).items():
+        try:
+            out.append(_entry(attr, n, obj, regs))
+        except Exception as e:  # one broken plugin object must not hide the others
+            out.append({"name": n, "plugin": "?", "summary": f"(cannot describe: {type(e).__name__}: {e})", "doc": "",
+                        "options": [], "notes": []})
+    return out
+
+
+def _plugin_rows(pm) -> dict[str, Any]:
+    dists = {id(p): d for p, d in pm.list_plugin_distinfo()}
+    rows = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda kv: kv[0]):
+        if plugin is None:
+            continue
+        d = dists.get(id(plugin))
+        impl = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        rows.append({"name": name, "distribution": d.metadata["name"] if d else "-",
+                     "version": d.version if d else "-", "hooks": impl})
+    report = getattr(pm, "restoreflow_report", None)
+    return {"rows": rows, "blocked": list(report.blocked) if report else []}
+
+
+def _print_listing(attr: str, entries: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, show_header=True, header_style="bold")
+    for col in ("name", "plugin", "description"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(e["name"], e["plugin"], e["summary"])
+    console = Console(width=160)
+    console.print(table, markup=False)
+    console.print(f"(- and _ are interchangeable in names; `restoreflow {attr} NAME` shows one with its options)",
+                  markup=False, style="dim")
+
+
+def _print_one(attr: str, e: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=140)
+    console.print(f"[bold]{e['name']}[/bold]  ({e['plugin']})")
+    if e["doc"]:
+        console.print(e["doc"], markup=False)
+    for line in e["notes"]:
+        console.print(line, markup=False)
+    if not e["options"]:
+        return
+    table = Table(box=None, show_header=True, header_style="bold")
+    for col in ("option", "default", "meaning"):
+        table.add_column(col)
+    for row in e["options"]:
+        table.add_row(*row)
+    flag = _OPTION_FLAG.get(attr)
+    console.print(f"\noptions{f' ({flag} KEY=VALUE)' if flag else ''}:")
+    console.print(table, markup=False)
+
+
+def _find_entry(attr: str, name: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    from .errors import UnknownNameError
+
+    kind = {"samplers": "sampler", "operators": "operator", "priors": "prior", "tasks": "task", "guidance": "guidance",
+            "correctors": "corrector", "trainers": "training method"}[attr]
+    for e in entries:
+        if e["name"] == name or canonical_name(e["name"]) == canonical_name(name):
+            return e
+    raise UnknownNameError(kind, name, [e["name"] for e in entries])
+
+
+def _listing(name: str, attr: str, entries: Callable[[], list[dict[str, Any]]]) -> click.Command:
+    @click.command(name=name, help=f"List the registered {name}; with NAME, one of them with its options and "
+                   "defaults (- and _ are interchangeable).")
+    @click.argument("item", metavar="[NAME]", required=False)
+    @handle_errors
+    def cmd(item):
+        data = entries()
+        if item:
+            _print_one(attr, _find_entry(attr, item, data))
+            return
+        _print_listing(attr, data)
+
+    return cmd
+
+
+def _plugins_command(data: Callable[[], dict[str, Any]], problems: list[str]) -> click.Command:
+    @click.command(name="plugins", help="List installed plugins: name, distribution, version, hooks.")
+    @click.option("--hooks/--no-hooks", default=True, help="Show the hooks each plugin implements.")
+    @click.option("--json", "as_json", is_flag=True)
+    def cmd(hooks, as_json):
+        d = data()
+        rows = d["rows"]
+        if as_json:
+            click.echo(json.dumps({"plugins": rows, "problems": problems}))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold")
+        for c in ("name", "distribution", "version") + (("hooks",) if hooks else ()):
+            table.add_column(c)
+        for r in rows:
+            table.add_row(r["name"], r["distribution"], r["version"], *((", ".join(r["hooks"]),) if hooks else ()))
+        Console(width=160).print(table)
+        for blocked in d["blocked"]:
+            click.echo(f"blocked: {blocked}")
+        for p in problems:
+            click.echo(f"warning: {p}", err=True)
+
+    return cmd
+
+
+# -- validation before computing ------------------------------------------------------------------
+
+def _name_max(directory: Path) -> int:
+    try:
+        return int(os.pathconf(directory, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _full_suffix(p: Path) -> str:
+    sfx = p.suffixes[-2:] if p.suffix.lower() == ".gz" else p.suffixes[-1:]
+    return "".join(sfx).lower()
+
+
+#: bytes that atomic_write adds to a file name for its temporary sibling: "." + name + "." + 8 random + suffix
+def _temp_overhead(p: Path) -> int:
+    return 2 + 8 + max(len(".tmp"), len(_full_suffix(p).encode()))
+
+
+def check_outputs(image: Path, outputs: list[tuple[str, Path | None]], *, force: bool = False,
+                  writable_suffixes: tuple[str, ...] = ()) -> None:
+    """Every output path (``(option, path)`` pairs) checked before any work: an existing folder, writable,
+    a name the file system (and the temporary file beside it) can hold, a format a writer handles, and no
+    collision with another output or (unless ``force`` for the main output) with the input."""
+    from .io import IMAGE_SUFFIXES
+
+    known = tuple(IMAGE_SUFFIXES) + tuple(writable_suffixes) + ((_full_suffix(image),) if image.suffix else ())
+    seen: dict[str, str] = {}
+    for i, (label, path) in enumerate(outputs):
+        if path is None:
+            continue
+        path = Path(path)
+        if not path.name or path.name in (".", ".."):
+            raise OutputError(f"{label} {path} is not a file name")
+        parent = path.parent
+        if not parent.is_dir():
+            raise OutputError(f"output directory {parent} does not exist (or is not a directory)")
+        if path.is_dir():
+            raise OutputError(f"{label} {path} is a directory; give a file name")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write to {parent} (permission denied) for {label}")
+        limit = _name_max(parent)
+        length = len(os.fsencode(path.name))
+        if length + _temp_overhead(path) > limit:
+            raise OutputError(f"{label} name is {length} bytes; at most {limit - _temp_overhead(path)} fit (the file "
+                              f"system allows {limit} and the temporary file written first needs "
+                              f"{_temp_overhead(path)} more)")
+        sfx = _full_suffix(path)
+        if sfx not in known and path.suffix.lower() not in known:
+            raise OutputError(f"cannot write {sfx or 'extension-less'} files ({label} {path.name}); use one of "
+                              f"{', '.join(sorted(set(known)))}")
+        if _same_file(image, path) and not (force and i == 0):
+            hint = " (pass --force, or choose another --out)" if i == 0 else ""
+            raise OutputError(f"refusing to overwrite the input {image} with {label}{hint}")
+        key = str(path.resolve())
+        if key in seen:
+            raise OutputError(f"{label} and {seen[key]} are the same file ({path}); give them different names")
+        seen[key] = label
+
+
+def _available_memory(device: Any) -> int | None:
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:
+            return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+#: lower bounds used by the particle-memory check: particle-sized float32 tensors a corrector keeps at once
+#: (states, x0 estimates, proposal means, noise, gradients, resampling copies), and the network activations
+#: per pixel of each sample in a batch (1 KiB: the bundled 1.9 M-parameter UNet measures about 8 KiB with
+#: gradients, 16 particles at 128 px = 2.14 GB peak RSS)
+PARTICLE_STATE_COPIES = 8
+ACTIVATION_BYTES_PER_PIXEL = 1024
+
+
+def check_particle_memory(corrector: Any, x_shape: tuple[int, ...], device: Any) -> None:
+    """Refuse before sampling when the particles cannot fit: a lower bound on the memory against what is free."""
+    cfg = getattr(corrector, "config", None)
+    n = getattr(cfg, "particles", None)
+    if not isinstance(n, int) or n <= 1:
+        return
+    B, C, H, W = (list(x_shape) + [1, 1, 1, 1])[:4] if len(x_shape) == 4 else (1, 1, 1, 1)
+    chunk = getattr(cfg, "chunk", None) or n
+    need = B * n * C * H * W * 4 * PARTICLE_STATE_COPIES + B * min(chunk, n) * H * W * ACTIVATION_BYTES_PER_PIXEL
+    free = _available_memory(device)
+    if free is not None and need > free:
+        raise ConfigError(f"--particles {n} needs at least {need / 2**30:.1f} GiB for {n} particles of {C}x{H}x{W} "
+                          f"(states and network activations, {min(chunk, n)} at a time); {free / 2**30:.1f} GiB is "
+                          f"free; use fewer particles, a smaller image or --corrector-opt chunk=N")
+
+
+def _resolve(reg: Any, name: str | None) -> str | None:
+    """The registered spelling of a user-given name (``red-diff`` -> ``red_diff``); paths and unknown names pass
+    through (``plan`` reports those with suggestions)."""
+    if not name:
+        return name
+    try:
+        return reg.resolve(name)
+    except Exception:
+        return name
+
+
+def noise_is_auto(op_cls: Any, op_options: dict[str, Any], task_defaults_: dict[str, Any], simulate: bool) -> bool:
+    """Whether the noise level is to be estimated: ``--op noise_sigma=auto``, or no noise_sigma given for a real
+    input (not ``--simulate``) with Gaussian noise."""
+    import dataclasses
+
+    cfg = getattr(op_cls, "Config", None)
+    if cfg is None or not dataclasses.is_dataclass(cfg) or "noise_sigma" not in {f.name for f in dataclasses.fields(cfg)}:
+        if str(op_options.get("noise_sigma", "")).lower() == "auto":
+            raise ConfigError(f"operator {op_cls.name} has no noise_sigma option")
+        return False
+    noise = str(op_options.get("noise", task_defaults_.get("noise", getattr(cfg, "noise", "gaussian"))))
+    given = op_options.get("noise_sigma", task_defaults_.get("noise_sigma") if simulate else None)
+    if isinstance(given, str) and given.lower() == "auto":
+        if simulate:
+            raise ConfigError("noise_sigma=auto estimates the noise of a real input; with --simulate give a number "
+                              "(--op noise_sigma=0.05) or leave it out for the task default")
+        if noise != "gaussian":
+            raise ConfigError(f"noise_sigma=auto estimates Gaussian noise; the operator's noise model is {noise}")
+        return True
+    return given is None and not simulate and noise == "gaussian"
+
+
+def estimate_sigma_of(meas: Any) -> float:
+    """``noise_sigma=auto``: the estimate for a measurement (:func:`restoreflow.noiselevel.estimate_noise_sigma`,
+    on the image as stored, at most 1)."""
+    import numpy as np
+
+    from .noiselevel import estimate_noise_sigma
+
+    x = meas.data.detach().to("cpu").float().numpy()[0]  # C x H x W
+    arr = np.transpose(x, (1, 2, 0))
+    if arr.shape[0] < 3 or arr.shape[1] < 3:
+        raise InputError(f"noise_sigma=auto needs an image of at least 3x3 pixels; give --op noise_sigma=X")
+    return float(min(1.0, estimate_noise_sigma(arr, bit_depth=int(getattr(meas, "bit_depth", 32) or 32))))
+
+
+# -- task commands ---------------------------------------------------------------------------------
+
+class TaskCommand(click.Command):
+    """A task's command: its ``--help`` ends with the defaults it runs with (computed when asked)."""
+
+    def __init__(self, *args, defaults: Callable[[], dict[str, Any]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._defaults = defaults
+
+    def format_help_text(self, ctx, formatter):
+        super().format_help_text(ctx, formatter)
+        try:
+            d = self._defaults()
+        except Exception:
+            return
+        lines = [f"operator  {d['operator']}: " + " ".join(f"{k}={v}" for k, v in d["operator_options"].items())]
+        if d["operator_options"].get("noise_sigma") == "auto":
+            lines.append(f"          noise_sigma=auto: estimated from IMAGE and printed on stderr; with --simulate "
+                         f"the noise is {d['simulate_noise_sigma']}")
+        lines.append(f"sampler   {d['sampler']}" + ("" if not d["sampler_options"] else
+                     "  (" + " ".join(f"{k}={v}" for k, v in d["sampler_options"].items())
+                     + f", tuned by prior {d['prior']})"))
+        lines.append(f"prior     {d['prior'] or '- (none needed)'}")
+        if "mask" in d["operator_options"]:
+            lines.append(MASK_HELP)
+        with formatter.section("Defaults"):
+            for line in lines:
+                formatter.write_text(line)
+
+
 def _task_command(task, regs: Registries, pm) -> click.Command:
-    @click.command(name=task.name, help=f"{task.help} Input: IMAGE (the degraded measurement, or with "
-                   f"--simulate the clean original).")
+    defaults_cache: dict[str, Any] = {}
+
+    def defaults() -> dict[str, Any]:
+        if not defaults_cache:
+            defaults_cache.update(task_defaults(task, regs, pm))
+        return defaults_cache
+
+    @click.command(name=task.name, cls=TaskCommand, defaults=defaults,
+                   help=f"{task.help} Input: IMAGE (the degraded measurement, or with --simulate the clean "
+                   f"original). Defaults below; `restoreflow tasks {task.name}` shows them too.")
     @click.argument("image", type=click.Path(path_type=Path))
     @click.option("--sampler", "-s", help=f"Sampler name (default: {task.default_sampler}).")
     @click.option("--prior", "-p", help="Prior name or checkpoint path.")
     @click.option("--guidance", "-g", help="Guidance name (e.g. dps).")
     @click.option("--corrector", "-c", help="Corrector name (e.g. smc).")
-    @click.option("--particles", type=int, help="Particles for the corrector (shortcut for --corrector-opt particles=N).")
+    @click.option("--particles", type=click.IntRange(1), help="Particles for the corrector (shortcut for "
+                  "--corrector-opt particles=N; needs --corrector).")
     @click.option("--operator", help=f"Operator (default: {task.operator}).")
     @click.option("--steps", "-n", type=int, help="Sampler steps.")
-    @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (all draws).")
+    @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+                  help="Random seed (all draws), 0 to 2^63-1.")
     @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
-    @click.option("--op", "op_opts", multiple=True, metavar="KEY=VALUE", help="Operator option (repeatable).")
+    @click.option("--op", "op_opts", multiple=True, metavar="KEY=VALUE", help="Operator option (repeatable); "
+                  "noise_sigma=auto (the default for a real input) estimates the noise level from IMAGE.")
     @click.option("-o", "--option", "s_opts", multiple=True, metavar="KEY=VALUE", help="Sampler option (repeatable).")
     @click.option("--guidance-opt", "g_opts", multiple=True, metavar="KEY=VALUE", help="Guidance option.")
     @click.option("--corrector-opt", "c_opts", multiple=True, metavar="KEY=VALUE", help="Corrector option.")
@@ -114,42 +640,110 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
     @click.option("--force", is_flag=True, help="Allow the output to overwrite the input.")
     @click.option("--simulate", is_flag=True, help="Degrade IMAGE first, restore it, report PSNR/SSIM.")
     @click.option("--save-degraded", type=click.Path(path_type=Path), help="Also write the degraded image.")
-    @click.option("--uncertainty", type=click.Path(path_type=Path), help="Write the per-pixel std (correctors).")
-    @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+    @click.option("--uncertainty", type=click.Path(path_type=Path), help="Write the per-pixel std (needs a corrector "
+                  "that estimates it, e.g. --corrector smc).")
+    @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with the operator settings used).")
     @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
     @click.option("--compare", metavar="M1,M2,...", help="Restore with each listed sampler (SAMPLER[+GUIDANCE][@PRIOR]; "
                   "same seed and measurement) and write one side-by-side PNG to --out.")
     @handle_errors
     def run(image: Path, sampler, prior, guidance, corrector, particles, operator, steps, seed, device, op_opts,
             s_opts, g_opts, c_opts, p_opts, out, force, simulate, save_degraded, uncertainty, as_json, quiet, compare):
-        from .api import plan, restore
+        import dataclasses
 
         if compare:
             from .bench import compare_cli
+
+            if out is not None:
+                check_outputs(image, [("--out", out)], force=force)
+                if out.suffix.lower() != ".png":
+                    raise OutputError(f"--compare writes a PNG figure; --out {out.name} must end in .png")
             return compare_cli(image, task.name, compare, regs=regs, pm=pm, sampler=sampler, prior=prior, guidance=guidance,
                                corrector=corrector, particles=particles, operator=operator, steps=steps, seed=seed,
                                device=device, options=s_opts + g_opts + c_opts, op_options=_options(op_opts),
                                prior_options=_options(p_opts), out=out, force=force, simulate=simulate,
                                extra_outputs=(save_degraded, uncertainty), as_json=as_json)
 
+        from .api import plan, restore
+
         c_options = _options(c_opts)
         if particles is not None:
+            if not corrector:
+                raise ConfigError("--particles needs a corrector that uses particles (e.g. --corrector smc)")
             c_options["particles"] = str(particles)
+        if c_options and not corrector:
+            raise ConfigError("--corrector-opt needs --corrector")
+        g_options = _options(g_opts)
+        if g_options and not guidance:
+            raise ConfigError("--guidance-opt needs --guidance")
         if steps is not None and steps < 1:
             raise ConfigError(f"--steps must be >= 1; got {steps}")
+        sampler, guidance, corrector, operator = (_resolve(regs.samplers, sampler), _resolve(regs.guidance, guidance),
+                                                  _resolve(regs.correctors, corrector), _resolve(regs.operators, operator))
+        from .api import looks_like_path
+
+        if prior and not looks_like_path(prior):
+            prior = _resolve(regs.priors, prior)
+        op_options = _options(op_opts)
+        op_cls = regs.operators.get(operator or task.operator)
+        auto = noise_is_auto(op_cls, op_options, dict(task.defaults), simulate)
+        if auto:
+            op_options.pop("noise_sigma", None)
+        p_options = _options(p_opts)
         pl = plan(task.name, sampler=sampler, prior=prior, guidance=guidance, corrector=corrector, operator=operator,
-                  steps=steps, op_options=_options(op_opts), sampler_options=_options(s_opts),
-                  guidance_options=_options(g_opts), corrector_options=c_options, prior_options=_options(p_opts),
+                  steps=steps, op_options=op_options, sampler_options=_options(s_opts),
+                  guidance_options=g_options, corrector_options=c_options, prior_options=p_options,
                   registries=regs, pm=pm)
+        if p_options:
+            if pl.prior is None:
+                raise ConfigError(f"--prior-opt given but {pl.sampler.name} uses no prior")
+            accepted = getattr(type(pl.prior), "option_names", None)
+            if accepted is not None:
+                from .errors import UnknownNameError
+
+                for k in p_options:
+                    if k not in accepted:
+                        raise UnknownNameError(f"option of prior {pl.prior_label}", k, accepted)
+        if uncertainty is not None and (pl.corrector is None or not hasattr(pl.corrector, "variance")):
+            raise ConfigError("--uncertainty needs a corrector that estimates the posterior variance (e.g. "
+                              "--corrector smc --particles 16)")
         out_path = out or default_output(image, task.name, pl.sampler.name)
-        for extra in (out_path, save_degraded, uncertainty):
-            if extra is not None and _same_file(image, extra) and not force:
-                raise OutputError(f"refusing to overwrite the input {image} (pass --force, or choose another --out)")
-            if extra is not None and not Path(extra).parent.is_dir():
-                raise OutputError(f"output directory {Path(extra).parent} does not exist (or is not a directory)")
+        check_outputs(image, [("--out", out_path), ("--save-degraded", save_degraded), ("--uncertainty", uncertainty)],
+                      force=force)
         from .api import _load_input, resolve_device
 
-        meas = _load_input(image, task.name, resolve_device(device), pm)
+        dev = resolve_device(device)
+        meas = _load_input(image, task.name, dev, pm)
+        notes: dict[str, Any] = {}
+        mask_dir = None
+        cfg_fields = {f.name for f in dataclasses.fields(pl.operator_config)} \
+            if dataclasses.is_dataclass(pl.operator_config) else set()
+        if "mask" in cfg_fields and not simulate and "mask" not in op_options and "mask" not in dict(task.defaults):
+            alpha = getattr(meas, "alpha", None)
+            if alpha is None or not bool((alpha < 0.5).any()):
+                raise InputError(f"{task.name} of a real image needs to know which pixels are missing: give "
+                                 "--op mask=FILE (same size, white/1 = keep, black/0 = missing) or make them "
+                                 "transparent in IMAGE's alpha channel (or --op mask=box|random, or --simulate)")
+            import tempfile
+
+            import numpy as np
+
+            mask_dir = tempfile.TemporaryDirectory(prefix="restoreflow-mask-")
+            mpath = Path(mask_dir.name) / "alpha-mask.npy"
+            np.save(mpath, (alpha[0, 0] >= 0.5).to("cpu").numpy().astype(np.float32))
+            pl.operator_config = dataclasses.replace(pl.operator_config, mask=str(mpath))
+            meas.alpha = None  # the result is filled in: write it opaque
+            notes["mask"] = f"alpha channel of {image.name}"
+        if auto:
+            est = estimate_sigma_of(meas)
+            pl.operator_config = dataclasses.replace(pl.operator_config, noise_sigma=est)
+            notes["noise_sigma_estimated"] = est
+            click.echo(f"noise_sigma=auto: estimated {est:.4f} from {image.name} (set it with --op noise_sigma=X)",
+                       err=True)
+        x_shape = pl.operator_cls.x_shape_for(tuple(meas.data.shape), pl.operator_config) if not simulate \
+            else tuple(meas.data.shape)
+        if pl.corrector is not None:
+            check_particle_memory(pl.corrector, x_shape, dev)
         progress = None
         if not quiet and not as_json:
             from rich.console import Console
@@ -173,6 +767,8 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
         finally:
             if progress is not None:
                 progress.stop()
+            if mask_dir is not None:
+                mask_dir.cleanup()
         _write(pm, out_path, res.image, meas)
         written = [str(out_path)]
         if save_degraded is not None and res.degraded is not None:
@@ -185,8 +781,18 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
             std = var.clamp(min=0).sqrt()
             _write(pm, uncertainty, (std / std.max().clamp(min=1e-12)).to("cpu"), meas)
             written.append(str(uncertainty))
+        op_settings = {k: v for k, v in dataclasses.asdict(pl.operator_config).items()} \
+            if dataclasses.is_dataclass(pl.operator_config) else {}
+        if "mask" in notes:
+            op_settings["mask"] = notes["mask"]
+        sampler_settings = dataclasses.asdict(pl.sampler.config) if dataclasses.is_dataclass(
+            getattr(pl.sampler, "config", None)) else {}
         report: dict[str, Any] = {"output": written[0], "written": written, "task": task.name, "sampler": res.sampler,
                                   "prior": res.prior, "nfe": res.nfe, "seconds": round(res.seconds, 3), "seed": seed,
+                                  "operator": pl.operator_cls.name, "operator_options": _jsonable(op_settings),
+                                  "sampler_options": _jsonable(sampler_settings), "simulate": bool(simulate),
+                                  **({"noise_sigma_estimated": round(notes["noise_sigma_estimated"], 6)}
+                                     if "noise_sigma_estimated" in notes else {}),
                                   **{k: round(v, 4) for k, v in res.metrics.items()}}
         if as_json:
             click.echo(json.dumps(report))
@@ -201,117 +807,32 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
     return run
 
 
-_OPTION_FLAG = {"samplers": "-o", "operators": "--op", "guidance": "--guidance-opt", "correctors": "--corrector-opt",
-                "priors": "--prior-opt", "trainers": "-m"}
-
-
-def _describe_one(name: str, attr: str, reg: Any) -> None:
-    """``restoreflow samplers NAME``: the description and every option with its default and meaning."""
-    import dataclasses
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from .registry import option_docs
-
-    obj = reg.get(name)
-    console = Console(width=140)
-    doc = (getattr(obj, "help", None) if attr == "tasks" else None) or (obj.__doc__ or "").strip()
-    console.print(f"[bold]{name}[/bold]  ({reg.owner(name).rsplit('.', 1)[-1]})")
-    console.print(doc.split("\n\n", 1)[0].replace("\n", " "), markup=False)
-    if attr == "priors":
-        try:
-            tuned = obj().tuned_options()
-        except Exception:  # a prior that needs arguments (a checkpoint path) has no card to read here
-            tuned = {}
-        for smp, opts in tuned.items():
-            console.print(f"tuned for {smp}: " + " ".join(f"{k}={v}" for k, v in opts.items())
-                          + "  (used unless you pass your own)", markup=False)
-    cfg = getattr(obj, "Config", None)
-    if cfg is None or not dataclasses.is_dataclass(cfg) or not dataclasses.fields(cfg):
-        return
-    table = Table(box=None, show_header=True, header_style="bold")
-    for col in ("option", "default", "meaning"):
-        table.add_column(col)
-    docs = option_docs(cfg)
-    for f in dataclasses.fields(cfg):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-        table.add_row(f.name, repr(default) if isinstance(default, str) else str(default), docs.get(f.name, ""))
-    flag = _OPTION_FLAG.get(attr)
-    console.print(f"\noptions{f' ({flag} KEY=VALUE)' if flag else ''}:")
-    console.print(table, markup=False)
-
-
-def _listing(name: str, attr: str, regs: Registries) -> click.Command:
-    @click.command(name=name, help=f"List the registered {name}; with NAME, one of them with its options.")
-    @click.argument("item", metavar="[NAME]", required=False)
-    @handle_errors
-    def cmd(item):
-        from rich.console import Console
-        from rich.table import Table
-
-        reg = getattr(regs, attr)
-        if item:
-            _describe_one(item, attr, reg)
-            return
-        table = Table(box=None, show_header=True, header_style="bold")
-        table.add_column("name")
-        table.add_column("plugin")
-        table.add_column("description")
-        for n, obj in reg.items():
-            desc = getattr(obj, "help", None) if attr == "tasks" else (
-                obj.describe() if hasattr(obj, "describe") else (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else "")
-            table.add_row(n, reg.owner(n).rsplit(".", 1)[-1], desc or "")
-        Console(width=140).print(table)
-
-    return cmd
-
-
-def _plugins_command(pm, regs: Registries) -> click.Command:
-    @click.command(name="plugins", help="List installed plugins: name, distribution, version, hooks.")
-    @click.option("--hooks/--no-hooks", default=True, help="Show the hooks each plugin implements.")
-    @click.option("--json", "as_json", is_flag=True)
-    def cmd(hooks, as_json):
-        dists = {id(p): d for p, d in pm.list_plugin_distinfo()}
-        rows = []
-        for name, plugin in sorted(pm.list_name_plugin(), key=lambda kv: kv[0]):
-            if plugin is None:
-                continue
-            d = dists.get(id(plugin))
-            impl = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-            rows.append({"name": name, "distribution": d.metadata["name"] if d else "-",
-                         "version": d.version if d else "-", "hooks": impl})
-        report = getattr(pm, "restoreflow_report", None)
-        if as_json:
-            click.echo(json.dumps({"plugins": rows, "problems": regs.problems}))
-            return
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(box=None, header_style="bold")
-        for c in ("name", "distribution", "version") + (("hooks",) if hooks else ()):
-            table.add_column(c)
-        for r in rows:
-            table.add_row(r["name"], r["distribution"], r["version"], *((", ".join(r["hooks"]),) if hooks else ()))
-        Console(width=160).print(table)
-        for blocked in (report.blocked if report else []):
-            click.echo(f"blocked: {blocked}")
-        for p in regs.problems:
-            click.echo(f"warning: {p}", err=True)
-
-    return cmd
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, (tuple, list)):
+            out[k] = [x if isinstance(x, (str, int, float, bool)) or x is None else str(x) for x in v]
+        else:
+            out[k] = str(v)
+    return out
 
 
 class RestoreflowGroup(click.Group):
-    """Click group whose usage errors are one line (with suggestions for unknown commands)."""
+    """Click group whose usage errors are one line (with suggestions for unknown commands); command names
+    accept - and _ interchangeably."""
 
     def resolve_command(self, ctx, args):
         name = click.utils.make_str(args[0]) if args else None
         if name is not None and name not in self.commands and not name.startswith("-"):
-            from .errors import UnknownNameError
+            match = [c for c in self.commands if canonical_name(c) == canonical_name(name)]
+            if len(match) == 1:
+                args = [match[0], *args[1:]]
+            else:
+                from .errors import UnknownNameError
 
-            raise click.UsageError(str(UnknownNameError("command", name, self.commands)))
+                raise click.UsageError(str(UnknownNameError("command", name, self.commands)))
         return super().resolve_command(ctx, args)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -334,25 +855,30 @@ class RestoreflowGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+_GROUP_HELP = "Image restoration and inverse problems with diffusion and flow models."
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
 def build_cli(pm=None) -> click.Group:
     """The ``restoreflow`` click group for plugin manager ``pm`` (the default one when ``None``)."""
+    from .plugins import collect, default_plugin_manager
+
     pm = pm if pm is not None else default_plugin_manager()
     regs = collect(pm)
 
-    @click.group(cls=RestoreflowGroup, help="Image restoration and inverse problems with diffusion and flow models.",
-                 context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+    @click.group(cls=RestoreflowGroup, help=_GROUP_HELP, context_settings=_CONTEXT)
     @click.version_option(__version__, prog_name="restoreflow")
     def cli():
         for p in regs.problems:
             click.echo(f"warning: {p}", err=True)
 
     cli.registries = regs  # type: ignore[attr-defined]
+    cli.plugin_manager = pm  # type: ignore[attr-defined]
     for name, task in regs.tasks.items():
         cli.add_command(_task_command(task, regs, pm), name)
-    cli.add_command(_plugins_command(pm, regs))
-    for name, attr in (("samplers", "samplers"), ("operators", "operators"), ("priors", "priors"), ("tasks", "tasks"),
-                       ("guidance", "guidance"), ("correctors", "correctors"), ("trainers", "trainers")):
-        cli.add_command(_listing(name, attr, regs))
+    cli.add_command(_plugins_command(lambda: _plugin_rows(pm), regs.problems))
+    for name, attr in _LISTINGS:
+        cli.add_command(_listing(name, attr, functools.partial(registry_entries, attr, regs)))
     from .batch import batch_command; cli.add_command(batch_command(regs, pm))
     from .bench import bench_command; cli.add_command(bench_command(regs, pm))
     pm.hook.register_commands(cli=cli)
@@ -361,7 +887,165 @@ def build_cli(pm=None) -> click.Group:
     return cli
 
 
+# -- the fast-listing index ------------------------------------------------------------------------
+
+INDEX_VERSION = 1
+_CHEAP = {"plugins"} | {name for name, _ in _LISTINGS}
+
+
+def _cache_file() -> Path | None:
+    if os.environ.get("RESTOREFLOW_NO_CACHE"):
+        return None
+    root = os.environ.get("RESTOREFLOW_CACHE_DIR")
+    if root is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "restoreflow")
+    import hashlib
+
+    tag = hashlib.sha256(f"{sys.prefix}|{sys.version}".encode()).hexdigest()[:12]
+    return Path(root) / f"cli-index-{tag}.json"
+
+
+def _package_files(top: str) -> list[str]:
+    """(path, mtime_ns, size) of every .py/.json file of a top-level package, found without importing it."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return [f"{top}:missing"]
+    if spec is None:
+        return [f"{top}:missing"]
+    roots = list(spec.submodule_search_locations or []) or ([spec.origin] if spec.origin else [])
+    out = []
+    for root in roots:
+        if os.path.isfile(root):
+            st = os.stat(root)
+            out.append(f"{root}:{st.st_mtime_ns}:{st.st_size}")
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
+            for f in sorted(filenames):
+                if f.endswith((".py", ".json", ".yaml", ".yml")):
+                    p = os.path.join(dirpath, f)
+                    try:
+                        st = os.stat(p)
+                    except OSError:
+                        continue
+                    out.append(f"{p}:{st.st_mtime_ns}:{st.st_size}")
+    return out
+
+
+def index_fingerprint() -> str:
+    """What the index depends on: the interpreter, the restoreflow entry points (name, target, distribution,
+    version), the plugin allow/deny lists, and the files of every package an entry point lives in."""
+    import hashlib
+    import importlib.metadata as md
+
+    h = hashlib.sha256()
+    parts = [str(INDEX_VERSION), sys.version, sys.prefix, __version__,
+             os.environ.get("RESTOREFLOW_PLUGINS", "\0"), os.environ.get("RESTOREFLOW_DISABLE_PLUGINS", "\0")]
+    tops = {"restoreflow"}
+    for ep in sorted(md.entry_points(group="restoreflow"), key=lambda e: (e.name, e.value)):
+        dist = getattr(ep, "dist", None)
+        parts.append(f"{ep.name}={ep.value}@{getattr(dist, 'name', '-')}-{getattr(dist, 'version', '-')}")
+        tops.add(ep.value.split(":", 1)[0].split(".", 1)[0])
+    for top in sorted(tops):
+        parts.extend(_package_files(top))
+    for p in parts:
+        h.update(p.encode("utf-8", "surrogateescape"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def read_index() -> dict[str, Any] | None:
+    """The index when it is present and matches the installed plugins, else None."""
+    path = _cache_file()
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != INDEX_VERSION or data.get("fingerprint") != index_fingerprint():
+            return None
+        return data
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def build_index(cli: click.Group) -> dict[str, Any]:
+    regs: Registries = cli.registries  # type: ignore[attr-defined]
+    pm = cli.plugin_manager  # type: ignore[attr-defined]
+    ctx = click.Context(cli, info_name="restoreflow")
+    commands = []
+    for name in cli.list_commands(ctx):
+        cmd = cli.get_command(ctx, name)
+        if cmd is not None and not getattr(cmd, "hidden", False):
+            commands.append([name, cmd.get_short_help_str(limit=300)])
+    return {"version": INDEX_VERSION, "fingerprint": index_fingerprint(), "commands": commands,
+            "problems": list(regs.problems), "plugins": _plugin_rows(pm),
+            "listings": {attr: registry_entries(attr, regs) for _, attr in _LISTINGS}}
+
+
+def write_index(cli: click.Group) -> None:
+    """(Re)write the index for ``cli``; any failure (read-only home, full disk) just leaves no index."""
+    path = _cache_file()
+    if path is None:
+        return
+    try:
+        data = build_index(cli)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from .atomic import atomic_write
+
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(data))
+    except Exception:  # the index is an optimisation only
+        if os.environ.get("RESTOREFLOW_DEBUG"):
+            raise
+
+
+def _light_cli(index: dict[str, Any]) -> click.Group:
+    """The group answered from the index: ``--help``, ``--version``, the listings and ``plugins``, no plugin loaded."""
+    problems = list(index.get("problems") or [])
+
+    @click.group(cls=RestoreflowGroup, help=_GROUP_HELP, context_settings=_CONTEXT)
+    @click.version_option(__version__, prog_name="restoreflow")
+    def cli():
+        for p in problems:
+            click.echo(f"warning: {p}", err=True)
+
+    listings = index["listings"]
+    for name, short in index["commands"]:
+        if name in _CHEAP:
+            continue
+        cli.add_command(click.Command(name, short_help=short, help=short), name)
+    cli.add_command(_plugins_command(lambda: index["plugins"], problems))
+    for name, attr in _LISTINGS:
+        cli.add_command(_listing(name, attr, functools.partial(lambda a: listings[a], attr)))
+    return cli
+
+
+def _is_cheap(args: list[str]) -> bool:
+    if not args:
+        return True
+    first = args[0]
+    if first in ("-h", "--help", "--version"):
+        return True
+    return first in _CHEAP and not any(a in ("--install-completion",) for a in args)
+
+
 def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    cheap = _is_cheap(args)
+    if cheap:
+        index = read_index()
+        if index is not None:
+            try:
+                cli = _light_cli(index)
+            except (KeyError, TypeError, ValueError):  # an index from another layout: rebuild it below
+                cli = None
+            if cli is not None:
+                cli.main(args=args, prog_name="restoreflow")
+                return
     try:
         cli = build_cli()
     except RestoreflowError as e:
@@ -370,4 +1054,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err("interrupted; no output was written")
         sys.exit(EXIT_INTERRUPTED)
-    cli.main(args=argv, prog_name="restoreflow")
+    if cheap or read_index() is None:
+        write_index(cli)
+    cli.main(args=args, prog_name="restoreflow")

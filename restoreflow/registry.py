@@ -112,8 +112,9 @@ def config_fields(config_cls: type) -> dict[str, dataclasses.Field]:
 
 
 def option_docs(config_cls: type) -> dict[str, str]:
-    """The ``#:`` comment lines written above each field of a ``Config`` dataclass (the Sphinx convention), by
-    field name, searched through the class and its bases; fields without one map to ``""``."""
+    """The ``#:`` comment lines written above each field of a ``Config`` dataclass (the Sphinx convention), or
+    else a trailing ``  # comment`` on the field's line (not ``noqa``/``type:``/``pragma``), by field name,
+    searched through the class and its bases; fields without either map to ``""``."""
     import inspect
 
     docs: dict[str, str] = {}
@@ -133,6 +134,10 @@ def option_docs(config_cls: type) -> dict[str, str]:
             name = text.split(":", 1)[0].strip() if ":" in text and not text.startswith(("def ", "@", "#")) else ""
             if name.isidentifier() and pending:
                 docs[name] = " ".join(pending)
+            elif name.isidentifier() and "  # " in line:
+                trailing = line.split("  # ", 1)[1].strip()
+                if trailing and not trailing.startswith(("noqa", "type:", "pragma", "pylint", "fmt:")):
+                    docs[name] = trailing
             pending = []
     return {f.name: docs.get(f.name, "") for f in dataclasses.fields(config_cls)}
 

@@ -181,6 +181,9 @@ def test_option_docs_reads_the_comment_above_each_field():
         #: first line
         #: second line
         b: float = 2.0
-        c: str = "x"  # a trailing comment is not a doc
+        c: str = "x"  # a trailing comment documents a field without a #: comment
+        d: int = 0  # type: ignore[assignment]
+        e: int = 1
 
-    assert option_docs(Config) == {"a": "the base's field", "b": "first line second line", "c": ""}
+    assert option_docs(Config) == {"a": "the base's field", "b": "first line second line",
+                                   "c": "a trailing comment documents a field without a #: comment", "d": "", "e": ""}
