@@ -8,17 +8,20 @@ image is read -- then read the input, build the problem, load the prior and samp
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .denoiser import Prior
-from .errors import ConfigError, IncompatibleError, InputError
+from .errors import ConfigError, IncompatibleError, InputError, OutputError
 from .io import Measurement
 from .metrics import quality
 from .plugins import default_plugin_manager, default_registries
@@ -45,7 +48,9 @@ class Plan:
 
 @dataclass
 class Result:
-    """A restoration: the image, what it came from, and what it cost."""
+    """A restoration: the image (``N x C x H x W`` float in [0, 1], N = 1 for an image), what it came from, and
+    what it cost. ``source`` describes the input (dtype, value range, alpha, path), so :meth:`to_numpy`,
+    :meth:`to_pil` and :meth:`save` give the result back in the input's own form."""
 
     image: Tensor
     measurement: Tensor
@@ -57,6 +62,48 @@ class Result:
     sampler: str
     prior: str | None
     extras: dict[str, Any] = field(default_factory=dict)
+    source: Measurement | None = None
+
+    def to_numpy(self) -> np.ndarray:
+        """``H x W`` or ``H x W x C`` (``N x ...`` for an N-slice volume) in the input's dtype and value range:
+        uint8 for uint8 input, uint16 for 16-bit, float32 in [0, 1] for a float tensor, a float or int16 array or
+        TIFF in its own range; the input's alpha channel is put back."""
+        from .io import from_tensor
+
+        img = self.image.detach().to("cpu")
+        if img.shape[0] == 1:
+            return from_tensor(img, self.source)
+        return np.stack([from_tensor(img[i:i + 1], self.source) for i in range(img.shape[0])])
+
+    def to_pil(self) -> Any:
+        """A ``PIL.Image``: 8-bit ``L``/``LA``/``RGB``/``RGBA``, or ``I;16`` for a 16-bit grey input."""
+        from .io import to_pil
+
+        if self.image.shape[0] != 1 or self.image.shape[1] not in (1, 3):
+            raise OutputError(f"a {tuple(self.image.shape)} result is not one grey or RGB image; use to_numpy() or save()")
+        return to_pil(self.image.detach().to("cpu"), self.source)
+
+    def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write the result like the CLI does: the format from the extension (any installed writer plugin, e.g.
+        NIfTI), the input's bit depth, dtype and alpha where the format holds them, atomically (a temporary file
+        renamed into place), and never over the input file unless ``force``. Returns the path."""
+        path = Path(path)
+        src = self.source.path if self.source is not None else None
+        if src is not None and not force and _same_file(src, path):
+            raise OutputError(f"refusing to overwrite the input {src} (pass force=True, or choose another path)")
+        from .plugins import default_plugin_manager as _pm
+
+        like = self.source if self.source is not None else Measurement(self.image, None, 8)
+        if not _pm().hook.save_result(path=path, image=self.image.detach().to("cpu"), like=like):
+            raise OutputError(f"no writer for {path.suffix or 'extension-less'} files ({path.name})")
+        return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -188,17 +235,59 @@ def plan(task: str, *, sampler: str | None = None, prior: str | None = None, gui
     return Plan(task_obj, op_cls, op_cfg, smp, prior_obj, label, g, c, condition)
 
 
+def _tensor_input(image: Tensor) -> Measurement:
+    """``H x W``, ``C x H x W`` or ``N x C x H x W``: float in [0, 1] (a little outside is noise and kept), uint8 or
+    uint16 scaled by 255 / 65535, bool as 0/1; other integer types have no [0, 1] scale and are refused."""
+    from .io import check_size
+
+    what = "the input tensor"
+    if image.ndim not in (2, 3, 4) or image.numel() == 0:
+        raise InputError(f"{what} must be H x W, C x H x W or N x C x H x W; got shape {tuple(image.shape)}")
+    x = image.detach()
+    x = x if x.ndim == 4 else x[None] if x.ndim == 3 else x[None, None]
+    if x.shape[1] > 4 and x.shape[-1] <= 4:
+        raise InputError(f"{what} of shape {tuple(image.shape)} looks channels-last; torch images are C x H x W "
+                         f"(use x.permute(2, 0, 1), or pass the numpy array)")
+    check_size(int(x.shape[-2]), int(x.shape[-1]), what)
+    uint16 = getattr(torch, "uint16", None)
+    if x.dtype == torch.bool:
+        return Measurement(x.to(torch.float32), None, 8)
+    if x.dtype == torch.uint8:
+        return Measurement(x.to(torch.float32) / 255, None, 8, None, {"dtype": "uint8"})
+    if uint16 is not None and x.dtype == uint16:
+        return Measurement(x.to(torch.int32).to(torch.float32) / 65535, None, 16, None, {"dtype": "uint16"})
+    if x.is_complex() or not x.is_floating_point():
+        raise InputError(f"{what} has dtype {str(x.dtype).replace('torch.', '')}, which has no [0, 1] scale; pass a float "
+                         f"tensor in [0, 1], or uint8 / uint16 (scaled by 255 / 65535)")
+    x = x.to(torch.float32)
+    if not torch.isfinite(x).all():
+        raise InputError(f"{what} contains NaN or Inf")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -0.5 or hi > 1.5:
+        raise InputError(f"{what} holds values in [{lo:.4g}, {hi:.4g}]; float tensors are images in [0, 1] (divide a "
+                         f"0-255 tensor by 255, map a [-1, 1] one with (x + 1) / 2, or pass a numpy array, whose "
+                         f"range is kept)")
+    return Measurement(x, None, 32, None, {"dtype": "float32"})
+
+
 def _load_input(image: Any, task: str, device: torch.device, pm: Any = None) -> Measurement:
+    """A :class:`Measurement` from what :func:`restore` accepts: a path (read by the installed reader plugins), a
+    numpy array (``H x W`` or ``H x W x C``, C = 1-4, any integer or float dtype, read with the same rules as an
+    image file), a ``PIL.Image`` or a torch tensor (:func:`_tensor_input`)."""
+    from .io import from_array, from_pil
+
     if isinstance(image, Measurement):
         return image
     if isinstance(image, Tensor):
-        from .io import check_size
-
-        check_size(int(image.shape[-2]), int(image.shape[-1]), "the input tensor")
-        x = image if image.ndim == 4 else image[None] if image.ndim == 3 else image[None, None]
-        if not torch.isfinite(x).all():
-            raise InputError("the input tensor contains NaN or Inf")
-        return Measurement(x.to(torch.float32), None, 8)
+        return _tensor_input(image)
+    if isinstance(image, np.ndarray):
+        return from_array(image, "the input array")
+    pil = sys.modules.get("PIL.Image")
+    if pil is not None and isinstance(image, pil.Image):
+        return from_pil(image, "the input image")
+    if not isinstance(image, (str, os.PathLike)):
+        raise InputError(f"cannot restore a {type(image).__name__}; pass a path, a numpy array, a PIL image or a "
+                         f"torch tensor")
     p = Path(image)
     if not p.exists():
         raise InputError(f"input {p} does not exist")
@@ -219,7 +308,9 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
             prior_options: Mapping[str, Any] | None = None, simulate: bool = False,
             callback: Callable[[dict], None] | None = None, registries: Registries | None = None,
             planned: Plan | None = None) -> Result:
-    """Restore ``image`` (a path, a ``Measurement`` or a ``[1] x C x H x W`` tensor in [0, 1]).
+    """Restore ``image``: a path, a numpy array (``H x W`` or ``H x W x C``; uint8, uint16, float, ...), a
+    ``PIL.Image``, a torch tensor (``[N x] [C x] H x W``, float in [0, 1], uint8 or uint16) or a ``Measurement``.
+    The :class:`Result` converts back with ``to_numpy()`` / ``to_pil()`` and writes with ``save(path)``.
 
     With ``simulate=True`` the image is taken as the clean original: it is degraded with the task's
     operator (noise drawn from ``seed``), restored, and PSNR/SSIM are reported against it. Every random
@@ -281,7 +372,7 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
     if pl.corrector is not None and getattr(pl.corrector, "variance", None) is not None:
         extras["variance"] = pl.corrector.variance
     return Result(out, y.detach(), degraded, clean, metrics, nfe["n"] or pl.sampler.nfe(), seconds,
-                  pl.sampler.name, pl.prior_label, extras)
+                  pl.sampler.name, pl.prior_label, extras, meas)
 
 
 def replace_config(obj: Any, **changes: Any) -> Any:
