@@ -270,7 +270,7 @@ class UnsupervisedWiener(_Peer):
 
 
 class Bicubic(_Peer):
-    """Bicubic interpolation aligned with the downsampling grid (low-res pixel i sits at high-res pixel f i)."""
+    """Bicubic interpolation aligned with the downsampling grid (phase from the operator's antialiasing filter)."""
 
     name = "bicubic"
 
@@ -288,8 +288,14 @@ class Bicubic(_Peer):
         _, _, h, w = y.shape
         H, W = problem.x_shape[-2:]
         dev, dt = y.device, torch.promote_types(y.dtype, torch.float32)
-        u = torch.arange(W, device=dev, dtype=dt) / f  # low-res coordinates of the high-res pixels
-        v = torch.arange(H, device=dev, dtype=dt) / f
+        # where low-res sample i sits on the high-res grid: f i plus the antialiasing filter's offset (its centre of
+        # mass relative to the tap placed at the origin: half a pixel for the even-sized bicubic filter)
+        k = op.kernel.to(torch.float64)
+        kh, kw = k.shape[-2:]
+        off_y = kh // 2 - float((k.sum(-1) * torch.arange(kh, dtype=torch.float64)).sum() / k.sum())
+        off_x = kw // 2 - float((k.sum(-2) * torch.arange(kw, dtype=torch.float64)).sum() / k.sum())
+        u = (torch.arange(W, device=dev, dtype=dt) - off_x) / f  # low-res coordinates of the high-res pixels
+        v = (torch.arange(H, device=dev, dtype=dt) - off_y) / f
         gx = 2 * u / max(w - 1, 1) - 1
         gy = 2 * v / max(h - 1, 1) - 1
         grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None].expand(y.shape[0], H, W, 2)

@@ -12,7 +12,7 @@ a noise level :math:`\sigma_k` decreasing geometrically from ``sigma_start`` to 
 
 .. code-block:: text
 
-    z_0 = A^+ y                      (the anchor: y itself, or the pseudo-inverse)
+    z_0 = A^+ y                      (the anchor: y itself, or the pseudo-inverse; or the Wiener estimate)
     for k = 1..K:
         x_k = argmin_x |y - A x|^2 + alpha_k |x - z_{k-1}|^2   = (A^T A + alpha_k I)^{-1} (A^T y + alpha_k z_{k-1})
         z_k = D(x_k; sigma_k)                                   (the prior's denoiser at noise level sigma_k)
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from restoreflow import IncompatibleError, Sampler, check, conjugate_gradient, hookimpl
+from restoreflow import IncompatibleError, Sampler, check, conjugate_gradient, hookimpl, make_anchor
 
 __all__ = ["MMSE", "DPIR", "denoise_at"]
 
@@ -116,6 +116,9 @@ class DPIR(Sampler):
         lam: float = 0.23  #: data-step weight lambda (alpha_k = lam s^2 / sigma_k^2)
         cg_iters: int = 50  #: conjugate-gradient iterations per data step (non-circulant operators)
         cg_tol: float = 1e-5
+        #: starting estimate z_0: ``anchor`` (y, or A^+ y) or ``wiener`` (the exact Wiener estimate: fills large
+        #: holes of inpainting masks with the Gaussian prior's mean instead of zeros)
+        init: str = "anchor"
 
         def __post_init__(self):
             check(self.steps >= 1, f"steps must be >= 1; got {self.steps}")
@@ -123,6 +126,7 @@ class DPIR(Sampler):
             check(0 <= self.sigma_end <= self.sigma_start, f"sigma_end must be in [0, sigma_start]; got {self.sigma_end}")
             check(self.lam > 0, f"lam must be > 0; got {self.lam}")
             check(self.cg_iters >= 1 and self.cg_tol > 0, "cg_iters must be >= 1 and cg_tol > 0")
+            check(self.init in ("anchor", "wiener"), f"init must be anchor or wiener; got {self.init!r}")
 
     def sigmas(self, s_y: float) -> Tensor:
         """The denoiser noise levels, geometric from ``sigma_start`` to ``sigma_end`` (or the noise level)."""
@@ -152,8 +156,12 @@ class DPIR(Sampler):
         s_eff = max(s_y, 1e-3)  # noiseless measurements: a near-projection, kept well-posed
         with torch.no_grad():
             Aty = op.A_adjoint(y).reshape(problem.x_shape)
-            z = problem.anchor if problem.anchor is not None and problem.anchor.shape == tuple(problem.x_shape) \
-                else op.A_dagger(y).reshape(problem.x_shape)
+            if self.config.init == "wiener":
+                z = make_anchor(op, y, "wiener").reshape(problem.x_shape)
+            elif problem.anchor is not None and problem.anchor.shape == tuple(problem.x_shape):
+                z = problem.anchor
+            else:
+                z = op.A_dagger(y).reshape(problem.x_shape)
             z = z.to(y.dtype)
             for k, s_k in enumerate(sig.tolist()):
                 alpha = self.config.lam * s_eff**2 / s_k**2
