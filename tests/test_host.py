@@ -138,7 +138,7 @@ def _fixture_plugin():
     @hookimpl
     def load_measurement(path, task):
         if Path(path).suffix == ".fix":
-            return Measurement(torch.full((1, 1, 2, 2), 0.25), Path(path))
+            return Measurement(torch.full((1, 1, 4, 4), 0.25), Path(path))
         return None
 
     @hookimpl
