@@ -191,3 +191,16 @@ def test_save_keeps_uint8_for_a_tensor_and_float_for_tiff(tmp_path):
     rf_.save(tmp_path / "o.tif")
     back = tifffile.imread(tmp_path / "o.tif")
     assert back.dtype == np.float32 and np.allclose(back, rf_.image[0].permute(1, 2, 0).numpy())
+
+
+def test_the_readme_python_api_example_runs(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    _write_png(tmp_path / "photo.png", _photo())
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.deblurred.png", "photo.png", "photo.restored.jpg"]
+    assert scope["out"].dtype == np.uint8 and scope["out"].shape == (64, 64, 3)
