@@ -384,6 +384,14 @@ GOALS: list[Goal] = [
     Goal("conditional_vs_wiener", "Bundled MR / Resfusion / RDDM deblurring models vs Wiener and the blurred input "
          "(held-out images)", "> both", g_conditional_vs_wiener),
     Goal("memory_reddiff_flowchef", "FlowChef / RED-Diff peak memory vs forward-only", "≤ 1.2×", g_memory),
+    # issue #16: against the classical methods users already have (declared by benchmarks/bench_peers.py)
+    Goal("peers_denoise", "Task default vs BM3D, denoising sigma 0.05 / 0.1 / 0.2 (held-out, paired)", "≥ +0.5 dB each",
+         lambda src: []),
+    Goal("peers_deblur", "Task default vs the best of TV / Richardson-Lucy / Wiener (oracle-tuned), Gaussian and "
+         "motion blur", "≥ +1.0 dB", lambda src: []),
+    Goal("peers_sr", "Task default vs the best of bicubic / TV (oracle-tuned), SR x4", "≥ +1.5 dB", lambda src: []),
+    Goal("peers_medical", "MRI / CT default vs the best of zero-filled / FBP (Hann) / TV / Wiener; measurement "
+         "residual", "≥ +1.0 dB, residual ≤ 1.5× noise", lambda src: []),
 ]
 
 

@@ -307,10 +307,16 @@ class CTParallel(LinearOperator):
     def A_adjoint(self, y):
         return (self._rt(y) / self.scale).to(y.dtype)
 
-    def fbp(self, y: Tensor) -> Tensor:
-        """Filtered back-projection (Ram-Lak), the classical reconstruction."""
+    def fbp(self, y: Tensor, window: str = "ram-lak") -> Tensor:
+        """Filtered back-projection, the classical reconstruction: Ram-Lak, or apodised by a Hann window
+        (``window="hann"``, the scanner-style default that trades resolution for less streak noise)."""
         n = y.shape[-2]
         filt, size = _ramp(n, torch.float32, y.device)
+        if window == "hann":
+            freq = torch.fft.fftfreq(size, device=y.device, dtype=torch.float64)  # cycles per detector cell
+            filt = filt * (0.5 + 0.5 * torch.cos(2 * math.pi * freq)).to(filt.dtype)
+        elif window != "ram-lak":
+            raise ConfigError(f"FBP window must be ram-lak or hann; got {window!r}")
         Y = torch.fft.fft(y.to(torch.float32), n=size, dim=-2)
         q = torch.fft.ifft(Y * filt[:, None], dim=-2).real[..., :n, :]
         factor = math.pi * (self.config.arc / 180.0) / (2 * self.config.views) * self.scale**2
@@ -978,9 +984,61 @@ def register_priors(register):
     register(GrayPrior)
 
 
+class ZeroFilled(Sampler):
+    """Zero-filled MRI reconstruction: the magnitude of the inverse FFT of the measured k-space (the scanner's floor)."""
+
+    name = "zero-filled"
+    requires = frozenset()
+    uses_measurement = True
+    bench = {"kind": "report"}
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
+        op = problem.operator
+        if not isinstance(op, MRICartesian):
+            raise IncompatibleError(f"zero-filled reconstructs Cartesian MRI; the operator is {op.name}")
+        y = problem.y
+        yc = torch.complex(op._cplx(y[:, 0]), op._cplx(y[:, 1])) * op.mask.to(op._cplx(y).dtype)
+        x = _ifft_c(yc).abs()[:, None].to(y.dtype)
+        if callback is not None:
+            callback({"i": 0, "t": 0.0, "x": x, "x0": x, "nfe": 0, "steps": 1})
+        return x
+
+
+class FBP(Sampler):
+    """Filtered back-projection for parallel-beam CT (Hann-apodised ramp by default), the scanner's floor."""
+
+    name = "fbp"
+    requires = frozenset()
+    uses_measurement = True
+    bench = {"kind": "report"}
+
+    @dataclass(frozen=True)
+    class Config:
+        window: str = "hann"  #: ramp filter apodisation: hann or ram-lak
+
+        def __post_init__(self):
+            check(self.window in ("hann", "ram-lak"), f"window must be hann or ram-lak; got {self.window!r}")
+
+    def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
+        op = problem.operator
+        if not isinstance(op, CTParallel):
+            raise IncompatibleError(f"fbp reconstructs parallel-beam CT; the operator is {op.name}")
+        with torch.no_grad():
+            x = op.fbp(problem.y, window=self.config.window)
+        if callback is not None:
+            callback({"i": 0, "t": 0.0, "x": x, "x0": x, "nfe": 0, "steps": 1})
+        return x
+
+
 @hookimpl
 def register_samplers(register):
     register(TV3D)
+    register(ZeroFilled)
+    register(FBP)
 
 
 def _is_dicom_dir(p: Path) -> bool:
