@@ -48,6 +48,7 @@ _LAZY = {
     "ExpIntegrator": "sampling", "Guidance": "sampling", "Heun": "sampling", "Kernel": "sampling",
     "Problem": "sampling", "Sampler": "sampling", "Task": "sampling", "Transition": "sampling",
     "anchored_for": "sampling", "integrate": "sampling", "make_anchor": "sampling", "time_grid": "sampling",
+    "Result": "api", "Measurement": "io",
 }
 
 
@@ -77,6 +78,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .plugins import collect, default_plugin_manager, default_registries, get_plugin_manager
     from .sampling import (Context, Corrector, EulerMaruyama, EulerODE, ExpIntegrator, Guidance, Heun, Kernel,
                            Problem, Sampler, Task, Transition, anchored_for, integrate, make_anchor, time_grid)
+    from .api import Result
+    from .io import Measurement
 
 try:
     __version__ = version("restoreflow")
@@ -95,8 +98,8 @@ __all__ = [
     "AffinePath", "CheckpointError", "ConditionalOracle", "ConfigError", "Context", "Corrector", "DeepinvOperator",
     "DenseGaussian", "Denoiser", "EulerMaruyama", "EulerODE", "ExpIntegrator", "FourierGaussian", "GaussianDenoiser",
     "GaussianModel", "GaussianNoise", "Guidance", "Heun", "IncompatibleError", "InputError", "Kernel", "LinearOperator",
-    "NoiseModel", "NumericalError", "Operator", "OperatorConfig", "OutputError", "PREDICTIONS", "PluginError",
-    "PoissonNoise", "PowerLawSpectrum", "PredictionAdapter", "Prior", "Problem", "RestoreflowError", "Sampler",
+    "Measurement", "NoiseModel", "NumericalError", "Operator", "OperatorConfig", "OutputError", "PREDICTIONS", "PluginError",
+    "PoissonNoise", "PowerLawSpectrum", "PredictionAdapter", "Prior", "Problem", "RestoreflowError", "Result", "Sampler",
     "Task", "Transition", "UnknownNameError", "ValueRange", "ZeroNoise", "build_config", "check", "collect",
     "conjugate_gradient", "default_plugin_manager", "default_registries", "from_x0", "get_plugin_manager", "hookimpl",
     "anchored_for", "integrate", "make_anchor", "mean_reverting", "rectified_flow", "reparameterize", "restore", "tabulated", "time_grid", "to_x0",

@@ -36,7 +36,8 @@ def test_every_input_kind_gives_the_same_restoration(tmp_path):
         assert torch.equal(r.image, by_path.image)
     for r in (by_uint8_tensor, by_float_tensor):
         assert torch.allclose(r.image, by_path.image, atol=1e-6)
-    assert by_path.image.shape == (1, 3, 64, 64)
+    assert by_path.image.shape == (1, 3, 64, 64) and isinstance(by_path, rf.Result)
+    assert isinstance(by_path.source, rf.Measurement) and by_path.source.path == tmp_path / "p.png"
 
 
 def test_numpy_uint8_and_uint16_come_back_in_their_dtype(tmp_path):
