@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from restoreflow import Context, LinearOperator, OperatorConfig, Prior, Sampler, Task, check, hookimpl, time_grid
 from restoreflow.errors import ConfigError, IncompatibleError, InputError, OutputError
-from restoreflow.io import IMAGE_SUFFIXES, Measurement, read_array, write_file, write_image
+from restoreflow.io import IMAGE_SUFFIXES, Measurement, check_size, npy_header, read_array, write_file, write_image
 from restoreflow.sampling import check_finite, randn, start_state
 
 __all__ = [
@@ -911,6 +911,12 @@ def write_dicom(path: str | Path, image: Tensor, like: Measurement | None = None
 
 def read_npy_measurement(path: Path, task: str) -> Measurement:
     """k-space (task ``mri``: complex ``[D x] H x W``, or real ``[D x] 2 x H x W``) or a sinogram (``ct``)."""
+    shape, dtype = npy_header(path, "input")  # the voxel limit from the header, before anything is allocated
+    dims = list(shape)
+    if task == "mri" and dtype.kind != "c" and len(dims) in (3, 4) and dims[-3] == 2:
+        del dims[-3]  # real/imaginary planes of one voxel
+    if len(dims) >= 2:
+        check_size(dims[-2], dims[-1], f"input {path}", depth=math.prod(dims[:-2]))
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:

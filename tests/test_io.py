@@ -484,3 +484,15 @@ def test_from_tensor_round_trips_every_dtype_exactly():
         back = from_tensor(m.data, m)
         assert back.dtype == a.dtype and back.shape == a.shape
         assert np.allclose(back, a, rtol=0, atol=1e-5 * float(np.ptp(a))) if a.dtype.kind == "f" else np.array_equal(back, a)
+
+
+@pytest.mark.parametrize("task,shape,descr", [("mri", (300, 2, 512, 512), "<f4"), ("mri", (300, 512, 512), "<c8"),
+                                              ("ct", (400, 512, 512), "<f4")])
+def test_npy_measurements_are_checked_from_their_header(tmp_path, monkeypatch, task, shape, descr):
+    p = tmp_path / "m.npy"
+    with open(p, "wb") as f:  # 78.6 M voxels declared, no data
+        np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+    monkeypatch.setattr(np, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("np.load ran")))
+    res = _cli([task, str(p), "--sampler", "pinv", "--out", str(tmp_path / "o.npy"), "-q"])
+    _one_error(res, "512x512x" + str(shape[0]))
+    assert "above the 64 MP limit" in res.output and sorted(q.name for q in tmp_path.iterdir()) == ["m.npy"]
