@@ -208,7 +208,7 @@ def plan(task: str, *, sampler: str | None = None, prior: str | None = None, gui
         if not needs_prior and not getattr(prior_obj, "exact_posterior", False):
             raise IncompatibleError(f"{sampler_name} uses no network prior; drop --prior or pick a diffusion sampler")
     if prior_obj is not None:
-        tuned = prior_obj.sampler_defaults(sampler_name)
+        tuned = prior_obj.sampler_defaults(sampler_name, task_obj.name)
         if tuned:  # options the prior's card recommends for this sampler; the caller's own win
             smp = _with_steps(s_cls, {**tuned, **dict(sampler_options or {})}, steps, sampler_name)
     condition = False
