@@ -24,6 +24,7 @@ class StationaryGaussian(Prior):
     name = "gaussian"
     path_kind = "vp"
     exact_posterior = True
+    option_names = frozenset()  # takes no --prior-opt (the CLI refuses any, misspelt ones included)
 
     def model(self, x_shape) -> FourierGaussian:
         if x_shape is None:

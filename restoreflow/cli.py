@@ -592,19 +592,18 @@ class TaskCommand(click.Command):
             d = self._defaults()
         except Exception:
             return
-        lines = [f"operator  {d['operator']}: " + " ".join(f"{k}={v}" for k, v in d["operator_options"].items())]
+        rows = [("operator", f"{d['operator']}: " + " ".join(f"{k}={v}" for k, v in d["operator_options"].items()))]
         if d["operator_options"].get("noise_sigma") == "auto":
-            lines.append(f"          noise_sigma=auto: estimated from IMAGE and printed on stderr; with --simulate "
-                         f"the noise is {d['simulate_noise_sigma']}")
-        lines.append(f"sampler   {d['sampler']}" + ("" if not d["sampler_options"] else
-                     "  (" + " ".join(f"{k}={v}" for k, v in d["sampler_options"].items())
-                     + f", tuned by prior {d['prior']})"))
-        lines.append(f"prior     {d['prior'] or '- (none needed)'}")
+            rows.append(("noise_sigma", f"auto: estimated from IMAGE and printed on stderr; with --simulate the noise "
+                                        f"is {d['simulate_noise_sigma']}"))
+        rows.append(("sampler", f"{d['sampler']}" + ("" if not d["sampler_options"] else
+                     " (" + " ".join(f"{k}={v}" for k, v in d["sampler_options"].items())
+                     + f", tuned by prior {d['prior']})")))
+        rows.append(("prior", f"{d['prior'] or '- (none needed)'}"))
         if "mask" in d["operator_options"]:
-            lines.append(MASK_HELP)
+            rows.append(("mask", MASK_HELP.split(": ", 1)[1]))
         with formatter.section("Defaults"):
-            for line in lines:
-                formatter.write_text(line)
+            formatter.write_dl(rows)
 
 
 def _task_command(task, regs: Registries, pm) -> click.Command:
@@ -697,12 +696,16 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
         if p_options:
             if pl.prior is None:
                 raise ConfigError(f"--prior-opt given but {pl.sampler.name} uses no prior")
+            # a prior that declares ``option_names`` (a set of keys) has every other --prior-opt refused here, before
+            # any weights load; priors that do not declare them receive the options as given
             accepted = getattr(type(pl.prior), "option_names", None)
             if accepted is not None:
                 from .errors import UnknownNameError
 
                 for k in p_options:
                     if k not in accepted:
+                        if not accepted:
+                            raise ConfigError(f"prior {pl.prior_label} takes no --prior-opt options; got {k!r}")
                         raise UnknownNameError(f"option of prior {pl.prior_label}", k, accepted)
         if uncertainty is not None and (pl.corrector is None or not hasattr(pl.corrector, "variance")):
             raise ConfigError("--uncertainty needs a corrector that estimates the posterior variance (e.g. "
