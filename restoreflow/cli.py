@@ -892,7 +892,7 @@ def build_cli(pm=None) -> click.Group:
 
 # -- the fast-listing index ------------------------------------------------------------------------
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _CHEAP = {"plugins"} | {name for name, _ in _LISTINGS}
 
 
@@ -983,7 +983,7 @@ def build_index(cli: click.Group) -> dict[str, Any]:
     for name in cli.list_commands(ctx):
         cmd = cli.get_command(ctx, name)
         if cmd is not None and not getattr(cmd, "hidden", False):
-            commands.append([name, cmd.get_short_help_str(limit=300)])
+            commands.append([name, cmd.help, cmd.short_help])
     return {"version": INDEX_VERSION, "fingerprint": index_fingerprint(), "commands": commands,
             "problems": list(regs.problems), "plugins": _plugin_rows(pm),
             "listings": {attr: registry_entries(attr, regs) for _, attr in _LISTINGS}}
@@ -1017,10 +1017,10 @@ def _light_cli(index: dict[str, Any]) -> click.Group:
             click.echo(f"warning: {p}", err=True)
 
     listings = index["listings"]
-    for name, short in index["commands"]:
+    for name, help_, short in index["commands"]:
         if name in _CHEAP:
             continue
-        cli.add_command(click.Command(name, short_help=short, help=short), name)
+        cli.add_command(click.Command(name, help=help_, short_help=short), name)
     cli.add_command(_plugins_command(lambda: index["plugins"], problems))
     for name, attr in _LISTINGS:
         cli.add_command(_listing(name, attr, functools.partial(lambda a: listings[a], attr)))

@@ -80,7 +80,7 @@ def test_help_and_listings_import_no_torch(tmp_path):
         "heavy = [m for m in ('torch', 'restoreflow_plugins.dps', 'restoreflow.api') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "assert 'deblur' in outs[0] and 'wiener' in outs[1] and 'RED-Diff' in outs[2], outs\n"
-        "assert 'noise_sigma=auto' in outs[3] and 'mr-deblur' in outs[3]\n"
+        "assert 'noise_sigma=auto' in outs[3] and 'prior:' in outs[3] and 'gaussian_blur' in outs[3]\n"
         "print('ok')\n"
     )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -105,7 +105,7 @@ def test_index_follows_the_installed_plugins(tmp_path):
         os.environ.pop("RESTOREFLOW_DISABLE_PLUGINS")
         assert cli_mod.index_fingerprint() == fp
         assert cli_mod.read_index() is None  # nothing written yet
-        (tmp_path / cli_mod._cache_file().name).write_text('{"version": 1, "fingerprint": "stale"}')
+        (tmp_path / cli_mod._cache_file().name).write_text('{"version": 2, "fingerprint": "stale"}')
         assert cli_mod.read_index() is None
     finally:
         for k, v in old.items():
@@ -247,7 +247,7 @@ def test_denoise_output_follows_noise_sigma(cli, tmp_path):
     outs = []
     for s in ("0.01", "0.08"):
         o = tmp_path / f"o{s}.png"
-        res = run(cli, ["denoise", noisy, "--op", f"noise_sigma={s}", "--steps", "20", "--out", o, "-q"])
+        res = run(cli, ["denoise", noisy, "--op", f"noise_sigma={s}", "--out", o, "-q"])
         assert res.exit_code == 0, res.output
         outs.append(io.imread(o).astype(np.float64))
     assert np.abs(outs[0] - outs[1]).mean() > 0.5  # more than rounding: a different restoration
