@@ -59,12 +59,14 @@ import torch
 from torch import Tensor
 
 from restoreflow import ExpIntegrator, Guidance, Problem, Sampler, check, hookimpl, integrate, time_grid, vp
+from restoreflow.errors import NumericalError
 from restoreflow.operators import PoissonNoise
 from restoreflow.paths import AffinePath, as_time
 from restoreflow.sampling import SPACINGS
 
-__all__ = ["DPSGuidance", "DPS", "PRESETS", "PAPER_PRESETS", "OPERATOR_TASKS", "preset_zeta", "reference_path", "reference_time",
-           "ddpm_grid"]
+__all__ = ["DPSGuidance", "DPS", "PRESETS", "PAPER_PRESETS", "OPERATOR_TASKS", "PRESET_OPTIONS", "preset_zeta",
+           "reference_path", "reference_time", "ddpm_grid", "respaced_timesteps", "discrete_ddpm_grid",
+           "official_poisson_factor"]
 
 #: The paper's step sizes per task, **in [0, 1] image units** (= official value / 2), for 1000 DDPM steps.
 #: Source: DPS2022/diffusion-posterior-sampling @ effbde7, ``configs/*.yaml`` (``conditioning.params.scale``):
@@ -99,6 +101,16 @@ OPERATOR_TASKS: dict[str, str] = {
     "denoise": "denoise",
 }
 _REF_STEPS = 1000  # the presets' step count (DDPM, T = 1000)
+PRESET_NAMES = ("restoreflow", "paper", "official")
+#: What each ``preset`` fills in for the options left unset (``None``); an option given explicitly always wins.
+#: ``paper`` only swaps the step-size table; ``official`` is the official algorithm (DPS2022 @ effbde7): the config's
+#: scale per step whatever the grid or image size, no Polyak cap, one norm over the batch, clip(x0_hat) in the
+#: step's posterior mean, and on a discrete DDPM prior its own timesteps with DDPM's final step to x0.
+PRESET_OPTIONS: dict[str, dict[str, Any]] = {
+    "restoreflow": {"zeta_schedule": "dt", "polyak": 1.0, "per_sample": True, "clip_mean": False},
+    "paper": {"zeta_schedule": "dt", "polyak": 1.0, "per_sample": True, "clip_mean": False},
+    "official": {"zeta_schedule": "constant", "polyak": 0.0, "per_sample": False, "clip_mean": True},
+}
 
 
 def reference_path() -> AffinePath:
@@ -129,9 +141,9 @@ def ddpm_grid(path: AffinePath, steps: int) -> Tensor:
 
 def preset_zeta(task_or_operator: str, source: str = "restoreflow") -> float:
     """The preset step size ([0, 1] units, per 1000 reference steps) for a task or a registered operator name;
-    ``source`` is ``restoreflow`` (measured, :data:`PRESETS`) or ``paper`` (:data:`PAPER_PRESETS`). Unknown
-    operators get the deblurring value."""
-    table = PAPER_PRESETS if source == "paper" else PRESETS
+    ``source`` is ``restoreflow`` (measured, :data:`PRESETS`) or ``paper``/``official`` (:data:`PAPER_PRESETS`).
+    Unknown operators get the deblurring value."""
+    table = PAPER_PRESETS if source in ("paper", "official") else PRESETS
     task = OPERATOR_TASKS.get(task_or_operator, task_or_operator)
     return table.get(task, table["deblur"])
 
@@ -150,6 +162,59 @@ def preset_size_scale(x_shape: Any, source: str = "restoreflow") -> float:
     if x_shape is None or len(x_shape) < 2:
         return 1.0
     return math.sqrt(float(x_shape[-2]) * float(x_shape[-1])) / PRESET_SIDE[source]
+
+
+def respaced_timesteps(T: int, steps: int) -> list[int]:
+    """The integer timesteps guided-diffusion keeps when ``T`` DDPM steps are respaced to ``steps``
+    (``timestep_respacing: "<steps>"``: one section, stride :math:`(T-1)/(\mathrm{steps}-1)` accumulated in floating
+    point and rounded half to even), ascending. ``steps = T`` keeps all of them (the DPS configs)."""
+    check(1 <= steps <= T, f"a DDPM prior with {T} steps can be run on 1 to {T} of them; got {steps}")
+    stride = 1.0 if steps <= 1 else (T - 1) / (steps - 1)
+    taken, cur = [], 0.0
+    for _ in range(steps):
+        taken.append(round(cur))
+        cur += stride
+    return sorted(set(taken))
+
+
+def _discrete_steps(path: AffinePath) -> int | None:
+    """T of a discrete DDPM path (``params["discrete"]``, ``t = n / (T - 1)``), else None."""
+    params = dict(getattr(path, "params", {}) or {})
+    return int(params.get("steps", 1000)) if params.get("discrete") else None
+
+
+def _with_clean_end(path: AffinePath, t_end: float) -> AffinePath:
+    """``path`` extended below its ``t_min`` by a clean state (:math:`a = 1, \sigma = 0`) at ``t_end``: the target of
+    DDPM's last step, :math:`\bar\alpha_{-1} = 1` (guided-diffusion's ``alphas_cumprod_prev[0]``)."""
+    t_min = path.t_min
+
+    def a(t: Tensor) -> Tensor:
+        return torch.where(t < t_min, torch.ones_like(t), path.a(t))
+
+    def sigma(t: Tensor) -> Tensor:
+        return torch.where(t < t_min, torch.zeros_like(t), path.sigma(t))
+
+    return AffinePath(path.kind, a, path.b, sigma, t_end, path.t_max, path.anchored,
+                      {**dict(path.params), "clean_end": t_end})
+
+
+def discrete_ddpm_grid(path: AffinePath, steps: int) -> tuple[Tensor, AffinePath]:
+    """The official DDPM loop on a discrete path: the respaced integer timesteps (:func:`respaced_timesteps`),
+    descending as ``t = n / (T - 1)``, then one more step to the clean state (the ``path`` returned, extended by
+    :func:`_with_clean_end`). ``steps`` network calls; the last one, at timestep 0, is DDPM's step to x0."""
+    T = _discrete_steps(path)
+    check(T is not None, "discrete_ddpm_grid needs a discrete DDPM path")
+    n = torch.tensor(respaced_timesteps(T, steps), dtype=torch.float64).flip(0)
+    t_end = -1.0 / (T - 1)
+    ts = torch.cat([n / (T - 1), torch.tensor([t_end], dtype=torch.float64)])
+    return ts, _with_clean_end(path, t_end)
+
+
+def official_poisson_factor(y: Tensor) -> Tensor:
+    r"""The official code's Poisson factor :math:`\mathrm{mean}_j\,1/|y'_j|` per row of ``y`` (B x ...), with the
+    measurement in its [-1, 1] units, :math:`y' = 2y - 1`: the loss is :math:`\lVert r'\rVert \cdot` this factor,
+    infinite where a pixel is exactly mid-grey (``condition_methods.py``, ``PosteriorSampling`` with Poisson noise)."""
+    return (1.0 / (2 * y.reshape(y.shape[0], -1) - 1).abs()).mean(dim=1)
 
 
 def _match_batch(v: Tensor, x: Tensor) -> Tensor:
@@ -174,36 +239,43 @@ class DPSGuidance(Guidance):
         zeta: float | None = None
         #: preset to use when ``zeta`` is None: ``auto`` (from the operator name), deblur, sr, inpaint, denoise
         task: str = "auto"
-        #: ``restoreflow`` (measured on the bundled prior) or ``paper`` (the official configs / 2)
+        #: ``restoreflow`` (steps measured on the bundled prior), ``paper`` (the official configs' steps / 2) or
+        #: ``official`` (the official algorithm, :data:`PRESET_OPTIONS`); fills in the options left unset (None)
         preset: str = "restoreflow"
         #: ``dt``: scale by the grid step relative to 1000 uniform steps; ``constant``: zeta per step
-        zeta_schedule: str = "dt"
+        zeta_schedule: str | None = None
         #: ``auto`` (from the operator's noise model), ``gaussian`` or ``poisson``
         likelihood: str = "auto"
-        #: ``paper``: sqrt(sum r^2 / (2 y + eps)); ``code``: ||r|| * mean(1 / (|y| + eps))
+        #: ``paper``: sqrt(sum r^2 / (2 y + eps)); ``code``: ||r|| * mean(1 / |2 y - 1|), the official factor
         poisson_weighting: str = "paper"
-        #: keeps the Poisson weights finite at y = 0 ([0, 1] units)
+        #: keeps the paper form's Poisson weights finite at y = 0 ([0, 1] units)
         poisson_eps: float = 1e-2
         #: one norm per sample (True) or over the whole batch like the official code (False)
-        per_sample: bool = True
+        per_sample: bool | None = None
         #: clamp x0_hat to [0, 1] inside the graph (official code: yes)
         clip_x0: bool = True
         #: cap each sample's step at this multiple of the Polyak step ||r|| / ||grad||^2, i.e. never aim past
         #: zero residual to first order (not in the paper; 0 disables). Guards few-step grids.
-        polyak: float = 1.0
+        polyak: float | None = None
 
         def __post_init__(self):
             check(self.zeta is None or self.zeta >= 0, f"zeta must be >= 0; got {self.zeta}")
             check(self.task == "auto" or self.task in PRESETS,
                   f"task must be auto or one of {', '.join(PRESETS)}; got {self.task!r}")
-            check(self.preset in ("restoreflow", "paper"), f"preset must be restoreflow or paper; got {self.preset!r}")
-            check(self.zeta_schedule in ("dt", "constant"), f"zeta_schedule must be dt or constant; got {self.zeta_schedule!r}")
+            check(self.preset in PRESET_NAMES, f"preset must be one of {', '.join(PRESET_NAMES)}; got {self.preset!r}")
+            check(self.zeta_schedule in (None, "dt", "constant"),
+                  f"zeta_schedule must be dt or constant; got {self.zeta_schedule!r}")
             check(self.likelihood in ("auto", "gaussian", "poisson"),
                   f"likelihood must be auto, gaussian or poisson; got {self.likelihood!r}")
             check(self.poisson_weighting in ("paper", "code"),
                   f"poisson_weighting must be paper or code; got {self.poisson_weighting!r}")
             check(self.poisson_eps > 0, f"poisson_eps must be > 0; got {self.poisson_eps}")
-            check(self.polyak >= 0, f"polyak must be >= 0; got {self.polyak}")
+            check(self.polyak is None or self.polyak >= 0, f"polyak must be >= 0; got {self.polyak}")
+
+        def option(self, name: str) -> Any:
+            """``name``'s value, the preset's (:data:`PRESET_OPTIONS`) when it is left unset."""
+            v = getattr(self, name)
+            return PRESET_OPTIONS[self.preset][name] if v is None else v
 
     # -- pieces ------------------------------------------------------------------------------
     def zeta(self, operator: Any) -> float:
@@ -212,6 +284,8 @@ class DPSGuidance(Guidance):
         if c.zeta is not None:
             return float(c.zeta)
         zeta = preset_zeta(c.task if c.task != "auto" else str(getattr(operator, "name", "")), c.preset)
+        if c.preset == "official":
+            return zeta  # the code uses the config's scale as is, whatever the image size
         return zeta * preset_size_scale(getattr(operator, "x_shape", None), c.preset)
 
     def _tau(self, path: AffinePath, t: Tensor, grid: Tensor | None = None) -> float:
@@ -229,7 +303,7 @@ class DPSGuidance(Guidance):
 
     def step_size(self, t: Tensor, t_next: Tensor, ctx: Any) -> float:
         zeta = self.zeta(ctx.problem.operator)
-        if self.config.zeta_schedule == "constant":
+        if self.config.option("zeta_schedule") == "constant":
             return zeta
         span = _REFERENCE.t_max - _REFERENCE.t_min
         grid = getattr(ctx, "ts", None)
@@ -243,7 +317,7 @@ class DPSGuidance(Guidance):
     def residual_norm(self, r: Tensor, y: Tensor, poisson: bool) -> Tensor:
         r"""Per-sample :math:`\lVert r\rVert` (or its Poisson-weighted form), shape ``(B,)``; one entry if not per-sample."""
         c = self.config
-        flat_r = r.reshape(r.shape[0], -1) if c.per_sample else r.reshape(1, -1)
+        flat_r = r.reshape(r.shape[0], -1) if c.option("per_sample") else r.reshape(1, -1)
         flat_y = y.reshape(flat_r.shape[0], -1)
         if not poisson:
             return torch.linalg.vector_norm(flat_r, dim=1)
@@ -251,7 +325,11 @@ class DPSGuidance(Guidance):
             w = 1.0 / (2 * flat_y.clamp(min=0) + c.poisson_eps)
             # sqrt with a zero-safe gradient: vector_norm of r * sqrt(w)
             return torch.linalg.vector_norm(flat_r * w.sqrt(), dim=1)
-        return torch.linalg.vector_norm(flat_r, dim=1) * (1.0 / (flat_y.abs() + c.poisson_eps)).mean(dim=1)
+        factor = official_poisson_factor(flat_y).to(flat_r.dtype)
+        if not bool(torch.isfinite(factor).all()):
+            raise NumericalError("poisson_weighting=code divides by |2y - 1|, which is zero where the measurement is "
+                                 "exactly mid-grey (0.5); use poisson_weighting=paper")
+        return torch.linalg.vector_norm(flat_r, dim=1) * factor
 
     def delta(self, x: Tensor, x0_hat: Tensor, t: Tensor, t_next: Tensor, ctx: Any) -> Tensor:
         op = ctx.problem.operator
@@ -261,9 +339,10 @@ class DPSGuidance(Guidance):
         norm = self.residual_norm(r, y, self.poisson(op))
         (grad,) = torch.autograd.grad(norm.sum(), x)
         zeta = self.step_size(t, t_next, ctx)
-        if self.config.polyak > 0 and self.config.per_sample:
+        polyak = self.config.option("polyak")
+        if polyak > 0 and self.config.option("per_sample"):
             g2 = grad.reshape(grad.shape[0], -1).pow(2).sum(1)
-            cap = self.config.polyak * norm.detach() / g2.clamp(min=1e-30)
+            cap = polyak * norm.detach() / g2.clamp(min=1e-30)
             zeta = torch.clamp(cap, max=zeta).to(grad.dtype).reshape(-1, *([1] * (grad.ndim - 1)))
         return -zeta * grad.detach()
 
@@ -286,9 +365,13 @@ class DPS(Sampler):
         steps: int = 100
         #: 1 = DDPM ancestral steps (the paper), 0 = deterministic DDIM
         eta: float = 1.0
-        #: ``ddpm``: the noise levels of uniform DDPM steps (the paper; :func:`ddpm_grid`), on any path;
+        #: ``ddpm``: the noise levels of uniform DDPM steps (the paper; :func:`ddpm_grid`), on any path -- on a
+        #: discrete DDPM prior its own respaced timesteps and DDPM's final step to x0 (:func:`discrete_ddpm_grid`);
         #: or a :func:`restoreflow.time_grid` spacing on the denoiser's own path
         spacing: str = "ddpm"
+        #: use clip(x0_hat) in the step's posterior mean as the official ``p_sample`` does (``clip_denoised``), not
+        #: only inside the guidance gradient; None: the preset's (official: yes; otherwise no, see the module doc)
+        clip_mean: bool | None = None
 
         def __post_init__(self):
             super().__post_init__()
@@ -305,11 +388,26 @@ class DPS(Sampler):
                corrector: Any = None, callback: Callable[[dict], None] | None = None) -> Tensor:
         """Run DPS; ``callback`` receives ``{"i", "t", "x", "x0", "nfe", "steps"}`` after each step."""
         c = self.config
-        ts = ddpm_grid(denoiser.path, c.steps) if c.spacing == "ddpm" else time_grid(denoiser.path, c.steps, c.spacing)
-        kernel = ExpIntegrator(order=1, eta=self.config.eta)
+        ts, path = self.grid(denoiser.path)
+        kernel = _ClippedMean(order=1, eta=c.eta) if c.option("clip_mean") else ExpIntegrator(order=1, eta=c.eta)
         x = integrate(kernel, denoiser, problem, ts, generator=generator, guidance=self.guidance(),
-                      corrector=corrector, callback=callback)
-        return x.clamp(0, 1) if self.config.clip_x0 else x
+                      corrector=corrector, callback=callback, path=path)
+        return x.clamp(0, 1) if c.clip_x0 else x
+
+    def grid(self, path: AffinePath) -> tuple[Tensor, AffinePath | None]:
+        """The run's times and the path to integrate on (None: the denoiser's own)."""
+        c = self.config
+        if c.spacing == "ddpm" and _discrete_steps(path) is not None:
+            return discrete_ddpm_grid(path, c.steps)
+        return (ddpm_grid(path, c.steps) if c.spacing == "ddpm" else time_grid(path, c.steps, c.spacing)), None
+
+
+class _ClippedMean(ExpIntegrator):
+    """The ancestral (DDIM-eta) step with :math:`\hat x_0` clamped to [0, 1] in the mean: for ``eta = 1`` this is the
+    DDPM posterior mean :math:`q(x_{t'} \mid x_t, \mathrm{clip}(\hat x_0))` of the official ``p_sample``."""
+
+    def step(self, x, t, t_next, x0_hat, state, ctx):
+        return super().step(x, t, t_next, x0_hat.clamp(0, 1), state, ctx)
 
 
 @hookimpl

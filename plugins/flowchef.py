@@ -59,8 +59,9 @@ from torch import Tensor, nn
 from restoreflow import Problem, Sampler, check, hookimpl, rectified_flow, reparameterize
 from restoreflow.paths import AffinePath, as_time
 from restoreflow.sampling import check_finite, randn
+from .red_diff import noise_variance
 
-__all__ = ["FlowChef", "as_rectified_flow"]
+__all__ = ["FlowChef", "as_rectified_flow", "noise_share"]
 
 
 def _same_rectified_flow(path: AffinePath, rf: AffinePath) -> bool:
@@ -146,6 +147,9 @@ class FlowChef(Sampler):
         reference_side: int | None = 64
         #: starting time on the rectified-flow path (t = 1 is pure noise)
         t_start: float = 0.999
+        #: damp the steering step where the flow's noise level is below the measurement's (not in the paper;
+        #: without it an identity operator hands back the noisy input, see the module docstring)
+        noise_aware: bool = True
         #: clamp the output to [0, 1]
         clip: bool = True
 
@@ -187,6 +191,8 @@ class FlowChef(Sampler):
         y = problem.y
         steer = c.steps - 1 if c.steer_steps is None else min(c.steer_steps, c.steps)
         step = self.step_scale(op, y, tuple(problem.x_shape)) if steer > 0 and c.inner_steps > 0 else 0.0
+        sigma2 = noise_variance(op) if c.noise_aware and step > 0 else 0.0
+        lip = float(op.lipschitz()) if sigma2 > 0 else 1.0
         like = torch.empty(problem.x_shape, dtype=y.dtype, device=y.device)
         x = problem.x_init.to(y.dtype) if problem.x_init is not None else \
             c.t_start * randn(problem.x_shape, generator=generator, like=like)
@@ -196,15 +202,37 @@ class FlowChef(Sampler):
                 x0 = den(x, as_time(t, x.device))
                 check_finite(x0, i, t)
                 v = (x - x0) / t  # the rectified-flow velocity eps - x0, frozen for this step
-                if i < steer:
+                steering = i < steer and (sigma2 == 0 or _nsr(t) ** 2 * lip > sigma2)
+                if steering:
                     for _ in range(c.inner_steps):
                         g = step * self.data_grad(op, x0, y)
                         x = x - g
                         x0 = x0 - g  # x0_hat = x_t - t v moves with x_t
-                x = x + (t_next - t) * v
+                if steering and sigma2 > 0 and t_next > 0:
+                    # x_t' = (1 - t') x0 + t' eps with the steered state's own noise eps (= the code's Euler step
+                    # with the old v), its share cut to what the measurement's noise does not already supply
+                    eps = (x - (1 - t) * x0) / t
+                    x = (1 - t_next) * x0 + (t_next * noise_share(_nsr(t_next), sigma2, lip)) * eps
+                else:
+                    x = x + (t_next - t) * v
                 if callback is not None:
                     callback({"i": i, "t": t_next, "x": x, "x0": x0, "nfe": i + 1, "steps": c.steps})
         return x.clamp(0, 1) if c.clip else x
+
+
+def _nsr(t: float) -> float:
+    """Noise-to-signal ratio of the rectified flow at ``t``."""
+    return t / (1.0 - t)
+
+
+def noise_share(nsr: float, sigma2: float, lipschitz: float = 1.0) -> float:
+    r""":math:`\kappa = \sqrt{\max(0, 1 - \sigma_y^2/(L\nu^2))}`: the fraction of the flow's noise a steered state keeps
+    at noise-to-signal ratio :math:`\nu` when its :math:`\hat x_0` was pulled onto a measurement with noise variance
+    :math:`\sigma_y^2` (:math:`L = \lVert A\rVert^2`). The measurement's noise supplies the rest, so the state's total
+    noise is the level the network is told; 0 once :math:`\nu \le \sigma_y/\sqrt L`, where steering stops."""
+    if sigma2 <= 0:
+        return 1.0
+    return math.sqrt(max(0.0, 1.0 - sigma2 / (lipschitz * nsr * nsr)))
 
 
 @hookimpl

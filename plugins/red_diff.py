@@ -74,7 +74,8 @@ from restoreflow import Problem, Sampler, check, from_x0, hookimpl
 from restoreflow.paths import AffinePath, as_time
 from restoreflow.sampling import check_finite, make_anchor, randn
 
-__all__ = ["RedDiff", "WEIGHTINGS", "snr_weight", "red_diff_grid"]
+__all__ = ["RedDiff", "WEIGHTINGS", "snr_weight", "red_diff_grid", "official_nsr", "official_timesteps", "data_damping", "noise_variance",
+           "OFFICIAL_UNITS"]
 
 WEIGHTINGS: tuple[str, ...] = ("linear", "sqrt", "square", "log", "clip", "two_thirds", "const", "inverse")
 
@@ -98,15 +99,61 @@ def snr_weight(nsr: float, kind: str) -> float:
     return 1.0
 
 
-def red_diff_grid(path: AffinePath, steps: int, nsr_min: float = 0.01) -> Tensor:
-    """The ``steps`` descending float64 times RED-Diff visits (see the module docstring)."""
-    t_lo = float(path.t_from_nsr(nsr_min))
+#: The official code's units: images in [-1, 1]. A noisy state with noise-to-signal ratio :math:`\sigma/a` in
+#: restoreflow's [0, 1] units has :math:`2\sigma/a` there (the signal halves, the noise does not), whatever units the
+#: network itself uses internally. The regulariser weight and ``nsr_min`` are stated in these units.
+OFFICIAL_UNITS = 2.0
+#: The official diffusion (``_configs/diffusion/linear1000.yaml``): DDPM's linear betas 1e-4 -> 0.02, T = 1000.
+OFFICIAL_T = 1000
+
+
+def official_nsr(timesteps: Tensor, T: int = OFFICIAL_T) -> Tensor:
+    r""":math:`\sqrt{(1-\bar\alpha_n)/\bar\alpha_n}` of the official linear-1000 DDPM schedule at integer timesteps ``n``
+    (0-based, :math:`\bar\alpha_0 = 1 - \beta_1`: the code's ``alpha(t) = cumprod[t + 1]`` with a leading 0 beta)."""
+    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    log_abar = torch.cumsum(torch.log1p(-betas), 0)
+    lab = log_abar[timesteps.long()]
+    return torch.sqrt(-torch.expm1(lab) / torch.exp(lab))
+
+
+def official_timesteps(steps: int, T: int = OFFICIAL_T) -> Tensor:
+    """The official code's timesteps: ``range(0, T, T // steps)`` visited descending (``utils/functions.py``
+    ``get_timesteps``; ``len`` is ``steps`` only when ``steps`` divides ``T``: 30 steps visit 31 times)."""
+    check(1 <= steps <= T, f"the official grid needs 1 <= steps <= {T}; got {steps}")
+    return torch.arange(0, T, T // steps, dtype=torch.float64).flip(0)
+
+
+def red_diff_grid(path: AffinePath, steps: int, nsr_min: float = 0.01, kind: str = "uniform") -> Tensor:
+    """The descending float64 times RED-Diff visits (see the module docstring).
+
+    ``uniform``: ``steps`` times :math:`t_{lo} + (t_{hi} - t_{lo})k/\mathrm{steps}`, ``k = steps-1 .. 0``, where at
+    :math:`t_{lo}` the noise-to-signal ratio in the official [-1, 1] units (:data:`OFFICIAL_UNITS`) is ``nsr_min``.
+    ``official``: the code's integer timesteps (:func:`official_timesteps`); on a discrete DDPM path
+    (``path.params["discrete"]``) they are its own steps ``t = n / (T - 1)``, on any other path the times whose
+    noise-to-signal ratio (official units) is that of the official linear-1000 schedule at ``n`` -- so the grid
+    ends at timestep 0, noise-to-signal ratio 0.0100, where the official one ends."""
+    if kind == "official":
+        params = dict(getattr(path, "params", {}) or {})
+        if params.get("discrete"):
+            T = int(params.get("steps", OFFICIAL_T))
+            return official_timesteps(steps, T) / (T - 1)
+        n = official_timesteps(steps)
+        return path.t_from_nsr(official_nsr(n) / OFFICIAL_UNITS).to(torch.float64)
+    t_lo = float(path.t_from_nsr(nsr_min / OFFICIAL_UNITS))
     t_hi = float(path.t_max)
     k = torch.arange(steps - 1, -1, -1, dtype=torch.float64)
     return t_lo + (t_hi - t_lo) * k / steps
 
 
 INITS = ("anchor", "pinv", "zeros", "wiener")
+GRIDS = ("uniform", "official")
+OUTPUTS = ("mu", "x0_pred")
+PRESETS = ("restoreflow", "official")
+#: What ``preset`` fills in for the options left unset (``None``); an option given explicitly always wins.
+PRESET_OPTIONS: dict[str, dict[str, Any]] = {
+    "restoreflow": {"grid": "uniform", "output": "mu", "reduction": "sum", "init": "anchor", "noise_aware": True},
+    "official": {"grid": "official", "output": "x0_pred", "reduction": "mean", "init": "pinv", "noise_aware": False},
+}
 
 
 class RedDiff(Sampler):
@@ -118,30 +165,42 @@ class RedDiff(Sampler):
     #: exact bench: the posterior-mode variant (see the module docstring) returns the posterior mean of a Gaussian
     bench = {"kind": "point", "tol": 5e-3, "steps": 3000,
              "options": {"weighting": "inverse", "lam": 1.0, "obs_weight": None, "antithetic": True, "lr": 0.01,
-                         "init": "zeros", "clip": False}}
+                         "init": "zeros", "clip": False, "noise_aware": False}}
 
     @dataclass(frozen=True)
     class Config:
         steps: int = 100
+        #: ``restoreflow`` (default) or ``official`` (the code's algorithm: grid, output, reduction, init, no noise
+        #: damping); fills in the options below that are left unset (None)
+        preset: str = "restoreflow"
         #: Adam step size in [0, 1] units (official ``_configs/algo/reddiff.yaml``: 0.1 in [-1, 1] units)
         lr: float = 0.05
-        #: regulariser weight lambda (official ``grad_term_weight``)
+        #: regulariser weight lambda = the official ``grad_term_weight`` (the regulariser is weighted by
+        #: ``lam * weighting(nsr)`` with the noise-to-signal ratio in the official [-1, 1] units, for any network)
         lam: float = 0.25
         #: data weight in [0, 1] units (official ``obs_weight`` 1.0 x 2, see the module docstring);
-        #: ``None``: 1/sigma_y^2 from the operator's noise model (the posterior-mode variant below)
+        #: ``None``: 1/(2 sigma_y^2), the official-unit 1/sigma_y'^2 (the posterior-mode variant below)
         obs_weight: float | None = 2.0
         #: SNR weighting lambda_t of the regulariser
         weighting: str = "linear"
         #: ``sum``: both terms normalised by dim(x); ``mean``: each by its own size (official code)
-        reduction: str = "sum"
+        reduction: str | None = None
         #: ``anchor`` (degraded image / A^+ y), ``pinv`` (A^+ y, the paper), ``zeros``, ``wiener``
-        init: str = "anchor"
+        init: str | None = None
+        #: ``uniform`` (``steps`` times down to ``nsr_min``) or ``official`` (the code's integer timesteps)
+        grid: str | None = None
+        #: ``mu``: the estimate after the last Adam step; ``x0_pred``: the one before it (the code's return value)
+        output: str | None = None
+        #: damp the data term where the denoiser's noise level is below the measurement's (not in the paper;
+        #: without it an identity operator hands back the noisy input, see the module docstring)
+        noise_aware: bool | None = None
         #: noise of the variational sample x0 = mu + sigma_x0 * z (official default 0)
         sigma_x0: float = 0.0
         #: evaluate +eps and -eps in one batched call (2 NFE per step; not in the paper): cancels the
         #: regulariser's Monte-Carlo noise exactly for a Gaussian prior, to first order otherwise
         antithetic: bool = False
-        #: the smallest noise-to-signal ratio on the grid
+        #: the smallest noise-to-signal ratio of the ``uniform`` grid, in the official [-1, 1] units (0.01 =
+        #: DDPM's first step, where the official grid ends)
         nsr_min: float = 0.01
         beta1: float = 0.9
         beta2: float = 0.99
@@ -150,59 +209,82 @@ class RedDiff(Sampler):
 
         def __post_init__(self):
             check(1 <= self.steps <= 100000, f"steps must be in [1, 100000]; got {self.steps}")
+            check(self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
             check(self.lr > 0, f"lr must be > 0; got {self.lr}")
             check(self.lam >= 0, f"lam must be >= 0; got {self.lam}")
             check(self.obs_weight is None or self.obs_weight >= 0, f"obs_weight must be >= 0 or None; got {self.obs_weight}")
             check(self.weighting in WEIGHTINGS, f"weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
-            check(self.reduction in ("sum", "mean"), f"reduction must be sum or mean; got {self.reduction!r}")
-            check(self.init in INITS, f"init must be one of {', '.join(INITS)}; got {self.init!r}")
+            check(self.reduction in (None, "sum", "mean"), f"reduction must be sum or mean; got {self.reduction!r}")
+            check(self.init is None or self.init in INITS, f"init must be one of {', '.join(INITS)}; got {self.init!r}")
+            check(self.grid is None or self.grid in GRIDS, f"grid must be one of {', '.join(GRIDS)}; got {self.grid!r}")
+            check(self.output is None or self.output in OUTPUTS,
+                  f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
             check(self.sigma_x0 >= 0, f"sigma_x0 must be >= 0; got {self.sigma_x0}")
             check(0 < self.nsr_min < 1, f"nsr_min must be in (0, 1); got {self.nsr_min}")
             check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "Adam betas must be in [0, 1)")
+            if (self.grid or PRESET_OPTIONS[self.preset]["grid"]) == "official":
+                check(self.steps <= OFFICIAL_T, f"the official grid has at most {OFFICIAL_T} steps; got {self.steps}")
+
+        def option(self, name: str) -> Any:
+            """``name``'s value, the preset's when it is left unset."""
+            v = getattr(self, name)
+            return PRESET_OPTIONS[self.preset][name] if v is None else v
 
     def init(self, problem: Problem) -> Tensor:
         c = self.config
+        init = c.option("init")
         y = problem.y
         with torch.no_grad():
-            if c.init == "pinv":
+            if init == "pinv":
                 mu = problem.operator.A_dagger(y)
-            elif c.init == "anchor" and problem.anchor is not None:
+            elif init == "anchor" and problem.anchor is not None:
                 mu = problem.anchor
-            elif c.init in ("anchor", "zeros"):
+            elif init in ("anchor", "zeros"):
                 mu = torch.zeros(problem.x_shape, dtype=y.dtype, device=y.device)
             else:
-                mu = make_anchor(problem.operator, y, c.init)
+                mu = make_anchor(problem.operator, y, init)
         return mu.detach().clone().to(y.dtype).reshape(problem.x_shape)
 
+    def grid(self, path: AffinePath) -> Tensor:
+        """The descending times of a run on ``path`` (:func:`red_diff_grid`)."""
+        return red_diff_grid(path, self.config.steps, self.config.nsr_min, self.config.option("grid"))
+
     def nfe(self) -> int:
-        return self.config.steps * (2 if self.config.antithetic else 1)
+        c = self.config
+        n = len(official_timesteps(c.steps)) if c.option("grid") == "official" else c.steps
+        return n * (2 if c.antithetic else 1)
 
     def sample(self, problem: Problem, denoiser: Any, *, generator: torch.Generator, guidance: Any = None,
                corrector: Any = None, callback: Callable[[dict], None] | None = None) -> Tensor:
-        """Run RED-Diff; ``callback`` receives ``{"i", "t", "x", "x0", "nfe", "steps"}`` after each step.
+        r"""Run RED-Diff; ``callback`` receives ``{"i", "t", "x", "x0", "nfe", "steps"}`` after each step.
 
         The gradient of the loss is formed explicitly -- :math:`\lambda\lambda_t(\hat\varepsilon-\varepsilon)/n_x
-        - v J_A^\top r / n_y` -- with the operator's ``A_vjp`` (``A_adjoint`` for linear operators), so no
-        autograd graph is built and the network runs under ``torch.no_grad()``.
+        - v\,d_t\,J_A^\top r / n_y` -- with the operator's ``A_vjp`` (``A_adjoint`` for linear operators), so no
+        autograd graph is built and the network runs under ``torch.no_grad()``. :math:`d_t = 1` unless
+        ``noise_aware`` (:func:`data_damping`).
         """
         c = self.config
         path = denoiser.path
         op = problem.operator
         y = problem.y
-        ts = red_diff_grid(path, c.steps, c.nsr_min)
+        ts = self.grid(path)
         mu = self.init(problem)
         adam = _Adam(mu, c.lr, c.beta1, c.beta2)
         B = mu.shape[0]
         n_x = mu[0].numel()
-        n_data = n_x if c.reduction == "sum" else y[0].numel()
-        obs = c.obs_weight if c.obs_weight is not None else 1.0 / max(float(op.noise.variance()), 1e-12)
+        n_data = n_x if c.option("reduction") == "sum" else y[0].numel()
+        sigma2 = noise_variance(op)
+        obs = c.obs_weight if c.obs_weight is not None else 1.0 / max(OFFICIAL_UNITS * sigma2, 1e-12)
+        lip = float(op.lipschitz()) if c.option("noise_aware") and sigma2 > 0 else 1.0
         nfe = 0
+        x0 = mu
         with torch.no_grad():
             for i, t in enumerate(ts):
                 t = as_time(t, mu.device)
                 a, _, s = (float(v) for v in path.coefficients(t))
-                lam_t = c.lam * snr_weight(s / a, c.weighting)
-                x0 = mu if c.sigma_x0 == 0 else mu + c.sigma_x0 * randn(mu.shape, generator=generator, like=mu)
+                lam_t = c.lam * snr_weight(OFFICIAL_UNITS * s / a, c.weighting)
+                obs_t = obs * (data_damping(s / a, sigma2, lip) if c.option("noise_aware") else 1.0)
+                x0 = mu.clone() if c.sigma_x0 == 0 else mu + c.sigma_x0 * randn(mu.shape, generator=generator, like=mu)
                 eps = randn(mu.shape, generator=generator, like=mu)
                 if c.antithetic:
                     eps = torch.cat([eps, -eps])
@@ -217,11 +299,35 @@ class RedDiff(Sampler):
                     err = 0.5 * (err[:B] + err[B:])
                     x0_hat = x0_hat[:B]
                 r = y - op.A(x0)
-                grad = (lam_t / n_x) * err - (obs / n_data) * op.A_vjp(x0, r)
+                grad = (lam_t / n_x) * err - (obs_t / n_data) * op.A_vjp(x0, r)
                 mu = adam.step(grad)
                 if callback is not None:
-                    callback({"i": i, "t": t, "x": mu, "x0": x0_hat, "nfe": nfe, "steps": c.steps})
-        return mu.clamp(0, 1) if c.clip else mu
+                    callback({"i": i, "t": t, "x": mu, "x0": x0_hat, "nfe": nfe, "steps": len(ts)})
+        out = x0 if c.option("output") == "x0_pred" else mu
+        return out.clamp(0, 1) if c.clip else out
+
+
+def noise_variance(op: Any) -> float:
+    """The measurement's per-entry noise variance in [0, 1] units (the mean for signal-dependent noise; 0 if none)."""
+    noise = getattr(op, "noise", None)
+    if noise is None:
+        return 0.0
+    v = noise.variance()
+    return float(v.mean()) if isinstance(v, Tensor) else float(v)
+
+
+def data_damping(nsr: float, sigma2: float, lipschitz: float = 1.0) -> float:
+    r"""The factor :math:`d_t = \nu^2 L/(\nu^2 L + \sigma_y^2)` on the data term at the denoiser's noise-to-signal
+    ratio :math:`\nu` ([0, 1] units), measurement noise variance :math:`\sigma_y^2` and :math:`L = \lVert A\rVert^2`.
+
+    It is the Wiener gain of a measurement with noise :math:`\sigma_y` against an estimate whose own error is
+    :math:`\nu` (the variance TDS uses for :math:`\hat x_0`, :math:`r_t^2 = (1-\bar\alpha_t)/\bar\alpha_t`): 1 while the
+    diffusion noise dominates, falling like :math:`(\nu/\sigma_y)^2` once the estimate is more precise than the
+    data. Noise-free measurements are never damped."""
+    if sigma2 <= 0:
+        return 1.0
+    v = nsr * nsr * lipschitz
+    return v / (v + sigma2)
 
 
 class _Adam:

@@ -13,13 +13,14 @@ from click.testing import CliRunner
 from skimage import io
 
 import restoreflow_plugins.dps as dps
-from restoreflow import ConfigError, ExpIntegrator, GaussianDenoiser, Problem, integrate, time_grid, ve, vp
+from restoreflow import ConfigError, ExpIntegrator, PredictionAdapter, GaussianDenoiser, Problem, integrate, time_grid, ve, vp
 from restoreflow.cli import build_cli
+from restoreflow.errors import NumericalError
 from restoreflow.gaussian import gaussian_w2
 from restoreflow.plugins import get_plugin_manager
 from restoreflow.sampling import Context
 from restoreflow.testing import check_sampler_reproducible, make_gaussian_problem
-from restoreflow_plugins.operators import GaussianBlur, Inpaint
+from restoreflow_plugins.operators import Denoise, Downsample, GaussianBlur, Inpaint
 
 F64 = torch.float64
 
@@ -137,9 +138,13 @@ def test_poisson_weighting_paper_and_code():
     assert torch.isfinite(grad).all()  # safe at y = 0
     # the zero-valued pixel carries the largest weight 1/eps: the paper form is not a global rescaling
     assert float(grad[0, 0] / r[0, 0]) > 10 * float(grad[0, 2] / r[0, 2])
-    code = dps.DPSGuidance(likelihood="poisson", poisson_weighting="code", poisson_eps=0.01)
-    nc = code.residual_norm(r, y, poisson=True)
-    assert torch.allclose(nc, (r.detach().norm() * (1 / (y.abs() + 0.01)).mean()).reshape(1))
+    # the official factor mean(1 / |y'|), y' = 2y - 1: finite at black, infinite at mid-grey -> one clear error
+    code = dps.DPSGuidance(likelihood="poisson", poisson_weighting="code")
+    with pytest.raises(NumericalError, match="mid-grey"):
+        code.residual_norm(r, y, poisson=True)
+    y2 = torch.tensor([[0.0, 0.25, 1.0, 0.2]], dtype=F64)
+    nc = code.residual_norm(r, y2, poisson=True)
+    assert torch.allclose(nc, (r.detach().norm() * (1 / (2 * y2 - 1).abs()).mean()).reshape(1))
     # auto picks the Poisson form from the operator's noise model
     op = Inpaint(x_shape=(1, 1, 4, 4), noise="poisson", poisson_gain=50.0)
     assert dps.DPSGuidance().poisson(op) and not dps.DPSGuidance().poisson(Inpaint(x_shape=(1, 1, 4, 4)))
@@ -265,3 +270,152 @@ def test_cli_every_task(task, img, tmp_path):
                                        "--out", str(out), *extra])
         assert res.exit_code == 0, res.output
         assert io.imread(out).shape == (16, 16, 3)
+
+
+# -- the official algorithm (DPS2022/diffusion-posterior-sampling @ effbde7), restated here ------------------------
+
+
+class _EpsNet(torch.nn.Module):
+    """A fixed non-linear float64 eps-network in [-1, 1] units taking the integer DDPM timestep (like ADM)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        self.w = torch.nn.Parameter(0.5 * torch.randn(1, 1, 3, 3, generator=g, dtype=F64), requires_grad=False)
+
+    def forward(self, x, t):
+        tt = torch.as_tensor(t, dtype=F64).reshape(-1, 1, 1, 1) / 50.0
+        return torch.tanh(torch.nn.functional.conv2d(x, self.w, padding=1)) * (0.6 + tt) + 0.4 * x * tt
+
+
+def _official_dps(net, y_n, A, x_T, *, T, kept, scale, clip=True, seed=0):
+    """``p_sample_loop`` + ``PosteriorSampling`` (Gaussian), in the code's [-1, 1] units, with guided-diffusion's
+    respacing and ``fixedsmall`` variance. Betas linspace(0.1 / T, 20 / T, T) (the linear schedule at this T);
+    kept timesteps ``kept`` (ascending); at each kept step i (descending): eps = net(x, t_i), x0 = (x - sqrt(1 - ab)
+    eps) / sqrt(ab), clip(x0) to [-1, 1] (``clip_denoised``), mean = posterior mean of q(x_prev | x, clip(x0)) with
+    ab_prev the previous kept step's (1 at the end), var = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev), x_prev =
+    mean + sqrt(var) z (no noise at the last step), norm = ||y - A(clip(x0))|| (one norm over the batch, not squared),
+    x_prev -= scale * d norm / d x (through the clamp and the network)."""
+    betas = torch.linspace(0.1 / T, 20.0 / T, T, dtype=F64)
+    abar = torch.cumprod(1 - betas, 0)
+    g = torch.Generator().manual_seed(seed)
+    x = x_T.clone()
+    for j in reversed(range(len(kept))):
+        ab = abar[kept[j]]
+        ab_prev = abar[kept[j - 1]] if j > 0 else torch.tensor(1.0, dtype=F64)
+        x = x.detach().requires_grad_(True)
+        eps = net(x, torch.full((x.shape[0],), float(kept[j]), dtype=F64))
+        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        beta = 1 - ab / ab_prev
+        mean = (ab_prev.sqrt() * beta / (1 - ab)) * x0 + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)) * x
+        if j > 0:
+            var = (1 - ab_prev) / (1 - ab) * beta
+            mean = mean + var.sqrt() * torch.randn(x.shape, generator=g, dtype=F64)
+        norm = torch.linalg.vector_norm(y_n - A(x0))
+        (grad,) = torch.autograd.grad(norm, x)
+        x = (mean - scale * grad).detach()
+    return x
+
+
+@pytest.mark.parametrize("steps", [50, 17])
+def test_official_preset_reproduces_the_official_loop(steps):
+    """``preset=official`` on a discrete DDPM prior (a [-1, 1] eps-network) is the official loop to float64
+    precision: the prior's own (respaced) timesteps, clip(x0_hat) in the posterior mean, DDPM's final step to x0,
+    the config's scale per step (zeta = scale / 2 in [0, 1] units). The old run (continuous VP grid, raw x0_hat in
+    the mean, no final step to x0) is asserted to be far from it."""
+    from restoreflow_plugins.models import ddpm_path
+
+    T = 50
+    native = ddpm_path("linear", 0.1, 20.0, T)
+    net = _EpsNet()
+    den = PredictionAdapter(net, prediction="eps", path=native, value_range=(-1, 1), time_fn=lambda t: t * (T - 1))
+    op = Downsample(x_shape=(1, 1, 8, 8), factor=2, filter="box", noise_sigma=0.05)
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
+    y = op.forward(x, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(9), dtype=F64) * 1.3  # saturates the clamp
+    a_T = float(native.a(torch.tensor(1.0, dtype=F64)))
+    prob = Problem(y=y, operator=op, x_shape=(1, 1, 8, 8), x_init=(z + a_T) / 2)  # x' = 2x - a_T = z: the code's x_T
+    scale = 0.6
+    ours = dps.DPS(steps=steps, preset="official", zeta=scale / 2).sample(
+        prob, den, generator=torch.Generator().manual_seed(0))
+    kept = dps.respaced_timesteps(T, steps)
+    y_n = 2 * y - op.A(torch.ones(1, 1, 8, 8, dtype=F64))
+    ref = (_official_dps(net, y_n, op.A, z, T=T, kept=kept, scale=scale) + 1) / 2
+    ref = ref.clamp(0, 1)  # restoreflow clamps the returned image (clip_x0); the code clamps when saving
+    assert float((ref - ours).abs().max()) <= 1e-9 and 0 < float(ref.mean()) < 1, float((ours - ref).abs().max())
+    old = dps.DPS(steps=steps, preset="official", zeta=scale / 2, spacing="uniform_t",
+                  clip_mean=False).sample(prob, den, generator=torch.Generator().manual_seed(0))
+    assert float((old - ref).abs().max()) > 1e-2
+
+
+def test_respaced_timesteps_and_the_discrete_grid():
+    """guided-diffusion's ``space_timesteps(T, "N")``: all T steps, or N rounded from a float stride."""
+    assert dps.respaced_timesteps(1000, 1000) == list(range(1000))
+    assert dps.respaced_timesteps(10, 4) == [0, 3, 6, 9]
+    assert dps.respaced_timesteps(1000, 1) == [0]
+    kept = dps.respaced_timesteps(1000, 100)
+    assert len(kept) == 100 and kept[0] == 0 and kept[-1] == 999
+    from restoreflow_plugins.models import ddpm_path
+
+    path = ddpm_path("linear", 0.1, 20.0, 1000)
+    ts, ext = dps.discrete_ddpm_grid(path, 100)
+    assert len(ts) == 101 and float(ts[-2]) == 0.0 and float(ts[-1]) < 0
+    assert [float(c) for c in ext.coefficients(ts[-1])] == [1.0, 0.0, 0.0]  # DDPM's last step lands on x0
+    assert torch.allclose(ext.nsr(ts[:-1]), path.nsr(ts[:-1]))
+    assert dps.DPS(steps=100).grid(vp())[1] is None  # continuous priors keep the reference grid
+
+
+def test_clip_mean_is_the_posterior_mean_of_the_clipped_estimate(blur_problem):
+    """Where the clamp binds, ``clip_mean`` changes the step mean to q(x' | x, clip(x0_hat)) (official
+    ``p_sample``); the default keeps the raw x0_hat (measured: see the module docstring)."""
+    prior, op, y, _ = blur_problem
+    den = PredictionAdapter(_EpsNet(), prediction="eps", path=vp(), value_range=(-1, 1), time_fn=lambda t: t * 49)
+    x = 1.5 * torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
+    prob = Problem(y=y, operator=op, x_shape=(1, 1, 8, 8), x_init=x)
+    a, b = (dps.DPS(steps=10, zeta=0.0, clip_mean=cm, clip_x0=False).sample(prob, den, generator=torch.Generator().manual_seed(2))
+            for cm in (False, True))
+    assert float((a - b).abs().max()) > 1e-2
+    # one step by hand: the kernel sees clip(x0_hat)
+    ctx = _ctx(prob, den)
+    t, t1 = torch.tensor(0.5, dtype=F64), torch.tensor(0.4, dtype=F64)
+    x0 = den(x, t)
+    assert bool(((x0 < 0) | (x0 > 1)).any())
+    k0, k1 = ExpIntegrator(1, eta=1.0), dps._ClippedMean(1, eta=1.0)
+    assert torch.equal(k1.step(x, t, t1, x0, {"q": [], "lam": [], "i": 0}, ctx)[0].mean,
+                       k0.step(x, t, t1, x0.clamp(0, 1), {"q": [], "lam": [], "i": 0}, ctx)[0].mean)
+    assert not torch.allclose(k0.step(x, t, t1, x0, {"q": [], "lam": [], "i": 0}, ctx)[0].mean,
+                              k1.step(x, t, t1, x0, {"q": [], "lam": [], "i": 0}, ctx)[0].mean)
+
+
+def test_poisson_code_weighting_is_the_official_step():
+    """``poisson_weighting="code"``: the step equals the official one, restated in [-1, 1] units -- loss' =
+    mean_j(||r'|| / |y'_j|) with r' = y' - A x0', y' = 2y - 1, x' = 2x - 1 -- with zeta = scale / 2. (The old form
+    mean(1 / (|y| + eps)) in [0, 1] units gave a step 0.053x the official one on a photo.)"""
+    op = Denoise(x_shape=(1, 1, 6, 6), noise="poisson", poisson_gain=40.0)
+    gen = torch.Generator().manual_seed(0)
+    x_clean = 0.1 + 0.8 * torch.rand(1, 1, 6, 6, generator=gen, dtype=F64)
+    y = op.forward(x_clean, generator=gen)
+    y = torch.where((2 * y - 1).abs() < 1e-9, y + 0.01, y)
+    w = 0.3 * torch.randn(1, 1, 3, 3, generator=gen, dtype=F64)
+
+    def x0_of(x):  # a differentiable toy denoiser in [0, 1] units
+        return 0.5 + 0.45 * torch.tanh(torch.nn.functional.conv2d(x - 0.5, w, padding=1) + (x - 0.5))
+
+    x = (0.2 + 0.6 * torch.rand(1, 1, 6, 6, generator=gen, dtype=F64)).requires_grad_(True)
+    prob = Problem(y=y, operator=op, x_shape=(1, 1, 6, 6))
+    guid = dps.DPSGuidance(likelihood="poisson", poisson_weighting="code", zeta=0.2, zeta_schedule="constant",
+                           clip_x0=False, polyak=0.0)
+    t = torch.tensor(0.5, dtype=F64)
+    delta = guid.delta(x, x0_of(x), t, t - 0.01, _ctx(prob, GaussianDenoiser(make_gaussian_problem((1, 6, 6), 36).prior, vp())))
+    # official, in [-1, 1] units
+    xn = (2 * x.detach() - 1).requires_grad_(True)
+    x0n = 2 * x0_of((xn + 1) / 2) - 1
+    yn = 2 * y - 1
+    loss = (torch.linalg.vector_norm(yn - x0n) / yn.abs()).mean()
+    (g,) = torch.autograd.grad(loss, xn)
+    official_step = -0.4 * g  # scale' = 2 zeta, in [-1, 1] units
+    assert torch.allclose(2 * delta, official_step, rtol=1e-10, atol=1e-14)
+    old = (1.0 / (y.abs() + 0.01)).mean() / (1.0 / (2 * y - 1).abs()).mean()
+    assert not math.isclose(float(old), 1.0, rel_tol=0.1)  # the old factor was another function

@@ -141,7 +141,8 @@ def test_update_rule_by_hand(blur):
     den = fc.as_rectified_flow(GaussianDenoiser(prior, vp()))
     x_init = 0.9 * torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=F64)
     s, n = 7.0, y[0].numel()
-    out = fc.FlowChef(steps=2, step_size=s, inner_steps=2, t_start=0.9, clip=False, reference_side=8).sample(
+    out = fc.FlowChef(steps=2, step_size=s, inner_steps=2, t_start=0.9, clip=False, reference_side=8,
+                      noise_aware=False).sample(
         Problem(y=y, operator=op, x_shape=(1, 1, 8, 8), x_init=x_init), den, generator=torch.Generator())
     x, t0, t1 = x_init.clone(), 0.9, 0.45
     x0 = den(x, t0)

@@ -38,7 +38,8 @@ def test_registered(registered):
 
 def test_config_errors_and_weights():
     for bad in ({"steps": 0}, {"lr": 0.0}, {"weighting": "cubic"}, {"reduction": "max"}, {"init": "x"},
-                {"obs_weight": -1.0}, {"nsr_min": 0.0}):
+                {"obs_weight": -1.0}, {"nsr_min": 0.0}, {"preset": "paper"}, {"grid": "x"}, {"output": "x"},
+                {"grid": "official", "steps": 1001}):
         with pytest.raises(ConfigError):
             rd.RedDiff(**bad)
     assert rd.snr_weight(4.0, "linear") == 4.0 and rd.snr_weight(4.0, "sqrt") == 2.0
@@ -46,7 +47,8 @@ def test_config_errors_and_weights():
     assert rd.snr_weight(8.0, "two_thirds") == pytest.approx(4.0) and rd.snr_weight(4.0, "const") == 1.0
     ts = rd.red_diff_grid(vp(), 10)
     assert len(ts) == 10 and bool((ts[:-1] > ts[1:]).all())
-    assert float(vp().nsr(ts[-1])) == pytest.approx(0.01, rel=1e-6)  # DDPM's first step
+    # the grid ends where the noise-to-signal ratio in the official [-1, 1] units is 0.01 (DDPM's first step)
+    assert float(2 * vp().nsr(ts[-1])) == pytest.approx(0.01, rel=1e-6)
     assert rd.RedDiff(antithetic=True, steps=7).nfe() == 14
 
 
@@ -75,34 +77,125 @@ def test_network_is_never_backpropagated():
     assert all(p.grad is None for p in net.parameters())
 
 
-def test_units_reproduce_the_official_loop():
-    """[0, 1] units with lr/2 and obs_weight x 2 == the official [-1, 1] loop (torch.optim.Adam, mean/mean)."""
-    gp = make_gaussian_problem((1, 4, 4), 16, noise_sigma=0.05, seed=3)
-    op = Downsample(x_shape=(1, 1, 4, 4), factor=2, filter="box", noise_sigma=0.05)
-    y = op.forward(gp.x0, generator=torch.Generator().manual_seed(0))
-    path = vp()
-    den = GaussianDenoiser(gp.prior, path)
-    steps, lr, lam, v = 12, 0.1, 0.25, 1.0
-    ours = rd.RedDiff(steps=steps, lr=lr / 2, lam=lam, obs_weight=2 * v, reduction="mean", init="pinv",
-                      clip=False).sample(Problem(y=y, operator=op, x_shape=(1, 1, 4, 4)), den,
-                                         generator=torch.Generator().manual_seed(5))
-    # the official algorithm, written in [-1, 1] units: mu' = 2 mu - 1, y' = A(2x - 1) + 2n = 2y - A(1)
-    g = torch.Generator().manual_seed(5)
-    mu_n = (2 * op.A_dagger(y) - 1).clone().requires_grad_(True)
-    y_n = 2 * y - op.A(torch.ones(1, 1, 4, 4, dtype=F64))
-    opt = torch.optim.Adam([mu_n], lr=lr, betas=(0.9, 0.99))
-    for t in rd.red_diff_grid(path, steps):
-        a, _, s = (float(c) for c in path.coefficients(t))
-        eps = randn(mu_n.shape, generator=g, like=mu_n)
+class _EpsNet(nn.Module):
+    """A fixed, non-linear float64 eps-network in [-1, 1] units taking DDPM's integer timestep (like ADM)."""
+
+    def __init__(self, channels: int = 1):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.w = nn.Parameter(0.4 * torch.randn(channels, channels, 3, 3, generator=g, dtype=F64), requires_grad=False)
+
+    def forward(self, x, t):
+        tt = torch.as_tensor(t, dtype=F64).reshape(-1, 1, 1, 1) / 1000.0
+        return torch.tanh(torch.nn.functional.conv2d(x, self.w, padding=1)) * (0.5 + tt) + 0.3 * x * tt
+
+
+def _official_red_diff(net, y_n, A, A_pinv, *, steps, lr, lam, obs, T=1000, seed=5):
+    """The official loop (NVlabs/RED-diff @ 66482f2, ``algos/reddiff.py``), restated in its own [-1, 1] units:
+    betas linspace(1e-4, 0.02, T) with a leading 0, ``alpha(t) = cumprod[t + 1]``; ts = range(0, T, T // steps)
+    descending; per step x0_pred = mu, x_t = sqrt(alpha) x0_pred + sqrt(1 - alpha) eps (fresh eps), e_hat =
+    net(x_t, t) without grad, loss = lam * snr_inv * mean((e_hat - eps).detach() * x0_pred)
+    + obs * mean((y - A x0_pred)^2) / 2 with snr_inv = sqrt(1 - alpha) / sqrt(alpha) (the ``linear`` weight), one
+    torch.optim.Adam step (betas 0.9, 0.99); the returned image is x0_pred of the last step."""
+    g = torch.Generator().manual_seed(seed)
+    betas = torch.cat([torch.zeros(1, dtype=F64), torch.linspace(1e-4, 0.02, T, dtype=F64)])
+    alphas = torch.cumprod(1 - betas, 0)
+    mu = A_pinv(y_n).clone().requires_grad_(True)
+    opt = torch.optim.Adam([mu], lr=lr, betas=(0.9, 0.99))
+    x0_pred = mu
+    for t in reversed(range(0, T, T // steps)):
+        alpha = alphas[t + 1]
+        x0_pred = mu.detach().clone()
+        noise = randn(mu.shape, generator=g, like=mu)  # restoreflow's draw order: one normal per step
+        x_t = alpha.sqrt() * mu + (1 - alpha).sqrt() * noise
         with torch.no_grad():
-            x_img = (a * mu_n + 2 * s * eps + a) / 2  # the same state in [0, 1] units (noise 2s in net units)
-            err = from_x0(den(x_img, t), "eps", x_img, t, path) - eps
-        loss = lam * (s / a) * (err * mu_n).mean() + v * (y_n - op.A(mu_n)).pow(2).mean() / 2
+            e_hat = net(x_t, torch.full((mu.shape[0],), float(t), dtype=F64))
+        snr_inv = (1 - alpha).sqrt() / alpha.sqrt()
+        loss = lam * snr_inv * ((e_hat - noise).detach() * mu).mean() + obs * (y_n - A(mu)).pow(2).mean() / 2
         opt.zero_grad()
         loss.backward()
         opt.step()
-    ref = (mu_n.detach() + 1) / 2
-    assert torch.allclose(ours, ref, rtol=0, atol=1e-6), float((ours - ref).abs().max())
+    return x0_pred
+
+
+def _ddpm_problem():
+    from restoreflow_plugins.models import ddpm_path
+
+    op = Downsample(x_shape=(1, 1, 8, 8), factor=2, filter="box", noise_sigma=0.05)
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
+    y = op.forward(x, generator=torch.Generator().manual_seed(0))
+    native = ddpm_path("linear", 0.1, 20.0, 1000)
+    return op, y, native
+
+
+@pytest.mark.parametrize("steps", [10, 30])
+def test_official_preset_reproduces_the_official_loop(steps):
+    """With ``preset=official`` and the documented unit mapping (lr / 2, obs_weight x 2, ``lam`` =
+    ``grad_term_weight`` unchanged) RED-Diff on a [-1, 1] eps-network is the official loop to float64 precision:
+    same integer timesteps (30 steps visit 31), same regulariser weight ``grad_term_weight * snr_inv``, same
+    output x0_pred. The old code weighted by the halved image-unit sigma/a and ended at timestep ~2.25: 4.9e-2
+    away after 50 iterations (issue 19)."""
+    op, y, native = _ddpm_problem()
+    net = _EpsNet()
+    den = PredictionAdapter(net, prediction="eps", path=native, value_range=(-1, 1), time_fn=lambda t: t * 999)
+    lr, lam, v = 0.1, 0.25, 1.0
+    s = rd.RedDiff(steps=steps, preset="official", lr=lr / 2, lam=lam, obs_weight=2 * v, clip=False)
+    calls = []
+    ours = s.sample(Problem(y=y, operator=op, x_shape=(1, 1, 8, 8)), den, generator=torch.Generator().manual_seed(5),
+                    callback=calls.append)
+    assert len(calls) == len(range(0, 1000, 1000 // steps)) == s.nfe()
+    # y' = A(2x - 1) + 2n = 2y - A(1) in [-1, 1] units; A^+ y' = 2 A^+ y - 1 for the box filter
+    one = torch.ones(1, 1, 8, 8, dtype=F64)
+    y_n = 2 * y - op.A(one)
+    ref = _official_red_diff(net, y_n, op.A, op.A_dagger, steps=steps, lr=lr, lam=lam, obs=v)
+    ref = (ref + 1) / 2
+    moved = float((ref - (op.A_dagger(y))).abs().max())
+    assert moved > 0.05  # the run moves the estimate: agreement is not trivial
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-9), float((ours - ref).abs().max())
+
+
+def test_official_grid_on_a_continuous_path_ends_at_timestep_zero():
+    """On a non-discrete path the official grid visits the official schedule's noise levels: the last one is
+    timestep 0 (nsr 0.0100 in [-1, 1] units), whatever units the network uses."""
+    for path in (vp(), PredictionAdapter(_EpsNet(), prediction="eps", path=vp(), value_range=(-1, 1)).path):
+        ts = rd.red_diff_grid(path, 50, kind="official")
+        nsr = rd.OFFICIAL_UNITS * path.nsr(ts)
+        ref = rd.official_nsr(torch.arange(980, -1, -20))
+        assert len(ts) == 50 and torch.allclose(nsr, ref, rtol=1e-9, atol=0)
+        assert float(nsr[-1]) == pytest.approx(math.sqrt(1e-4 / (1 - 1e-4)), rel=1e-9)
+
+
+def test_lam_is_grad_term_weight_for_any_value_range():
+    """The regulariser weight is ``lam * snr_inv`` with snr_inv in the official [-1, 1] units: for a [-1, 1]
+    network that is the network's own sqrt(1 - abar) / sqrt(abar): at timestep 980 the weight is 32.54 for the
+    default lam = 0.25, not half of it (16.27, the old image-unit weight)."""
+    seen = []
+
+    class Spy(rd.RedDiff):
+        pass
+
+    op, y, native = _ddpm_problem()
+    den = PredictionAdapter(_EpsNet(), prediction="eps", path=native, value_range=(-1, 1), time_fn=lambda t: t * 999)
+    orig = rd.snr_weight
+    try:
+        rd.snr_weight = lambda nsr, kind: seen.append(nsr) or orig(nsr, kind)
+        Spy(steps=50, preset="official").sample(Problem(y=y, operator=op, x_shape=(1, 1, 8, 8)), den,
+                                               generator=torch.Generator().manual_seed(0))
+    finally:
+        rd.snr_weight = orig
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=F64)
+    abar = torch.cumprod(1 - betas, 0)
+    assert seen[0] == pytest.approx(float(((1 - abar[980]) / abar[980]).sqrt()), rel=1e-9)
+    assert 0.25 * seen[0] == pytest.approx(32.54, abs=0.01)
+
+
+def test_output_x0_pred_is_the_estimate_before_the_last_step(gauss):
+    gp, den, prob = gauss
+    seen = []
+    mu = rd.RedDiff(steps=6, clip=False).sample(prob, den, generator=torch.Generator().manual_seed(0),
+                                                callback=lambda d: seen.append(d["x"].clone()))
+    x0p = rd.RedDiff(steps=6, clip=False, output="x0_pred").sample(prob, den, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mu, seen[-1]) and torch.equal(x0p, seen[-2]) and not torch.equal(mu, x0p)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +213,7 @@ def test_posterior_mode_variant_converges_as_steps_grow(gauss):
     scale = float((gp.prior.mean.reshape(-1) - m_post).norm())
     errs = []
     for steps in (100, 1000, 3000):
-        s = rd.RedDiff(steps=steps, lr=0.01, weighting="inverse", lam=1.0, obs_weight=None, antithetic=True,
+        s = rd.RedDiff(steps=steps, lr=0.01, weighting="inverse", lam=1.0, obs_weight=None, antithetic=True, noise_aware=False,
                        init="zeros", clip=False)
         x = s.sample(prob, den, generator=torch.Generator().manual_seed(0))
         errs.append(float((x.reshape(-1) - m_post).norm()))
@@ -135,7 +228,7 @@ def test_official_weighting_does_not_reach_the_mode(gauss):
     (sigma/a)^2 at the end of the pass, so more steps move the estimate *away* from the posterior mode."""
     gp, den, prob = gauss
     m_post = gp.posterior.mean.reshape(-1)
-    errs = [float((rd.RedDiff(steps=n, lr=0.05, clip=False, init="zeros").sample(
+    errs = [float((rd.RedDiff(steps=n, lr=0.05, clip=False, init="zeros", noise_aware=False).sample(
         prob, den, generator=torch.Generator().manual_seed(0)).reshape(-1) - m_post).norm()) for n in (100, 1000)]
     assert errs[1] > errs[0]
 
