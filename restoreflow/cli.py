@@ -6,8 +6,8 @@ is written atomically or not at all; every option and output path is checked bef
 
 Fast start: importing this module imports neither torch nor any plugin. ``restoreflow --help`` and the
 listings (``plugins``, ``samplers``, ``priors``, ``tasks``, ...) are answered from an index of what the
-plugins registered (JSON in ``$RESTOREFLOW_CACHE_DIR``, default ``~/.cache/restoreflow``), written by any full
-run and valid while the installed entry points, their versions and the plugin packages' files (mtime, size)
+plugins registered (JSON in ``$RESTOREFLOW_CACHE_DIR``, default ``~/.cache/restoreflow``), written by the first
+such command that had to load the plugins (a restoration never pays for it), and valid while the installed entry points, their versions and the plugin packages' files (mtime, size)
 are unchanged; without a valid index the plugins load as before and the index is (re)written.
 ``RESTOREFLOW_NO_CACHE=1`` disables it.
 """
@@ -570,11 +570,25 @@ def estimate_sigma_of(meas: Any) -> float:
 
     from .noiselevel import estimate_noise_sigma
 
-    x = meas.data.detach().to("cpu").float().numpy()[0]  # C x H x W
+    data = meas.data.detach().to("cpu")
+    if data.is_complex() or data.ndim < 3:
+        raise InputError("noise_sigma=auto estimates the noise of a real-valued image; give --op noise_sigma=X")
+    x = data.float().reshape(-1, *data.shape[-2:]).numpy()  # every channel (and slice) pooled: K x H x W
+    if x.shape[1] < 3 or x.shape[2] < 3:
+        raise InputError("noise_sigma=auto needs an image of at least 3x3 pixels; give --op noise_sigma=X")
+    if float(x.min()) < 0.0 or float(x.max()) > 1.0:
+        raise InputError("noise_sigma=auto estimates the noise of an image in [0, 1]; this measurement has values "
+                         f"in [{float(x.min()):.3g}, {float(x.max()):.3g}]; give --op noise_sigma=X")
     arr = np.transpose(x, (1, 2, 0))
-    if arr.shape[0] < 3 or arr.shape[1] < 3:
-        raise InputError(f"noise_sigma=auto needs an image of at least 3x3 pixels; give --op noise_sigma=X")
     return float(min(1.0, estimate_noise_sigma(arr, bit_depth=int(getattr(meas, "bit_depth", 32) or 32))))
+
+
+def _estimable(meas: Any) -> bool:
+    """Whether a measurement is a real image in [0, 1] (what the default noise_sigma=auto applies to)."""
+    data = getattr(meas, "data", None)
+    if data is None or data.is_complex() or data.ndim < 3 or min(data.shape[-2:]) < 3:
+        return False
+    return bool(float(data.min()) >= 0.0 and float(data.max()) <= 1.0)
 
 
 # -- task commands ---------------------------------------------------------------------------------
@@ -686,6 +700,7 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
         op_options = _options(op_opts)
         op_cls = regs.operators.get(operator or task.operator)
         auto = noise_is_auto(op_cls, op_options, dict(task.defaults), simulate)
+        explicit_auto = str(op_options.get("noise_sigma", "")).lower() == "auto"
         if auto:
             op_options.pop("noise_sigma", None)
         p_options = _options(p_opts)
@@ -737,6 +752,8 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
             pl.operator_config = dataclasses.replace(pl.operator_config, mask=str(mpath))
             meas.alpha = None  # the result is filled in: write it opaque
             notes["mask"] = f"alpha channel of {image.name}"
+        if auto and not explicit_auto and not _estimable(meas):
+            auto = False  # k-space, sinograms in other units...: the operator's configured default, as before
         if auto:
             est = estimate_sigma_of(meas)
             pl.operator_config = dataclasses.replace(pl.operator_config, noise_sigma=est)
@@ -995,8 +1012,10 @@ def write_index(cli: click.Group) -> None:
     if path is None:
         return
     try:
-        data = build_index(cli)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            return
+        data = build_index(cli)
         from .atomic import atomic_write
 
         with atomic_write(path) as tmp:
@@ -1057,6 +1076,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err("interrupted; no output was written")
         sys.exit(EXIT_INTERRUPTED)
-    if cheap or read_index() is None:
+    if cheap:  # a listing is what the index answers: write it now, so the next one starts without torch
         write_index(cli)
     cli.main(args=args, prog_name="restoreflow")
