@@ -94,6 +94,15 @@ def load_state_dict(path: Path) -> dict[str, Tensor]:
 def load_into(net: nn.Module, state_dict: dict[str, Tensor], *, source: str = "checkpoint", strict: bool = True) -> nn.Module:
     """Load weights, turning shape/key mismatches into one-line :class:`CheckpointError` messages."""
     own = net.state_dict()
+    bad_dtype = [k for k, v in state_dict.items()
+                 if k in own and own[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())]
+    if bad_dtype:
+        k = bad_dtype[0]
+        raise CheckpointError(f"{source}: weight {k!r} is {str(state_dict[k].dtype).replace('torch.', '')} but the "
+                              f"architecture expects floating-point weights ({len(bad_dtype)} such tensors)")
+    nonfinite = [k for k, v in state_dict.items() if k in own and v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:
+        raise CheckpointError(f"{source}: weight {nonfinite[0]!r} holds NaN or Inf ({len(nonfinite)} such tensors)")
     wrong = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     if wrong:
         k = wrong[0]
