@@ -47,3 +47,26 @@ def test_shape_and_name_mismatches_are_one_line_errors():
     del sd["1.bias"]
     with pytest.raises(CheckpointError, match="missing"):
         load_into(_net(), sd)
+
+
+def test_a_card_describing_a_huge_network_is_refused_before_any_allocation():
+    import resource
+
+    from restoreflow.nets import build_network
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match="over the limit"):
+        build_network("unet", in_channels=3, channels=[4096, 8192, 16384], blocks=4)  # ~10^10 parameters
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 200
+
+
+def test_card_arguments_must_be_plain_values():
+    from restoreflow.nets import build_network
+
+    with pytest.raises(CheckpointError, match="must be a number"):
+        build_network("unet", channels={"a": 1})
+    with pytest.raises(CheckpointError, match="cannot build"):
+        build_network("unet", channels=[-3, 4])
+    net = build_network("resunet", channels=[8, 16], blocks=1)
+    assert sum(p.numel() for p in net.parameters()) > 0
