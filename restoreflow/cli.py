@@ -242,7 +242,11 @@ def task_defaults(task: Any, regs: Registries, pm: Any = None) -> dict[str, Any]
     simulate_sigma = op_opts.get("noise_sigma")
     if "noise_sigma" in op_opts and op_opts.get("noise", "gaussian") == "gaussian":
         op_opts["noise_sigma"] = "auto"
+    pixel_mask = op_cls.name == "inpaint" or {"mask", "box", "ratio"} <= set(op_opts)
+    if pixel_mask and "mask" not in dict(task.defaults):
+        op_opts["mask"] = f"FILE|alpha (required; {op_opts.get('mask', 'box')} with --simulate)"
     info: dict[str, Any] = {"task": task.name, "operator": op_cls.name, "operator_options": op_opts,
+                            "pixel_mask": pixel_mask,
                             "simulate_noise_sigma": simulate_sigma, "sampler": task.default_sampler, "prior": None,
                             "sampler_options": {}}
     try:
@@ -285,7 +289,7 @@ def _entry(attr: str, name: str, obj: Any, regs: Registries) -> dict[str, Any]:
         if d["operator_options"].get("noise_sigma") == "auto":
             notes.append(f"  noise_sigma=auto: estimated from IMAGE and printed; with --simulate the noise is "
                          f"{d['simulate_noise_sigma']}")
-        if "mask" in d["operator_options"]:
+        if d.get("pixel_mask"):
             notes.append(f"  {MASK_HELP}")
         notes.append(f"sampler: {d['sampler']} (--sampler)" + ("" if not d["sampler_options"] else
                      "  with " + " ".join(f"{k}={v}" for k, v in d["sampler_options"].items())
@@ -608,13 +612,14 @@ class TaskCommand(click.Command):
             return
         rows = [("operator", f"{d['operator']}: " + " ".join(f"{k}={v}" for k, v in d["operator_options"].items()))]
         if d["operator_options"].get("noise_sigma") == "auto":
-            rows.append(("noise_sigma", f"auto: estimated from IMAGE and printed on stderr; with --simulate the noise "
-                                        f"is {d['simulate_noise_sigma']}"))
+            rows.append(("noise_sigma", f"auto: estimated from IMAGE (an image in [0, 1]; other measurements keep "
+                                        f"{d['simulate_noise_sigma']}) and printed on stderr; with --simulate the "
+                                        f"noise is {d['simulate_noise_sigma']}"))
         rows.append(("sampler", f"{d['sampler']}" + ("" if not d["sampler_options"] else
                      " (" + " ".join(f"{k}={v}" for k, v in d["sampler_options"].items())
                      + f", tuned by prior {d['prior']})")))
         rows.append(("prior", f"{d['prior'] or '- (none needed)'}"))
-        if "mask" in d["operator_options"]:
+        if d.get("pixel_mask"):
             rows.append(("mask", MASK_HELP.split(": ", 1)[1]))
         with formatter.section("Defaults"):
             formatter.write_dl(rows)
@@ -736,7 +741,9 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
         mask_dir = None
         cfg_fields = {f.name for f in dataclasses.fields(pl.operator_config)} \
             if dataclasses.is_dataclass(pl.operator_config) else set()
-        if "mask" in cfg_fields and not simulate and "mask" not in op_options and "mask" not in dict(task.defaults):
+        # an inpainting operator (a pixel mask: mask=box|random|FILE); MRI's k-space mask is another thing
+        pixel_mask = pl.operator_cls.name == "inpaint" or {"mask", "box", "ratio"} <= cfg_fields
+        if pixel_mask and not simulate and "mask" not in op_options and "mask" not in dict(task.defaults):
             alpha = getattr(meas, "alpha", None)
             if alpha is None or not bool((alpha < 0.5).any()):
                 raise InputError(f"{task.name} of a real image needs to know which pixels are missing: give "
