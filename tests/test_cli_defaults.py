@@ -348,3 +348,13 @@ def test_too_many_particles_is_refused_before_sampling(cli, tmp_path):
     line = _one_line_error(res, 2)
     assert "--particles 100000 needs at least" in line and "GiB" in line
     _nothing_written(tmp_path, before)
+
+
+def test_compare_figure_path_is_checked_first(cli, img, tmp_path):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    line = _one_line_error(run(cli, ["deblur", img, "--compare", "wiener,pinv", "--simulate", "--out",
+                                     tmp_path / "fig.jpg"]), 4)
+    assert "must end in .png" in line
+    line = _one_line_error(run(cli, ["deblur", img, "--compare", "wiener,pinv", "--simulate", "--out", img]), 4)
+    assert "overwrite the input" in line
+    _nothing_written(tmp_path, before)
