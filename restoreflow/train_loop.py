@@ -337,7 +337,8 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any = None, res
     torch.manual_seed(o.seed)  # parameter initialisation only; all training randomness uses `gen`
     net = method.build_network(channels=o.channels, width=o.width).to(device)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    # foreach: one fused update over all parameters (on CPU the per-tensor loop took ~20 % of a training step)
+    opt = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay, foreach=True)
     gen = torch.Generator().manual_seed(o.seed)  # crops, degradations (CPU)
     dgen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(o.seed + 1)
     step, losses = 0, []
@@ -381,8 +382,7 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any = None, res
         opt.step()
         with torch.no_grad():
             decay = min(o.ema, (1 + step) / (10 + step))  # EMA warm-up
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p.detach(), 1 - decay)
+            torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - decay)
             for be, b in zip(ema.buffers(), net.buffers()):
                 be.copy_(b)
         return float(loss.detach())
