@@ -295,23 +295,41 @@ def _entry(attr: str, name: str, obj: Any, regs: Registries) -> dict[str, Any]:
                      "  with " + " ".join(f"{k}={v}" for k, v in d["sampler_options"].items())
                      + f" (tuned by prior {d['prior']})"))
         notes.append(f"prior: {d['prior'] or '- (none needed)'} (--prior)")
-    elif attr == "priors":
+    extra: dict[str, Any] = {}
+    if attr == "priors":
         try:
             tuned = obj().tuned_options()
         except Exception:  # a prior that needs arguments (a checkpoint path) has no card to read here
             tuned = {}
+        extra["tuned"] = {k: dict(v) for k, v in tuned.items()}
         for smp, opts in tuned.items():
             notes.append(f"tuned for {smp}: " + " ".join(f"{k}={v}" for k, v in opts.items())
                          + "  (used unless you pass your own)")
     elif attr == "samplers":
+        extra["effective"] = {}
         for tname, task in regs.tasks.items():
             prior = _prior_for(task, obj, regs)
             eff = _effective_sampler_options(obj, prior, tname, regs)
-            if eff:
-                notes.append(f"effective defaults in `{tname}` (prior {prior}): "
-                             + " ".join(f"{k}={v}" for k, v in eff.items()))
+            extra["effective"][tname] = {"prior": prior, "options": eff}
+        groups: dict[str, list[str]] = {}
+        for tname, v in extra["effective"].items():
+            if v["options"]:
+                key = f"(prior {v['prior']}): " + " ".join(f"{k}={x}" for k, x in v["options"].items())
+                groups.setdefault(key, []).append(f"`{tname}`")
+        for key, tasks in groups.items():
+            notes.append(f"effective defaults in {', '.join(tasks)} {key}")
+        if groups:
+            notes.append(f"(`restoreflow samplers {name} --task TASK [--prior PRIOR]` adds them to the table)")
     return {"name": name, "plugin": reg.owner(name).rsplit(".", 1)[-1], "summary": first_sentence(doc), "doc": doc,
-            "options": _options_rows(cfg, obj), "notes": notes}
+            "options": _options_rows(cfg, obj), "notes": notes, **_jsonable_nested(extra)}
+
+
+def _jsonable_nested(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable_nested(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable_nested(x) for x in v]
+    return v if isinstance(v, (str, int, float, bool)) or v is None else str(v)
 
 
 def registry_entries(attr: str, regs: Registries) -> list[dict[str, Any]]:
@@ -354,7 +372,27 @@ def _print_listing(attr: str, entries: list[dict[str, Any]]) -> None:
                   markup=False, style="dim")
 
 
-def _print_one(attr: str, e: dict[str, Any]) -> None:
+def effective_options(sampler: dict[str, Any], priors: list[dict[str, Any]], task: str | None,
+                      prior: str | None) -> tuple[str | None, dict[str, Any]]:
+    """``samplers NAME --task T --prior P``: the prior used and the options its card sets for this sampler (on
+    task T: a ``SAMPLER:TASK`` entry refines ``SAMPLER``); without ``--prior`` the task's default prior."""
+    if prior is None and task is not None:
+        prior = (sampler.get("effective", {}).get(task) or {}).get("prior")
+    if prior is None:
+        return None, {}
+    entry = next((p for p in priors if canonical_name(p["name"]) == canonical_name(prior)), None)
+    if entry is None:
+        from .errors import UnknownNameError
+
+        raise UnknownNameError("prior", prior, [p["name"] for p in priors])
+    tuned = entry.get("tuned") or {}
+    out = dict(tuned.get(sampler["name"]) or {})
+    if task is not None:
+        out.update(tuned.get(f"{sampler['name']}:{task}") or {})
+    return entry["name"], out
+
+
+def _print_one(attr: str, e: dict[str, Any], effective: tuple[str, str | None, dict[str, Any]] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -367,10 +405,18 @@ def _print_one(attr: str, e: dict[str, Any]) -> None:
     if not e["options"]:
         return
     table = Table(box=None, show_header=True, header_style="bold")
-    for col in ("option", "default", "meaning"):
+    cols = ("option", "default", "meaning") if effective is None else ("option", "default", "effective", "meaning")
+    for col in cols:
         table.add_column(col)
     for row in e["options"]:
-        table.add_row(*row)
+        if effective is None:
+            table.add_row(*row)
+        else:
+            eff = effective[2]
+            table.add_row(row[0], row[1], _fmt(eff[row[0]]) if row[0] in eff else row[1], row[2])
+    if effective is not None:
+        console.print(f"\neffective in {effective[0] or 'any task'} with prior {effective[1] or '-'} "
+                      "(the prior's card; your -o/--steps win):", markup=False)
     flag = _OPTION_FLAG.get(attr)
     console.print(f"\noptions{f' ({flag} KEY=VALUE)' if flag else ''}:")
     console.print(table, markup=False)
@@ -387,19 +433,34 @@ def _find_entry(attr: str, name: str, entries: list[dict[str, Any]]) -> dict[str
     raise UnknownNameError(kind, name, [e["name"] for e in entries])
 
 
-def _listing(name: str, attr: str, entries: Callable[[], list[dict[str, Any]]]) -> click.Command:
-    @click.command(name=name, help=f"List the registered {name}; with NAME, one of them with its options and "
-                   "defaults (- and _ are interchangeable).")
-    @click.argument("item", metavar="[NAME]", required=False)
-    @handle_errors
-    def cmd(item):
-        data = entries()
-        if item:
-            _print_one(attr, _find_entry(attr, item, data))
-            return
-        _print_listing(attr, data)
+def _listing(name: str, attr: str, entries: Callable[[str], list[dict[str, Any]]]) -> click.Command:
+    params = []
+    if attr == "samplers":
+        params = [click.Option(["--task", "-t"], help="With NAME: the effective defaults in this task (its default "
+                               "prior's tuned options)."),
+                  click.Option(["--prior", "-p"], help="With NAME: the effective defaults with this prior.")]
 
-    return cmd
+    @handle_errors
+    def cmd(item, task=None, prior=None):
+        data = entries(attr)
+        if not item:
+            if task or prior:
+                raise ConfigError("--task/--prior need a sampler NAME")
+            _print_listing(attr, data)
+            return
+        e = _find_entry(attr, item, data)
+        effective = None
+        if task or prior:
+            if task:
+                task = _find_entry("tasks", task, entries("tasks"))["name"]
+            used, opts = effective_options(e, entries("priors"), task, prior)
+            effective = (task, used, opts)
+        _print_one(attr, e, effective)
+
+    return click.Command(name, callback=cmd, params=[click.Argument(["item"], metavar="[NAME]", required=False),
+                                                     *params],
+                         help=f"List the registered {name}; with NAME, one of them with its options and defaults "
+                              "(- and _ are interchangeable).")
 
 
 def _plugins_command(data: Callable[[], dict[str, Any]], problems: list[str]) -> click.Command:
@@ -882,6 +943,17 @@ class RestoreflowGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+def _memo_entries(regs: Registries) -> Callable[[str], list[dict[str, Any]]]:
+    memo: dict[str, list[dict[str, Any]]] = {}
+
+    def get(attr: str) -> list[dict[str, Any]]:
+        if attr not in memo:
+            memo[attr] = registry_entries(attr, regs)
+        return memo[attr]
+
+    return get
+
+
 _GROUP_HELP = "Image restoration and inverse problems with diffusion and flow models."
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -905,7 +977,7 @@ def build_cli(pm=None) -> click.Group:
         cli.add_command(_task_command(task, regs, pm), name)
     cli.add_command(_plugins_command(lambda: _plugin_rows(pm), regs.problems))
     for name, attr in _LISTINGS:
-        cli.add_command(_listing(name, attr, functools.partial(registry_entries, attr, regs)))
+        cli.add_command(_listing(name, attr, _memo_entries(regs)))
     from .batch import batch_command; cli.add_command(batch_command(regs, pm))
     from .bench import bench_command; cli.add_command(bench_command(regs, pm))
     pm.hook.register_commands(cli=cli)
@@ -916,7 +988,7 @@ def build_cli(pm=None) -> click.Group:
 
 # -- the fast-listing index ------------------------------------------------------------------------
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 _CHEAP = {"plugins"} | {name for name, _ in _LISTINGS}
 
 
@@ -1049,7 +1121,7 @@ def _light_cli(index: dict[str, Any]) -> click.Group:
         cli.add_command(click.Command(name, help=help_, short_help=short), name)
     cli.add_command(_plugins_command(lambda: index["plugins"], problems))
     for name, attr in _LISTINGS:
-        cli.add_command(_listing(name, attr, functools.partial(lambda a: listings[a], attr)))
+        cli.add_command(_listing(name, attr, listings.__getitem__))
     return cli
 
 

@@ -105,7 +105,7 @@ def test_index_follows_the_installed_plugins(tmp_path):
         os.environ.pop("RESTOREFLOW_DISABLE_PLUGINS")
         assert cli_mod.index_fingerprint() == fp
         assert cli_mod.read_index() is None  # nothing written yet
-        (tmp_path / cli_mod._cache_file().name).write_text('{"version": 2, "fingerprint": "stale"}')
+        (tmp_path / cli_mod._cache_file().name).write_text('{"version": 3, "fingerprint": "stale"}')
         assert cli_mod.read_index() is None
     finally:
         for k, v in old.items():
@@ -358,3 +358,20 @@ def test_compare_figure_path_is_checked_first(cli, img, tmp_path):
     line = _one_line_error(run(cli, ["deblur", img, "--compare", "wiener,pinv", "--simulate", "--out", img]), 4)
     assert "overwrite the input" in line
     _nothing_written(tmp_path, before)
+
+
+def test_samplers_name_with_task_or_prior_shows_the_effective_column(cli):
+    from restoreflow.cli import effective_options, registry_entries
+
+    regs = cli.registries
+    mrs = next(e for e in registry_entries("samplers", regs) if e["name"] == "mrs")
+    priors = registry_entries("priors", regs)
+    assert effective_options(mrs, priors, "deblur", None) == ("mr-deblur", {"steps": 2})
+    res = run(cli, ["samplers", "mrs", "--task", "deblur"])
+    assert res.exit_code == 0, res.output
+    steps = next(line for line in res.output.splitlines() if line.split()[:1] == ["steps"])
+    assert steps.split()[:3] == ["steps", "20", "2"]  # option, default, effective
+    line = _one_line_error(run(cli, ["samplers", "mrs", "--prior", "mr-deblr"]), 2)
+    assert "did you mean 'mr-deblur'" in line
+    line = _one_line_error(run(cli, ["samplers", "--task", "deblur"]), 2)
+    assert "need a sampler NAME" in line
