@@ -43,6 +43,19 @@ mean PSNR dB at 10 / 50 steps): the literal code rule (s = 500, per-pixel step 0
 and SR x4 12.2 / 13.9; ``lipschitz`` with s = 1 gives deblur 22.0 / 23.0, SR x4 22.1 / 21.4, inpainting (20
 steps) 23.3. The prior's card therefore asks for ``reduction=lipschitz, step_size=1`` (any option given on
 the command line wins); the class defaults stay the code's.
+
+**Departure: noise-aware steering** (``noise_aware=True``, default; ``False`` is the code's rule). The code pulls
+:math:`\hat x_0` onto the measurement at every step down to :math:`t = 0`, noise included: with A = I (denoising) it
+hands back the noisy input unchanged (issue 16). A measurement with noise :math:`\sigma_y` is itself a noisy state,
+at noise-to-signal ratio :math:`\sigma_y/\sqrt L` (:math:`L = \lVert A\rVert^2`) in its range. So steering stops once
+the flow's ratio :math:`t/(1-t)` falls to that level, and after each steered step the state is rebuilt as
+:math:`x_{t'} = (1-t')\hat x_0 + t'\kappa\,\hat\varepsilon` with :math:`\hat\varepsilon` the steered state's own noise
+(:math:`\kappa = 1` is exactly the code's Euler step with the old v) and :math:`\kappa` = :func:`noise_share`
+:math:`= \sqrt{1 - \sigma_y^2/(L\nu_{t'}^2)}`: the measurement's noise supplies the rest, so the total is the level
+the network is told and the unsteered flow removes both. Noise-free measurements are steered exactly as in the
+code. Measured with the bundled prior (64-px held-out crops of astronaut, chelsea, coffee, camera, seed 0, the card's
+options, 100 steps; PSNR dB, code rule -> noise-aware): denoise sigma 0.1 20.72 -> 28.79 (noisy input 20.79),
+deblur 23.78 -> 24.52, sr x4 21.57 -> 24.09, inpaint 23.00 -> 23.20.
 """
 
 from __future__ import annotations

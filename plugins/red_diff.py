@@ -24,17 +24,28 @@ Facts and conventions (official code NVlabs/RED-diff @ 66482f2, ``algos/reddiff.
   :math:`H^+y`). It differs only for deblurring, where the pseudo-inverse of a noisy blur amplifies noise.
   ``init="wiener"`` starts from the exact Wiener estimate (:func:`restoreflow.make_anchor`), which the
   optimisation then only has to sharpen (not in the paper).
-* **Grid** ``range(0, 1000, 1000 // steps)`` iterated descending in the code: ``steps`` times
-  :math:`t_k = t_{lo} + (t_{hi} - t_{lo})\,k/\mathrm{steps}`, ``k = steps-1 .. 0``, where :math:`t_{lo}` has
-  :math:`\sigma/a` = ``nsr_min`` (0.01 = DDPM's first step) so that :math:`\hat\varepsilon` is defined.
+* **Grid.** The code visits the integer timesteps ``range(0, 1000, 1000 // steps)`` descending, ending at
+  timestep 0 (noise-to-signal ratio 0.0100 in [-1, 1] units; with ``steps`` not dividing 1000 it makes one extra
+  step). ``grid="official"`` does exactly that (on a discrete DDPM prior its own timesteps, on any other path the
+  times with the official schedule's noise levels, :func:`red_diff_grid`); ``grid="uniform"`` (default) takes
+  exactly ``steps`` times uniform in the path's time down to ``nsr_min`` (0.01 in [-1, 1] units, the same end).
 * **Weighting** :math:`\lambda_t`: ``linear`` :math:`= \sigma_t/a_t = 1/\sqrt{\mathrm{SNR}}` (default), ``sqrt``,
   ``square``, ``log`` (:math:`\log(1 + \cdot)`), ``clip`` (:math:`\min(\cdot, 1)`), ``two_thirds``
   (:math:`(\cdot)^{2/3}`), ``const``.
-* **Units.** Everything here is in [0, 1] image units; the code works in [-1, 1]. Adam is invariant to
-  the scale of the gradient, so the official run is reproduced exactly with ``lr`` halved (the variable
-  halves) and ``obs_weight`` doubled (the residual doubles, the regulariser's gradient doubles):
-  official lr 0.1 (``_configs/algo/reddiff.yaml``; the README's 0.5) -> 0.05 (0.25), ``obs_weight`` 1 -> 2,
-  ``lam`` 0.25 unchanged.
+* **Units.** Images here are in [0, 1]; the code works in [-1, 1], where the same noisy state has twice the
+  noise-to-signal ratio (:data:`OFFICIAL_UNITS`). The regulariser is weighted by ``lam * weighting(nsr')`` with
+  ``nsr'`` in those [-1, 1] units whatever units the network uses internally, so ``lam`` *is* the official
+  ``grad_term_weight`` and the weight equals the official ``grad_term_weight * snr_inv`` at every timestep (for a
+  [-1, 1] network, snr_inv from its own betas: 32.54 at timestep 980 for lam 0.25). Adam is invariant to the scale
+  of the gradient, so the official run is reproduced with ``lr`` halved (the variable halves) and ``obs_weight``
+  doubled (the residual doubles): official lr 0.1 (``_configs/algo/reddiff.yaml``; the README's 0.5) -> 0.05
+  (0.25), ``obs_weight`` 1 -> 2, ``lam`` unchanged (tests/plugins/test_red_diff.py runs the restated official loop
+  beside this one: agreement 1e-9 in float64). Before issue 19 the weight used the [0, 1]-unit ratio, half the
+  official one for [-1, 1] networks, and the grid ended at timestep ~2.25: 4.9e-2 from the official run after 50
+  iterations.
+* **Output.** The code returns ``x0_pred``, the estimate *before* the last Adam step (``output="x0_pred"``). The
+  default ``output="mu"`` returns the estimate after it: the last network call is then not wasted, and the two
+  differ by one Adam step (at most ``lr`` per pixel; measured on the 64-px held-out crops below: < 0.02 dB).
 * **Normalisation** (``reduction``). The code averages each term over its own size: the regulariser over
   dim(x), the data term over dim(y), so the data-to-prior balance changes with dim(y)/dim(x) (16x for
   4x super-resolution). ``reduction="sum"`` (default) normalises both terms by dim(x) -- the balance then
@@ -43,8 +54,9 @@ Facts and conventions (official code NVlabs/RED-diff @ 66482f2, ``algos/reddiff.
 
 **Posterior-mode variant** (not in the paper). For any prior, :math:`E_\varepsilon[\hat\varepsilon(a\mu + \sigma\varepsilon)
 - \varepsilon] = -(\sigma/a)\,\nabla_\mu E_\varepsilon[\log p_t(a\mu + \sigma\varepsilon)]` (Tweedie), so with
-``weighting="inverse"`` (:math:`\lambda_t = a_t/\sigma_t = \sqrt{\mathrm{SNR}_t}`), ``lam=1``, ``obs_weight=None``
-(:math:`1/\sigma_y^2`) and ``reduction="sum"``, the loss at time t is, in expectation, the negative log posterior
+``weighting="inverse"`` (:math:`\lambda_t` = 1/nsr' in the [-1, 1] units), ``lam=1``, ``obs_weight=None``
+(:math:`1/(2\sigma_y^2)`, the official-unit :math:`1/\sigma_y'^2` mapped like ``obs_weight``), ``reduction="sum"``
+and ``noise_aware=False``, the loss at time t is, in expectation, the negative log posterior
 under the prior smoothed at noise level :math:`\sigma_t/a_t` (for a Gaussian prior :math:`N(m, C)` exactly
 :math:`N(m, C + (\sigma_t/a_t)^2 I)`). The descending pass anneals it towards the posterior mode, which the
 estimate approaches as steps grow (tests/plugins/test_red_diff.py). With the official ``linear`` weighting the
@@ -53,11 +65,32 @@ least-squares fit instead (benchmarks/bench_zero_shot.py measures both). ``antit
 regulariser's Monte-Carlo noise (exactly for a Gaussian prior), which otherwise keeps Adam jittering around
 the mode.
 
-Measured with the bundled ``default`` prior (50 steps, 64-px held-out crops of astronaut and chelsea, task
-defaults, denoising at sigma 0.1; PSNR dB): official weighting with lr 0.05 / 0.25: deblur 26.2 / 25.5, sr x4
-23.8 / 20.2, inpaint 24.7 / 25.6, denoise 20.7 / 20.7 (no denoising: the regulariser has faded when the data
-term takes over); posterior-mode variant (lr 0.05) without / with ``antithetic``: deblur 26.5 / 27.2, sr x4
-22.8 / 24.1, denoise 23.4 / 23.9. The default stays the paper's weighting with the config's lr.
+**Presets.** ``preset="official"`` fills in the code's algorithm for every option left unset: ``grid="official"``,
+``output="x0_pred"``, ``reduction="mean"``, ``init="pinv"``, ``noise_aware=False``; the numeric defaults (``lr``,
+``lam``, ``obs_weight``) already are the official config's in these units. A prior's card may recommend other
+values (the bundled ``default`` prior asks for lam 0.035, lr 0.02); options given explicitly always win.
+
+**Departures of the default** (``preset="restoreflow"``) from the official code, and their measured effect (bundled
+``default`` prior, 64-px held-out crops of astronaut, chelsea, coffee, camera, 2 seeds, 100 steps, the card's
+lam/lr, task defaults; PSNR dB):
+
+========================  ==========================================================  ===================================
+departure                 why                                                         measured effect
+========================  ==========================================================  ===================================
+``noise_aware=True``      the data term is multiplied by :func:`data_damping`, the    denoise sigma 0.1 (seed 0): 20.79 ->
+                          Wiener gain of a measurement with noise sigma_y against an  22.64 (noisy input 20.79: the code's
+                          estimate at noise level nsr; with A = I the code pins mu to  rule hands it back); deblur 27.27 ->
+                          y once the denoiser's noise level is below sigma_y (its     27.35; sr x4 25.07 -> 25.07
+                          regulariser then denoises nothing), issue 16
+``reduction="sum"``       the data-to-prior balance does not depend on dim(y)/dim(x)  equal when dim(y) = dim(x)
+``init="anchor"``         the degraded image, = H^+ y except for deblurring           see ``init`` above
+``grid="uniform"``        exactly ``steps`` network calls                             same end point as the code's grid
+``output="mu"``           the last network call is used                               < 0.02 dB
+========================  ==========================================================  ===================================
+
+Earlier measurements (before issue 19's unit fix; 50 steps, astronaut and chelsea, PSNR dB): official weighting with
+lr 0.05 / 0.25: deblur 26.2 / 25.5, sr x4 23.8 / 20.2, inpaint 24.7 / 25.6; posterior-mode variant (lr 0.05,
+``noise_aware=False``) without / with ``antithetic``: deblur 26.5 / 27.2, sr x4 22.8 / 24.1, denoise 23.4 / 23.9.
 """
 
 from __future__ import annotations
