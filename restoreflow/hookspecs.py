@@ -5,6 +5,13 @@ with *classes* (cheap; torch objects are built only when a class is instantiated
 ``firstresult``: they answer "who handles this file?".
 
 Hook arguments only ever grow; an implementation may accept any subset of them (pluggy's opt-in arguments).
+
+Contract checked for third-party plugins (:mod:`restoreflow.plugins`; each breach is one warning and the plugin,
+or that hook of it, is skipped): every decorated function names a hook below (a misspelling gets a "did you
+mean"), with arguments the hook provides; ``register_*`` hooks call ``register`` with objects of their kind and
+return ``None``; ``load_measurement`` returns a ``Measurement`` or ``None``, ``save_result`` ``True`` or
+``None``, ``load_prior`` a ``Prior`` or ``None``; ``register_commands`` adds commands but never replaces one.
+A function named like a hook without ``@hookimpl`` is never called, and ``restoreflow plugins`` says so.
 """
 
 from __future__ import annotations
