@@ -1,13 +1,19 @@
 r"""Image operators and the four image tasks: deblur, sr, inpaint, denoise.
 
-All operators are linear, batched, run on CPU and CUDA with the same code, and give exact ``A``,
-``A_adjoint`` and ``A_dagger``. Blur and downsampling use **circular** boundary conditions, so they are
-diagonal in Fourier and have closed-form pseudo-inverses, Wiener filters and Gaussian posteriors; kernels
-come from kornia (Gaussian, straight-line motion) and deepinv (random motion trajectories, bicubic filter).
+All operators are linear, batched, run on CPU and CUDA with the same code, and give exact ``A`` and
+``A_adjoint``. Blur and downsampling take a ``boundary`` option (:data:`restoreflow.operators.BOUNDARIES`):
+``circular`` makes them diagonal in Fourier, with closed-form pseudo-inverses, Wiener filters and Gaussian
+posteriors (exact on circular simulations, but a photo blurred by a lens does not wrap around: restoring it
+under that model leaves a bright/dark frame); ``reflect`` and ``replicate`` extend the image beyond its edge
+(same-size unknown, no frame); ``valid`` assumes nothing beyond the edge -- the unknown image is larger than
+the measurement by the kernel's support. Non-circular operators have no Fourier symbol, so samplers solve
+with conjugate gradients (preconditioned by the circular operator, :meth:`preconditioner_symbol`).
+Kernels come from kornia (Gaussian, straight-line motion) and deepinv (random motion trajectories, bicubic).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +25,23 @@ from torch import Tensor
 from restoreflow import LinearOperator, OperatorConfig, Task, check, hookimpl
 from restoreflow.errors import ConfigError, InputError
 from restoreflow.io import read_array
-from restoreflow.operators import fft2, ifft2, kernel_to_symbol
+from restoreflow.operators import BOUNDARIES, conjugate_gradient, kernel_to_symbol, pad, pad_adjoint
 
-__all__ = ["GaussianBlur", "MotionBlur", "Downsample", "Inpaint", "Denoise", "load_kernel", "load_mask"]
+__all__ = ["GaussianBlur", "MotionBlur", "Downsample", "Inpaint", "Denoise", "load_kernel", "load_mask",
+           "DEFAULT_BOUNDARY", "REAL_INPUT_BOUNDARY"]
+
+#: The operators' own default boundary: ``circular`` keeps the exact Fourier paths (and every circular
+#: simulation's figures) for programmatic use; a real photo wants ``reflect`` (no frame, unknown the size of
+#: the input; benchmarks/results/boundary.md), which the task defaults pass (``REAL_INPUT_BOUNDARY``).
+DEFAULT_BOUNDARY = "circular"
+REAL_INPUT_BOUNDARY = "reflect"
+
+
+GRAM_REG = 1e-4
+
+
+def _check_boundary(boundary: str) -> None:
+    check(boundary in BOUNDARIES, f"boundary must be one of {', '.join(BOUNDARIES)}; got {boundary!r}")
 
 
 def _pinv_symbol(H: Tensor, rcond: float) -> Tensor:
@@ -30,34 +50,203 @@ def _pinv_symbol(H: Tensor, rcond: float) -> Tensor:
     return torch.where(mag > cut, 1.0 / torch.where(mag > cut, H, torch.ones_like(H)), torch.zeros_like(H))
 
 
-class _Circulant(LinearOperator):
-    """Circular convolution with a fixed kernel: :math:`Ax = F^{-1}(\\hat h \\cdot F x)` per channel."""
+def _fft_conv(x: Tensor, H: Tensor) -> Tensor:
+    """Circular convolution of the last two dimensions of ``x`` with the symbol ``H``."""
+    X = torch.fft.fft2(x.to(torch.promote_types(x.dtype, torch.float32)))
+    return torch.fft.ifft2(X * H.to(X.device)).real.to(x.dtype)
 
+
+class _Geometry:
+    """Where a (decimated) convolution with a ``kh x kw`` kernel reads and writes, for one boundary.
+
+    The convolution runs circularly on ``grid`` (the unknown, padded by ``pads`` for reflect/replicate);
+    the measurement is the samples ``offset + n * factor`` of it, ``n < y_hw``, which never wrap around
+    unless the boundary is circular.
+    """
+
+    def __init__(self, x_hw: tuple[int, int], k_hw: tuple[int, int], factor: int, boundary: str, name: str):
+        self.factor, self.boundary = factor, boundary
+        f = factor
+        lead = tuple(k - 1 - k // 2 for k in k_hw)  # taps before the centre
+        trail = tuple(k // 2 for k in k_hw)
+        if boundary == "valid":
+            ext = tuple(math.ceil((k - 1) / f) for k in k_hw)  # low-resolution pixels the unknown adds
+            y_hw = tuple(n // f - e for n, e in zip(x_hw, ext))
+            if any(n % f for n in x_hw) or min(y_hw) < 1:
+                need = " x ".join(f"({e} + m) * {f}" if f > 1 else f">= {e + 1}" for e in ext)
+                raise ConfigError(f"{name} boundary=valid: a {x_hw[0]}x{x_hw[1]} image does not fit a "
+                                  f"{k_hw[0]}x{k_hw[1]} kernel; the unknown must be {need} pixels")
+            self.pads = (0, 0, 0, 0)
+            self.grid = tuple(x_hw)
+            # centre the measured samples in the slack the extension leaves
+            self.offset = tuple(lo + ((e + 1) * f - k) // 2 for lo, e, k in zip(lead, ext, k_hw))
+        else:
+            if any(n % f for n in x_hw):
+                raise ConfigError(f"image size {x_hw[0]}x{x_hw[1]} is not divisible by the factor {f}")
+            y_hw = tuple(n // f for n in x_hw)
+            if boundary == "circular":
+                self.pads, self.grid, self.offset = (0, 0, 0, 0), tuple(x_hw), (0, 0)
+            else:
+                self.pads = (lead[0], trail[0], lead[1], trail[1])
+                self.grid = (x_hw[0] + lead[0] + trail[0], x_hw[1] + lead[1] + trail[1])
+                self.offset = lead
+        self.x_hw, self.y_hw = tuple(x_hw), tuple(y_hw)
+
+    @staticmethod
+    def x_hw_for(y_hw: tuple[int, int], k_hw: tuple[int, int], factor: int, boundary: str) -> tuple[int, int]:
+        if boundary == "valid":
+            return tuple((n + math.ceil((k - 1) / factor)) * factor for n, k in zip(y_hw, k_hw))
+        return tuple(n * factor for n in y_hw)
+
+    def sample_slices(self) -> tuple[slice, slice]:
+        f = self.factor
+        return tuple(slice(o, o + (n - 1) * f + 1, f) for o, n in zip(self.offset, self.y_hw))
+
+
+class _Convolution(LinearOperator):
+    r""":math:`y = S\,(k \ast B x) + n`: a fixed kernel :math:`k`, a boundary extension :math:`B` (the identity for
+    ``circular`` and ``valid``; a gather for ``reflect``/``replicate``), decimation :math:`S` by ``factor``.
+
+    Subclasses call :meth:`_set_kernel`. ``A`` is one FFT convolution on the (padded) grid, ``A_adjoint``
+    its exact transpose (correlation, then the padding folded back onto the pixels it copied).
+    """
+
+    factor: int = 1
     rcond: float = 1e-6
+
+    @property
+    def boundary(self) -> str:
+        return getattr(self.config, "boundary", "circular")
+
+    @classmethod
+    def _kernel_for(cls, config, x_hw: tuple[int, int] | None = None) -> Tensor:
+        """The normalised float64 kernel for ``config`` (``x_hw`` only matters for circular size clamps)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _factor_for(cls, config) -> int:
+        return cls.factor
+
+    @classmethod
+    def x_shape_for(cls, y_shape, config):
+        boundary = getattr(config, "boundary", "circular")
+        f = cls._factor_for(config)
+        if boundary != "valid" and f == 1:
+            return tuple(y_shape)
+        k_hw = tuple(cls._kernel_for(config).shape[-2:]) if boundary == "valid" else (1, 1)
+        return (*y_shape[:-2], *_Geometry.x_hw_for(tuple(y_shape[-2:]), k_hw, f, boundary))
 
     def _set_kernel(self, kernel: Tensor) -> None:
         kernel = kernel.to(torch.float64)
         if not torch.isfinite(kernel).all() or kernel.sum() <= 0:
             raise ConfigError("the blur kernel must be finite with a positive sum")
         kernel = kernel / kernel.sum()
+        self.geometry = _Geometry(self.x_shape[-2:], tuple(kernel.shape[-2:]), self.factor, self.boundary, self.name)
         self.register_buffer("kernel", kernel.to(torch.float32))
-        self.register_buffer("symbol", kernel_to_symbol(kernel, self.x_shape[-2:]))
+        self.register_buffer("symbol", kernel_to_symbol(kernel, self.geometry.grid))
+        if self.boundary in ("reflect", "replicate"):  # the circular operator on the unknown's grid
+            self.register_buffer("circulant_symbol", kernel_to_symbol(kernel, self.x_shape[-2:]))
+        else:
+            self.circulant_symbol = self.symbol
 
-    def _conv(self, x: Tensor, H: Tensor) -> Tensor:
-        X = torch.fft.fft2(x.to(torch.promote_types(x.dtype, torch.float32)))
-        return torch.fft.ifft2(X * H.to(X.device)).real.to(x.dtype)
+    # the convolution, before decimation, on the measurement's footprint
+    def _forward(self, x: Tensor) -> Tensor:
+        g = self.geometry
+        if self.boundary in ("reflect", "replicate"):
+            x = pad(x, g.pads, self.boundary)
+        z = _fft_conv(x, self.symbol)
+        if self.boundary == "circular" and self.factor == 1:
+            return z
+        rows, cols = g.sample_slices()
+        return z[..., rows, cols]
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        g = self.geometry
+        if self.boundary == "circular" and self.factor == 1:
+            e = y
+        else:
+            e = torch.zeros((*y.shape[:-2], *g.grid), dtype=y.dtype, device=y.device)
+            rows, cols = g.sample_slices()
+            e[..., rows, cols] = y
+        v = _fft_conv(e, self.symbol.conj())
+        if self.boundary in ("reflect", "replicate"):
+            v = pad_adjoint(v, g.x_hw, g.pads, self.boundary)
+        return v
 
     def A(self, x):
-        return self._conv(x, self.symbol)
+        return self._forward(x)
 
     def A_adjoint(self, y):
-        return self._conv(y, self.symbol.conj())
+        return self._adjoint(y)
 
     def A_dagger(self, y):
-        return self._conv(y, _pinv_symbol(self.symbol, self.rcond))
+        r"""Circular: the exact pseudo-inverse (Fourier). Otherwise the minimum-norm least-squares solution
+        :math:`A^\top z`, :math:`AA^\top z = y` solved by CG (so the residual :math:`\lVert A A^\dagger y - y\rVert`
+        is what converges), preconditioned by the circular operator's :math:`(AA^\top + 10^{-4})^{-1}`; at most
+        200 iterations, relative residual 1e-7. A blur's pseudo-inverse amplifies noise: ``wiener`` restores."""
+        if self.boundary == "circular" and self.factor == 1:
+            return _fft_conv(y, _pinv_symbol(self.symbol, self.rcond))
+        z = conjugate_gradient(lambda v: self.A(self.A_adjoint(v)), y, iters=200, tol=1e-7,
+                               precond=self._gram_precond())
+        return self.A_adjoint(z)
+
+    def _gram_precond(self):
+        """An approximate inverse of :math:`AA^\\top` on the measurement grid: the circular blur's, whose
+        :math:`AA^\\top` differs from this one only near the edges."""
+        sym = kernel_to_symbol(self.kernel.to(torch.float64), self.geometry.y_hw).to(self.symbol.device)
+        inv = 1.0 / (sym.abs() ** 2 + GRAM_REG)
+        return lambda r: _fft_conv(r, inv)
 
     def fourier_symbol(self):
-        return self.symbol
+        return self.symbol if self.boundary == "circular" and self.factor == 1 else None
+
+    def preconditioner_symbol(self):
+        return self.circulant_symbol if self.factor == 1 else None
+
+    # boundaries and real inputs
+    def anchor(self, y: Tensor) -> Tensor:
+        """``y`` itself, extended by reflection to the unknown's size for a ``valid`` blur (the degraded image
+        anchored models start from); :math:`A^\\dagger y` for super-resolution."""
+        if self.boundary == "valid" and self.factor == 1:
+            return pad(y, self._valid_pads(), "reflect")
+        return super().anchor(y)
+
+    def measurement_from_anchor(self, mu: Tensor) -> Tensor:
+        if self.boundary == "valid" and self.factor == 1:
+            return self.crop_to_measurement(mu)
+        return super().measurement_from_anchor(mu)
+
+    def _valid_pads(self) -> tuple[int, int, int, int]:
+        g = self.geometry
+        (H, W), (Hy, Wy) = g.x_hw, g.y_hw
+        f = self.factor
+        return (g.offset[0], H - g.offset[0] - Hy * f, g.offset[1], W - g.offset[1] - Wy * f)
+
+    def crop_to_measurement(self, x: Tensor) -> Tensor:
+        """For ``valid``: the pixels of the unknown the measured samples sit on (a ``valid`` blur's output has the
+        measurement's size); otherwise ``x``."""
+        if self.boundary != "valid":
+            return x
+        t, _, l, _ = self._valid_pads()
+        f = self.factor
+        Hy, Wy = self.geometry.y_hw
+        return x[..., t:t + Hy * f, l:l + Wy * f]
+
+    def simulate(self, x, *, generator=None):
+        """Circular: ``forward(x)``, compared with ``x``. Otherwise ``x`` is the scene and is blurred as a camera
+        would (the ``valid`` operator: nothing assumed beyond its edge), so ``y`` is smaller than ``x`` by the
+        kernel's support and the reference is the part of ``x`` under it."""
+        if self.boundary == "circular":
+            return super().simulate(x, generator=generator)
+        if self.boundary == "valid":
+            return self.forward(x, generator=generator), self.crop_to_measurement(x)
+        cfg = dataclasses.replace(self.config, boundary="valid")
+        try:
+            sim = type(self)(cfg, x_shape=(x.shape[0], *self.x_shape[1:])).to(x.device)
+        except ConfigError as e:
+            raise ConfigError(f"cannot simulate a {self.boundary} measurement: {e} "
+                              f"(--op boundary=circular simulates on any size)") from None
+        return sim.forward(x, generator=generator), sim.crop_to_measurement(x)
 
 
 def load_kernel(path: str | Path) -> Tensor:
@@ -70,8 +259,8 @@ def load_kernel(path: str | Path) -> Tensor:
     return torch.from_numpy(k / k.sum())
 
 
-class GaussianBlur(_Circulant):
-    r"""Gaussian blur :math:`y = h_\sigma \circledast x + n` (circular boundary).
+class GaussianBlur(_Convolution):
+    r"""Gaussian blur :math:`y = h_\sigma \ast x + n` (``boundary``: circular, reflect, replicate or valid).
 
     >>> op = GaussianBlur(x_shape=(1, 1, 16, 16), sigma=1.0)
     >>> op.A(torch.ones(1, 1, 16, 16)).mean().item()  # doctest: +ELLIPSIS
@@ -84,25 +273,33 @@ class GaussianBlur(_Circulant):
     class Config(OperatorConfig):
         sigma: float = 2.0
         size: int = 0  # 0: 2*ceil(3 sigma) + 1
+        #: what lies beyond the image edge: circular (wrap-around; exact Fourier fast paths, right for circular
+        #: simulations only), reflect (mirrored: no frame on real photos), replicate, or valid (nothing assumed:
+        #: the unknown is larger than the input by the kernel's support)
+        boundary: str = DEFAULT_BOUNDARY
 
         def __post_init__(self):
             super().__post_init__()
             check(0 < self.sigma <= 50, f"sigma must be in (0, 50] pixels; got {self.sigma}")
             check(self.size >= 0, f"size must be >= 0; got {self.size}")
+            _check_boundary(self.boundary)
+
+    @classmethod
+    def _kernel_for(cls, config, x_hw=None):
+        import kornia
+
+        size = (config.size or 2 * math.ceil(3 * config.sigma) + 1) | 1
+        if config.boundary == "circular" and x_hw is not None:  # a kernel wider than the image wraps onto itself
+            size = min(size, (min(x_hw) - 1) | 1)
+        return kornia.filters.get_gaussian_kernel2d((size, size), (config.sigma, config.sigma))[0].to(torch.float64)
 
     def __init__(self, config=None, *, x_shape, **options):
         super().__init__(config, x_shape=x_shape, **options)
-        import kornia
-
-        c = self.config
-        size = c.size or 2 * math.ceil(3 * c.sigma) + 1
-        size = min(size | 1, (min(self.x_shape[-2:]) - 1) | 1)
-        k = kornia.filters.get_gaussian_kernel2d((size, size), (c.sigma, c.sigma))[0]
-        self._set_kernel(k)
+        self._set_kernel(self._kernel_for(self.config, self.x_shape[-2:]))
 
 
-class MotionBlur(_Circulant):
-    r"""Motion blur :math:`y = k \circledast x + n` with a random-trajectory kernel (deepinv's generator, seeded),
+class MotionBlur(_Convolution):
+    r"""Motion blur :math:`y = k \ast x + n` with a random-trajectory kernel (deepinv's generator, seeded),
     a straight-line kernel (``angle`` given; kornia) or a user kernel file (``kernel=PATH``)."""
 
     name = "motion_blur"
@@ -113,33 +310,40 @@ class MotionBlur(_Circulant):
         length: float = 0.3  # trajectory length scale (deepinv's l)
         angle: float | None = None  # degrees: straight-line motion instead of a random trajectory
         kernel: str | None = None  # path to a kernel file
+        #: what lies beyond the image edge: circular, reflect, replicate or valid (see gaussian_blur)
+        boundary: str = DEFAULT_BOUNDARY
 
         def __post_init__(self):
             super().__post_init__()
             check(3 <= self.size <= 129, f"size must be in [3, 129]; got {self.size}")
             check(0 < self.length <= 2, f"length must be in (0, 2]; got {self.length}")
+            _check_boundary(self.boundary)
+
+    @classmethod
+    def _kernel_for(cls, config, x_hw=None):
+        if config.kernel:
+            return load_kernel(config.kernel)
+        if config.angle is not None:
+            import kornia
+
+            return kornia.filters.get_motion_kernel2d(config.size | 1, float(config.angle))[0].to(torch.float64)
+        from deepinv.physics.generator import MotionBlurGenerator
+
+        gen = MotionBlurGenerator((config.size, config.size), rng=torch.Generator().manual_seed(config.seed),
+                                  l=config.length)
+        return gen.step(1, seed=config.seed)["filter"][0, 0].to(torch.float64)
 
     def __init__(self, config=None, *, x_shape, **options):
         super().__init__(config, x_shape=x_shape, **options)
-        c = self.config
-        if c.kernel:
-            k = load_kernel(c.kernel)
-        elif c.angle is not None:
-            import kornia
-
-            k = kornia.filters.get_motion_kernel2d(c.size | 1, float(c.angle))[0].to(torch.float64)
-        else:
-            from deepinv.physics.generator import MotionBlurGenerator
-
-            gen = MotionBlurGenerator((c.size, c.size), rng=torch.Generator().manual_seed(c.seed), l=c.length)
-            k = gen.step(1, seed=c.seed)["filter"][0, 0].to(torch.float64)
-        self._set_kernel(k)
+        self._set_kernel(self._kernel_for(self.config))
 
 
-class Downsample(LinearOperator):
-    r"""Super-resolution: :math:`y = S(h \circledast x) + n`, antialiasing filter :math:`h` (bicubic by default)
-    then decimation by ``factor`` (circular boundary). :math:`AA^\top` is circulant on the low-resolution grid,
-    so :math:`A^\dagger = A^\top (AA^\top)^{-1}` is exact."""
+class Downsample(_Convolution):
+    r"""Super-resolution: :math:`y = S(h \ast x) + n`, antialiasing filter :math:`h` (bicubic by default)
+    then decimation by ``factor``. Circular: :math:`AA^\top` is circulant on the low-resolution grid, so
+    :math:`A^\dagger = A^\top (AA^\top)^{-1}` is exact; other boundaries solve :math:`AA^\top z = y` by CG
+    preconditioned with that circulant. ``valid``: the unknown extends ``ceil((k - 1) / factor)``
+    low-resolution pixels beyond the measurement."""
 
     name = "downsample"
 
@@ -147,23 +351,27 @@ class Downsample(LinearOperator):
     class Config(OperatorConfig):
         factor: int = 4
         filter: str = "bicubic"  # bicubic | gaussian | box
+        #: what lies beyond the image edge: circular, reflect, replicate or valid (see gaussian_blur)
+        boundary: str = DEFAULT_BOUNDARY
 
         def __post_init__(self):
             super().__post_init__()
             check(self.factor in (2, 3, 4, 8), f"factor must be 2, 3, 4 or 8; got {self.factor}")
             check(self.filter in ("bicubic", "gaussian", "box"), f"filter must be bicubic, gaussian or box; got {self.filter!r}")
+            _check_boundary(self.boundary)
 
-    def __init__(self, config=None, *, x_shape, **options):
-        super().__init__(config, x_shape=x_shape, **options)
-        f = self.config.factor
-        H, W = self.x_shape[-2:]
-        if H % f or W % f:
-            raise ConfigError(f"image size {H}x{W} is not divisible by the factor {f}")
-        if self.config.filter == "bicubic":
+    @classmethod
+    def _factor_for(cls, config):
+        return config.factor
+
+    @classmethod
+    def _kernel_for(cls, config, x_hw=None):
+        f = config.factor
+        if config.filter == "bicubic":
             from deepinv.physics.blur import bicubic_filter
 
             k = bicubic_filter(f)[0, 0].to(torch.float64)
-        elif self.config.filter == "gaussian":
+        elif config.filter == "gaussian":
             import kornia
 
             s = f / 2.0
@@ -171,35 +379,29 @@ class Downsample(LinearOperator):
             k = kornia.filters.get_gaussian_kernel2d((n, n), (s, s))[0].to(torch.float64)
         else:
             k = torch.ones(f, f, dtype=torch.float64)
-        k = k / k.sum()
-        self.register_buffer("kernel", k.to(torch.float32))
-        Hs = kernel_to_symbol(k, (H, W))
-        self.register_buffer("symbol", Hs)
-        # A A^T on the low-res grid: circular autocorrelation of k, decimated
+        return k / k.sum()
+
+    def __init__(self, config=None, *, x_shape, **options):
+        super().__init__(config, x_shape=x_shape, **options)
+        self.factor = f = self.config.factor
+        k = self._kernel_for(self.config)
+        self._set_kernel(k)
+        # A A^T of the circular operator on the low-res grid (circular autocorrelation of k, decimated): exact
+        # for circular, the preconditioner otherwise
+        Hy, Wy = self.geometry.y_hw
+        Hs = self.symbol if self.boundary == "circular" else kernel_to_symbol(k, (Hy * f, Wy * f))
         g = torch.fft.ifft2(Hs.abs() ** 2).real[..., ::f, ::f]
         self.register_buffer("lr_symbol", torch.fft.fft2(g))
 
-    @classmethod
-    def x_shape_for(cls, y_shape, config):
-        f = config.factor
-        return (*y_shape[:-2], y_shape[-2] * f, y_shape[-1] * f)
-
-    def A(self, x):
-        f = self.config.factor
-        X = torch.fft.fft2(x.to(torch.promote_types(x.dtype, torch.float32)))
-        return torch.fft.ifft2(X * self.symbol).real[..., ::f, ::f].to(x.dtype)
-
-    def A_adjoint(self, y):
-        f = self.config.factor
-        up = torch.zeros((*y.shape[:-2], y.shape[-2] * f, y.shape[-1] * f), dtype=y.dtype, device=y.device)
-        up[..., ::f, ::f] = y
-        U = torch.fft.fft2(up.to(torch.promote_types(y.dtype, torch.float32)))
-        return torch.fft.ifft2(U * self.symbol.conj()).real.to(y.dtype)
-
     def A_dagger(self, y):
-        Y = torch.fft.fft2(y.to(torch.promote_types(y.dtype, torch.float32)))
-        z = torch.fft.ifft2(Y * _pinv_symbol(self.lr_symbol, 1e-6)).real.to(y.dtype)
+        if self.boundary != "circular":
+            return super().A_dagger(y)
+        z = _fft_conv(y, _pinv_symbol(self.lr_symbol, 1e-6))
         return self.A_adjoint(z)
+
+    def _gram_precond(self):
+        inv = _pinv_symbol(self.lr_symbol, 1e-6)
+        return lambda r: _fft_conv(r, inv)
 
 
 def load_mask(path: str | Path, shape: tuple[int, int]) -> Tensor:
@@ -254,7 +456,7 @@ class Inpaint(LinearOperator):
         return y * self.mask.to(y.dtype)
 
 
-class Denoise(_Circulant):
+class Denoise(_Convolution):
     r"""Denoising :math:`y = x + n` (the identity, circulant with symbol 1)."""
 
     name = "denoise"

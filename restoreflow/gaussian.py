@@ -234,8 +234,25 @@ class FourierGaussian(GaussianModel):
         def normal(u):
             return half(operator.A_adjoint(operator.A(half(u)))) / s2 + u
 
-        u = conjugate_gradient(normal, rhs, iters=iters, tol=tol)
+        u = conjugate_gradient(normal, rhs, iters=iters, tol=tol, precond=self._circulant_precond(operator, s2, y))
         return m + half(u)
+
+    def _circulant_precond(self, operator: LinearOperator, s2: float, like: Tensor):
+        r"""The exact inverse of the whitened normal operator :math:`P|\hat h|^2/s^2 + 1` of the circulant operator
+        closest to ``operator`` (``preconditioner_symbol``: a blur with a non-circular boundary differs from its
+        circular version only near the edges), or ``None``. Same answer, a fraction of the iterations."""
+        get = getattr(operator, "preconditioner_symbol", None)
+        H = get() if get is not None else None
+        if H is None or tuple(H.shape[-2:]) != tuple(self.shape[-2:]):
+            return None
+        H = H.to(like.device)
+        if H.ndim == 3:
+            if H.shape[0] > 1 and not torch.allclose(H, H[:1].expand_as(H)):
+                return None  # a colour-dependent blur does not commute with the colour transform
+            H = H[0]
+        P = self.spectrum.to(like.device, like.dtype)[None]
+        response = 1.0 / (P * (H.abs() ** 2).to(like.dtype) / s2 + 1.0)
+        return lambda r: self._filter(r, response)
 
     def posterior_sample_cg(self, operator: LinearOperator, y: Tensor, *, generator: torch.Generator, **kw) -> Tensor:
         """An exact posterior sample for any linear operator (perturb-and-optimise)."""

@@ -31,6 +31,10 @@ __all__ = [
     "DeepinvOperator",
     "conjugate_gradient",
     "make_noise",
+    "BOUNDARIES",
+    "pad_index",
+    "pad",
+    "pad_adjoint",
     "kernel_to_symbol",
     "fft2",
     "ifft2",
@@ -214,6 +218,24 @@ class Operator(nn.Module):
             return mu
         return self.A(mu)
 
+    def simulate(self, x: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Degrade a clean image the way a camera would, for ``--simulate`` and benchmarks: returns ``(y, ref)``,
+        the measurement and the clean image to compare a restoration of ``y`` with.
+
+        ``x`` has this operator's ``x_shape``. By default ``y = forward(x)`` and ``ref = x``. Operators whose
+        boundary is an assumption (blur and super-resolution with a ``boundary`` other than ``circular``) blur
+        the scene beyond the measurement's edge instead, so a benchmark sees the boundary error a real photo
+        has and not the model's own assumption: ``y`` is smaller than ``x``, and ``ref`` is what
+        ``op.crop_to_measurement(x_hat)`` returns for an operator ``op`` built from ``y`` like a real input
+        (``x_shape_for(y.shape, config)``).
+        """
+        return self.forward(x, generator=generator), x
+
+    def crop_to_measurement(self, x: Tensor) -> Tensor:
+        """The part of an estimate of ``x`` that lies under the measurement (``x`` itself unless the unknown
+        extends beyond the measurement, e.g. a ``valid`` blur)."""
+        return x
+
     @property
     def y_shape(self) -> tuple[int, ...]:
         """Shape of a measurement of an ``x_shape`` image."""
@@ -322,6 +344,13 @@ class LinearOperator(Operator):
         """:math:`\\hat h` with :math:`A = F^{-1}\\,\\mathrm{diag}(\\hat h)\\,F` per channel, if :math:`A` is circulant."""
         return None
 
+    def preconditioner_symbol(self) -> Tensor | None:
+        r"""The Fourier symbol (on the unknown's grid) of a circulant operator close to :math:`A`, for
+        preconditioning iterative solves: :meth:`fourier_symbol` for circulant operators, the same kernel's
+        circular symbol for a blur with another boundary (they differ only near the edges), ``None`` when
+        there is none. Never used as :math:`A` itself."""
+        return self.fourier_symbol()
+
     def data_grad(self, x: Tensor, y: Tensor) -> Tensor:
         return self.A_adjoint(self.noise.grad_log_prob(y, self.A(x)))
 
@@ -335,16 +364,22 @@ class LinearOperator(Operator):
         return super().lipschitz(x, iters=iters, dtype=dtype)
 
 
-def conjugate_gradient(apply, b: Tensor, *, x0: Tensor | None = None, iters: int = 100, tol: float = 1e-6) -> Tensor:
-    """Batched CG for a symmetric positive (semi-)definite ``apply``; each batch element converges on its own.
+def conjugate_gradient(apply, b: Tensor, *, x0: Tensor | None = None, iters: int = 100, tol: float = 1e-6,
+                       precond: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Batched CG for a symmetric positive (semi-)definite ``apply``; each batch element converges on its own
+    (stops when :math:`\\lVert b - Ax\\rVert \\le` ``tol`` :math:`\\lVert b\\rVert`).
 
-    Started from zero on a consistent semi-definite system it returns the minimum-norm solution.
+    Started from zero on a consistent semi-definite system it returns the minimum-norm solution. ``precond``
+    (symmetric positive definite, an approximate inverse of ``apply``) makes it preconditioned CG: same
+    answer, fewer iterations when ``precond(apply(v))`` is close to ``v``.
     """
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - apply(x) if x0 is not None else b.clone()
-    p = r.clone()
+    z = precond(r) if precond is not None else r
+    p = z.clone()
     dims = tuple(range(1, b.ndim))
     rs = (r * r).sum(dim=dims, keepdim=True)
+    rz = (r * z).sum(dim=dims, keepdim=True) if precond is not None else rs
     bnorm = (b * b).sum(dim=dims, keepdim=True).clamp(min=1e-30)
     for _ in range(iters):
         if bool((rs <= tol * tol * bnorm).all()):
@@ -352,14 +387,73 @@ def conjugate_gradient(apply, b: Tensor, *, x0: Tensor | None = None, iters: int
         Ap = apply(p)
         pAp = (p * Ap).sum(dim=dims, keepdim=True)
         active = (rs > tol * tol * bnorm) & (pAp > 0)
-        alpha = torch.where(active, rs / pAp.where(pAp > 0, torch.ones_like(pAp)), torch.zeros_like(rs))
+        alpha = torch.where(active, rz / pAp.where(pAp > 0, torch.ones_like(pAp)), torch.zeros_like(rz))
         x = x + alpha * p
         r = r - alpha * Ap
-        rs_new = (r * r).sum(dim=dims, keepdim=True)
-        beta = torch.where(active, rs_new / rs.clamp(min=1e-30), torch.zeros_like(rs))
-        p = r + beta * p
-        rs = rs_new
+        rs = (r * r).sum(dim=dims, keepdim=True)
+        if precond is not None:
+            z = precond(r)
+            rz_new = (r * z).sum(dim=dims, keepdim=True)
+        else:
+            z, rz_new = r, rs
+        beta = torch.where(active, rz_new / rz.clamp(min=1e-30), torch.zeros_like(rz))
+        p = z + beta * p
+        rz = rz_new
     return x
+
+
+# -- boundaries -------------------------------------------------------------------------------
+
+#: How a convolution sees beyond the image edge. ``circular``: the image wraps around (exact Fourier fast
+#: paths); ``reflect``: mirrored about the edge, edge pixel repeated (``d c b a | a b c d``: scipy.ndimage's
+#: ``reflect``, numpy's ``symmetric``, MATLAB's ``symmetric``); ``replicate``: the edge pixel repeated
+#: (scipy's ``nearest``); ``valid``: nothing is assumed -- the unknown image is larger than the measurement
+#: by the kernel's support and the measurement is the valid part of the convolution.
+BOUNDARIES: tuple[str, ...] = ("circular", "reflect", "replicate", "valid")
+
+
+def pad_index(n: int, before: int, after: int, mode: str, *, device: torch.device | str | None = None) -> Tensor:
+    """Source index of each of the ``before + n + after`` padded positions along one axis of length ``n``
+    (any overhang, also larger than ``n``): ``circular``, ``reflect`` (half-sample symmetric) or ``replicate``."""
+    i = torch.arange(-before, n + after, device=device)
+    if mode == "circular":
+        return i % n
+    if mode == "reflect":
+        i = i % (2 * n)
+        return torch.where(i >= n, 2 * n - 1 - i, i)
+    if mode == "replicate":
+        return i.clamp(0, n - 1)
+    raise ConfigError(f"boundary {mode!r} pads nothing; expected circular, reflect or replicate")
+
+
+def pad(x: Tensor, pads: tuple[int, int, int, int], mode: str) -> Tensor:
+    """Extend the last two dimensions of ``x`` by ``pads = (top, bottom, left, right)`` pixels (``mode`` as in
+    :func:`pad_index`). A gather: linear, exact, deterministic, any pad size; its adjoint is :func:`pad_adjoint`."""
+    t, b, l, r = pads
+    H, W = x.shape[-2:]
+    rows = pad_index(H, t, b, mode, device=x.device)
+    cols = pad_index(W, l, r, mode, device=x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def _fold(v: Tensor, n: int, before: int, after: int, mode: str, dim: int) -> Tensor:
+    """Adjoint of padding along ``dim``: each padded position adds into its source (deterministic: the
+    interior is a slice, the two strips are small one-hot matrix products)."""
+    v = v.movedim(dim, -1)
+    idx = pad_index(n, before, after, mode, device=v.device)
+    out = v[..., before:before + n]
+    for lo, hi in ((0, before), (before + n, before + n + after)):
+        if hi > lo:
+            onehot = torch.nn.functional.one_hot(idx[lo:hi], n).to(v.dtype)  # (hi - lo) x n
+            out = out + v[..., lo:hi] @ onehot
+    return out.movedim(-1, dim)
+
+
+def pad_adjoint(v: Tensor, shape: tuple[int, int], pads: tuple[int, int, int, int], mode: str) -> Tensor:
+    """The adjoint of :func:`pad`: ``v`` (padded) folded back onto an image of ``shape = (H, W)``."""
+    t, b, l, r = pads
+    H, W = shape
+    return _fold(_fold(v, W, l, r, mode, v.ndim - 1), H, t, b, mode, v.ndim - 2)
 
 
 def fft2(x: Tensor) -> Tensor:
