@@ -79,6 +79,7 @@ MANIFEST = "manifest.jsonl"
 SETTINGS = "batch.json"
 PART_PREFIX = ".manifest-rank"
 LOCK = ".restoreflow-batch.lock"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted as the lock file or a manifest part is never followed
 DEFAULT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".nii", ".nii.gz", ".dcm", ".npy")
 
 
@@ -237,7 +238,7 @@ def acquire_lock(out_dir: Path) -> int | None:
     path = Path(out_dir) / LOCK
     for _ in range(10):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as e:
             raise OutputError(f"cannot create the lock file {path}: {e.strerror or e}") from None
         try:
@@ -335,7 +336,7 @@ def _best(records: list[dict]) -> dict[str, dict]:
 def _append_line(path: Path, record: dict) -> None:
     data = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW, 0o644)
         try:
             os.write(fd, data)
             os.fsync(fd)

@@ -361,3 +361,19 @@ def test_a_held_lock_fails_at_once_with_the_holder(tmp_path, cli):
         assert not (out / "a.png").exists() and not (out / rb.MANIFEST).exists()
     res = run(cli, src, "--out", out, *FAST)
     assert res.exit_code == 0 and (out / "a.png").exists()
+
+
+def test_planted_symlinks_for_the_lock_and_the_manifest_parts_are_never_followed(tmp_path, cli):
+    src, out, victim = tmp_path / "in", tmp_path / "out", tmp_path / "victim.txt"
+    _tiny(src / "a.png")
+    out.mkdir()
+    victim.write_text("precious")
+    (out / rb.LOCK).symlink_to(victim)
+    res = run(cli, src, "--out", out, *FAST)
+    assert res.exit_code == 4 and "lock file" in _one_error_line(res)
+    assert victim.read_text() == "precious"
+    (out / rb.LOCK).unlink()
+    (out / f"{rb.PART_PREFIX}0.jsonl").symlink_to(victim)
+    res = run(cli, src, "--out", out, *FAST)
+    assert res.exit_code == 4 and "error: cannot append to the manifest" in res.output and "Traceback" not in res.output
+    assert victim.read_text() == "precious"
