@@ -22,12 +22,24 @@ Conventions, and where they differ from the official code (DPS2022/diffusion-pos
 * **Per-sample norms.** The official code takes one norm over the whole batch, which couples the samples'
   step sizes (issue #12); here each sample has its own norm. ``per_sample=False`` reproduces the code.
 * **Clamp.** The official code clamps :math:`\hat x_0` to the image range *inside* the graph, so saturated
-  pixels receive no gradient; ``clip_x0=True`` (default) does the same with [0, 1].
+  pixels receive no gradient; ``clip_x0=True`` (default) does the same with [0, 1]. Its ``p_sample`` also uses
+  the clamped :math:`\hat x_0` in the step's posterior mean (``clip_denoised``); ``clip_mean=True`` does that
+  (the ``official`` preset's default). The default keeps the raw :math:`\hat x_0` in the mean (measured below).
 * **Poisson noise.** The paper approximates shot noise by a Gaussian with precision
   :math:`\Lambda_{jj} = 1/(2y_j)` and uses the weighted norm :math:`\lVert r\rVert_\Lambda`; we use
   :math:`\sqrt{\sum_j r_j^2/(2y_j + \epsilon)}`, finite at :math:`y_j = 0`. The code instead multiplies
-  :math:`\lVert r\rVert` by :math:`\mathrm{mean}_j(1/|y_j|)` (a global rescaling that divides by zero);
-  ``poisson_weighting="code"`` reproduces it with :math:`\epsilon` added.
+  :math:`\lVert r'\rVert` by :math:`\mathrm{mean}_j(1/|y'_j|)` with the measurement in its [-1, 1] units,
+  :math:`y' = 2y - 1` (a global rescaling, infinite where a pixel is exactly mid-grey);
+  ``poisson_weighting="code"`` is exactly that factor (:func:`official_poisson_factor`; a mid-grey pixel is one
+  clear error). Before issue 19 it was :math:`\mathrm{mean}(1/(|y| + \epsilon))` in [0, 1] units, another
+  function (the step came out 0.053x the official one).
+* **Discrete DDPM priors.** When the prior's path is a discrete DDPM schedule (guided-diffusion, diffusers), the
+  default grid (``spacing="ddpm"``) runs on its own timesteps, respaced as guided-diffusion does
+  (:func:`respaced_timesteps`; all 1000 in the DPS configs), and the last network call, at timestep 0, takes
+  DDPM's final step to x0 (:func:`discrete_ddpm_grid`) -- the official loop. Before issue 19 the grid went
+  through the continuous VP path, leaving a near-empty last step (timestep 0.083 -> 0) and never stepping to x0
+  (4.8e-3 from the official run). The step variance is DDPM's posterior variance (``fixedsmall``); the DPS
+  checkpoints learn theirs (``learned_range``), which the x0-denoiser contract does not carry.
 * **Step count and schedule.** The presets are for the paper's 1000 DDPM steps of a [-1, 1] network with
   the linear :math:`\beta` schedule. Time is measured on that reference schedule (:func:`reference_path`;
   noise-to-signal ratios matched), whatever the prior's own path: with ``zeta_schedule="dt"`` (default) a
@@ -45,7 +57,27 @@ Conventions, and where they differ from the official code (DPS2022/diffusion-pos
 
 Presets (``zeta=None``; chosen from the operator's registered name, or ``task=``): :data:`PRESETS` (measured
 with the bundled prior; default) and :data:`PAPER_PRESETS` (the official configs, ``preset="paper"``), each
-rescaled from the image size it was tuned at (:func:`preset_size_scale`).
+rescaled from the image size it was tuned at (:func:`preset_size_scale`). ``preset="official"`` is the official
+algorithm (:data:`PRESET_OPTIONS`): the configs' scale / 2 per step whatever the grid or image size
+(``zeta_schedule="constant"``, not size-scaled), ``polyak=0``, one norm over the batch (``per_sample=False``),
+``clip_mean=True``, and on a discrete DDPM prior its timesteps with the final step to x0. With it a run equals the
+official loop restated in tests/plugins/test_dps.py to 1e-9 (float64, fixedsmall variance); options given
+explicitly win over the preset.
+
+**Departures of the default** (``preset="restoreflow"``) from the official code:
+
+=====================  ===========================================================  ===================================
+departure              why                                                          measured effect
+=====================  ===========================================================  ===================================
+per-sample norms       the batch-wide norm couples the samples' steps (issue #12)   none at batch 1
+``zeta_schedule=dt``   the step per noise level does not depend on the step count    see above
+``polyak=1``           coarse grids cannot overshoot                                bit-identical at 1000 steps
+raw x0_hat in mean     kept from before issue 19, so existing benchmark figures     ``clip_mean=True``: denoise sigma 0.1
+                       stay comparable; the clamp changes only saturated pixels     27.22 -> 27.30, inpaint 25.91 ->
+                       (official: ``clip_mean=True``). Where it binds a full run    25.96 (bundled prior, 64-px held-out
+                       differs by up to 0.7 (issue 19)                              crops x 4, seed 0): within run-to-
+                                                                                    run scatter, a candidate default
+=====================  ===========================================================  ===================================
 """
 
 from __future__ import annotations
@@ -242,7 +274,8 @@ class DPSGuidance(Guidance):
         #: ``restoreflow`` (steps measured on the bundled prior), ``paper`` (the official configs' steps / 2) or
         #: ``official`` (the official algorithm, :data:`PRESET_OPTIONS`); fills in the options left unset (None)
         preset: str = "restoreflow"
-        #: ``dt``: scale by the grid step relative to 1000 uniform steps; ``constant``: zeta per step
+        #: ``dt``: scale by the grid step relative to 1000 uniform steps; ``constant``: zeta per step; None: the
+        #: preset's (official: constant, otherwise dt)
         zeta_schedule: str | None = None
         #: ``auto`` (from the operator's noise model), ``gaussian`` or ``poisson``
         likelihood: str = "auto"
@@ -250,12 +283,14 @@ class DPSGuidance(Guidance):
         poisson_weighting: str = "paper"
         #: keeps the paper form's Poisson weights finite at y = 0 ([0, 1] units)
         poisson_eps: float = 1e-2
-        #: one norm per sample (True) or over the whole batch like the official code (False)
+        #: one norm per sample (True) or over the whole batch like the official code (False); None: the preset's
+        #: (official: false, otherwise true)
         per_sample: bool | None = None
         #: clamp x0_hat to [0, 1] inside the graph (official code: yes)
         clip_x0: bool = True
         #: cap each sample's step at this multiple of the Polyak step ||r|| / ||grad||^2, i.e. never aim past
-        #: zero residual to first order (not in the paper; 0 disables). Guards few-step grids.
+        #: zero residual to first order (not in the paper; 0 disables). Guards few-step grids. None: the preset's
+        #: (official: 0, otherwise 1)
         polyak: float | None = None
 
         def __post_init__(self):
@@ -370,7 +405,7 @@ class DPS(Sampler):
         #: or a :func:`restoreflow.time_grid` spacing on the denoiser's own path
         spacing: str = "ddpm"
         #: use clip(x0_hat) in the step's posterior mean as the official ``p_sample`` does (``clip_denoised``), not
-        #: only inside the guidance gradient; None: the preset's (official: yes; otherwise no, see the module doc)
+        #: only inside the guidance gradient; None: the preset's (official: true; otherwise false, see the module doc)
         clip_mean: bool | None = None
 
         def __post_init__(self):
