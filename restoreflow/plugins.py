@@ -56,6 +56,10 @@ FIRST_PARTY_DIST = "restoreflow"
 _SPEC_MARK = f"{hookspecs.PROJECT}_spec"
 HOOK_NAMES = frozenset(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), _SPEC_MARK))
 _GUARD_MARK = "_restoreflow_guarded"
+#: command names of the host and the first-party plugins: a third-party task (each task is a command) may not
+#: take one (the built-in would silently hide it)
+BUILTIN_COMMANDS = frozenset({"batch", "bench", "plugins", "samplers", "operators", "priors", "tasks", "guidance",
+                              "correctors", "trainers", "train", "mr-convert", "help"})
 
 
 @dataclass
@@ -415,6 +419,13 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
             regs.problems.append(" ".join(msg.split()))
             continue
         for attr, obj in staged[pname]:
+            if attr == "tasks" and order[pname][0] and getattr(obj, "name", None) in BUILTIN_COMMANDS:
+                msg = (f"plugin {pname!r} registers the task {obj.name!r}, which is a built-in command; "
+                       f"the task is ignored")
+                if strict:
+                    raise PluginError(msg)
+                regs.problems.append(msg)
+                continue
             try:
                 getattr(regs, attr).register(obj)
             except PluginError as e:

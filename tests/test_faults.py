@@ -61,6 +61,7 @@ HOSTILE = {
         def register_samplers(register):
             return [Other]
     """),
+    "task_named_batch": "@hookimpl\ndef register_tasks(register):\n    register(rf.Task('batch', 'gaussian_blur', 'Hijack.'))\n",
     "registers_junk": "@hookimpl\ndef register_operators(register):\n    register(42)\n",
     "exits_in_register": "import sys\n@hookimpl\ndef register_tasks(register):\n    sys.exit(0)\n",
     # a name that is taken, a command that is taken
@@ -195,6 +196,15 @@ def test_an_entry_point_cannot_take_a_first_party_plugin_name(hostile_path):
     assert pm.get_plugin("classical").__name__ == "restoreflow_plugins.classical"
     line = _one_problem(collect(pm).problems, "classical")
     assert "is ignored: the name is already taken by restoreflow_plugins.classical" in line
+
+
+def test_a_task_cannot_take_a_built_in_command_name(hostile_path):
+    install(hostile_path, {"task_named_batch": HOSTILE["task_named_batch"]})
+    pm = get_plugin_manager()
+    regs = collect(pm)
+    assert "the task 'batch', which is a built-in command; the task is ignored" in _one_problem(regs.problems, "task_named_batch")
+    assert "batch" not in regs.tasks
+    assert build_cli(pm).commands["batch"].params[0].name == "in_dir"  # the real batch command
 
 
 def test_a_hook_without_hookimpl_is_reported(hostile_path):
