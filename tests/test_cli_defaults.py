@@ -375,3 +375,12 @@ def test_samplers_name_with_task_or_prior_shows_the_effective_column(cli):
     assert "did you mean 'mr-deblur'" in line
     line = _one_line_error(run(cli, ["samplers", "--task", "deblur"]), 2)
     assert "need a sampler NAME" in line
+
+
+def test_uncertainty_needs_a_corrector_that_estimates_variance(cli, img, tmp_path):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = run(cli, ["deblur", img, "--sampler", "ddim", "--guidance", "dps", "--corrector", "svdd", "--particles", "2",
+                    "--steps", "2", "--uncertainty", tmp_path / "u.png", "--out", tmp_path / "o.png"])
+    line = _one_line_error(res, 2)
+    assert "--uncertainty needs a corrector that estimates the posterior variance" in line
+    _nothing_written(tmp_path, before)
