@@ -484,8 +484,7 @@ def _plugins_command(data: Callable[[], dict[str, Any]], problems: list[str]) ->
         Console(width=160).print(table)
         for blocked in d["blocked"]:
             click.echo(f"blocked: {blocked}")
-        for p in problems:
-            click.echo(f"warning: {p}", err=True)
+        # the problems were already printed, once, by the group callback that runs before every command
 
     return cmd
 

@@ -274,9 +274,18 @@ def _guard_call(fn: Callable, plugin_name: str, hook: str, report: LoadReport | 
     return guarded
 
 
-def _guard_commands(fn: Callable, argnames: tuple[str, ...], plugin_name: str, report: LoadReport | None) -> Callable:
+def _guard_commands(fn: Callable, argnames: tuple[str, ...], plugin_name: str, report: LoadReport | None,
+                    pm: pluggy.PluginManager) -> Callable:
     """``register_commands`` of a third-party plugin: it may add commands, never replace or remove one; if it
-    raises, whatever it added is taken out again."""
+    raises, whatever it added is taken out again. The warning joins the problems of the latest :func:`collect`
+    (which the CLI prints once per command and keeps in its listing index); without one it is printed."""
+
+    def _warn(report: LoadReport | None, message: str) -> None:
+        problems = getattr(pm, "restoreflow_problems", None)
+        if problems is None:
+            globals()["_warn"](report, message)
+        else:
+            problems.append(" ".join(message.split()))
 
     @functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> Any:
@@ -313,7 +322,7 @@ def guard_plugin(pm: pluggy.PluginManager, plugin: Any, report: LoadReport | Non
             if impl.plugin is not plugin or impl.hookwrapper or impl.wrapper or getattr(impl.function, _GUARD_MARK, False):
                 continue
             if caller.name == "register_commands":
-                wrapped = _guard_commands(impl.function, tuple(impl.argnames), impl.plugin_name, report)
+                wrapped = _guard_commands(impl.function, tuple(impl.argnames), impl.plugin_name, report, pm)
             elif caller.name in ("load_measurement", "save_result", "load_prior"):
                 wrapped = _guard_call(impl.function, impl.plugin_name, caller.name, report)
             else:
@@ -433,6 +442,7 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
                 if strict:
                     raise PluginError(msg) from e
                 regs.problems.append(" ".join(msg.split()))
+    pm.restoreflow_problems = regs.problems  # type: ignore[attr-defined]  # see _guard_commands
     if report is not None:
         for name, why in reversed(list(report.failed.items())):
             regs.problems.insert(0, f"plugin {name!r} {why}; the plugin is skipped")

@@ -218,16 +218,16 @@ def test_a_hook_without_hookimpl_is_reported(hostile_path):
     assert "forgot_hookimpl" in {r["name"] for r in data["plugins"]}  # loaded (it may have other, marked hooks)
 
 
-def test_commands_cannot_be_replaced_and_a_raising_register_commands_adds_nothing(hostile_path, capsys):
+def test_commands_cannot_be_replaced_and_a_raising_register_commands_adds_nothing(hostile_path):
     install(hostile_path, {"replaces_deblur": HOSTILE["replaces_deblur"], "raises_in_commands": HOSTILE["raises_in_commands"]})
     cli = build_cli(get_plugin_manager())
-    err = capsys.readouterr().err
-    assert err.count("tried to replace the command 'deblur'") == 1
-    assert err.count("failed in register_commands: KeyError") == 1
     assert "half-added" not in cli.commands and "hostile-hello" in cli.commands
     assert "HIJACKED" not in CliRunner().invoke(cli, ["deblur", "--help"]).output
     res = CliRunner().invoke(cli, ["hostile-hello"])
     assert res.exit_code == 0 and "hello from a hostile plugin" in res.output
+    assert "replaces_deblur' tried to replace the command 'deblur'; the existing command is kept" in \
+        _one_problem(res.output.splitlines(), "replaces_deblur")  # printed once, before the command runs
+    assert "failed in register_commands: KeyError" in _one_problem(res.output.splitlines(), "raises_in_commands")
 
 
 def _png(path: Path, size: int = 32, seed: int = 0) -> Path:
@@ -277,6 +277,11 @@ def test_every_hostile_plugin_at_once_harms_no_command(tmp_path):
     for name in HOSTILE:
         if name not in ("raising_io", "wrong_types_io"):  # these misbehave only when called
             _one_problem(res.stderr.strip().splitlines(), name)
+    res = subprocess.run([*exe, "plugins", "--no-hooks"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    for name in HOSTILE:
+        if name not in ("raising_io", "wrong_types_io"):
+            _one_problem(res.stderr.strip().splitlines(), name)  # once, also in the table listing
     img = _png(tmp_path / "x.png")
     out = tmp_path / "x.out.png"
     res = subprocess.run([*exe, "deblur", str(img), "--sampler", "wiener", "--out", str(out), "--quiet"],
