@@ -328,9 +328,13 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
         raise InputError(f"prior {pl.prior_label} handles {type(pl.prior).channels}-channel images; the input has "
                          f"{data.shape[1]} (convert it first)")
     if simulate:
-        clean = data
+        # the operator degrades the clean image as a camera would (non-circular blurs: beyond the measurement's
+        # edge, so y is smaller and `clean` is the part under it); y is then restored like a real input
         op = pl.operator_cls(pl.operator_config, x_shape=tuple(data.shape)).to(dev)
-        y = op.forward(clean, generator=gen)
+        y, clean = op.simulate(data, generator=gen)
+        if tuple(y.shape) != tuple(op.y_shape):
+            op = pl.operator_cls(pl.operator_config,
+                                 x_shape=pl.operator_cls.x_shape_for(tuple(y.shape), pl.operator_config)).to(dev)
     else:
         clean = None
         x_shape = pl.operator_cls.x_shape_for(tuple(data.shape), pl.operator_config)
@@ -361,8 +365,10 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
         from .errors import NumericalError
 
         raise NumericalError(f"{pl.sampler.name} produced NaN/Inf; try fewer steps or another sampler")
-    out = out.detach().to(torch.float32).clamp(0, 1)
+    out = op.crop_to_measurement(out.detach()).to(torch.float32).clamp(0, 1)  # a `valid` unknown: what y covers
     degraded = problem.anchor.detach().clamp(0, 1) if problem.anchor is not None else None
+    if degraded is not None and tuple(degraded.shape) == tuple(op.x_shape):
+        degraded = op.crop_to_measurement(degraded)
     metrics: dict[str, float] = {}
     if clean is not None:
         metrics.update(quality(out, clean))
