@@ -605,56 +605,6 @@ def _resolve(reg: Any, name: str | None) -> str | None:
         return name
 
 
-def noise_is_auto(op_cls: Any, op_options: dict[str, Any], task_defaults_: dict[str, Any], simulate: bool) -> bool:
-    """Whether the noise level is to be estimated: ``--op noise_sigma=auto``, or no noise_sigma given for a real
-    input (not ``--simulate``) with Gaussian noise."""
-    import dataclasses
-
-    cfg = getattr(op_cls, "Config", None)
-    if cfg is None or not dataclasses.is_dataclass(cfg) or "noise_sigma" not in {f.name for f in dataclasses.fields(cfg)}:
-        if str(op_options.get("noise_sigma", "")).lower() == "auto":
-            raise ConfigError(f"operator {op_cls.name} has no noise_sigma option")
-        return False
-    noise = str(op_options.get("noise", task_defaults_.get("noise", getattr(cfg, "noise", "gaussian"))))
-    given = op_options.get("noise_sigma", task_defaults_.get("noise_sigma") if simulate else None)
-    if isinstance(given, str) and given.lower() == "auto":
-        if simulate:
-            raise ConfigError("noise_sigma=auto estimates the noise of a real input; with --simulate give a number "
-                              "(--op noise_sigma=0.05) or leave it out for the task default")
-        if noise != "gaussian":
-            raise ConfigError(f"noise_sigma=auto estimates Gaussian noise; the operator's noise model is {noise}")
-        return True
-    return given is None and not simulate and noise == "gaussian"
-
-
-def estimate_sigma_of(meas: Any) -> float:
-    """``noise_sigma=auto``: the estimate for a measurement (:func:`restoreflow.noiselevel.estimate_noise_sigma`,
-    on the image as stored, at most 1)."""
-    import numpy as np
-
-    from .noiselevel import estimate_noise_sigma
-
-    data = meas.data.detach().to("cpu")
-    if data.is_complex() or data.ndim < 3:
-        raise InputError("noise_sigma=auto estimates the noise of a real-valued image; give --op noise_sigma=X")
-    x = data.float().reshape(-1, *data.shape[-2:]).numpy()  # every channel (and slice) pooled: K x H x W
-    if x.shape[1] < 3 or x.shape[2] < 3:
-        raise InputError("noise_sigma=auto needs an image of at least 3x3 pixels; give --op noise_sigma=X")
-    if float(x.min()) < 0.0 or float(x.max()) > 1.0:
-        raise InputError("noise_sigma=auto estimates the noise of an image in [0, 1]; this measurement has values "
-                         f"in [{float(x.min()):.3g}, {float(x.max()):.3g}]; give --op noise_sigma=X")
-    arr = np.transpose(x, (1, 2, 0))
-    return float(min(1.0, estimate_noise_sigma(arr, bit_depth=int(getattr(meas, "bit_depth", 32) or 32))))
-
-
-def _estimable(meas: Any) -> bool:
-    """Whether a measurement is a real image in [0, 1] (what the default noise_sigma=auto applies to)."""
-    data = getattr(meas, "data", None)
-    if data is None or data.is_complex() or data.ndim < 3 or min(data.shape[-2:]) < 3:
-        return False
-    return bool(float(data.min()) >= 0.0 and float(data.max()) <= 1.0)
-
-
 # -- task commands ---------------------------------------------------------------------------------
 
 class TaskCommand(click.Command):
@@ -743,6 +693,7 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
                                extra_outputs=(save_degraded, uncertainty), as_json=as_json)
 
         from .api import plan, restore
+        from .noiselevel import estimable, estimate_sigma_of, noise_is_auto
 
         c_options = _options(c_opts)
         if particles is not None:
@@ -819,7 +770,7 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
             pl.operator_config = dataclasses.replace(pl.operator_config, mask=str(mpath))
             meas.alpha = None  # the result is filled in: write it opaque
             notes["mask"] = f"alpha channel of {image.name}"
-        if auto and not explicit_auto and not _estimable(meas):
+        if auto and not explicit_auto and not estimable(meas):
             auto = False  # k-space, sinograms in other units...: the operator's configured default, as before
         if auto:
             est = estimate_sigma_of(meas)
