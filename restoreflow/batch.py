@@ -69,7 +69,7 @@ from typing import Any
 
 import click
 
-from .atomic import atomic_write, clean_temporaries, is_temporary
+from .atomic import atomic_write, clean_temporaries
 from .errors import ConfigError, InputError, OutputError, RestoreflowError
 
 __all__ = ["image_seed", "list_inputs", "output_name", "read_manifest", "run_batch", "batch_command", "main",

@@ -280,10 +280,10 @@ def _guard_commands(fn: Callable, argnames: tuple[str, ...], plugin_name: str, r
     raises, whatever it added is taken out again. The warning joins the problems of the latest :func:`collect`
     (which the CLI prints once per command and keeps in its listing index); without one it is printed."""
 
-    def _warn(report: LoadReport | None, message: str) -> None:
+    def note(message: str) -> None:
         problems = getattr(pm, "restoreflow_problems", None)
         if problems is None:
-            globals()["_warn"](report, message)
+            _warn(report, message)
         else:
             problems.append(" ".join(message.split()))
 
@@ -299,16 +299,15 @@ def _guard_commands(fn: Callable, argnames: tuple[str, ...], plugin_name: str, r
             if group is not None:
                 group.commands.clear()
                 group.commands.update(before)
-            _warn(report, f"plugin {plugin_name!r} failed in register_commands: {_one_line(e)}; its commands are "
-                          f"skipped")
+            note(f"plugin {plugin_name!r} failed in register_commands: {_one_line(e)}; its commands are skipped")
             return None
         if group is not None:
             for name, cmd in before.items():
                 now = group.commands.get(name)
                 if now is not cmd:
                     group.commands[name] = cmd
-                    _warn(report, f"plugin {plugin_name!r} tried to {'replace' if now is not None else 'remove'} the "
-                                  f"command {name!r}; the existing command is kept")
+                    note(f"plugin {plugin_name!r} tried to {'replace' if now is not None else 'remove'} the command "
+                         f"{name!r}; the existing command is kept")
         return None
 
     return guarded
