@@ -995,9 +995,13 @@ def index_fingerprint() -> str:
     parts = [str(INDEX_VERSION), sys.version, sys.prefix, __version__,
              os.environ.get("RESTOREFLOW_PLUGINS", "\0"), os.environ.get("RESTOREFLOW_DISABLE_PLUGINS", "\0")]
     tops = {"restoreflow"}
+    dists: dict[str, str] = {}  # parse each distribution's metadata once (it is the slow part)
     for ep in sorted(md.entry_points(group="restoreflow"), key=lambda e: (e.name, e.value)):
         dist = getattr(ep, "dist", None)
-        parts.append(f"{ep.name}={ep.value}@{getattr(dist, 'name', '-')}-{getattr(dist, 'version', '-')}")
+        key = str(getattr(dist, "_path", id(dist)))
+        if key not in dists:
+            dists[key] = f"{getattr(dist, 'name', '-')}-{getattr(dist, 'version', '-')}"
+        parts.append(f"{ep.name}={ep.value}@{dists[key]}")
         tops.add(ep.value.split(":", 1)[0].split(".", 1)[0])
     for top in sorted(tops):
         parts.extend(_package_files(top))
