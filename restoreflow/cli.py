@@ -503,11 +503,6 @@ def _full_suffix(p: Path) -> str:
     return "".join(sfx).lower()
 
 
-#: bytes that atomic_write adds to a file name for its temporary sibling: "." + name + "." + 8 random + suffix
-def _temp_overhead(p: Path) -> int:
-    return 2 + 8 + max(len(".tmp"), len(_full_suffix(p).encode()))
-
-
 def check_outputs(image: Path, outputs: list[tuple[str, Path | None]], *, force: bool = False,
                   writable_suffixes: tuple[str, ...] = ()) -> None:
     """Every output path (``(option, path)`` pairs) checked before any work: an existing folder, writable,
@@ -524,18 +519,19 @@ def check_outputs(image: Path, outputs: list[tuple[str, Path | None]], *, force:
         if not path.name or path.name in (".", ".."):
             raise OutputError(f"{label} {path} is not a file name")
         parent = path.parent
-        if not parent.is_dir():
-            raise OutputError(f"output directory {parent} does not exist (or is not a directory)")
-        if path.is_dir():
-            raise OutputError(f"{label} {path} is a directory; give a file name")
+        try:
+            if not parent.is_dir():
+                raise OutputError(f"output directory {parent} does not exist (or is not a directory)")
+            limit = _name_max(parent)  # atomic_write shortens its temporary name to fit whatever fits here
+            length = len(os.fsencode(path.name))
+            if length > limit:
+                raise OutputError(f"{label} name is {length} bytes; the file system allows at most {limit}")
+            if path.is_dir():
+                raise OutputError(f"{label} {path} is a directory; give a file name")
+        except OSError as e:  # a path the OS refuses outright (too long in all, a loop...)
+            raise OutputError(f"cannot use {label} {path}: {e.strerror or e}") from None
         if not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError(f"cannot write to {parent} (permission denied) for {label}")
-        limit = _name_max(parent)
-        length = len(os.fsencode(path.name))
-        if length + _temp_overhead(path) > limit:
-            raise OutputError(f"{label} name is {length} bytes; at most {limit - _temp_overhead(path)} fit (the file "
-                              f"system allows {limit} and the temporary file written first needs "
-                              f"{_temp_overhead(path)} more)")
         sfx = _full_suffix(path)
         if sfx not in known and path.suffix.lower() not in known:
             raise OutputError(f"cannot write {sfx or 'extension-less'} files ({label} {path.name}); use one of "
