@@ -18,7 +18,8 @@ diffusion denoiser. :math:`\hat\varepsilon` is read from the x0-denoiser on its 
 
 Facts and conventions (official code NVlabs/RED-diff @ 66482f2, ``algos/reddiff.py``):
 
-* **Init** :math:`\mu_0 = H^+ y` in the paper (``init="pinv"``). The default ``init="anchor"`` is the
+* **Init** :math:`\mu_0 = H^+ y` in the paper (``init="pinv"``, taken in the code's [-1, 1] units: the holes
+  of an inpainting mask start mid-grey, as there). The default ``init="anchor"`` is the
   problem's degraded image: :math:`y` when it has the image's shape (zero-filled for inpainting, which *is*
   :math:`H^+y` there; the noisy image for denoising), else :math:`A^\dagger y` (super-resolution, also
   :math:`H^+y`). It differs only for deblurring, where the pseudo-inverse of a noisy blur amplifies noise.
@@ -274,7 +275,11 @@ class RedDiff(Sampler):
         y = problem.y
         with torch.no_grad():
             if init == "pinv":
-                mu = problem.operator.A_dagger(y)
+                # H^+ y' in the code's [-1, 1] units (y' = 2y - A(1)), mapped back: A^+ y where A^+ A 1 = 1 (blur,
+                # decimation), mid-grey where the measurement sees nothing (inpainting's holes; zero-filled = 0.5)
+                op = problem.operator
+                ones = torch.ones(problem.x_shape, dtype=y.dtype, device=y.device)
+                mu = 0.5 * (op.A_dagger(2 * y - op.A(ones)) + 1)
             elif init == "anchor" and problem.anchor is not None:
                 mu = problem.anchor
             elif init in ("anchor", "zeros"):

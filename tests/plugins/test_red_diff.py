@@ -305,6 +305,14 @@ def test_inits():
     assert torch.equal(rd.RedDiff(init="anchor").init(prob), y)
     assert torch.allclose(rd.RedDiff(init="pinv").init(prob), op.A_dagger(y))
     assert not rd.RedDiff(init="zeros").init(prob).any()
+    # the code's H^+ y' is taken in [-1, 1] units: an inpainting hole is 0 there, mid-grey here
+    from restoreflow_plugins.operators import Inpaint
+
+    ip = Inpaint(x_shape=tuple(x.shape), noise_sigma=0.0)
+    yi = ip.forward(x, generator=torch.Generator().manual_seed(1))
+    pin = rd.RedDiff(init="pinv").init(Problem(y=yi, operator=ip, x_shape=tuple(x.shape)))
+    m = ip.mask.to(F64).expand_as(x).bool()
+    assert torch.allclose(pin[m], x[m]) and torch.allclose(pin[~m], torch.full_like(pin[~m], 0.5))
     assert (wiener - x).square().mean() < (y - x).square().mean()
 
 
