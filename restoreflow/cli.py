@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import ConfigError, IncompatibleError, InputError, OutputError, RestoreflowError
+from .errors import ConfigError, InputError, OutputError, RestoreflowError
 from .registry import Registries, canonical_name, parse_options
 
 __all__ = ["build_cli", "main", "handle_errors", "err"]
