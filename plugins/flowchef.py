@@ -72,7 +72,6 @@ from torch import Tensor, nn
 from restoreflow import Problem, Sampler, check, hookimpl, rectified_flow, reparameterize
 from restoreflow.paths import AffinePath, as_time
 from restoreflow.sampling import check_finite, randn
-from .red_diff import noise_variance
 
 __all__ = ["FlowChef", "as_rectified_flow", "noise_share"]
 
@@ -204,7 +203,7 @@ class FlowChef(Sampler):
         y = problem.y
         steer = c.steps - 1 if c.steer_steps is None else min(c.steer_steps, c.steps)
         step = self.step_scale(op, y, tuple(problem.x_shape)) if steer > 0 and c.inner_steps > 0 else 0.0
-        sigma2 = noise_variance(op) if c.noise_aware and step > 0 else 0.0
+        sigma2 = op.noise_variance() if c.noise_aware and step > 0 else 0.0
         lip = float(op.lipschitz()) if sigma2 > 0 else 1.0
         like = torch.empty(problem.x_shape, dtype=y.dtype, device=y.device)
         x = problem.x_init.to(y.dtype) if problem.x_init is not None else \

@@ -37,12 +37,6 @@ from restoreflow import IncompatibleError, Sampler, check, hookimpl
 __all__ = ["BM3D", "NLMeans", "TV", "RichardsonLucy", "UnsupervisedWiener", "Bicubic", "tv_solve"]
 
 
-def _noise_std(op, y: Tensor) -> float:
-    var = op.noise.variance(y.clamp(min=0))
-    var = float(var.mean()) if isinstance(var, Tensor) else float(var)
-    return math.sqrt(max(var, 0.0))
-
-
 def _per_image(y: Tensor, fn) -> Tensor:
     """Apply ``fn(H x W x C float64 array) -> array`` to each image of a ``B x C x H x W`` tensor."""
     out = []
@@ -101,7 +95,7 @@ class BM3D(_Peer):
             import bm3d
         except ImportError:
             raise IncompatibleError("bm3d needs the optional package 'bm3d': pip install 'restoreflow[peers]'") from None
-        s = _noise_std(op, problem.y) * self.config.sigma_scale
+        s = math.sqrt(op.noise_variance(problem.y)) * self.config.sigma_scale
         if s == 0:
             x = problem.y.clone()
         else:
@@ -135,7 +129,7 @@ class NLMeans(_Peer):
 
         op = problem.operator
         _need_identity(op, self.name)
-        s = _noise_std(op, problem.y)
+        s = math.sqrt(op.noise_variance(problem.y))
         c = self.config
         x = _per_image(problem.y, lambda img: denoise_nl_means(
             img, h=c.h * s, sigma=s, fast_mode=True, patch_size=c.patch_size, patch_distance=c.patch_distance,
@@ -210,7 +204,7 @@ class TV(_Peer):
     def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
         op = problem.operator
         y = problem.y
-        s = max(_noise_std(op, y), 1e-3)
+        s = max(math.sqrt(op.noise_variance(y)), 1e-3)
         with torch.no_grad():
             x0 = problem.anchor if problem.anchor is not None and problem.anchor.shape == tuple(problem.x_shape) else None
             x = tv_solve(op, y, tuple(problem.x_shape), self.config.weight * s, iters=self.config.iters, x0=x0)

@@ -67,12 +67,6 @@ def ensemble_denoise(denoiser, x: Tensor, sigma: float, n: int = 1) -> Tensor:
     return out / n
 
 
-def _noise_std(op, y: Tensor) -> float:
-    var = op.noise.variance(y.clamp(min=0))
-    var = float(var.mean()) if isinstance(var, Tensor) else float(var)
-    return math.sqrt(max(var, 0.0))
-
-
 def _require_unconditional(denoiser, name: str) -> None:
     if getattr(denoiser, "conditional", False):
         raise IncompatibleError(f"{name} needs an unconditional prior (a denoiser of x0 + noise), not an anchored model")
@@ -108,7 +102,7 @@ class MMSE(Sampler):
             raise IncompatibleError(f"mmse estimates x from y = x + noise; operator {op.name} is not the identity "
                                     "(use --sampler dpir for blur, super-resolution, inpainting, MRI, CT)")
         y = problem.y
-        s = _noise_std(op, y) * self.config.sigma_scale
+        s = math.sqrt(op.noise_variance(y)) * self.config.sigma_scale
         n = self.config.ensemble
         with torch.no_grad():
             x = y.clone() if s == 0 else ensemble_denoise(denoiser, y, s, n).to(y.dtype)
@@ -169,7 +163,7 @@ class DPIR(Sampler):
     def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
         _require_unconditional(denoiser, self.name)
         op, y = problem.operator, problem.y
-        s_y = _noise_std(op, y)
+        s_y = math.sqrt(op.noise_variance(y))
         sig = self.sigmas(s_y)
         s_eff = max(s_y, 1e-3)  # noiseless measurements: a near-projection, kept well-posed
         with torch.no_grad():

@@ -108,7 +108,7 @@ from restoreflow import Problem, Sampler, check, from_x0, hookimpl
 from restoreflow.paths import AffinePath, as_time
 from restoreflow.sampling import check_finite, make_anchor, randn
 
-__all__ = ["RedDiff", "WEIGHTINGS", "snr_weight", "red_diff_grid", "official_nsr", "official_timesteps", "data_damping", "noise_variance",
+__all__ = ["RedDiff", "WEIGHTINGS", "snr_weight", "red_diff_grid", "official_nsr", "official_timesteps", "data_damping",
            "OFFICIAL_UNITS"]
 
 WEIGHTINGS: tuple[str, ...] = ("linear", "sqrt", "square", "log", "clip", "two_thirds", "const", "inverse")
@@ -316,7 +316,7 @@ class RedDiff(Sampler):
         B = mu.shape[0]
         n_x = mu[0].numel()
         n_data = n_x if c.option("reduction") == "sum" else y[0].numel()
-        sigma2 = noise_variance(op)
+        sigma2 = op.noise_variance()
         obs = c.obs_weight if c.obs_weight is not None else 1.0 / max(OFFICIAL_UNITS * sigma2, 1e-12)
         nfe = 0
         x0 = mu
@@ -347,15 +347,6 @@ class RedDiff(Sampler):
                     callback({"i": i, "t": t, "x": mu, "x0": x0_hat, "nfe": nfe, "steps": len(ts)})
         out = x0 if c.option("output") == "x0_pred" else mu
         return out.clamp(0, 1) if c.clip else out
-
-
-def noise_variance(op: Any) -> float:
-    """The measurement's per-entry noise variance in [0, 1] units (the mean for signal-dependent noise; 0 if none)."""
-    noise = getattr(op, "noise", None)
-    if noise is None:
-        return 0.0
-    v = noise.variance()
-    return float(v.mean()) if isinstance(v, Tensor) else float(v)
 
 
 def data_damping(nsr: float, sigma2: float) -> float:

@@ -278,6 +278,15 @@ class Operator(nn.Module):
             x = x + conjugate_gradient(self._normal_at(x), g, iters=50, tol=1e-6)
         return x
 
+    def noise_variance(self, y: Tensor | None = None) -> float:
+        """The measurement's mean per-entry noise variance in [0, 1] units (0 without noise); signal-dependent
+        noise (Poisson) is averaged at ``y`` when given."""
+        noise = getattr(self, "noise", None)
+        if noise is None:
+            return 0.0
+        v = noise.variance(y.clamp(min=0)) if y is not None else noise.variance()
+        return max(float(v.mean()) if isinstance(v, Tensor) else float(v), 0.0)
+
     def data_grad(self, x: Tensor, y: Tensor) -> Tensor:
         r""":math:`\nabla_x \log p(y \mid A x)` (the likelihood gradient DPS-like methods use)."""
         return self.A_vjp(x, self.noise.grad_log_prob(y, self.A(x)))
