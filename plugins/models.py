@@ -150,6 +150,8 @@ class DenoiserMethod(TrainingMethod):
 class CardPrior(Prior):
     """An unconditional denoiser trained by ``restoreflow train --method denoiser`` (safetensors + card)."""
 
+    option_names = frozenset({"tile", "overlap"})  # --prior-opt keys (tiled inference); others are misspellings
+
     name = "denoiser-card"
     conditional = False
     path_kind = "ve"

@@ -161,7 +161,7 @@ def plan(task: str, *, sampler: str | None = None, prior: str | None = None, gui
     task_obj = regs.tasks.get(task)
     op_cls = regs.operators.get(operator or task_obj.operator)
     op_cfg = build_config(op_cls.Config, {**dict(task_obj.defaults), **dict(op_options or {})}, owner=op_cls.name)
-    sampler_name = sampler or task_obj.default_sampler
+    sampler_name = regs.samplers.resolve(sampler or task_obj.default_sampler)  # red-diff == red_diff
     s_cls = regs.samplers.get(sampler_name)
     smp = _with_steps(s_cls, dict(sampler_options or {}), steps, sampler_name)
     g = None

@@ -385,3 +385,18 @@ def test_uncertainty_needs_a_corrector_that_estimates_variance(cli, img, tmp_pat
     line = _one_line_error(res, 2)
     assert "--uncertainty needs a corrector that estimates the posterior variance" in line
     _nothing_written(tmp_path, before)
+
+
+def test_api_accepts_either_spelling_and_keeps_the_cards_tuned_options():
+    from restoreflow.api import plan
+
+    a, b = plan("sr", sampler="red-diff"), plan("sr", sampler="red_diff")
+    assert a.sampler.name == b.sampler.name == "red_diff"
+    assert a.sampler.config == b.sampler.config
+
+
+def test_a_misspelt_option_of_the_default_prior_is_refused(cli, img, tmp_path):
+    out = tmp_path / "o.png"
+    res = run(cli, ["denoise", img, "--prior-opt", "tiel=64", "--out", out])
+    assert "tiel" in _one_line_error(res)
+    assert not out.exists()
