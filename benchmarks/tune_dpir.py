@@ -29,7 +29,8 @@ SETTINGS = {
     "mri": [("mri_cartesian", {"accel": 4, "noise_sigma": 0.01}), ("mri_cartesian", {"accel": 8, "noise_sigma": 0.01})],
     "ct": [("ct_parallel", {"views": 60, "noise_sigma": 0.01}), ("ct_parallel", {"views": 30, "noise_sigma": 0.01})],
 }
-GRID = {"steps": (8, 16, 24), "lam": (0.1, 0.23, 0.5), "sigma_start": (0.1, 0.2, 0.4)}
+INIT = {"inpaint": "wiener"}  # holes start from the Wiener estimate, not zeros
+GRID = {"steps": (8, 16, 24), "lam": (0.1, 0.23, 0.5), "sigma_start": (0.1, 0.1922, 0.4)}
 
 
 def train_crops(size: int, channels: int, per_image: int = 2):
@@ -54,8 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="deblur,sr,inpaint")
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--grid-steps", default=",".join(map(str, GRID["steps"])))
+    ap.add_argument("--grid-lam", default=",".join(map(str, GRID["lam"])))
+    ap.add_argument("--grid-sigma-start", default=",".join(map(str, GRID["sigma_start"])))
     ap.add_argument("--out", type=Path, default=RESULTS / "tune_dpir.json")
     args = ap.parse_args(argv)
+    grid = {"steps": tuple(int(v) for v in args.grid_steps.split(",")),
+            "lam": tuple(float(v) for v in args.grid_lam.split(",")),
+            "sigma_start": tuple(float(v) for v in args.grid_sigma_start.split(","))}
 
     import torch
 
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {}
     for task in args.tasks.split(","):
         medical = task in ("mri", "ct")
-        d = (gray().load() if not args.weights else gray().wrap(den)) if medical else den
+        d = (gray(**({"base": str(Path(args.weights).resolve())} if args.weights else {})).load()) if medical else den
         xs = train_crops(args.size, 1 if medical else 3)
         problems = []
         for j, (op_name, opts) in enumerate(SETTINGS[task]):
@@ -82,25 +89,27 @@ def main(argv: list[str] | None = None) -> int:
                 y = op.forward(x, generator=torch.Generator().manual_seed(100 * j + i))
                 problems.append((j, x, Problem(y=y, operator=op, x_shape=tuple(x.shape))))
         scores = {}
-        for steps, lam, s0 in itertools.product(*GRID.values()):
-            sampler = regs.samplers.get("dpir")(steps=steps, lam=lam, sigma_start=s0)
+        for steps, lam, s0 in itertools.product(*grid.values()):
+            sampler = regs.samplers.get("dpir")(steps=steps, lam=lam, sigma_start=s0, init=INIT.get(task, "anchor"))
             per_setting = [[] for _ in SETTINGS[task]]
             for j, x, pb in problems:
                 out = sampler.sample(pb, d, generator=torch.Generator().manual_seed(0))
                 per_setting[j].append(rfdata.psnr(out, x)[0])
             scores[(steps, lam, s0)] = [statistics.fmean(v) for v in per_setting]
         best = max(scores, key=lambda k: statistics.fmean(scores[k]))
-        dflt = (8, 0.23, 49 / 255)
-        report[task] = {"best": dict(zip(GRID, best)), "best_psnr": scores[best],
+        dflt = (8, 0.23, round(49 / 255, 4))
+        report[task] = {"best": dict(zip(grid, best)), "best_psnr": scores[best],
                         "settings": [f"{o} {json.dumps(p)}" for o, p in SETTINGS[task]],
                         "grid": {f"steps={k[0]} lam={k[1]} sigma_start={k[2]}": v for k, v in scores.items()}}
-        print(f"{task}: best {dict(zip(GRID, best))} -> {[round(v, 2) for v in scores[best]]} "
-              f"(steps 8 lam 0.23 s0 0.2: {[round(v, 2) for v in scores.get((8, 0.23, 0.2), [])]})", flush=True)
-        del dflt
+        print(f"{task}: best {dict(zip(grid, best))} -> {[round(v, 2) for v in scores[best]]}; DPIR's own setting "
+              f"{dflt}: {[round(v, 2) for v in scores.get(dflt, [])] or 'not in the grid'}", flush=True)
     report["meta"] = {"crops": f"{len(TRAIN_PHOTOS)} training photos x 2 crops of {args.size} px",
                       "images": list(TRAIN_PHOTOS), "weights": args.weights or "bundled", "seconds": round(time.time() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
+    entries = {f"dpir:{t}": {**r["best"], **({"init": INIT[t]} if t in INIT else {})}
+               for t, r in report.items() if t != "meta"}
+    print("sampler_defaults entries:", json.dumps(entries))
     print(f"wrote {args.out}")
     return 0
 
