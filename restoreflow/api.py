@@ -317,11 +317,30 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
     draw comes from one CPU ``torch.Generator`` seeded with ``seed``, so CPU runs are bit-reproducible.
     """
     dev = resolve_device(device)
+    auto = explicit_auto = False
+    if planned is None:  # noise_sigma=auto, as on the command line: the default for real inputs with Gaussian noise
+        from .noiselevel import noise_is_auto
+
+        regs_ = registries or default_registries()
+        task_ = regs_.tasks.get(task)
+        op_options = dict(op_options or {})
+        explicit_auto = str(op_options.get("noise_sigma", "")).lower() == "auto"
+        auto = noise_is_auto(regs_.operators.get(operator or task_.operator), op_options, dict(task_.defaults), simulate)
+        if auto:
+            op_options.pop("noise_sigma", None)
     pl = planned or plan(task, sampler=sampler, prior=prior, guidance=guidance, corrector=corrector, operator=operator,
                          steps=steps, op_options=op_options, sampler_options=sampler_options,
                          guidance_options=guidance_options, corrector_options=corrector_options,
                          prior_options=prior_options, registries=registries)
     meas = _load_input(image, pl.task.name, dev)
+    noise_estimate = None
+    if auto:
+        from .noiselevel import estimable, estimate_sigma_of
+
+        if explicit_auto or estimable(meas):  # k-space, sinograms...: the operator's configured default
+            noise_estimate = estimate_sigma_of(meas)
+            pl = dataclasses.replace(pl, operator_config=dataclasses.replace(pl.operator_config,
+                                                                             noise_sigma=noise_estimate))
     data = meas.data.to(dev)
     gen = torch.Generator().manual_seed(int(seed))
     if pl.prior is not None and type(pl.prior).channels not in (None, data.shape[1]):
@@ -377,6 +396,8 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
     extras = {}
     if pl.corrector is not None and getattr(pl.corrector, "variance", None) is not None:
         extras["variance"] = pl.corrector.variance
+    if noise_estimate is not None:
+        extras["noise_sigma_estimated"] = noise_estimate
     return Result(out, y.detach(), degraded, clean, metrics, nfe["n"] or pl.sampler.nfe(), seconds,
                   pl.sampler.name, pl.prior_label, extras, meas)
 
