@@ -391,6 +391,7 @@ class DPS(Sampler):
     name = "dps"
     requires = frozenset({"denoiser", "unconditional", "differentiable_operator"})
     uses_measurement = True
+    uses_noise_level = False  # the step is normalised by the residual norm (the paper's zeta / ||y - A x0||)
     supports_guidance = False
     #: exact bench: DPS is biased by design (Dirac approximation of p(x0 | x_t)); its error is reported
     bench = {"kind": "report", "samples": 256, "steps": 100, "options": {"clip_x0": False}}

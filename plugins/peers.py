@@ -216,6 +216,7 @@ class RichardsonLucy(_Peer):
     """Richardson-Lucy deconvolution (scikit-image), the classical Poisson-likelihood deblurring."""
 
     name = "richardson-lucy"
+    uses_noise_level = False  # its iteration count regularises
     requires = frozenset({"linear_operator"})
 
     @dataclass(frozen=True)
@@ -241,6 +242,7 @@ class UnsupervisedWiener(_Peer):
     """Wiener-Hunt deconvolution whose noise and prior weights are estimated from the image (scikit-image)."""
 
     name = "unsupervised-wiener"
+    uses_noise_level = False  # it estimates the noise itself
     requires = frozenset({"linear_operator"})
 
     @dataclass(frozen=True)
@@ -267,6 +269,7 @@ class Bicubic(_Peer):
     """Bicubic interpolation aligned with the downsampling grid (phase from the operator's antialiasing filter)."""
 
     name = "bicubic"
+    uses_noise_level = False
 
     @dataclass(frozen=True)
     class Config:

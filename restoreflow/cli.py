@@ -774,6 +774,9 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
             notes["noise_sigma_estimated"] = est
             click.echo(f"noise_sigma=auto: estimated {est:.4f} from {image.name} (set it with --op noise_sigma=X)",
                        err=True)
+        if pl.sampler.uses_measurement and not getattr(pl.sampler, "uses_noise_level", True) and not quiet:
+            click.echo(f"note: {pl.sampler.name} does not use the noise level (noise_sigma); samplers that do: "
+                       f"{pl.task.default_sampler}, wiener", err=True)
         x_shape = pl.operator_cls.x_shape_for(tuple(meas.data.shape), pl.operator_config) if not simulate \
             else tuple(meas.data.shape)
         if pl.corrector is not None:

@@ -180,6 +180,9 @@ class Sampler(_Configurable, abc.ABC):
 
     requires: ClassVar[frozenset[str]] = frozenset({"denoiser"})
     uses_measurement: ClassVar[bool] = False
+    #: whether the sampler uses the operator's noise level (``noise_sigma``); one that looks at ``y`` but not at
+    #: the noise level (DPS normalises its step by the residual) says so, and the CLI tells the user
+    uses_noise_level: ClassVar[bool] = True
     supports_guidance: ClassVar[bool] = False
     #: the prior used per task when ``--prior`` is not given (e.g. ``{"deblur": "mr-deblur"}``)
     default_priors: ClassVar[Mapping[str, str]] = {}

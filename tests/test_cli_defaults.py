@@ -400,3 +400,11 @@ def test_a_misspelt_option_of_the_default_prior_is_refused(cli, img, tmp_path):
     res = run(cli, ["denoise", img, "--prior-opt", "tiel=64", "--out", out])
     assert "tiel" in _one_line_error(res)
     assert not out.exists()
+
+
+def test_a_sampler_that_ignores_the_noise_level_says_so(cli, img, tmp_path):
+    res = run(cli, ["denoise", img, "--sampler", "dps", "--steps", "2", "--out", tmp_path / "d.png"])
+    assert res.exit_code == 0, res.output
+    assert "dps does not use the noise level" in res.output
+    res = run(cli, ["denoise", img, "--sampler", "wiener", "--out", tmp_path / "w.png"])
+    assert res.exit_code == 0 and "does not use the noise level" not in res.output
