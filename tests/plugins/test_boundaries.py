@@ -296,3 +296,26 @@ def test_same_answer_on_cuda(boundary):
     opc = op.to("cuda")
     assert torch.allclose(opc.A(x.cuda()).cpu(), y, atol=1e-10)
     assert torch.allclose(opc.A_adjoint(y.cuda()).cpu(), op.to("cpu").A_adjoint(y), atol=1e-10)
+
+
+def test_restore_simulate_and_real_input_per_boundary():
+    """restoreflow.restore: --simulate degrades through Operator.simulate (non-circular: beyond the edge, metrics
+    against the clean part under y); a real input comes back at its own size in every mode (valid: cropped)."""
+    import restoreflow as rf
+    from restoreflow.data import held_out_images
+
+    x = held_out_images(40, 3, names=("chelsea",))
+    base = rf.restore(x, "deblur", sampler="wiener", op_options={"sigma": 1.0})  # the operators' default: circular
+    assert base.image.shape == x.shape
+    for boundary in BOUNDARIES:
+        res = rf.restore(x, "deblur", sampler="wiener", op_options={"sigma": 1.0, "boundary": boundary}, simulate=True)
+        side = 40 if boundary == "circular" else 34  # 7 taps: 3 pixels each side have no complete blur
+        assert res.measurement.shape[-2:] == res.image.shape[-2:] == res.clean.shape[-2:] == (side, side)
+        if boundary in ("circular", "valid"):  # the exact model; reflect/replicate guess wrong at the edges, which
+            assert res.metrics["psnr"] > res.metrics["psnr_degraded"]  # on a 34-px crop is most of the image
+        real = rf.restore(res.measurement, "deblur", sampler="wiener", op_options={"sigma": 1.0, "boundary": boundary})
+        assert real.image.shape == res.measurement.shape
+        if boundary == "circular":
+            assert torch.equal(res.clean, x)
+        else:
+            assert torch.equal(res.clean, x[..., 3:-3, 3:-3])
