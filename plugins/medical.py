@@ -996,7 +996,8 @@ class ZeroFilled(Sampler):
     name = "zero-filled"
     requires = frozenset()
     uses_measurement = True
-    bench = {"kind": "report"}
+    uses_noise_level = False
+    bench = {"kind": "operator", "operator": "mri_cartesian"}
 
     @dataclass(frozen=True)
     class Config:
@@ -1020,7 +1021,8 @@ class FBP(Sampler):
     name = "fbp"
     requires = frozenset()
     uses_measurement = True
-    bench = {"kind": "report"}
+    uses_noise_level = False
+    bench = {"kind": "operator", "operator": "ct_parallel", "operator_options": {"views": 8}}
 
     @dataclass(frozen=True)
     class Config:

@@ -79,6 +79,7 @@ class BM3D(_Peer):
     """BM3D (CBM3D for colour) at the operator's noise level: the classical denoising reference."""
 
     name = "bm3d"
+    bench = {"kind": "operator", "operator": "denoise", "channels": 3, "operator_options": {"noise_sigma": 0.1}}
 
     @dataclass(frozen=True)
     class Config:
@@ -113,6 +114,7 @@ class NLMeans(_Peer):
     """Non-local means (scikit-image, fast mode) at the operator's noise level."""
 
     name = "nlm"
+    bench = {"kind": "operator", "operator": "denoise", "operator_options": {"noise_sigma": 0.1}}
 
     @dataclass(frozen=True)
     class Config:
@@ -131,9 +133,13 @@ class NLMeans(_Peer):
         _need_identity(op, self.name)
         s = math.sqrt(op.noise_variance(problem.y))
         c = self.config
-        x = _per_image(problem.y, lambda img: denoise_nl_means(
-            img, h=c.h * s, sigma=s, fast_mode=True, patch_size=c.patch_size, patch_distance=c.patch_distance,
-            channel_axis=2)) if s > 0 else problem.y.clone()
+        def run(img):
+            one = img.shape[2] == 1
+            return denoise_nl_means(img[..., 0] if one else img, h=c.h * s, sigma=s, fast_mode=True,
+                                    patch_size=c.patch_size, patch_distance=c.patch_distance,
+                                    channel_axis=None if one else 2)
+
+        x = _per_image(problem.y, run) if s > 0 else problem.y.clone()
         _emit(callback, x)
         return x
 
@@ -216,6 +222,7 @@ class RichardsonLucy(_Peer):
     """Richardson-Lucy deconvolution (scikit-image), the classical Poisson-likelihood deblurring."""
 
     name = "richardson-lucy"
+    bench = {"kind": "operator", "operator": "gaussian_blur", "operator_options": {"sigma": 1.0}}
     uses_noise_level = False  # its iteration count regularises
     requires = frozenset({"linear_operator"})
 
@@ -242,6 +249,7 @@ class UnsupervisedWiener(_Peer):
     """Wiener-Hunt deconvolution whose noise and prior weights are estimated from the image (scikit-image)."""
 
     name = "unsupervised-wiener"
+    bench = {"kind": "operator", "operator": "gaussian_blur", "operator_options": {"sigma": 1.0}}
     uses_noise_level = False  # it estimates the noise itself
     requires = frozenset({"linear_operator"})
 
@@ -269,6 +277,7 @@ class Bicubic(_Peer):
     """Bicubic interpolation aligned with the downsampling grid (phase from the operator's antialiasing filter)."""
 
     name = "bicubic"
+    bench = {"kind": "operator", "operator": "downsample", "operator_options": {"factor": 2}}
     uses_noise_level = False
 
     @dataclass(frozen=True)

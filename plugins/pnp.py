@@ -78,7 +78,8 @@ class MMSE(Sampler):
     name = "mmse"
     requires = frozenset({"denoiser", "unconditional"})
     uses_measurement = True
-    bench = {"kind": "report"}
+    #: its exactness (= the Wiener posterior mean for a Gaussian prior) is tested in tests/plugins/test_peers_pnp.py
+    bench = {"kind": "operator", "operator": "denoise", "operator_options": {"noise_sigma": 0.1}}
 
     @dataclass(frozen=True)
     class Config:
