@@ -79,7 +79,9 @@ class BM3D(_Peer):
     """BM3D (CBM3D for colour) at the operator's noise level: the classical denoising reference."""
 
     name = "bm3d"
-    bench = {"kind": "operator", "operator": "denoise", "channels": 3, "operator_options": {"noise_sigma": 0.1}}
+    #: the bm3d package's compiled library differs by ~2e-7 between identical calls (its worker threads)
+    bench = {"kind": "operator", "operator": "denoise", "channels": 3, "operator_options": {"noise_sigma": 0.1},
+             "reproducible_atol": 1e-5}
 
     @dataclass(frozen=True)
     class Config:

@@ -160,7 +160,11 @@ def plan(task: str, *, sampler: str | None = None, prior: str | None = None, gui
     pm = pm if pm is not None else default_plugin_manager()
     task_obj = regs.tasks.get(task)
     op_cls = regs.operators.get(operator or task_obj.operator)
-    op_cfg = build_config(op_cls.Config, {**dict(task_obj.defaults), **dict(op_options or {})}, owner=op_cls.name)
+    # task defaults that the chosen operator does not have (e.g. deblur's boundary for a third-party operator)
+    # are left out; the user's own options are checked in full
+    own = config_fields(op_cls.Config)
+    op_cfg = build_config(op_cls.Config, {**{k: v for k, v in dict(task_obj.defaults).items() if k in own},
+                                          **dict(op_options or {})}, owner=op_cls.name)
     sampler_name = regs.samplers.resolve(sampler or task_obj.default_sampler)  # red-diff == red_diff
     s_cls = regs.samplers.get(sampler_name)
     smp = _with_steps(s_cls, dict(sampler_options or {}), steps, sampler_name)

@@ -282,7 +282,9 @@ class Cell:
 def _operator(task: str, operator: str | None, op_options: Mapping[str, Any], regs: Registries) -> tuple[type, Any]:
     task_obj = regs.tasks.get(task)
     op_cls = regs.operators.get(operator or task_obj.operator)
-    cfg = build_config(op_cls.Config, {**dict(task_obj.defaults), **dict(op_options)}, owner=op_cls.name)
+    own = config_fields(op_cls.Config)
+    cfg = build_config(op_cls.Config, {**{k: v for k, v in dict(task_obj.defaults).items() if k in own},
+                                       **dict(op_options)}, owner=op_cls.name)
     return op_cls, cfg
 
 
@@ -479,13 +481,17 @@ def _save_png(path: Path, image: Tensor) -> None:
     write_image(path, image.detach().to("cpu").float().clamp(0, 1))
 
 
-def _simulate(cell_op: tuple[type, Any], clean: Tensor, seed: int, device: torch.device) -> tuple[Any, Tensor, torch.Generator]:
-    """Exactly what ``restore(simulate=True, seed=seed)`` does first: the operator, and y from the seed."""
+def _simulate(cell_op: tuple[type, Any], clean: Tensor, seed: int,
+              device: torch.device) -> tuple[Any, Tensor, torch.Generator, Tensor]:
+    """Exactly what ``restore(simulate=True, seed=seed)`` does first: the operator (rebuilt for y like a real
+    input when the boundary makes y smaller), y from the seed, and the clean reference under y."""
     op_cls, cfg = cell_op
     gen = torch.Generator().manual_seed(int(seed))
     op = op_cls(cfg, x_shape=tuple(clean.shape)).to(device)
-    y = op.forward(clean.to(device), generator=gen)
-    return op, y, gen
+    y, ref = op.simulate(clean.to(device), generator=gen)
+    if tuple(y.shape) != tuple(op.y_shape):
+        op = op_cls(cfg, x_shape=op_cls.x_shape_for(tuple(y.shape), cfg)).to(device)
+    return op, y, gen, ref
 
 
 def _run_peer(cell: Cell, clean: Tensor, seed: int, device: torch.device, task: str, operator: str | None,
@@ -493,7 +499,7 @@ def _run_peer(cell: Cell, clean: Tensor, seed: int, device: torch.device, task: 
     from .metrics import quality
     from .sampling import Problem
 
-    op, y, _ = _simulate(_operator(task, operator, op_options, regs), clean, seed, device)
+    op, y, _, clean = _simulate(_operator(task, operator, op_options, regs), clean, seed, device)
     prior = regs.priors.get(cell.prior or "default")()
     if type(prior).channels not in (None, clean.shape[1]):
         raise InputError(f"prior {cell.prior} handles {type(prior).channels}-channel images; the input has {clean.shape[1]}")
@@ -508,8 +514,10 @@ def _run_peer(cell: Cell, clean: Tensor, seed: int, device: torch.device, task: 
         from .errors import NumericalError
 
         raise NumericalError(f"{peer.name} produced NaN/Inf")
-    out = out.to(torch.float32).clamp(0, 1)
+    out = op.crop_to_measurement(out).to(torch.float32).clamp(0, 1)
     anchor = Problem(y=y, operator=op, x_shape=tuple(op.x_shape)).anchor
+    if anchor is not None and tuple(anchor.shape) == tuple(op.x_shape):
+        anchor = op.crop_to_measurement(anchor)
     metrics = quality(out, clean.to(device))
     degraded = anchor.detach().clamp(0, 1) if anchor is not None else None
     if degraded is not None and degraded.shape == clean.shape:

@@ -396,7 +396,12 @@ def certify_sampler(sampler_cls: type, *, report: dict | None = None) -> dict[st
             smp = make()
             problem = Problem(y=y, operator=op, x_shape=tuple(op.x_shape))
             run = lambda g, s=smp, pb=problem, d=den: s.sample(pb, d, generator=g)  # noqa: E731
-            check_sampler_reproducible(run, dtype=dtype)
+            atol = spec.get("reproducible_atol")  # a compiled peer library that is not bit-reproducible says so
+            if atol is None:
+                check_sampler_reproducible(run, dtype=dtype)
+            else:
+                a, b = run(torch.Generator().manual_seed(1234)), run(torch.Generator().manual_seed(1234))
+                assert a.dtype == dtype and torch.allclose(a, b, rtol=0, atol=float(atol)), "same seed, different output"
             out_ = run(torch.Generator().manual_seed(2))
             assert torch.isfinite(out_).all() and tuple(out_.shape) == tuple(op.x_shape)
         out["operator"] = op_name

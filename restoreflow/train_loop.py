@@ -123,7 +123,9 @@ class Degrader:
             anchor_estimator(anchor, registries)  # fail before any data loads
         self.task = t
         self.entries: list[tuple[str, type, dict[str, Any]]] = []
-        base = dict(t.defaults)
+        # training pairs are degraded circularly unless --op boundary=... says otherwise: the measurement keeps the
+        # image's size, as the conditional models' anchors need (a task's `valid` default is for real photos)
+        base = {k: v for k, v in dict(t.defaults).items() if k != "boundary"}
         base.update(op_options or {})
         for name in (t.operator, *extra_operators):
             cls = registries.operators.get(name)

@@ -156,7 +156,7 @@ def test_peers_see_the_same_measurement_as_restore(regs):
 
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     res = restore(x, "deblur", sampler="pinv", seed=5, simulate=True, registries=regs)
-    _, y, _ = rb._simulate(rb._operator("deblur", None, {}, regs), x, 5, torch.device("cpu"))
+    _, y, _, _ = rb._simulate(rb._operator("deblur", None, {}, regs), x, 5, torch.device("cpu"))
     assert torch.equal(y, res.measurement)
 
 

@@ -56,8 +56,10 @@ def test_bundled_model_restores_held_out_crops(crops, wiener_psnr, sampler, prio
         assert ours > wiener_psnr, (ours, wiener_psnr)
 
 
-def test_deblur_defaults_to_mrs_with_the_bundled_model(crops):
+def test_deblur_defaults_to_dpir_on_the_default_prior_and_mrs_keeps_its_model(crops):
     res = restore(crops[:1], "deblur", simulate=True)
+    assert res.sampler == "dpir" and res.prior == "default"
+    res = restore(crops[:1], "deblur", sampler="mrs", simulate=True)
     assert res.sampler == "mrs" and res.prior == "mr-deblur"
 
 
