@@ -492,16 +492,18 @@ def register_operators(register):
 
 @hookimpl
 def register_tasks(register):
-    # Defaults chosen on held-out crops against the classical peers (benchmarks/bench_peers.py, BENCHMARKS.md):
-    # DPIR (plug-and-play HQS on the default prior) beat MRS on its own MR model by 2.4 / 6.9 dB (Gaussian / motion
-    # deblur), RED-Diff by 1.2 dB on SR x4, and the oracle-tuned TV on both; denoising takes the posterior mean.
+    # Defaults chosen on held-out crops against the classical peers (benchmarks/bench_peers.py, BENCHMARKS.md): on
+    # 64-px crops blurred beyond their edges, DPIR (plug-and-play HQS on the default prior) beat MRS on its own MR
+    # model by 1.5 / 5.0 dB (Gaussian / motion) and the oracle-tuned TV by 0.57 / 0.29 dB; denoising takes the
+    # posterior mean (one denoiser call) rather than a posterior sample.
     # Boundaries (benchmarks/results/boundary.md): a real photo is blurred beyond its edges, so deblurring models the
     # unknown as larger than the measurement (`valid`); the only mode whose border band beats the blurred input's.
-    # SR uses `replicate`: DPIR's unpreconditioned CG on a `valid` decimation did not converge in its budget.
+    # SR keeps RED-Diff (its default before) with `replicate`: on 64-px held-out crops x4 (16-px inputs) blurred beyond
+    # their edges, DPIR landed at 21.3-22.6 dB against bicubic 23.69 and RED-Diff 23.57 (benchmarks/results/peers_quick.md)
     register(Task("deblur", "gaussian_blur", "Remove blur (Gaussian by default; --operator motion_blur for motion).",
                   defaults={"boundary": "valid"}, default_sampler="dpir", default_prior="default"))
     register(Task("sr", "downsample", "Super-resolve by --op factor=2|4 (bicubic antialiasing).",
-                  defaults={"boundary": "replicate"}, default_sampler="dpir", default_prior="default"))
+                  defaults={"boundary": "replicate"}, default_sampler="red_diff", default_prior="default"))
     register(Task("inpaint", "inpaint", "Fill missing pixels (box, random or a mask file).",
                   default_sampler="dps", default_prior="default"))
     register(Task("denoise", "denoise", "Remove Gaussian or Poisson noise.", default_sampler="mmse",

@@ -55,10 +55,25 @@ def _need_identity(op, name: str) -> None:
 
 def _need_kernel(op, name: str) -> np.ndarray:
     k = getattr(op, "kernel", None)
-    if k is None or tuple(op.y_shape) != tuple(op.x_shape) or getattr(op, "is_identity", False):
+    if k is None or getattr(op, "factor", 1) != 1 or op.y_shape[-3] != op.x_shape[-3] or getattr(op, "is_identity", False):
         raise IncompatibleError(f"{name} deconvolves a blur: it needs a blur operator (gaussian_blur, motion_blur), "
                                 f"not {op.name}")
     return k.detach().to("cpu", torch.float64).numpy()
+
+
+def _padded(fn, img: np.ndarray, k: np.ndarray, mode: str) -> np.ndarray:
+    """Run ``fn`` on ``img`` extended by the kernel's size, then crop back: the scikit-image deconvolutions assume
+    zero (Richardson-Lucy) or circular (Wiener-Hunt) boundaries, which ring at the edges of a photo; padding the
+    way the operator models the boundary (``wrap`` for circular, ``symmetric`` otherwise) is how they are used."""
+    ph, pw = k.shape[0], k.shape[1]
+    big = np.pad(img, ((ph, ph), (pw, pw)), mode=mode)
+    return fn(big)[ph:ph + img.shape[0], pw:pw + img.shape[1]]
+
+
+def _to_unknown(op, x: Tensor) -> Tensor:
+    """A measurement-sized estimate on the unknown's grid: a ``valid`` blur's unknown extends beyond the photo, and
+    the operator's anchor extends the estimate there by reflection (``crop_to_measurement`` gives it back)."""
+    return x if tuple(x.shape) == tuple(op.x_shape) else op.anchor(x).reshape(op.x_shape)
 
 
 def _emit(callback, x: Tensor) -> None:
@@ -239,10 +254,12 @@ class RichardsonLucy(_Peer):
         from skimage.restoration import richardson_lucy
 
         k = _need_kernel(problem.operator, self.name)
+        mode = "wrap" if problem.operator.fourier_symbol() is not None else "symmetric"
         n = self.config.iters
         x = _per_image(problem.y, lambda img: np.stack(
-            [richardson_lucy(np.clip(img[..., c], 1e-6, None), k, num_iter=n, clip=True) for c in range(img.shape[2])],
-            axis=2))
+            [_padded(lambda v: richardson_lucy(np.clip(v, 1e-6, None), k, num_iter=n, clip=True), img[..., c], k, mode)
+             for c in range(img.shape[2])], axis=2))
+        x = _to_unknown(problem.operator, x)
         _emit(callback, x)
         return x
 
@@ -263,14 +280,15 @@ class UnsupervisedWiener(_Peer):
         from skimage.restoration import unsupervised_wiener
 
         k = _need_kernel(problem.operator, self.name)
+        mode = "wrap" if problem.operator.fourier_symbol() is not None else "symmetric"
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
 
         def run(img):
             rng = np.random.default_rng(seed)
-            return np.stack([unsupervised_wiener(img[..., c], k, clip=False, rng=rng)[0]
+            return np.stack([_padded(lambda v: unsupervised_wiener(v, k, clip=False, rng=rng)[0], img[..., c], k, mode)
                              for c in range(img.shape[2])], axis=2)
 
-        x = _per_image(problem.y, run)
+        x = _to_unknown(problem.operator, _per_image(problem.y, run))
         _emit(callback, x)
         return x
 
