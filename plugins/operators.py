@@ -494,7 +494,7 @@ def register_operators(register):
 def register_tasks(register):
     # Defaults chosen on held-out crops against the classical peers (benchmarks/bench_peers.py, BENCHMARKS.md): on
     # 64-px crops blurred beyond their edges, DPIR (plug-and-play HQS on the default prior) beat MRS on its own MR
-    # model by 1.5 / 5.0 dB (Gaussian / motion) and the oracle-tuned TV by 0.57 / 0.29 dB; denoising takes the
+    # model by 1.5 / 5.0 dB (Gaussian / motion) and the best oracle-tuned peer by +0.52 / +0.07 dB (paired); denoising takes the
     # posterior mean (one denoiser call) rather than a posterior sample.
     # Boundaries (benchmarks/results/boundary.md): a real photo is blurred beyond its edges, so deblurring models the
     # unknown as larger than the measurement (`valid`); the only mode whose border band beats the blurred input's.
