@@ -10,6 +10,7 @@ from skimage import io
 
 from restoreflow.cli import build_cli
 from restoreflow.plugins import get_plugin_manager
+from cli_helpers import one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +31,7 @@ def run(cli, args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def _one_line_error(res, code=None):
-    assert res.exit_code != 0
-    if code is not None:
-        assert res.exit_code == code, res.output
-    assert "Traceback" not in res.output
-    errs = [l for l in res.output.splitlines() if l.startswith("error:")]
-    assert len(errs) == 1, res.output
-    return errs[0]
+_one_line_error = one_line_error
 
 
 def test_version_and_listings(cli):
@@ -54,8 +48,13 @@ def test_wiener_simulate_writes_and_reports(cli, img, tmp_path):
     assert res.exit_code == 0, res.output
     rep = json.loads(res.output.strip().splitlines()[-1])
     assert rep["psnr"] > rep["psnr_degraded"]
-    assert io.imread(out).shape == (32, 32, 3)
+    # deblur's boundary=valid: the simulated photo is the part of the scene whose blur lies inside it (13-px kernel)
+    assert io.imread(out).shape == (20, 20, 3)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+    res = run(cli, ["deblur", img, "--sampler", "wiener", "--op", "sigma=2", "--op", "boundary=circular", "--simulate",
+                    "--out", out, "--force"])
+    assert res.exit_code == 0, res.output
+    assert io.imread(out).shape == (32, 32, 3)
 
 
 def test_gaussian_posterior_dpmpp(cli, img, tmp_path):

@@ -13,6 +13,7 @@ from skimage import io
 
 from restoreflow.cli import build_cli, first_sentence, plain_text
 from restoreflow.plugins import get_plugin_manager
+from cli_helpers import one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +42,7 @@ def run(cli, args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def _one_line_error(res, code=None):
-    assert res.exit_code != 0, res.output
-    if code is not None:
-        assert res.exit_code == code, res.output
-    assert "Traceback" not in res.output
-    errs = [line for line in res.output.splitlines() if line.startswith("error:")]
-    assert len(errs) == 1, res.output
-    return errs[0]
+_one_line_error = one_line_error
 
 
 def _report(res):

@@ -634,6 +634,7 @@ def test_cli_writes_the_image_and_the_uncertainty_map(tmp_path):
     out, unc = tmp_path / "out.png", tmp_path / "std.png"
     res = CliRunner().invoke(cli, ["deblur", str(img), "--prior", "gaussian", "--sampler", "ddim", "-o", "eta=1",
                                    "--guidance", "dps", "--corrector", "smc", "--particles", "3", "--steps", "4",
-                                   "--simulate", "--out", str(out), "--uncertainty", str(unc), "-q"])
+                                   "--op", "boundary=circular", "--simulate", "--out", str(out), "--uncertainty", str(unc),
+                                   "-q"])
     assert res.exit_code == 0, res.output
     assert io.imread(out).shape == (16, 16, 3) and io.imread(unc).shape[:2] == (16, 16)
