@@ -547,6 +547,16 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if steps is not None and steps < 1:
         raise ConfigError(f"--steps must be >= 1; got {steps}")
+    # noise_sigma=auto as for one image (the default for real inputs with Gaussian noise): estimated per image
+    from .noiselevel import estimable, estimate_sigma_of, noise_is_auto
+
+    op_options = dict(op_options or {})
+    task_obj = regs.tasks.get(task)
+    explicit_auto = str(op_options.get("noise_sigma", "")).lower() == "auto"
+    auto = noise_is_auto(regs.operators.get(operator or task_obj.operator), op_options, dict(task_obj.defaults),
+                         simulate)
+    if auto:
+        op_options.pop("noise_sigma", None)
     pl = plan(task, sampler=sampler, prior=prior, guidance=guidance, corrector=corrector, operator=operator,
               steps=steps, op_options=op_options, sampler_options=sampler_options, guidance_options=guidance_options,
               corrector_options=corrector_options, prior_options=prior_options, registries=regs, pm=pm)
@@ -621,7 +631,13 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 in_hash = _sha256(src)
                 meas = _load_input(src, pl.task.name, torch.device("cpu"), pm)
-                res = restore(meas, pl.task.name, seed=s, device=device, simulate=simulate, planned=pl)
+                pl_i = pl
+                if auto and (explicit_auto or estimable(meas)):
+                    est = estimate_sigma_of(meas)
+                    pl_i = dataclasses.replace(pl, operator_config=dataclasses.replace(pl.operator_config,
+                                                                                       noise_sigma=est))
+                    rec["noise_sigma_estimated"] = round(est, 6)
+                res = restore(meas, pl.task.name, seed=s, device=device, simulate=simulate, planned=pl_i)
                 _write(pm, dst, res.image, meas)
                 rec.update(status="ok", nfe=res.nfe, seconds=round(res.seconds, 4),
                            metrics={k: round(float(v), 6) for k, v in res.metrics.items()}, sha256=_sha256(dst),

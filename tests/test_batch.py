@@ -377,3 +377,24 @@ def test_planted_symlinks_for_the_lock_and_the_manifest_parts_are_never_followed
     res = run(cli, src, "--out", out, *FAST)
     assert res.exit_code == 4 and "error: cannot append to the manifest" in res.output and "Traceback" not in res.output
     assert victim.read_text() == "precious"
+
+
+def test_batch_estimates_each_images_noise_level(tmp_path):
+    """noise_sigma=auto per image, as for one image: each record holds its own estimate."""
+    from skimage import io
+
+    from restoreflow import data as rfdata
+
+    src = tmp_path / "in"
+    src.mkdir()
+    clean = rfdata.held_out_images(96, 3, names=("astronaut",))[0].permute(1, 2, 0).numpy()
+    rng = np.random.default_rng(0)
+    for name, s in (("a.png", 0.03), ("b.png", 0.1)):
+        io.imsave(src / name, (np.clip(clean + s * rng.standard_normal(clean.shape), 0, 1) * 255).round().astype(np.uint8),
+                  check_contrast=False)
+    res = CliRunner().invoke(build_cli(), ["batch", str(src), "--task", "denoise", "--sampler", "wiener",
+                                           "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    recs = {r["input"]: r for r in map(json.loads, (tmp_path / "out" / "manifest.jsonl").read_text().splitlines())}
+    assert 0.024 < recs["a.png"]["noise_sigma_estimated"] < 0.036
+    assert 0.08 < recs["b.png"]["noise_sigma_estimated"] < 0.12
