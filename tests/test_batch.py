@@ -398,3 +398,14 @@ def test_batch_estimates_each_images_noise_level(tmp_path):
     recs = {r["input"]: r for r in map(json.loads, (tmp_path / "out" / "manifest.jsonl").read_text().splitlines())}
     assert 0.024 < recs["a.png"]["noise_sigma_estimated"] < 0.036
     assert 0.08 < recs["b.png"]["noise_sigma_estimated"] < 0.12
+
+
+def test_batch_inpainting_of_real_images_needs_a_mask(tmp_path):
+    from skimage import io
+
+    src = tmp_path / "in"
+    src.mkdir()
+    io.imsave(src / "a.png", np.full((16, 16, 3), 128, np.uint8), check_contrast=False)
+    res = CliRunner().invoke(build_cli(), ["batch", str(src), "--task", "inpaint", "--out", str(tmp_path / "out")])
+    assert res.exit_code != 0 and "mask" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out" / "a.png").exists()
