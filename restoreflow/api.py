@@ -337,6 +337,11 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
                          guidance_options=guidance_options, corrector_options=corrector_options,
                          prior_options=prior_options, registries=registries)
     meas = _load_input(image, pl.task.name, dev)
+    if planned is None and not simulate and pl.operator_cls.name == "inpaint" and "mask" not in dict(op_options or {}) \
+            and "mask" not in dict(pl.task.defaults):
+        raise InputError(f"{pl.task.name} of a real image needs to know which pixels are missing: pass "
+                         "op_options={'mask': FILE} (same size, white/1 = keep, black/0 = missing), or mask='box'|"
+                         "'random', or simulate=True")
     noise_estimate = None
     if auto:
         from .noiselevel import estimable, estimate_sigma_of

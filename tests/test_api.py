@@ -225,3 +225,16 @@ def test_restore_estimates_the_noise_of_a_real_input_like_the_cli():
     err_auto = float(((res.image[0].permute(1, 2, 0).numpy() - clean) ** 2).mean())
     err_fixed = float(((fixed.image[0].permute(1, 2, 0).numpy() - clean) ** 2).mean())
     assert err_auto < 0.8 * err_fixed  # measured 0.0038 vs 0.0052
+
+
+def test_restore_inpainting_of_a_real_image_needs_a_mask():
+    import numpy as np
+    import pytest
+
+    from restoreflow.api import restore
+    from restoreflow.errors import InputError
+
+    img = np.full((16, 16, 3), 0.5, np.float32)
+    with pytest.raises(InputError, match="missing"):
+        restore(img, "inpaint", sampler="wiener")
+    assert restore(img, "inpaint", sampler="wiener", op_options={"mask": "box"}).image.shape[-1] == 16
