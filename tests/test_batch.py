@@ -17,7 +17,7 @@ from restoreflow import batch as rb
 from restoreflow.cli import build_cli
 
 ARGS = ["--task", "deblur", "--sampler", "ddim", "--prior", "gaussian", "--steps", "3", "--simulate",
-        "-o", "eta=1", "--pattern", "**/*.png"]
+        "-o", "eta=1", "--pattern", "**/*.png", "--op", "boundary=circular"]  # the exact Fourier posterior
 
 
 @pytest.fixture(scope="module")

@@ -194,7 +194,7 @@ def test_ctrl_c_leaves_no_output(tmp_path):
     _write_png(tmp_path / "in.png", (np.random.default_rng(1).random((192, 192)) * 255).astype(np.uint8))
     out = tmp_path / "out.png"
     args = [str(tmp_path / "in.png"), "--prior", "gaussian", "--sampler", "euler-maruyama", "--steps", "10000",
-            "--out", str(out), "-q"]
+            "--op", "boundary=circular", "--out", str(out), "-q"]
     code = ("import sys, restoreflow.cli as c; print('imported', flush=True); "
             f"c.main(['deblur'] + {args!r})")
     # as an interactive Ctrl-C: a shell's background job (`.ci/run &`) starts with SIGINT ignored, which the
