@@ -86,3 +86,15 @@ def test_loaded_networks_are_ready_for_cpu_inference():
     rddm = collect(get_plugin_manager()).priors.get("rddm-deblur")().load(x_shape=(1, 3, 32, 32))
     assert all(p.is_contiguous() for p in rddm.parameters() if p.ndim == 4)
     assert not any(p.requires_grad for p in rddm.parameters())
+
+
+def test_deblur_default_beats_the_classical_peers_on_a_held_out_crop():
+    """The task default (dpir on the bundled prior) against TV, Richardson-Lucy and Wiener on the same camera-like
+    measurement (64-px held-out coffee crop, Gaussian blur sigma 2 beyond the frame, noise 0.01): measured 31.58 dB
+    against 30.84 / 29.15 / 30.22."""
+    torch.set_num_threads(1)
+    x = rfdata.held_out_images(64, 3, names=("coffee",))
+    psnr = {s: restore(x, "deblur", sampler=s, simulate=True, seed=0).metrics["psnr"]
+            for s in (None, "tv", "richardson-lucy", "wiener")}
+    best_peer = max(v for k, v in psnr.items() if k is not None)
+    assert psnr[None] > best_peer + 0.3, psnr
