@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--weights", default=None, help="use this default-prior weights file instead of the bundled one")
+    ap.add_argument("--merge", action="store_true", help="keep the other tasks' rows of an earlier run's JSON")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -186,11 +187,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick and fam == "denoise" and sampler in POSTERIOR_SAMPLERS:
                 continue
             label = f"restoreflow {sampler}" + (" (default)" if sampler == default_sampler else "")
+            # as users get it: the options the prior's card tunes for this sampler and task, then the row's own
+            tuned = {} if args.weights else regs.priors.get(prior_name)().sampler_defaults(sampler, fam)
+            smp = regs.samplers.get(sampler)(**{**tuned, **sopts})
             for i, seed, x, op, y in measurements:
                 den = prior(prior_name)
                 problem = anchored_for(Problem(y=y, operator=op, x_shape=tuple(op.x_shape)), den)
                 t0 = time.time()
-                out = regs.samplers.get(sampler)(**sopts).sample(problem, den, generator=torch.Generator().manual_seed(seed))
+                out = smp.sample(problem, den, generator=torch.Generator().manual_seed(seed))
                 add(label, "ours", psnr(out, x, op), ssim(out, x, op), time.time() - t0)
                 rows[label].setdefault("residual_over_sigma", []).append(residual_ratio(op, out, y))
             print(f"{task:14s} {label:34s} {statistics.fmean(rows[label]['psnr']):6.2f} dB", flush=True)
@@ -227,12 +231,19 @@ def main(argv: list[str] | None = None) -> int:
                 if fam == "denoise" and mmse is not None and mmse is not r:
                     r["vs_mmse"], r["vs_mmse_se"] = _mean_se([a - b for a, b in zip(r["psnr"], mmse["psnr"])])
         results[task] = {"operator": op_name, "options": op_opts, "n": len(measurements), "rows": rows,
-                         "best_peer_mean": statistics.fmean(best_peer)}
+                         "best_peer_mean": statistics.fmean(best_peer),
+                         "seconds": round(time.time() - t_all, 1)}
 
     meta = {"machine": platform.platform(), "processor": platform.processor() or platform.machine(),
             "threads": args.threads, "size": size, "crops_per_image": per_image, "seeds": seeds,
             "images": labels, "torch": torch.__version__, "seconds": round(time.time() - t_all, 1),
             "weights": args.weights or "bundled"}
+    stem = "peers_quick" if args.quick else "peers"
+    previous = args.out / f"{stem}.json"
+    if args.merge and previous.exists():  # rerun some tasks, keep the others' earlier rows
+        old = json.loads(previous.read_text()).get("results", {})
+        results = {**{k: v for k, v in old.items() if k not in results}, **results}
+        results = {k: results[k] for k in TASKS if k in results}
     goals = []
     for task, res in results.items():
         fam = _family(task)
@@ -258,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
             disp += f", residual {rr:.2f}× noise"
         goals.append({"goal": f"peers_{'medical' if fam in MEDICAL else fam}", "value": m, "pass": ok, "display": disp,
                       "note": f"paired vs the best peer per measurement, n = {res['n']}, {size} px"})
-    stem = "peers_quick" if args.quick else "peers"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results, "report_goals": goals}, indent=1))
     lines = [f"# restoreflow vs classical peers ({'quick' if args.quick else 'full'})", "",
