@@ -128,8 +128,9 @@ class _Convolution(LinearOperator):
 
     @classmethod
     def _kernel_for(cls, config, x_hw: tuple[int, int] | None = None) -> Tensor:
-        """The normalised float64 kernel for ``config`` (``x_hw`` only matters for circular size clamps)."""
-        raise NotImplementedError
+        """The normalised float64 kernel for ``config`` (``x_hw`` only matters for circular size clamps); the
+        1 x 1 identity unless a subclass (a blur, a downsampling filter) says otherwise."""
+        return torch.ones(1, 1, dtype=torch.float64)
 
     @classmethod
     def _factor_for(cls, config) -> int:
@@ -472,7 +473,7 @@ class Denoise(_Convolution):
 
     def __init__(self, config=None, *, x_shape, **options):
         super().__init__(config, x_shape=x_shape, **options)
-        self._set_kernel(torch.ones(1, 1, dtype=torch.float64))
+        self._set_kernel(self._kernel_for(self.config))
 
     def A(self, x):
         return x
