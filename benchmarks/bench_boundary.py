@@ -77,9 +77,9 @@ def restore(y, mode: str):
     """Wiener under ``boundary=mode``; the estimate on the measurement's pixels, CG iterations, seconds."""
     import torch
 
-    from restoreflow.plugins import default_registries
-    from restoreflow.sampling import Problem
-    import restoreflow.operators as ops
+    from restoreflow.host.manager import default_registries
+    from restoreflow.core.sampling import Problem
+    import restoreflow.core.operators as ops
 
     regs = default_registries()
     cls = regs.operators.get("gaussian_blur")
@@ -97,7 +97,7 @@ def restore(y, mode: str):
         return inner(counted, b, **kw)
 
     wiener = regs.samplers.get("wiener")()
-    import restoreflow.gaussian as gauss
+    import restoreflow.exact.gaussian as gauss
 
     gauss.conjugate_gradient = counting
     try:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from restoreflow.data import EVAL_IMAGES, held_out_images
+    from restoreflow.models.data import EVAL_IMAGES, held_out_images
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     size = 96 if args.quick else 256

@@ -1,7 +1,7 @@
 """MRS (5-20 network calls) against the 100-step IR-SDE baselines on the same MR model.
 
 The MR model is the exact conditional oracle E[x0 | x_t, mu] of a stationary Gaussian image prior (fitted on
-scikit-image samples; :func:`restoreflow.gaussian.default_spectrum`) for circular Gaussian blur (sigma 2 px) +
+scikit-image samples; :func:`restoreflow.exact.gaussian.default_spectrum`) for circular Gaussian blur (sigma 2 px) +
 Gaussian noise (0.01), on 64x64 RGB held-out crops -- the ideal network of an MR model for this task, with
 an exact posterior to compare with. All samplers start from the same IR-SDE prior draw x_T = mu + lam z
 (default schedule: max_sigma 50, T 100, cosine, eps 0.005). PSNR is against the clean crops, mean +- std
@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import restoreflow_plugins.mrs as mrs
     from restoreflow import ConditionalOracle, Problem
-    from restoreflow.data import EVAL_IMAGES, held_out_images, psnr
-    from restoreflow.gaussian import default_spectrum
-    from restoreflow.nets import build_network
-    from restoreflow.plugins import collect, get_plugin_manager
+    from restoreflow.models.data import EVAL_IMAGES, held_out_images, psnr
+    from restoreflow.exact.gaussian import default_spectrum
+    from restoreflow.models.nets import build_network
+    from restoreflow.host.manager import collect, get_plugin_manager
 
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     unet_size = 64  # a realistic crop: at 32 px a call is so cheap that timer noise dominates
     try:
-        from restoreflow.modelcard import card_path, read_card
+        from restoreflow.core.modelcard import card_path, read_card
 
         net_den = mrs.MRDeblur().load()
         arch = read_card(card_path(mrs.bundled_weights("mr-deblur")))["architecture"]

@@ -1,6 +1,6 @@
 """restoreflow against the classical methods users already have, on held-out images, same measurements.
 
-For every held-out evaluation image (``restoreflow.data.EVAL_IMAGES``: astronaut, chelsea, coffee, camera; never
+For every held-out evaluation image (``restoreflow.models.data.EVAL_IMAGES``: astronaut, chelsea, coffee, camera; never
 trained on), ``--crops`` crops of ``--size`` px and ``--seeds`` noise draws, each task degrades the crop ONCE and
 hands the same measurement to every method:
 
@@ -84,7 +84,7 @@ def _mean_se(v: list[float]) -> tuple[float, float]:
 
 def crops(size: int, per_image: int):
     """Deterministic held-out crops: ``per_image`` of ``size`` px from each evaluation image's 256-px version."""
-    from restoreflow import data as rfdata
+    from restoreflow.models import data as rfdata
 
     return rfdata.held_out_images(size, 3, per_image=per_image)
 
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from restoreflow import data as rfdata
-    from restoreflow.plugins import default_registries
-    from restoreflow.sampling import Problem, anchored_for
+    from restoreflow.models import data as rfdata
+    from restoreflow.host.manager import default_registries
+    from restoreflow.core.sampling import Problem, anchored_for
 
     torch.set_num_threads(args.threads)
     size = args.size or (64 if args.quick else 128)
@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     def prior(name):
         if name not in priors:
             if name == "default" and args.weights:
-                from restoreflow.train_loop import load_model
+                from restoreflow.models.train_loop import load_model
 
-                priors[name] = load_model(args.weights).denoiser
+                priors[name] = load_model(args.weights, registries=regs).denoiser
             elif name == "gray" and args.weights:
                 priors[name] = regs.priors.get("gray")(base=str(Path(args.weights).resolve())).load()
             else:

@@ -2,7 +2,7 @@
 
 Problem: 64x64 colour crops of the held-out images (astronaut, chelsea, coffee, camera), blurred by the
 registered ``gaussian_blur`` operator with the ``deblur`` task's defaults (circular, sigma 2 px) plus Gaussian
-noise (0.01). Prior: the stationary Gaussian image prior of ``restoreflow.gaussian.default_spectrum`` (a power
+noise (0.01). Prior: the stationary Gaussian image prior of ``restoreflow.exact.gaussian.default_spectrum`` (a power
 law fitted on scikit-image sample images that exclude the held-out ones). Every model is the exact conditional
 denoiser E[x0 | x_t, mu] on its own path (:class:`restoreflow.ConditionalOracle`), so the rows differ only by
 sampler and path. The exact posterior mean (the MMSE estimate under this prior) is computed in the same run.
@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from restoreflow import ConditionalOracle, ExpIntegrator, integrate, mean_reverting, tabulated, time_grid
-    from restoreflow.data import EVAL_IMAGES, held_out_images
-    from restoreflow.gaussian import default_spectrum
-    from restoreflow.metrics import psnr, ssim
-    from restoreflow.plugins import default_registries
-    from restoreflow.sampling import Problem
+    from restoreflow.models.data import EVAL_IMAGES, held_out_images
+    from restoreflow.exact.gaussian import default_spectrum
+    from restoreflow.app.metrics import psnr, ssim
+    from restoreflow.host.manager import default_registries
+    from restoreflow.core.sampling import Problem
     from restoreflow_plugins import residual as rs
 
     torch.set_num_threads(1)  # tiny per-step tensors: one thread is fastest and comparable across rows

@@ -10,7 +10,7 @@ Three linear-Gaussian inverse problems whose posterior is known in closed form:
   real ``ddim`` (eta = 1) kernel on a uniform-log-SNR grid; its discretisation floor is measured by the same
   kernel driven by the exact posterior denoiser.
 * ``gmm-ddim`` -- a 2-D three-component Gaussian mixture prior and one oblique measurement that puts
-  almost all posterior mass in one mode (restoreflow.mixture gives the exact posterior); 30 ddim steps.
+  almost all posterior mass in one mode (restoreflow.exact.mixture gives the exact posterior); 30 ddim steps.
 
 Each method runs M independent chains (one output sample each: ``output=sample``) on the same measurement,
 at the same number of steps. The TDS proposal runs without its [0, 1] clamp (toy values leave it). Error = W2 between the Gaussian fitted to the M outputs and the posterior's
@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from restoreflow import (DenseGaussian, ExpIntegrator, GaussianDenoiser, Kernel, Problem, Transition, integrate,
                              time_grid, vp)
-    from restoreflow.gaussian import gaussian_w2
-    from restoreflow.mixture import GaussianMixture, MixtureDenoiser
-    from restoreflow.plugins import collect, get_plugin_manager
+    from restoreflow.exact.gaussian import gaussian_w2
+    from restoreflow.exact.mixture import GaussianMixture, MixtureDenoiser
+    from restoreflow.host.manager import collect, get_plugin_manager
     from restoreflow.testing import MatrixOperator, make_gaussian_problem
 
     torch.set_num_threads(args.threads)

@@ -69,8 +69,8 @@ class DeepinvWrapper(torch.nn.Module):
 def unet_denoiser():
     """The bundled ``default`` prior (EDM UNet on the VE path); if its weights are absent, the same architecture
     with random weights (timing and memory do not depend on the weights). Returns ``(denoiser, label)``."""
-    from restoreflow.nets.unet import EDMDenoiser, UNet
-    from restoreflow.plugins import default_registries
+    from restoreflow.models.nets.unet import EDMDenoiser, UNet
+    from restoreflow.host.manager import default_registries
 
     regs = default_registries()
     if "default" in regs.priors:
@@ -98,7 +98,7 @@ def median_time(fn, repeats: int) -> float:
 
 def exact_bench(quick: bool) -> dict:
     from restoreflow import ExpIntegrator, GaussianDenoiser, Problem, integrate, time_grid, vp
-    from restoreflow.gaussian import gaussian_w2, operator_matrix
+    from restoreflow.exact.gaussian import gaussian_w2, operator_matrix
     from restoreflow.testing import make_gaussian_problem
     from restoreflow_plugins.dps import DPSGuidance
     from restoreflow_plugins.flowchef import FlowChef
@@ -174,8 +174,8 @@ def head_to_head(quick: bool, nfe: int, size: int) -> dict:
     import deepinv as dinv
 
     from restoreflow import Problem
-    from restoreflow import data as rfdata
-    from restoreflow.plugins import default_registries
+    from restoreflow.models import data as rfdata
+    from restoreflow.host.manager import default_registries
     from restoreflow_plugins.dps import DPS
     from restoreflow_plugins.flowchef import FlowChef
     from restoreflow_plugins.operators import GaussianBlur

@@ -1,6 +1,6 @@
 """The bundled ``default`` prior on held-out images: denoising, and DPS / RED-Diff against the exact Wiener filter.
 
-For each held-out evaluation crop (``restoreflow.data.held_out_images``: astronaut, chelsea, coffee, camera;
+For each held-out evaluation crop (``restoreflow.models.data.held_out_images``: astronaut, chelsea, coffee, camera;
 never trained on) and each task (Gaussian deblurring with the task defaults, SR x4), the image is degraded
 with a fixed seed, then restored by ``wiener`` (the exact posterior mean under the stationary Gaussian
 prior), ``dps`` and ``red_diff`` with the ``default`` prior. Reports PSNR/SSIM mean +- std over images and
@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from restoreflow import data as rfdata
-    from restoreflow.api import restore
-    from restoreflow.plugins import default_registries
-    from restoreflow.train_loop import evaluate_denoiser
+    from restoreflow.models import data as rfdata
+    from restoreflow.app.api import restore
+    from restoreflow.host.manager import default_registries
+    from restoreflow.models.train_loop import evaluate_denoiser
 
     torch.set_num_threads(args.threads)
     size = args.size or (64 if args.quick else 128)

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from restoreflow.plugins import collect, get_plugin_manager
+    from restoreflow.host.manager import collect, get_plugin_manager
     from restoreflow.testing import certify_sampler
 
     torch.set_num_threads(2)

@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from restoreflow import Problem, default_registries
-    from restoreflow.errors import RestoreflowError
-    from restoreflow.metrics import psnr, ssim
+    from restoreflow.core.errors import RestoreflowError
+    from restoreflow.app.metrics import psnr, ssim
     from restoreflow_plugins.medical import CTParallel, MRICartesian
 
     torch.set_num_threads(2)

@@ -138,8 +138,8 @@ def run_steps(steps: list[Step], *, jobs: int, timeout: float, logs: Path) -> li
 
 def installed_priors(names: set[str]) -> dict[str, str | None]:
     """``name -> None`` if the prior loads, else the one-line reason (weights not installed ...)."""
-    from restoreflow.errors import RestoreflowError
-    from restoreflow.plugins import default_registries
+    from restoreflow.core.errors import RestoreflowError
+    from restoreflow.host.manager import default_registries
 
     regs = default_registries()
     out: dict[str, str | None] = {}
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                     log.append({"name": g, "command": g, "status": "skipped" + note, "rc": 0, "wall_s": 0.0, "cpu_s": 0.0})
                     print(f"== {g}: skipped, nothing but baselines left{note}", flush=True)
                     continue
-                cmd = [sys.executable, "-m", "restoreflow.bench", "--methods", ",".join(methods), *spec["args"],
+                cmd = [sys.executable, "-m", "restoreflow.app.bench", "--methods", ",".join(methods), *spec["args"],
                        *spec["quick" if args.quick else "full"], "--threads", str(args.threads), "--device", args.device,
                        "--out", str(out), "--quiet"]
                 todo.append(Step(g, cmd, note))

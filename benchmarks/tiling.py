@@ -26,8 +26,8 @@ def _run(size: int, tile: int | None, overlap: int, q) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from restoreflow.plugins import default_registries
-    from restoreflow.tiling import TiledDenoiser
+    from restoreflow.host.manager import default_registries
+    from restoreflow.core.tiling import TiledDenoiser
 
     den = default_registries().priors.get("default")().load()
     g = torch.Generator().manual_seed(0)

@@ -36,7 +36,7 @@ GRID = {"steps": (8, 16, 24), "lam": (0.1, 0.23, 0.5), "sigma_start": (0.1, 0.19
 def train_crops(size: int, channels: int, per_image: int = 2):
     import torch
 
-    from restoreflow import data as rfdata
+    from restoreflow.models import data as rfdata
 
     out = []
     for name in TRAIN_PHOTOS:
@@ -66,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from restoreflow import data as rfdata
-    from restoreflow.plugins import default_registries
-    from restoreflow.sampling import Problem
-    from restoreflow.train_loop import load_model
+    from restoreflow.models import data as rfdata
+    from restoreflow.host.manager import default_registries
+    from restoreflow.core.sampling import Problem
+    from restoreflow.models.train_loop import load_model
 
     torch.set_num_threads(args.threads)
     regs = default_registries()
-    den = load_model(args.weights).denoiser if args.weights else regs.priors.get("default")().load()
+    den = load_model(args.weights, registries=regs).denoiser if args.weights else regs.priors.get("default")().load()
     gray = regs.priors.get("gray")
     t0 = time.time()
     report = {}

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import restoreflow
     from restoreflow import default_plugin_manager
-    from restoreflow.api import _load_input, resolve_device
+    from restoreflow.app.api import _load_input, resolve_device
 
     vol = args.volume
     if vol is None:

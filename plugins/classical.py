@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from restoreflow import Sampler, check, hookimpl
-from restoreflow.gaussian import FourierGaussian, GaussianModel, default_spectrum
-from restoreflow.operators import GaussianNoise
+from restoreflow.plugin_api import (
+    FourierGaussian, GaussianModel, GaussianNoise, Sampler, check, default_spectrum, hookimpl,
+)
 
 
 class PseudoInverse(Sampler):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from restoreflow import EulerMaruyama, EulerODE, ExpIntegrator, Heun, check, hookimpl
-from restoreflow.sampling import SPACINGS, KernelSampler
+from restoreflow.plugin_api import (
+    EulerMaruyama, EulerODE, ExpIntegrator, Heun, KernelSampler, SPACINGS, check, hookimpl,
+)
 
 
 @dataclass(frozen=True)

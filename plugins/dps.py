@@ -90,11 +90,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from restoreflow import ExpIntegrator, Guidance, Problem, Sampler, check, hookimpl, integrate, time_grid, vp
-from restoreflow.errors import NumericalError
-from restoreflow.operators import PoissonNoise
-from restoreflow.paths import AffinePath, as_time
-from restoreflow.sampling import SPACINGS
+from restoreflow.plugin_api import (
+    AffinePath, ExpIntegrator, Guidance, NumericalError, PoissonNoise, Problem, SPACINGS, Sampler, as_time, check,
+    hookimpl, integrate, time_grid, vp,
+)
 
 __all__ = ["DPSGuidance", "DPS", "PRESETS", "PAPER_PRESETS", "OPERATOR_TASKS", "PRESET_OPTIONS", "preset_zeta",
            "reference_path", "reference_time", "ddpm_grid", "respaced_timesteps", "discrete_ddpm_grid",

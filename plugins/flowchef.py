@@ -69,9 +69,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from restoreflow import Problem, Sampler, check, hookimpl, rectified_flow, reparameterize
-from restoreflow.paths import AffinePath, as_time
-from restoreflow.sampling import check_finite, randn
+from restoreflow.plugin_api import (
+    AffinePath, Problem, Sampler, as_time, check, check_finite, hookimpl, randn, rectified_flow, reparameterize,
+)
 
 __all__ = ["FlowChef", "as_rectified_flow", "noise_share"]
 

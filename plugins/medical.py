@@ -54,10 +54,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from restoreflow import Context, LinearOperator, OperatorConfig, Prior, Sampler, Task, check, hookimpl, time_grid
-from restoreflow.errors import ConfigError, IncompatibleError, InputError, OutputError
-from restoreflow.io import IMAGE_SUFFIXES, Measurement, check_size, npy_header, read_array, write_file, write_image
-from restoreflow.sampling import check_finite, randn, start_state
+from restoreflow.plugin_api import (
+    ConfigError, Context, IMAGE_SUFFIXES, IncompatibleError, InputError, LinearOperator, Measurement, OperatorConfig,
+    OutputError, Prior, Sampler, Task, check, check_finite, check_size, hookimpl, npy_header, randn, read_array,
+    start_state, time_grid, write_file, write_image,
+)
 
 __all__ = [
     "MRICartesian", "CTParallel", "GrayPrior", "GrayDenoiser", "TV3D", "read_nifti", "write_nifti", "read_dicom",
@@ -323,7 +324,7 @@ class CTParallel(LinearOperator):
         return (self.A_adjoint(q) * factor).to(y.dtype)
 
     def A_dagger(self, y):
-        from restoreflow import conjugate_gradient
+        from restoreflow.plugin_api import conjugate_gradient
 
         x0 = self.fbp(y)
         return conjugate_gradient(self.normal, self.A_adjoint(y), x0=x0, iters=self.config.cg_iters, tol=1e-7)
@@ -367,8 +368,8 @@ class GrayPrior(Prior):
     channels = 1
 
     def _base(self) -> tuple[Prior, int | None]:
-        from restoreflow import default_plugin_manager, default_registries
-        from restoreflow.api import looks_like_path
+        from restoreflow.plugin_api import default_plugin_manager, default_registries
+        from restoreflow.plugin_api import looks_like_path
 
         opts = dict(self.options)
         base = str(opts.pop("base", "default"))

@@ -1,7 +1,7 @@
 """Models: the ``denoiser`` training method, the bundled ``default`` prior, checkpoint loaders, ``restoreflow train``.
 
 * ``denoiser`` (:class:`DenoiserMethod`): an unconditional image denoiser, the compact
-  :class:`restoreflow.nets.unet.UNet` with EDM preconditioning on a VE path, trained with EDM's loss.
+  :class:`restoreflow.models.nets.unet.UNet` with EDM preconditioning on a VE path, trained with EDM's loss.
 * ``default`` (:class:`DefaultPrior`): the denoiser shipped in ``restoreflow/weights/default.*``, the prior
   of DPS, RED-Diff, FlowChef and SMC. Its card records the exact command that trained it.
 * ``load_prior``: ``--prior PATH`` for (1) a ``.safetensors`` file whose card says ``"method": "denoiser"``,
@@ -9,7 +9,7 @@
   (``--prior-opt`` ``large_model``/``beta_min``/``beta_max``/``learn_sigma`` override what is inferred from
   the weights), (3) a diffusers ``UNet2DModel`` folder (``config.json`` + weights), when diffusers is installed.
   Pickled objects are always refused: weights load with safetensors or ``torch.load(weights_only=True)``.
-* ``restoreflow train``: the generic loop of :mod:`restoreflow.train_loop` for every registered method.
+* ``restoreflow train``: the generic loop of :mod:`restoreflow.models.train_loop` for every registered method.
 """
 
 from __future__ import annotations
@@ -25,30 +25,18 @@ import click
 import torch
 from torch import Tensor, nn
 
-from restoreflow import (
-    CheckpointError,
-    ConfigError,
-    InputError,
-    PredictionAdapter,
-    Prior,
-    RestoreflowError,
-    check,
-    hookimpl,
-    vp,
+from restoreflow.plugin_api import (
+    CheckpointError, ConfigError, EDMDenoiser, InputError, PredictionAdapter, Prior, ResUNet, RestoreflowError,
+    TrainingMethod, UNet, card_path, check, for_inference, hookimpl, read_card, vp,
 )
-from restoreflow.denoiser import for_inference
-from restoreflow.modelcard import card_path, read_card
-from restoreflow.nets.resunet import ResUNet
-from restoreflow.nets.unet import EDMDenoiser, UNet
-from restoreflow.training import TrainingMethod
 
 __all__ = ["DenoiserMethod", "DefaultPrior", "CardPrior", "ADMPrior", "DiffusersPrior"]
 
 
 def _weights_dir() -> Path:
-    from importlib import resources
+    from restoreflow.plugin_api import WEIGHTS_DIR
 
-    return Path(str(resources.files("restoreflow.weights")))
+    return WEIGHTS_DIR
 
 
 # -- the training method ------------------------------------------------------------------------------
@@ -169,7 +157,7 @@ class CardPrior(Prior):
         return read_card(card_path(self._weights()))
 
     def load(self, *, device: torch.device | str = "cpu", x_shape: tuple[int, ...] | None = None) -> Any:
-        from restoreflow.train_loop import load_model
+        from restoreflow.plugin_api import load_model
 
         w = self._weights()
         if not w.exists():
@@ -188,7 +176,7 @@ def _maybe_tile(den: Any, options: dict[str, Any]) -> Any:
     """``--prior-opt tile=N [overlap=M]``: run the denoiser on overlapping tiles (bounded memory)."""
     if options.get("tile") in (None, "", 0, "0"):
         return den
-    from restoreflow.tiling import TiledDenoiser
+    from restoreflow.plugin_api import TiledDenoiser
 
     try:
         size = int(options["tile"])
@@ -201,7 +189,7 @@ def _maybe_tile(den: Any, options: dict[str, Any]) -> Any:
 
 def _trainers_only() -> Any:
     """Registries holding just this module's training method (so loading needs no plugin manager)."""
-    from restoreflow.registry import Registries
+    from restoreflow.plugin_api import Registries
 
     regs = Registries()
     regs.trainers.register(DenoiserMethod)
@@ -247,7 +235,7 @@ def _ddpm_log_abar(schedule: str, beta_min: float, beta_max: float, steps: int) 
 def ddpm_path(schedule: str = "linear", beta_min: float = 0.1, beta_max: float = 20.0, steps: int = 1000) -> Any:
     r"""The discrete DDPM schedule as a continuous VP path: ``t = i / (steps - 1)``, :math:`a^2 = \bar\alpha_i`
     interpolated linearly in :math:`\log\bar\alpha` between the integer steps (exact at them)."""
-    from restoreflow import AffinePath, tabulated
+    from restoreflow.plugin_api import AffinePath, tabulated
 
     log_abar = tabulated(_ddpm_log_abar(schedule, beta_min, beta_max, steps))
 
@@ -299,7 +287,7 @@ def _flat_state_dict(obj: Any, source: Path) -> dict[str, Tensor]:
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
-    from restoreflow.modelcard import load_state_dict, safe_torch_load
+    from restoreflow.plugin_api import load_state_dict, safe_torch_load
 
     if path.suffix == ".safetensors":
         return load_state_dict(path)
@@ -348,7 +336,7 @@ class EDMADMDenoiser(nn.Module):
     def __init__(self, net: nn.Module, *, minus_one_one: bool, sigma_min: float, sigma_max: float,
                  class_label: int | None, label_dim: int):
         super().__init__()
-        from restoreflow import ve
+        from restoreflow.plugin_api import ve
 
         self.net = net
         k = 2.0 if minus_one_one else 1.0
@@ -357,7 +345,7 @@ class EDMADMDenoiser(nn.Module):
         self.class_label, self.label_dim = class_label, label_dim
 
     def forward(self, x_t: Tensor, t: Any, *, anchor: Tensor | None = None) -> Tensor:
-        from restoreflow.paths import as_time
+        from restoreflow.plugin_api import as_time
 
         t = as_time(t, x_t.device)
         if t.ndim == 0:
@@ -444,7 +432,7 @@ class ADMPrior(Prior):
     def _load_guided(self, sd: dict[str, Tensor]) -> GuidedDiffusionDenoiser:
         from deepinv.models import DiffUNet
 
-        from restoreflow.modelcard import load_into
+        from restoreflow.plugin_api import load_into
 
         opts = {**_read_sidecar(self.weights), **self.options}
         if "label_emb.weight" in sd:
@@ -479,7 +467,7 @@ class ADMPrior(Prior):
     def _load_edm(self, sd: dict[str, Tensor]) -> EDMADMDenoiser:
         from deepinv.models import ADMUNet
 
-        from restoreflow.modelcard import load_into
+        from restoreflow.plugin_api import load_into
 
         opts = {**_read_sidecar(self.weights), **self.options}
         arch = _infer_edm_adm(sd)
@@ -603,7 +591,7 @@ def register_priors(register):
 
 
 def _pairs(values: tuple[str, ...]) -> dict[str, str]:
-    from restoreflow.registry import parse_options
+    from restoreflow.plugin_api import parse_options
 
     return parse_options(values)
 
@@ -633,7 +621,7 @@ def _canonical_command(params: dict[str, Any]) -> str:
 
 
 def _train_command(cli: click.Group) -> click.Command:
-    from restoreflow.cli import handle_errors
+    from restoreflow.plugin_api import handle_errors
 
     @click.command("train", help="Train a model (any registered method) and write NAME.safetensors + NAME.json.")
     @click.option("--method", required=True, help="Training method (`restoreflow trainers` lists them).")
@@ -681,8 +669,8 @@ def _train_command(cli: click.Group) -> click.Command:
     def train_cmd(method, task, name, out, steps, batch, crop, lr, warmup, ema, width, channels, data, dead_leaves,
                   dead_leaves_size, dead_leaves_texture, scales, augment, lr_min_ratio, seed, device, threads, checkpoint_every, eval_size, eval_crops, eval_steps, op_opts, extra_operator,
                   noise_range, anchor, m_opts, init, resume, quiet):
-        from restoreflow.plugins import default_registries
-        from restoreflow.train_loop import TrainOptions, train
+        from restoreflow.plugin_api import default_registries
+        from restoreflow.plugin_api import TrainOptions, train
 
         regs = getattr(cli, "registries", None) or default_registries()
         if device is None:
@@ -702,7 +690,7 @@ def _train_command(cli: click.Group) -> click.Command:
                 raise ConfigError(f"--scales must look like 1,0.5; got {scales!r}") from None
         ops, mopts = _pairs(op_opts), _pairs(m_opts)
         mcls = regs.trainers.get(method)
-        from restoreflow.registry import build_config
+        from restoreflow.plugin_api import build_config
 
         build_config(mcls.Config, mopts, owner=method)  # validate before loading any data
         params = dict(method=method, task=task, name=name, steps=steps, batch=batch, crop=crop, lr=lr, warmup=warmup,

@@ -36,33 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from restoreflow import (
-    AffinePath,
-    CheckpointError,
-    ExpIntegrator,
-    IncompatibleError,
-    Kernel,
-    Prior,
-    Problem,
-    Sampler,
-    Transition,
-    check,
-    hookimpl,
-    integrate,
-    mean_reverting,
-    tabulated,
-    time_grid,
+from restoreflow.plugin_api import (
+    AffinePath, CheckpointError, ConfigError, ExpIntegrator, IncompatibleError, Kernel, Prior, Problem, SPACINGS,
+    Sampler, TrainingMethod, Transition, anchored_for, as_time, bcast, build_config, build_network, card_path, check,
+    for_inference, hookimpl, infer_architecture, integrate, load_into, load_state_dict, mean_reverting, randn,
+    read_card, save_weights, strip_module_prefix, tabulated, time_grid, to_x0, write_card,
 )
-from restoreflow.denoiser import for_inference
-from restoreflow.errors import ConfigError
-from restoreflow.modelcard import card_path, load_into, load_state_dict, read_card, save_weights, write_card
-from restoreflow.nets import build_network
-from restoreflow.nets.irsde import infer_architecture, strip_module_prefix
-from restoreflow.parameterization import to_x0
-from restoreflow.paths import as_time, bcast
-from restoreflow.registry import build_config
-from restoreflow.sampling import SPACINGS, anchored_for, randn
-from restoreflow.training import TrainingMethod
 
 __all__ = [
     "IRSDESchedule",
@@ -774,9 +753,9 @@ class MRModel(_MRPrior):
 
 
 def bundled_weights(name: str) -> Path:
-    import restoreflow.weights
+    from restoreflow.plugin_api import WEIGHTS_DIR
 
-    return Path(restoreflow.weights.__file__).parent / f"{name}.safetensors"
+    return WEIGHTS_DIR / f"{name}.safetensors"
 
 
 class MRDeblur(_MRPrior):
@@ -858,7 +837,7 @@ def register_commands(cli):
                   help="SDE/YAML override KEY=VALUE (yaml, max_sigma, T, schedule, eps, offset)")
     def mr_convert(src, dst, opts):
         """Convert an IR-SDE .pth (+ its options YAML) into a safetensors model with its SDE parameters."""
-        from restoreflow.registry import parse_options
+        from restoreflow.plugin_api import parse_options
 
         out = convert_checkpoint(Path(src), Path(dst), **parse_options(opts))
         click.echo(f"wrote {out} and {card_path(out)}")

@@ -1,7 +1,7 @@
 r"""Image operators and the four image tasks: deblur, sr, inpaint, denoise.
 
 All operators are linear, batched, run on CPU and CUDA with the same code, and give exact ``A`` and
-``A_adjoint``. Blur and downsampling take a ``boundary`` option (:data:`restoreflow.operators.BOUNDARIES`):
+``A_adjoint``. Blur and downsampling take a ``boundary`` option (:data:`restoreflow.core.operators.BOUNDARIES`):
 ``circular`` makes them diagonal in Fourier, with closed-form pseudo-inverses, Wiener filters and Gaussian
 posteriors (exact on circular simulations, but a photo blurred by a lens does not wrap around: restoring it
 under that model leaves a bright/dark frame); ``reflect`` and ``replicate`` extend the image beyond its edge
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from restoreflow import LinearOperator, OperatorConfig, Task, check, hookimpl
-from restoreflow.errors import ConfigError, InputError
-from restoreflow.io import read_array
-from restoreflow.operators import BOUNDARIES, conjugate_gradient, kernel_to_symbol, pad, pad_adjoint
+from restoreflow.plugin_api import (
+    BOUNDARIES, ConfigError, InputError, LinearOperator, OperatorConfig, Task, check, conjugate_gradient, hookimpl,
+    kernel_to_symbol, pad, pad_adjoint, read_array,
+)
 
 __all__ = ["GaussianBlur", "MotionBlur", "Downsample", "Inpaint", "Denoise", "load_kernel", "load_mask",
            "DEFAULT_BOUNDARY", "REAL_INPUT_BOUNDARY"]

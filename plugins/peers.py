@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from restoreflow import IncompatibleError, Sampler, check, hookimpl
+from restoreflow.plugin_api import IncompatibleError, Sampler, check, hookimpl
 
 __all__ = ["BM3D", "NLMeans", "TV", "RichardsonLucy", "UnsupervisedWiener", "Bicubic", "tv_solve"]
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from restoreflow import IncompatibleError, Sampler, check, conjugate_gradient, hookimpl, make_anchor
+from restoreflow.plugin_api import IncompatibleError, Sampler, check, conjugate_gradient, hookimpl, make_anchor
 
 __all__ = ["MMSE", "DPIR", "denoise_at", "ensemble_denoise"]
 
@@ -178,7 +178,7 @@ class DPIR(Sampler):
         with torch.no_grad():
             Aty = op.A_adjoint(y).reshape(problem.x_shape)
             if self.config.init == "wiener":
-                z = make_anchor(op, y, "wiener").reshape(problem.x_shape)
+                z = make_anchor(op, y, "wiener", registries=problem.registries).reshape(problem.x_shape)
             elif problem.anchor is not None and problem.anchor.shape == tuple(problem.x_shape):
                 z = problem.anchor
             else:

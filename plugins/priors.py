@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 
-from restoreflow import GaussianDenoiser, Prior, hookimpl, vp
-from restoreflow.errors import ConfigError, IncompatibleError
-from restoreflow.gaussian import FourierGaussian, default_spectrum
+from restoreflow.plugin_api import (
+    ConfigError, FourierGaussian, GaussianDenoiser, IncompatibleError, Prior, default_spectrum, hookimpl, vp,
+)
 
 DENSE_LIMIT = 4096
 

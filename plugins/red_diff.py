@@ -104,9 +104,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from restoreflow import Problem, Sampler, check, from_x0, hookimpl
-from restoreflow.paths import AffinePath, as_time
-from restoreflow.sampling import check_finite, make_anchor, randn
+from restoreflow.plugin_api import (
+    AffinePath, Problem, Sampler, as_time, check, check_finite, from_x0, hookimpl, make_anchor, randn,
+)
 
 __all__ = ["RedDiff", "WEIGHTINGS", "snr_weight", "red_diff_grid", "official_nsr", "official_timesteps", "data_damping",
            "OFFICIAL_UNITS"]
@@ -285,7 +285,7 @@ class RedDiff(Sampler):
             elif init in ("anchor", "zeros"):
                 mu = torch.zeros(problem.x_shape, dtype=y.dtype, device=y.device)
             else:
-                mu = make_anchor(problem.operator, y, init)
+                mu = make_anchor(problem.operator, y, init, registries=problem.registries)
         return mu.detach().clone().to(y.dtype).reshape(problem.x_shape)
 
     def grid(self, path: AffinePath) -> Tensor:

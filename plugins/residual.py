@@ -67,29 +67,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from restoreflow import (
-    AffinePath,
-    CheckpointError,
-    ConfigError,
-    Context,
-    ExpIntegrator,
-    IncompatibleError,
-    Kernel,
-    Prior,
-    Sampler,
-    Transition,
-    ValueRange,
-    check,
-    hookimpl,
-    integrate,
-    tabulated,
+from restoreflow.plugin_api import (
+    AffinePath, CheckpointError, ConfigError, Context, ExpIntegrator, IncompatibleError, Kernel, Prior, RDDMUnet,
+    Sampler, TrainingMethod, Transition, UnetRes, ValueRange, anchored_for, as_time, bcast, card_path, check,
+    for_inference, hookimpl, integrate, load_into, randn, read_card, safe_torch_load, tabulated,
 )
-from restoreflow.denoiser import for_inference
-from restoreflow.modelcard import card_path, load_into, read_card, safe_torch_load
-from restoreflow.nets.rddm import RDDMUnet, UnetRes
-from restoreflow.paths import as_time, bcast
-from restoreflow.sampling import anchored_for, randn
-from restoreflow.training import TrainingMethod
 
 __all__ = [
     "pro_schedule",
@@ -830,7 +812,7 @@ class RDDMSampler(Sampler):
         if getattr(denoiser, "path_independent", False):
             den = denoiser.along(new)
         else:
-            from restoreflow import reparameterize
+            from restoreflow.plugin_api import reparameterize
 
             den = reparameterize(denoiser, new)
         n1 = (c.steps + 1) // 2
@@ -946,13 +928,13 @@ class RDDMTraining(TrainingMethod):
 
 
 def _weights_dir() -> Path:
-    from importlib import resources
+    from restoreflow.plugin_api import WEIGHTS_DIR
 
-    return Path(str(resources.files("restoreflow.weights")))
+    return WEIGHTS_DIR
 
 
 def _trainers() -> Any:
-    from restoreflow.registry import Registries
+    from restoreflow.plugin_api import Registries
 
     regs = Registries()
     regs.trainers.register(ResfusionTraining)
@@ -975,7 +957,7 @@ class ResidualCardPrior(Prior):
         return CheckpointError(f"weights {w} are missing")
 
     def load(self, *, device: torch.device | str = "cpu", x_shape: tuple[int, ...] | None = None) -> Any:
-        from restoreflow.train_loop import load_model
+        from restoreflow.plugin_api import load_model
 
         w = self.weights
         if w is None or not w.exists() or not card_path(w).exists():

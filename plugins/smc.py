@@ -110,11 +110,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from restoreflow import Corrector, Guidance, check, hookimpl
-from restoreflow.errors import IncompatibleError, NumericalError
-from restoreflow.operators import conjugate_gradient
-from restoreflow.paths import AffinePath, as_time, bcast
-from restoreflow.sampling import start_state
+from restoreflow.plugin_api import (
+    AffinePath, Corrector, Guidance, IncompatibleError, NumericalError, as_time, bcast, check, conjugate_gradient,
+    hookimpl, start_state,
+)
 
 __all__ = [
     "SMC",

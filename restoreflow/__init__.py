@@ -1,6 +1,6 @@
 """restoreflow: image restoration and inverse problems with diffusion and flow models.
 
-The host defines hooks (:mod:`restoreflow.hookspecs`); every algorithm is a plugin registered through the
+The host defines hooks (:mod:`restoreflow.host.hookspecs`); every algorithm is a plugin registered through the
 ``restoreflow`` entry-point group. A plugin module needs only::
 
     from restoreflow import hookimpl, Sampler
@@ -12,43 +12,36 @@ The host defines hooks (:mod:`restoreflow.hookspecs`); every algorithm is a plug
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    IncompatibleError,
-    InputError,
-    NumericalError,
-    OutputError,
-    PluginError,
-    RestoreflowError,
-    UnknownNameError,
+from restoreflow.core.errors import (
+    CheckpointError, ConfigError, IncompatibleError, InputError, NumericalError, OutputError, PluginError,
+    RestoreflowError, UnknownNameError,
 )
-from .hookspecs import hookimpl
-from .registry import build_config, check
+from restoreflow.host.hookspecs import hookimpl
+from restoreflow.core.options import build_config, check
+from restoreflow.core.version import __version__
 
 # Everything else is imported on first use (PEP 562), so that `restoreflow --help` and the listings start
 # without importing torch; `from restoreflow import Sampler` works as before.
 _LAZY = {
-    "Denoiser": "denoiser", "PredictionAdapter": "denoiser", "Prior": "denoiser", "ValueRange": "denoiser",
-    "reparameterize": "denoiser",
-    "ConditionalOracle": "gaussian", "DenseGaussian": "gaussian", "FourierGaussian": "gaussian",
-    "GaussianDenoiser": "gaussian", "GaussianModel": "gaussian", "PowerLawSpectrum": "gaussian",
-    "DeepinvOperator": "operators", "GaussianNoise": "operators", "LinearOperator": "operators",
-    "NoiseModel": "operators", "Operator": "operators", "OperatorConfig": "operators", "PoissonNoise": "operators",
-    "ZeroNoise": "operators", "conjugate_gradient": "operators",
-    "PREDICTIONS": "parameterization", "from_x0": "parameterization", "to_x0": "parameterization",
-    "AffinePath": "paths", "mean_reverting": "paths", "rectified_flow": "paths", "tabulated": "paths", "ve": "paths",
-    "vp": "paths", "vp_cosine": "paths",
-    "collect": "plugins", "default_plugin_manager": "plugins", "default_registries": "plugins",
-    "get_plugin_manager": "plugins",
-    "Context": "sampling", "Corrector": "sampling", "EulerMaruyama": "sampling", "EulerODE": "sampling",
-    "ExpIntegrator": "sampling", "Guidance": "sampling", "Heun": "sampling", "Kernel": "sampling",
-    "Problem": "sampling", "Sampler": "sampling", "Task": "sampling", "Transition": "sampling",
-    "anchored_for": "sampling", "integrate": "sampling", "make_anchor": "sampling", "time_grid": "sampling",
-    "Result": "api", "Measurement": "io",
+    "Denoiser": "core.denoiser", "PredictionAdapter": "core.denoiser", "Prior": "core.denoiser", "ValueRange": "core.denoiser",
+    "reparameterize": "core.denoiser",
+    "ConditionalOracle": "exact.gaussian", "DenseGaussian": "exact.gaussian", "FourierGaussian": "exact.gaussian",
+    "GaussianDenoiser": "exact.gaussian", "GaussianModel": "exact.gaussian", "PowerLawSpectrum": "exact.gaussian",
+    "DeepinvOperator": "core.operators", "GaussianNoise": "core.operators", "LinearOperator": "core.operators",
+    "NoiseModel": "core.operators", "Operator": "core.operators", "OperatorConfig": "core.operators", "PoissonNoise": "core.operators",
+    "ZeroNoise": "core.operators", "conjugate_gradient": "core.operators",
+    "PREDICTIONS": "core.parameterization", "from_x0": "core.parameterization", "to_x0": "core.parameterization",
+    "AffinePath": "core.paths", "mean_reverting": "core.paths", "rectified_flow": "core.paths", "tabulated": "core.paths", "ve": "core.paths",
+    "vp": "core.paths", "vp_cosine": "core.paths",
+    "collect": "host.manager", "default_plugin_manager": "host.manager", "default_registries": "host.manager",
+    "get_plugin_manager": "host.manager",
+    "Context": "core.sampling", "Corrector": "core.sampling", "EulerMaruyama": "core.sampling", "EulerODE": "core.sampling",
+    "ExpIntegrator": "core.sampling", "Guidance": "core.sampling", "Heun": "core.sampling", "Kernel": "core.sampling",
+    "Problem": "core.sampling", "Sampler": "core.sampling", "Task": "core.sampling", "Transition": "core.sampling",
+    "anchored_for": "core.sampling", "integrate": "core.sampling", "make_anchor": "core.sampling", "time_grid": "core.sampling",
+    "Result": "app.api", "Measurement": "io",
 }
 
 
@@ -68,28 +61,29 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from .denoiser import Denoiser, PredictionAdapter, Prior, ValueRange, reparameterize
-    from .gaussian import (ConditionalOracle, DenseGaussian, FourierGaussian, GaussianDenoiser, GaussianModel,
-                           PowerLawSpectrum)
-    from .operators import (DeepinvOperator, GaussianNoise, LinearOperator, NoiseModel, Operator, OperatorConfig,
-                            PoissonNoise, ZeroNoise, conjugate_gradient)
-    from .parameterization import PREDICTIONS, from_x0, to_x0
-    from .paths import AffinePath, mean_reverting, rectified_flow, tabulated, ve, vp, vp_cosine
-    from .plugins import collect, default_plugin_manager, default_registries, get_plugin_manager
-    from .sampling import (Context, Corrector, EulerMaruyama, EulerODE, ExpIntegrator, Guidance, Heun, Kernel,
-                           Problem, Sampler, Task, Transition, anchored_for, integrate, make_anchor, time_grid)
-    from .api import Result
-    from .io import Measurement
+    from restoreflow.core.denoiser import Denoiser, PredictionAdapter, Prior, ValueRange, reparameterize
+    from restoreflow.exact.gaussian import (
+        ConditionalOracle, DenseGaussian, FourierGaussian, GaussianDenoiser, GaussianModel, PowerLawSpectrum,
+    )
+    from restoreflow.core.operators import (
+        DeepinvOperator, GaussianNoise, LinearOperator, NoiseModel, Operator, OperatorConfig, PoissonNoise,
+        ZeroNoise, conjugate_gradient,
+    )
+    from restoreflow.core.parameterization import PREDICTIONS, from_x0, to_x0
+    from restoreflow.core.paths import AffinePath, mean_reverting, rectified_flow, tabulated, ve, vp, vp_cosine
+    from restoreflow.host.manager import collect, default_plugin_manager, default_registries, get_plugin_manager
+    from restoreflow.core.sampling import (
+        Context, Corrector, EulerMaruyama, EulerODE, ExpIntegrator, Guidance, Heun, Kernel, Problem, Sampler, Task,
+        Transition, anchored_for, integrate, make_anchor, time_grid,
+    )
+    from restoreflow.app.api import Result
+    from restoreflow.io import Measurement
 
-try:
-    __version__ = version("restoreflow")
-except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-    __version__ = "0.0.0"
 
 
 def restore(*args, **kwargs):
-    """Restore an image: see :func:`restoreflow.api.restore`."""
-    from .api import restore as _restore
+    """Restore an image: see :func:`restoreflow.app.api.restore`."""
+    from restoreflow.app.api import restore as _restore
 
     return _restore(*args, **kwargs)
 

@@ -30,13 +30,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from .gaussian import DenseGaussian, GaussianDenoiser, operator_matrix
-from .operators import GaussianNoise, LinearOperator, Operator, OperatorConfig
-from .parameterization import PREDICTIONS, from_x0, to_x0
-from .paths import AffinePath
-from .plugins import collect, get_plugin_manager
-from .registry import Registries
-from .sampling import Problem
+from restoreflow.exact.gaussian import DenseGaussian, GaussianDenoiser, operator_matrix
+from restoreflow.core.operators import GaussianNoise, LinearOperator, Operator, OperatorConfig
+from restoreflow.core.parameterization import PREDICTIONS, from_x0, to_x0
+from restoreflow.core.paths import AffinePath
+from restoreflow.host.manager import collect, get_plugin_manager
+from restoreflow.host.registry import Registries
+from restoreflow.core.sampling import Problem
 
 __all__ = [
     "check_operator",
@@ -303,7 +303,7 @@ def gaussian_problem() -> GaussianProblem:
 
 def generic_anchored_path() -> AffinePath:
     """A smooth mean-reverting path (:math:`\\bar\\theta(t) = 5t`, :math:`\\lambda = 0.3`) for conditional samplers."""
-    from .paths import mean_reverting
+    from restoreflow.core.paths import mean_reverting
 
     return mean_reverting(lambda t: 5.0 * t, 0.3, t_max=1.0)
 
@@ -325,8 +325,8 @@ def bench_setup(sampler_cls: type, *, batch: int = 1, seed: int = 0, dtype: torc
     samples the posterior); ``uses_measurement`` samplers get the prior denoiser; conditional samplers get
     :class:`restoreflow.ConditionalOracle` on an anchored path with anchor ``mu = y``.
     """
-    from .gaussian import ConditionalOracle
-    from .paths import vp
+    from restoreflow.exact.gaussian import ConditionalOracle
+    from restoreflow.core.paths import vp
 
     spec = dict(getattr(sampler_cls, "bench", None) or {})
     conditional = "conditional" in sampler_cls.requires
@@ -363,7 +363,7 @@ def certify_sampler(sampler_cls: type, *, report: dict | None = None) -> dict[st
     of the dense Gaussian problem: reproducible, dtype kept, finite; its accuracy is tested against closed forms
     in its own tests).
     """
-    from .sampling import time_grid
+    from restoreflow.core.sampling import time_grid
 
     spec = dict(getattr(sampler_cls, "bench", None) or {})
     assert spec, f"sampler {sampler_cls.name} declares no `bench`; see Sampler.bench"
@@ -378,7 +378,7 @@ def certify_sampler(sampler_cls: type, *, report: dict | None = None) -> dict[st
         return sampler_cls(**opts)
 
     if kind == "operator":  # applies to one operator only: reproducible, dtype-keeping and finite on it
-        from .plugins import default_registries
+        from restoreflow.host.manager import default_registries
 
         op_name = spec["operator"]
         op_cls = default_registries().operators.get(op_name)
@@ -389,8 +389,8 @@ def certify_sampler(sampler_cls: type, *, report: dict | None = None) -> dict[st
             y = op.forward(x, generator=torch.Generator().manual_seed(1))
             den = None
             if "denoiser" in sampler_cls.requires:
-                from .gaussian import default_spectrum
-                from .paths import vp
+                from restoreflow.exact.gaussian import default_spectrum
+                from restoreflow.core.paths import vp
 
                 den = GaussianDenoiser(default_spectrum(channels).model(16, 16), vp())
             smp = make()

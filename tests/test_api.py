@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 import restoreflow as rf
-from restoreflow.errors import InputError, OutputError
-from restoreflow.io import _read_png, _write_png
+from restoreflow.core.errors import InputError, OutputError
+from restoreflow.io.codecs import _read_png, _write_png
 
 KW = {"sampler": "wiener"}  # exact and fast: these tests are about the input and output, not the restoration
 
@@ -212,8 +212,8 @@ def test_restore_estimates_the_noise_of_a_real_input_like_the_cli():
     within 20 % of the truth, and the denoiser follows it; an explicit level still wins."""
     import numpy as np
 
-    from restoreflow import data as rfdata
-    from restoreflow.api import restore
+    from restoreflow.models import data as rfdata
+    from restoreflow.app.api import restore
 
     clean = rfdata.held_out_images(128, 3, names=("astronaut",))[0].permute(1, 2, 0).numpy()
     noisy = np.clip(clean + 0.1 * np.random.default_rng(0).standard_normal(clean.shape), 0, 1).astype(np.float32)
@@ -231,8 +231,8 @@ def test_restore_inpainting_of_a_real_image_needs_a_mask():
     import numpy as np
     import pytest
 
-    from restoreflow.api import restore
-    from restoreflow.errors import InputError
+    from restoreflow.app.api import restore
+    from restoreflow.core.errors import InputError
 
     img = np.full((16, 16, 3), 0.5, np.float32)
     with pytest.raises(InputError, match="missing"):

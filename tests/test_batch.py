@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from restoreflow import batch as rb
-from restoreflow.cli import build_cli
+from restoreflow.app import batch as rb
+from restoreflow.app.cli import build_cli
 
 ARGS = ["--task", "deblur", "--sampler", "ddim", "--prior", "gaussian", "--steps", "3", "--simulate",
         "-o", "eta=1", "--pattern", "**/*.png", "--op", "boundary=circular"]  # the exact Fourier posterior
@@ -91,7 +91,7 @@ def test_batch_writes_manifest_and_resumes_without_redoing(tmp_path, inputs, cli
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, inputs, cli, monkeypatch):
     ref = tmp_path / "ref"
     assert run(cli, inputs, "--out", ref, *ARGS).exit_code == 0
-    import restoreflow.api as api
+    import restoreflow.app.api as api
 
     real, calls = api.restore, {"n": 0}
 
@@ -174,7 +174,7 @@ def test_torchrun_two_processes_match_one_process_bit_for_bit(tmp_path, inputs, 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "restoreflow.batch", str(inputs), "--out", str(multi), *ARGS]
+           "-m", "restoreflow.app.batch", str(inputs), "--out", str(multi), *ARGS]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4 restored, 0 already done, 0 failed of 4 inputs on 2 processes" in proc.stdout
@@ -383,7 +383,7 @@ def test_batch_estimates_each_images_noise_level(tmp_path):
     """noise_sigma=auto per image, as for one image: each record holds its own estimate."""
     from skimage import io
 
-    from restoreflow import data as rfdata
+    from restoreflow.models import data as rfdata
 
     src = tmp_path / "in"
     src.mkdir()

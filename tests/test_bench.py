@@ -6,7 +6,7 @@ The measured numbers are printed with ``-s`` and collected by benchmarks/exact_b
 
 import pytest
 
-from restoreflow.plugins import collect, get_plugin_manager
+from restoreflow.host.manager import collect, get_plugin_manager
 from restoreflow.testing import certify_sampler
 
 SAMPLERS = collect(get_plugin_manager()).samplers

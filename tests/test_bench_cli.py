@@ -12,10 +12,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from restoreflow import bench as rb
-from restoreflow.cli import build_cli
-from restoreflow.errors import ConfigError, IncompatibleError, UnknownNameError
-from restoreflow.plugins import default_registries
+from restoreflow.app import bench as rb
+from restoreflow.app.cli import build_cli
+from restoreflow.core.errors import ConfigError, IncompatibleError, UnknownNameError
+from restoreflow.host.manager import default_registries
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -34,7 +34,7 @@ def regs():
 @pytest.fixture(autouse=True)
 def no_lpips_weights(tmp_path, monkeypatch):
     """LPIPS absent, as on a fresh offline machine (it must be a null, not an error)."""
-    from restoreflow import metrics
+    from restoreflow.app import metrics
 
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "empty-hub"))
     monkeypatch.setitem(metrics._LPIPS, "said", set())
@@ -152,7 +152,7 @@ def test_baselines_ignore_the_prior_list_and_mismatches_are_listed(regs):
 
 
 def test_peers_see_the_same_measurement_as_restore(regs):
-    from restoreflow.api import restore
+    from restoreflow.app.api import restore
 
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     res = restore(x, "deblur", sampler="pinv", seed=5, simulate=True, registries=regs)
@@ -311,8 +311,8 @@ def test_run_all_lists_steps_and_reports_only(tmp_path, synthetic):
 
 def test_missing_weights_fail_the_cell_not_the_bench(images, tmp_path):
     from restoreflow import Prior, hookimpl
-    from restoreflow.errors import CheckpointError
-    from restoreflow.plugins import get_plugin_manager
+    from restoreflow.core.errors import CheckpointError
+    from restoreflow.host.manager import get_plugin_manager
 
     class MissingWeights(Prior):
         """A prior whose weights are not installed."""

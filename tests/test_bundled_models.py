@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from restoreflow import data as rfdata
-from restoreflow.api import restore
-from restoreflow.weights import WEIGHTS_DIR
+from restoreflow.models import data as rfdata
+from restoreflow.app.api import restore
+from restoreflow.models.weights import WEIGHTS_DIR
 
 MODELS = [("mrs", "mr-deblur", "mr"), ("resfusion", "resfusion-deblur", "resfusion"), ("rddm", "rddm-deblur", "rddm")]
 
@@ -67,7 +67,7 @@ def test_loaded_networks_are_ready_for_cpu_inference():
     """for_inference: eval, no parameter gradients, channels-last conv weights on CPU for the architectures that
     ask for it, same outputs as the contiguous layout to float32 rounding."""
     from restoreflow import collect, get_plugin_manager
-    from restoreflow.denoiser import for_inference
+    from restoreflow.core.denoiser import for_inference
 
     prior = collect(get_plugin_manager()).priors.get("default")()
     den = prior.load(x_shape=(1, 3, 32, 32))

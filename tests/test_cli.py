@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 from skimage import io
 
-from restoreflow.cli import build_cli
-from restoreflow.plugins import get_plugin_manager
+from restoreflow.app.cli import build_cli
+from restoreflow.host.manager import get_plugin_manager
 from cli_helpers import one_line_error
 
 
@@ -76,7 +76,7 @@ def test_default_output_next_to_input(cli, img):
 
 
 def test_default_output_keeps_the_input_format(tmp_path):
-    from restoreflow.cli import default_output
+    from restoreflow.app.console import default_output
 
     assert default_output(tmp_path / "knee.nii.gz", "mri", "dps") == tmp_path / "knee.mri-dps.nii.gz"
     assert default_output(tmp_path / "a.b.tif", "sr", "dps") == tmp_path / "a.b.sr-dps.tif"
@@ -143,7 +143,7 @@ def test_unconditional_prior_without_guidance_is_refused(cli, img):
 
 def test_default_prior_suits_the_sampler():
     """deblur's default prior is the conditional MR model, but zero-shot samplers get the unconditional one."""
-    from restoreflow.api import plan
+    from restoreflow.app.api import plan
 
     assert plan("deblur", sampler="mrs").prior_label == "mr-deblur"
     for sampler, guidance in (("dps", None), ("red_diff", None), ("flowchef", None), ("ddim", "dps")):
@@ -170,7 +170,7 @@ def test_listing_one_plugin_shows_its_options():
 def test_option_docs_reads_the_comment_above_each_field():
     from dataclasses import dataclass
 
-    from restoreflow.registry import option_docs
+    from restoreflow.core.options import option_docs
 
     @dataclass(frozen=True)
     class Base:

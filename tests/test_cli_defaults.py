@@ -11,8 +11,9 @@ import pytest
 from click.testing import CliRunner
 from skimage import io
 
-from restoreflow.cli import build_cli, first_sentence, plain_text
-from restoreflow.plugins import get_plugin_manager
+from restoreflow.app.cli import build_cli
+from restoreflow.app.listings import first_sentence, plain_text
+from restoreflow.host.manager import get_plugin_manager
 from cli_helpers import one_line_error
 
 
@@ -55,13 +56,13 @@ def test_help_and_listings_import_no_torch(tmp_path):
     """After one full run has written the index, --help and the listings import neither torch nor a plugin."""
     env = {**os.environ, "RESTOREFLOW_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("RESTOREFLOW_NO_CACHE", None)
-    warm = subprocess.run([sys.executable, "-c", "from restoreflow.cli import main; main(['--help'])"],
+    warm = subprocess.run([sys.executable, "-c", "from restoreflow.app.cli import main; main(['--help'])"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert warm.returncode == 0, warm.stderr
     assert list((tmp_path / "cache").glob("cli-index-*.json"))
     code = (
         "import sys, io, contextlib\n"
-        "from restoreflow.cli import main\n"
+        "from restoreflow.app.cli import main\n"
         "outs = []\n"
         "for argv in (['--help'], ['samplers'], ['samplers', 'red-diff'], ['tasks', 'deblur'], ['plugins'], ['priors']):\n"
         "    buf = io.StringIO()\n"
@@ -71,7 +72,7 @@ def test_help_and_listings_import_no_torch(tmp_path):
         "        except SystemExit as e:\n"
         "            assert e.code in (0, None), (argv, e.code)\n"
         "    outs.append(buf.getvalue())\n"
-        "heavy = [m for m in ('torch', 'restoreflow_plugins.dps', 'restoreflow.api') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'restoreflow_plugins.dps', 'restoreflow.app.api') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "assert 'deblur' in outs[0] and 'wiener' in outs[1] and 'RED-Diff' in outs[2], outs\n"
         "assert 'noise_sigma=auto' in outs[3] and 'prior:' in outs[3] and 'gaussian_blur' in outs[3]\n"
@@ -79,13 +80,13 @@ def test_help_and_listings_import_no_torch(tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
-    assert warm.stdout == subprocess.run([sys.executable, "-c", "from restoreflow.cli import main; main(['--help'])"],
+    assert warm.stdout == subprocess.run([sys.executable, "-c", "from restoreflow.app.cli import main; main(['--help'])"],
                                          env=env, capture_output=True, text=True, timeout=300).stdout
 
 
 def test_index_follows_the_installed_plugins(tmp_path):
     """A different plugin selection (or a changed plugin file) is a different index: nothing stale is shown."""
-    from restoreflow import cli as cli_mod
+    from restoreflow.app import cli as cli_mod
 
     env = {"RESTOREFLOW_CACHE_DIR": str(tmp_path)}
     old = {k: os.environ.get(k) for k in ("RESTOREFLOW_CACHE_DIR", "RESTOREFLOW_DISABLE_PLUGINS", "RESTOREFLOW_NO_CACHE")}
@@ -112,8 +113,8 @@ def test_index_follows_the_installed_plugins(tmp_path):
 # -- names and defaults in the open -------------------------------------------------------------------
 
 def test_registry_accepts_dash_and_underscore():
-    from restoreflow.errors import PluginError, UnknownNameError
-    from restoreflow.registry import Registry
+    from restoreflow.core.errors import PluginError, UnknownNameError
+    from restoreflow.host.registry import Registry
 
     class A:
         name = "red_diff"
@@ -143,7 +144,7 @@ def test_cli_accepts_either_spelling(cli, img, tmp_path):
 
 
 def test_task_help_shows_its_defaults(cli):
-    from restoreflow.cli import task_defaults
+    from restoreflow.app.listings import task_defaults
 
     regs = cli.registries
     task = regs.tasks.get("deblur")
@@ -173,7 +174,7 @@ def test_samplers_name_shows_effective_defaults_in_plain_text(cli):
     assert "effective defaults in `deblur` (prior mr-deblur): steps=2" in res.output
     res = run(cli, ["samplers"])
     assert ":math:" not in res.output and "\\sigma" not in res.output and "``" not in res.output
-    from restoreflow.cli import registry_entries
+    from restoreflow.app.listings import registry_entries
 
     regs = cli.registries
     for attr in ("samplers", "operators", "priors", "guidance", "correctors"):
@@ -196,8 +197,8 @@ def test_plain_text_and_first_sentence():
 
 def test_noise_estimator_within_20_percent_on_held_out_images():
     """128-px held-out crops, Gaussian noise clipped and rounded to 8 bits as in a file."""
-    from restoreflow.data import held_out_images
-    from restoreflow.noiselevel import estimate_noise_sigma
+    from restoreflow.models.data import held_out_images
+    from restoreflow.core.noiselevel import estimate_noise_sigma
 
     imgs = held_out_images(128, 3, per_image=2).numpy()
     for sigma in (0.02, 0.05, 0.1, 0.2):
@@ -356,7 +357,7 @@ def test_compare_figure_path_is_checked_first(cli, img, tmp_path):
 
 
 def test_samplers_name_with_task_or_prior_shows_the_effective_column(cli):
-    from restoreflow.cli import effective_options, registry_entries
+    from restoreflow.app.listings import effective_options, registry_entries
 
     regs = cli.registries
     mrs = next(e for e in registry_entries("samplers", regs) if e["name"] == "mrs")
@@ -382,7 +383,7 @@ def test_uncertainty_needs_a_corrector_that_estimates_variance(cli, img, tmp_pat
 
 
 def test_api_accepts_either_spelling_and_keeps_the_cards_tuned_options():
-    from restoreflow.api import plan
+    from restoreflow.app.api import plan
 
     a, b = plan("sr", sampler="red-diff"), plan("sr", sampler="red_diff")
     assert a.sampler.name == b.sampler.name == "red_diff"

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from restoreflow import batch as rb
-from restoreflow.cli import build_cli
-from restoreflow.plugins import collect, get_plugin_manager
+from restoreflow.app import batch as rb
+from restoreflow.app.cli import build_cli
+from restoreflow.host.manager import collect, get_plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -267,7 +267,7 @@ def test_every_hostile_plugin_at_once_harms_no_command(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     env.pop("RESTOREFLOW_DEBUG", None)
-    exe = [sys.executable, "-m", "restoreflow.cli"] if (ROOT / "restoreflow" / "__main__.py").exists() else None
+    exe = [sys.executable, "-m", "restoreflow.app.cli"] if (ROOT / "restoreflow" / "__main__.py").exists() else None
     exe = exe or [str(Path(sys.executable).with_name("restoreflow"))]
     res = subprocess.run([*exe, "plugins", "--json"], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -302,7 +302,7 @@ FAST = ["--task", "deblur", "--sampler", "wiener", "--quiet", "--op", "boundary=
 STALL = textwrap.dedent("""
     import os, time
     from pathlib import Path
-    from restoreflow.atomic import atomic_write
+    from restoreflow.core.atomic import atomic_write
     @hookimpl(tryfirst=True)
     def save_result(path, image, like):
         if Path(path).name != os.environ.get("RF_STALL_ON"):
@@ -323,7 +323,7 @@ def _folder(d: Path, n: int, size: int = 32) -> list[str]:
 
 
 def _batch_cmd(src: Path, out: Path) -> list[str]:
-    return [sys.executable, "-c", "from restoreflow.cli import main; main()", "batch", str(src), "--out", str(out), *FAST]
+    return [sys.executable, "-c", "from restoreflow.app.cli import main; main()", "batch", str(src), "--out", str(out), *FAST]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -432,7 +432,7 @@ def test_two_runs_at_once_never_mix_or_lose_records(tmp_path):
 def test_atomic_temporary_is_created_in_the_target_folder(tmp_path, monkeypatch):
     import tempfile
 
-    from restoreflow.atomic import atomic_write
+    from restoreflow.core.atomic import atomic_write
 
     seen = []
     real = tempfile.mkstemp
@@ -454,7 +454,7 @@ def test_atomic_temporary_is_created_in_the_target_folder(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("stem_bytes", [251, 240, 200])
 def test_names_near_the_255_byte_limit_work(tmp_path, stem_bytes):
-    from restoreflow.atomic import atomic_write, temporary_affixes
+    from restoreflow.core.atomic import atomic_write, temporary_affixes
 
     for stem in ("a" * stem_bytes, ("é" * stem_bytes)[: stem_bytes // 2]):
         target = tmp_path / f"{stem}.png"

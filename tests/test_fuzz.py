@@ -6,9 +6,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from restoreflow.errors import ConfigError, InputError
-from restoreflow.io import _write_png, read_image, write_image
-from restoreflow.plugins import collect, get_plugin_manager
+from restoreflow.core.errors import ConfigError, InputError
+from restoreflow.io import read_image, write_image
+from restoreflow.io.codecs import _write_png
+from restoreflow.host.manager import collect, get_plugin_manager
 from restoreflow.testing import check_operator
 
 REGS = collect(get_plugin_manager())
@@ -70,7 +71,7 @@ def test_png_roundtrip_any_layout(tmp_path, h, w, planes, depth, seed):
     assert m.data.min() >= 0 and m.data.max() <= 1
     dst = tmp_path / "b.png"
     write_image(dst, m.data, m)
-    from restoreflow.io import _read_png
+    from restoreflow.io.codecs import _read_png
 
     back = _read_png(dst)
     assert back.dtype == dt and back.shape == arr.shape

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 import restoreflow as rf
 from restoreflow import hookimpl
-from restoreflow.cli import build_cli
-from restoreflow.io import _write_png
-from restoreflow.plugins import get_plugin_manager
+from restoreflow.app.cli import build_cli
+from restoreflow.io.codecs import _write_png
+from restoreflow.host.manager import get_plugin_manager
 
 PAYLOAD_MARK = "restoreflow-payload-ran"
 
@@ -195,7 +195,7 @@ def test_ctrl_c_leaves_no_output(tmp_path):
     out = tmp_path / "out.png"
     args = [str(tmp_path / "in.png"), "--prior", "gaussian", "--sampler", "euler-maruyama", "--steps", "10000",
             "--op", "boundary=circular", "--out", str(out), "-q"]
-    code = ("import sys, restoreflow.cli as c; print('imported', flush=True); "
+    code = ("import sys, restoreflow.app.cli as c; print('imported', flush=True); "
             f"c.main(['deblur'] + {args!r})")
     # as an interactive Ctrl-C: a shell's background job (`.ci/run &`) starts with SIGINT ignored, which the
     # child would inherit, and Python then installs no KeyboardInterrupt handler

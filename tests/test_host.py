@@ -10,11 +10,11 @@ from click.testing import CliRunner
 
 import restoreflow as rf
 from restoreflow import hookimpl
-from restoreflow.cli import build_cli
-from restoreflow.errors import PluginError, UnknownNameError
+from restoreflow.app.cli import build_cli
+from restoreflow.core.errors import PluginError, UnknownNameError
 from restoreflow.io import Measurement
-from restoreflow.plugins import collect, get_plugin_manager
-from restoreflow.registry import Registry
+from restoreflow.host.manager import collect, get_plugin_manager
+from restoreflow.host.registry import Registry
 
 
 class Doubler(rf.LinearOperator):
@@ -78,7 +78,7 @@ class Trainer(rf.training.TrainingMethod if hasattr(rf, "training") else object)
 
 
 def _fixture_plugin():
-    from restoreflow.training import TrainingMethod
+    from restoreflow.models.training import TrainingMethod
 
     class Method(TrainingMethod):
         """Fixture training method."""

@@ -7,15 +7,15 @@ from click.testing import CliRunner
 from PIL import Image
 from skimage import io
 
-from restoreflow.cli import build_cli
-from restoreflow.errors import InputError, OutputError
+from restoreflow.app.cli import build_cli
+from restoreflow.core.errors import InputError, OutputError
 from restoreflow.io import read_image, write_image
-from restoreflow.plugins import get_plugin_manager
+from restoreflow.host.manager import get_plugin_manager
 
 
 def _save(path, arr):
     if str(path).endswith(".png"):
-        from restoreflow.io import _write_png
+        from restoreflow.io.codecs import _write_png
 
         _write_png(path, arr)
     else:
@@ -24,7 +24,7 @@ def _save(path, arr):
 
 
 def read_raw(p):
-    from restoreflow.io import _read_png
+    from restoreflow.io.codecs import _read_png
 
     return _read_png(p)
 
@@ -111,7 +111,7 @@ def test_cli_handles_odd_images(tmp_path, arr):
 
 
 def test_atomic_write_gives_plain_file_modes_and_cleans_up(tmp_path):
-    from restoreflow.atomic import atomic_write, umask
+    from restoreflow.core.atomic import atomic_write, umask
 
     target = tmp_path / "a.json"
     with atomic_write(target) as tmp:
@@ -132,7 +132,7 @@ import zlib  # noqa: E402
 import tifffile  # noqa: E402
 from PIL import ImageOps  # noqa: E402
 
-from restoreflow.errors import ConfigError  # noqa: E402
+from restoreflow.core.errors import ConfigError  # noqa: E402
 from restoreflow.io import from_tensor, max_pixels, read_array  # noqa: E402
 
 # Pillow's transposes for EXIF orientations 2-8 (the EXIF 2.3 table), the reference for ours
@@ -393,7 +393,7 @@ def test_huge_headers_are_refused_without_a_big_allocation(tmp_path):
     code = (
         "import resource, sys\n"
         "from restoreflow.io import read_image\n"
-        "from restoreflow.errors import InputError\n"
+        "from restoreflow.core.errors import InputError\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "for p in sys.argv[1:]:\n"
         "    try:\n"

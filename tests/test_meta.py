@@ -4,7 +4,7 @@ import ast
 import tomllib
 from pathlib import Path
 
-from restoreflow import hookspecs
+from restoreflow.host import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from restoreflow import metrics as rm
-from restoreflow.errors import CheckpointError
+from restoreflow.app import metrics as rm
+from restoreflow.core.errors import CheckpointError
 
 
 @pytest.fixture

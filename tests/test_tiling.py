@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from restoreflow import ConfigError, IncompatibleError, ve
-from restoreflow.nets.unet import EDMDenoiser, UNet
-from restoreflow.tiling import TiledDenoiser, blend_window, tile, tile_starts
+from restoreflow.models.nets.unet import EDMDenoiser, UNet
+from restoreflow.core.tiling import TiledDenoiser, blend_window, tile, tile_starts
 
 
 class ConvDenoiser(nn.Module):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from restoreflow import ConfigError, collect, get_plugin_manager
-from restoreflow import data as rfdata
-from restoreflow.cli import build_cli
-from restoreflow.denoiser import for_inference
-from restoreflow.modelcard import load_state_dict, safe_torch_load
-from restoreflow.train_loop import TrainOptions, load_model, train
+from restoreflow import ConfigError, collect, default_registries, get_plugin_manager
+from restoreflow.models import data as rfdata
+from restoreflow.app.cli import build_cli
+from restoreflow.core.denoiser import for_inference
+from restoreflow.core.modelcard import load_state_dict, safe_torch_load
+from restoreflow.models.train_loop import TrainOptions, load_model, train
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_train_writes_card_and_weights_that_load_back(cli, pm, folder, tmp_path)
     state = safe_torch_load(out / "checkpoint.pt")
     sd = load_state_dict(weights)
     assert set(sd) == set(state["ema"]) and all(torch.equal(sd[k], state["ema"][k]) for k in sd)
-    loaded = load_model(weights)
+    loaded = load_model(weights, registries=default_registries())
     ref_net = loaded.method.build_network(channels=3, width=4)
     ref_net.load_state_dict(state["ema"])
     ref = loaded.method.denoiser(for_inference(ref_net))  # the same layout as any loaded network
@@ -101,9 +101,11 @@ def test_resume_continues_exactly(cli, folder, tmp_path):
 def test_resume_refuses_changed_options(folder, tmp_path):
     o = TrainOptions(method="denoiser", steps=1, batch=1, crop=16, width=4, data=str(folder), eval_size=16, eval_crops=1,
                      method_options={"mult": "1,2"})
-    train(o, tmp_path, progress=False)
+    train(o, tmp_path, registries=default_registries(), progress=False)
     with pytest.raises(ConfigError, match="lr"):
-        train(TrainOptions(**{**o.__dict__, "lr": 1e-3, "steps": 2}), tmp_path, resume=True, progress=False)
+        train(TrainOptions(**{**o.__dict__, "lr": 1e-3, "steps": 2}), tmp_path,
+              registries=default_registries(), resume=True,
+              progress=False)
 
 
 def test_bad_options_are_one_line_errors(cli, tmp_path):
@@ -121,8 +123,8 @@ def _toy_conditional(seen: dict):
     from dataclasses import dataclass
 
     from restoreflow import PredictionAdapter, Sampler, anchored_for, hookimpl, vp
-    from restoreflow.nets.unet import UNet
-    from restoreflow.training import TrainingMethod
+    from restoreflow.models.nets.unet import UNet
+    from restoreflow.models.training import TrainingMethod
 
     class Toy(TrainingMethod):
         name = "toy-cond"
@@ -211,7 +213,7 @@ def test_wiener_anchored_training_and_sampling_share_the_anchor(tmp_path, folder
 
     den = load_model(tmp_path / "toy-cond-deblur.safetensors", registries=regs).denoiser
     assert den.anchor_estimator == "wiener"
-    p = anchored_for(Problem(y=y, operator=op, x_shape=tuple(x0.shape)), den)
+    p = anchored_for(Problem(y=y, operator=op, x_shape=tuple(x0.shape), registries=regs), den)
     assert p.anchor_from == "wiener" and torch.allclose(p.anchor, make_anchor(op, y, "wiener", registries=regs))
     assert anchored_for(p, den) is p  # not recomputed
     with pytest.raises(ConfigError, match="measurement-only"):
@@ -256,12 +258,12 @@ def test_bundled_images_are_the_held_out_versions():
 def test_init_fine_tunes_from_earlier_weights_and_records_them(folder, tmp_path):
     base = TrainOptions(method="denoiser", name="a", steps=1, batch=1, crop=16, width=4, data=str(folder), eval_size=16,
                         eval_crops=1, method_options={"mult": "1,2"}, command="first")
-    train(base, tmp_path / "a", progress=False)
+    train(base, tmp_path / "a", registries=default_registries(), progress=False)
     w = tmp_path / "a" / "a.safetensors"
     # zero steps of fine-tuning is impossible (steps >= 1), so check the start point through lr ~ 0
     o = TrainOptions(**{**base.__dict__, "name": "b", "init": str(w), "lr": 1e-12, "warmup": 1, "ema": 0.0,
                         "command": "second"})
-    card = train(o, tmp_path / "b", progress=False)
+    card = train(o, tmp_path / "b", registries=default_registries(), progress=False)
     assert card["init_from"]["steps"] == 1 and card["init_from"]["command"] == "first"
     a, b = load_state_dict(w), load_state_dict(tmp_path / "b" / "b.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -6,7 +6,7 @@ the ``brighten`` task: ``restoreflow brighten dark.png --sampler wiener``.
 
 from dataclasses import dataclass
 
-from restoreflow import LinearOperator, OperatorConfig, Task, check, hookimpl
+from restoreflow.plugin_api import LinearOperator, OperatorConfig, Task, check, hookimpl
 
 
 class Gain(LinearOperator):

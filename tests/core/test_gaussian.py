@@ -4,8 +4,10 @@ import pytest
 import torch
 
 import restoreflow as rf
-from restoreflow.gaussian import ConditionalOracle, DenseGaussian, FourierGaussian, GaussianDenoiser, default_spectrum, gaussian_w2
-from restoreflow.plugins import collect, get_plugin_manager
+from restoreflow.exact.gaussian import (
+    ConditionalOracle, DenseGaussian, FourierGaussian, GaussianDenoiser, default_spectrum, gaussian_w2,
+)
+from restoreflow.host.manager import collect, get_plugin_manager
 from restoreflow.testing import generic_anchored_path, make_gaussian_problem
 
 REGS = collect(get_plugin_manager())

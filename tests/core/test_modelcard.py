@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from restoreflow.errors import CheckpointError
-from restoreflow.modelcard import load_into
+from restoreflow.core.errors import CheckpointError
+from restoreflow.core.modelcard import load_into
 
 
 def _net():
@@ -52,7 +52,7 @@ def test_shape_and_name_mismatches_are_one_line_errors():
 def test_a_card_describing_a_huge_network_is_refused_before_any_allocation():
     import resource
 
-    from restoreflow.nets import build_network
+    from restoreflow.models.nets import build_network
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(CheckpointError, match="over the limit"):
@@ -62,7 +62,7 @@ def test_a_card_describing_a_huge_network_is_refused_before_any_allocation():
 
 
 def test_card_arguments_must_be_plain_values():
-    from restoreflow.nets import build_network
+    from restoreflow.models.nets import build_network
 
     with pytest.raises(CheckpointError, match="must be a number"):
         build_network("unet", channels={"a": 1})

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import restoreflow as rf
-from restoreflow.gaussian import DenseGaussian, GaussianDenoiser
-from restoreflow.parameterization import from_x0, to_x0
+from restoreflow.exact.gaussian import DenseGaussian, GaussianDenoiser
+from restoreflow.core.parameterization import from_x0, to_x0
 from restoreflow.testing import check_path, generic_anchored_path
 
 PATHS = {

@@ -9,11 +9,11 @@ import pytest
 import torch
 from scipy import ndimage
 
-from restoreflow.errors import ConfigError
-from restoreflow.gaussian import default_spectrum
-from restoreflow.operators import BOUNDARIES, conjugate_gradient, pad, pad_adjoint
-from restoreflow.plugins import collect, get_plugin_manager
-from restoreflow.sampling import Problem
+from restoreflow.core.errors import ConfigError
+from restoreflow.exact.gaussian import default_spectrum
+from restoreflow.core.operators import BOUNDARIES, conjugate_gradient, pad, pad_adjoint
+from restoreflow.host.manager import collect, get_plugin_manager
+from restoreflow.core.sampling import Problem
 from restoreflow.testing import check_operator
 
 REGS = collect(get_plugin_manager())
@@ -138,7 +138,7 @@ def test_blur_pinv_is_the_pseudo_inverse(boundary):
     cls = REGS.operators.get("gaussian_blur")
     cfg = cls.Config(sigma=0.6, boundary=boundary)
     op = cls(cfg, x_shape=cls.x_shape_for((1, 1, 7, 9), cfg))
-    from restoreflow.gaussian import operator_matrix
+    from restoreflow.exact.gaussian import operator_matrix
 
     A = operator_matrix(op, op.x_shape[1:])
     y = torch.rand(op.y_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -223,7 +223,7 @@ def test_wiener_is_the_exact_posterior_mean_for_every_boundary(boundary):
     assert torch.allclose(got, want, atol=1e-6)
 
     counts = {}
-    import restoreflow.gaussian as gauss
+    import restoreflow.exact.gaussian as gauss
 
     inner = gauss.conjugate_gradient
 
@@ -261,7 +261,7 @@ def _band_psnr(x, ref, width=4):
 def test_wiener_leaves_no_frame_on_a_photo_blurred_outside():
     """A 48-px held-out crop blurred by scipy with reflect padding: the circular model darkens/brightens the
     border band below the blurred input's PSNR; the reflect, replicate and valid models do not."""
-    from restoreflow.data import held_out_images
+    from restoreflow.models.data import held_out_images
 
     clean = held_out_images(48, 1, names=("astronaut",))[0].to(torch.float64)
     k = REGS.operators.get("gaussian_blur")(x_shape=(1, 1, 48, 48), sigma=1.5).kernel.to(torch.float64).numpy()
@@ -302,7 +302,7 @@ def test_restore_simulate_and_real_input_per_boundary():
     """restoreflow.restore: --simulate degrades through Operator.simulate (non-circular: beyond the edge, metrics
     against the clean part under y); a real input comes back at its own size in every mode (valid: cropped)."""
     import restoreflow as rf
-    from restoreflow.data import held_out_images
+    from restoreflow.models.data import held_out_images
 
     x = held_out_images(40, 3, names=("chelsea",))
     base = rf.restore(x, "deblur", sampler="wiener", op_options={"sigma": 1.0})  # the operators' default: circular

@@ -14,11 +14,11 @@ from skimage import io
 
 import restoreflow_plugins.dps as dps
 from restoreflow import ConfigError, ExpIntegrator, PredictionAdapter, GaussianDenoiser, Problem, integrate, time_grid, ve, vp
-from restoreflow.cli import build_cli
-from restoreflow.errors import NumericalError
-from restoreflow.gaussian import gaussian_w2
-from restoreflow.plugins import get_plugin_manager
-from restoreflow.sampling import Context
+from restoreflow.app.cli import build_cli
+from restoreflow.core.errors import NumericalError
+from restoreflow.exact.gaussian import gaussian_w2
+from restoreflow.host.manager import get_plugin_manager
+from restoreflow.core.sampling import Context
 from restoreflow.testing import check_sampler_reproducible, make_gaussian_problem
 from restoreflow_plugins.operators import Denoise, Downsample, GaussianBlur, Inpaint
 

@@ -15,10 +15,10 @@ from torch import nn
 
 import restoreflow_plugins.flowchef as fc
 from restoreflow import ConfigError, GaussianDenoiser, PredictionAdapter, Problem, from_x0, rectified_flow, vp
-from restoreflow.cli import build_cli
-from restoreflow.denoiser import Reparameterized
-from restoreflow.gaussian import operator_matrix
-from restoreflow.plugins import get_plugin_manager
+from restoreflow.app.cli import build_cli
+from restoreflow.core.denoiser import Reparameterized
+from restoreflow.exact.gaussian import operator_matrix
+from restoreflow.host.manager import get_plugin_manager
 from restoreflow.testing import check_sampler_reproducible, make_gaussian_problem
 from restoreflow_plugins.operators import Downsample, GaussianBlur
 
@@ -241,8 +241,8 @@ def test_identity_operator_is_still_denoised_by_the_prior():
     included, down to t = 0). Noise-aware steering stops at the measurement's noise level with the state's noise
     share cut to what y already carries, so the flow finishes the denoising: a 64-px held-out crop at sigma 0.1 with
     the bundled prior lands far above the input; the code's rule stays at the input's PSNR."""
-    from restoreflow.api import restore
-    from restoreflow.data import held_out_images
+    from restoreflow.app.api import restore
+    from restoreflow.models.data import held_out_images
 
     x = held_out_images(64, names=("astronaut",))
     runs = {na: restore(x, "denoise", sampler="flowchef", simulate=True, seed=0, steps=30,

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from restoreflow import Problem, default_registries, get_plugin_manager
-from restoreflow.gaussian import operator_matrix
-from restoreflow.metrics import psnr, ssim
+from restoreflow.exact.gaussian import operator_matrix
+from restoreflow.app.metrics import psnr, ssim
 from restoreflow.testing import MatrixOperator, check_operator
 from restoreflow_plugins import medical
 from restoreflow_plugins.medical import (
@@ -101,7 +101,7 @@ def test_mri_noise_is_only_on_sampled_kspace_and_full_sampling_inverts():
 
 
 def test_mri_rejects_bad_options():
-    from restoreflow.errors import ConfigError
+    from restoreflow.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="accel"):
         MRICartesian(x_shape=(1, 1, 16, 16), accel=0.5)
@@ -135,7 +135,7 @@ def test_ct_fbp_reconstructs_a_phantom():
 
 
 def test_ct_needs_square_images_and_matching_views():
-    from restoreflow.errors import ConfigError, InputError
+    from restoreflow.core.errors import ConfigError, InputError
 
     with pytest.raises(ConfigError, match="square"):
         CTParallel(x_shape=(1, 1, 16, 12))
@@ -148,7 +148,7 @@ def test_ct_needs_square_images_and_matching_views():
 
 def test_gray_denoiser_replicates_in_and_averages_out():
     from restoreflow import FourierGaussian, GaussianDenoiser, vp
-    from restoreflow.gaussian import default_spectrum
+    from restoreflow.exact.gaussian import default_spectrum
 
     base = GaussianDenoiser(default_spectrum(3).model(16, 16), vp())
     gray = GrayDenoiser(base, 3)
@@ -260,7 +260,7 @@ def test_nifti_roundtrip_keeps_geometry_dtype_and_scaling(tmp_path, dtype):
 
 
 def test_nifti_2d_and_bad_shapes(tmp_path):
-    from restoreflow.errors import InputError
+    from restoreflow.core.errors import InputError
 
     nib.save(nib.Nifti1Image(np.ones((8, 6), np.float32), np.eye(4)), str(tmp_path / "a.nii"))
     m = read_nifti(tmp_path / "a.nii")
@@ -363,7 +363,7 @@ def test_volume_metrics_cover_every_slice():
 
 @pytest.fixture(scope="module")
 def cli():
-    from restoreflow.cli import build_cli
+    from restoreflow.app.cli import build_cli
 
     return build_cli()
 

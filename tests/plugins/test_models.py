@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from restoreflow import CheckpointError, IncompatibleError, collect, get_plugin_manager
-from restoreflow import data as rfdata
-from restoreflow.modelcard import save_weights, write_card
-from restoreflow.nets.unet import EDMDenoiser, UNet
+from restoreflow.models import data as rfdata
+from restoreflow.core.modelcard import save_weights, write_card
+from restoreflow.models.nets.unet import EDMDenoiser, UNet
 from restoreflow_plugins import models as M
 
 
@@ -33,7 +33,7 @@ def test_registers_method_prior_and_command(pm):
     regs = collect(pm)
     assert regs.trainers.get("denoiser") is M.DenoiserMethod
     assert regs.priors.get("default") is M.DefaultPrior
-    from restoreflow.cli import build_cli
+    from restoreflow.app.cli import build_cli
 
     assert "train" in build_cli(pm).commands
 
@@ -146,7 +146,7 @@ def test_malicious_pickle_is_refused_and_never_runs(pm, tmp_path):
     # the same through the CLI: one line, exit code of CheckpointError
     from click.testing import CliRunner
 
-    from restoreflow.cli import build_cli
+    from restoreflow.app.cli import build_cli
 
     img = rfdata.bundled_image("astronaut")
     res = CliRunner().invoke(build_cli(pm), ["denoise", str(img), "--prior", str(tmp_path / "evil.pt"),
@@ -288,7 +288,7 @@ def test_diffusers_unet_folder_matches_diffusers_own_scheduler(pm, tmp_path):
             ref = sch.step(net(2 * x - a, k).sample, k, 2 * x - a).pred_original_sample
             ours = den(x, torch.tensor(k / 999, dtype=torch.float64))
         assert float(((2 * ours - 1) - ref).abs().max()) < 1e-4 / a, k
-    from restoreflow.api import restore
+    from restoreflow.app.api import restore
 
     res = restore(x[:1], "deblur", sampler="dps", prior=str(folder), steps=3, simulate=True)
     assert res.nfe == 3 and torch.isfinite(res.image).all()
@@ -308,7 +308,7 @@ def test_card_sampler_defaults_apply_unless_the_user_sets_them(pm, tmp_path):
     """A card's ``sampler_defaults`` tune a sampler for that prior; explicit options and --steps win."""
     import shutil
 
-    from restoreflow.api import plan
+    from restoreflow.app.api import plan
 
     src = M._weights_dir() / "default.safetensors"
     w = tmp_path / "tuned.safetensors"

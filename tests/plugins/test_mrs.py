@@ -19,10 +19,10 @@ import yaml
 
 import restoreflow_plugins.mrs as mrs
 from restoreflow import CheckpointError, ConditionalOracle, ConfigError, EulerMaruyama, ExpIntegrator, IncompatibleError
-from restoreflow.gaussian import gaussian_w2
-from restoreflow.modelcard import card_path, read_card
-from restoreflow.nets import build_network
-from restoreflow.sampling import Context, time_grid
+from restoreflow.exact.gaussian import gaussian_w2
+from restoreflow.core.modelcard import card_path, read_card
+from restoreflow.models.nets import build_network
+from restoreflow.core.sampling import Context, time_grid
 from restoreflow.testing import Z_BOUND, bench_setup, check_path, exact_flow_map, make_gaussian_problem, measure_order
 
 F64 = torch.float64
@@ -474,7 +474,7 @@ def test_mrs_config_validation(opts):
 
 
 def test_options_parse_from_strings():
-    from restoreflow.registry import build_config
+    from restoreflow.core.options import build_config
 
     c = build_config(mrs.MRS.Config, {"steps": "5", "solver": "sde", "order": "1", "denoise_last": "false",
                                       "lambda_min": "-4"}, owner="mrs")
@@ -669,7 +669,7 @@ def test_bundled_prior_missing_says_which_prior_to_pass(monkeypatch, tmp_path):
 
 
 def test_restore_deblur_with_an_irsde_checkpoint(tmp_path):
-    from restoreflow.api import restore
+    from restoreflow.app.api import restore
 
     _, path = _write_irsde(tmp_path, "unet")
     img = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))

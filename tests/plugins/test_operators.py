@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from restoreflow.errors import ConfigError, InputError
-from restoreflow.plugins import collect, get_plugin_manager
+from restoreflow.core.errors import ConfigError, InputError
+from restoreflow.host.manager import collect, get_plugin_manager
 from restoreflow.testing import check_operator
 
 REGS = collect(get_plugin_manager())
@@ -133,8 +133,8 @@ def test_fourier_symbol_diagonalises_blur():
 def test_lipschitz_is_the_largest_eigenvalue_of_the_normal_operator():
     """Operator.lipschitz: max |h|^2 for circulant blurs (exact), power iteration on J^T J otherwise (at zeros for
     a non-linear operator), against dense linear algebra."""
-    from restoreflow.gaussian import operator_matrix
-    from restoreflow.operators import Operator
+    from restoreflow.exact.gaussian import operator_matrix
+    from restoreflow.core.operators import Operator
     from restoreflow.testing import MatrixOperator
 
     regs = collect(get_plugin_manager())

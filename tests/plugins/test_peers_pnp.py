@@ -7,10 +7,11 @@ import importlib.util
 import pytest
 import torch
 
-from restoreflow import IncompatibleError, Problem, data as rfdata
-from restoreflow.gaussian import GaussianDenoiser, default_spectrum
-from restoreflow.paths import vp
-from restoreflow.plugins import default_registries
+from restoreflow import IncompatibleError, Problem
+from restoreflow.models import data as rfdata
+from restoreflow.exact.gaussian import GaussianDenoiser, default_spectrum
+from restoreflow.core.paths import vp
+from restoreflow.host.manager import default_registries
 
 REGS = default_registries()
 HAS_BM3D = importlib.util.find_spec("bm3d") is not None
@@ -170,7 +171,7 @@ def test_dpir_with_a_gaussian_prior_approaches_the_posterior_mean(crop):
 
 
 def test_bench_accepts_peers_by_name(tmp_path):
-    from restoreflow.bench import parse_methods
+    from restoreflow.app.bench import parse_methods
 
     ms = parse_methods("bm3d,tv,nlm,richardson-lucy,unsupervised-wiener,bicubic,mmse,dpir", REGS)
     assert [m.sampler for m in ms] == ["bm3d", "tv", "nlm", "richardson-lucy", "unsupervised-wiener", "bicubic",

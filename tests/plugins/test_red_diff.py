@@ -13,10 +13,10 @@ from skimage import io
 from torch import nn
 
 import restoreflow_plugins.red_diff as rd
-from restoreflow import ConfigError, GaussianDenoiser, PredictionAdapter, Problem, from_x0, vp
-from restoreflow.cli import build_cli
-from restoreflow.plugins import get_plugin_manager
-from restoreflow.sampling import randn
+from restoreflow import ConfigError, GaussianDenoiser, PredictionAdapter, Problem, default_registries, from_x0, vp
+from restoreflow.app.cli import build_cli
+from restoreflow.host.manager import get_plugin_manager
+from restoreflow.core.sampling import randn
 from restoreflow.testing import check_sampler_reproducible, make_gaussian_problem
 from restoreflow_plugins.operators import Downsample, GaussianBlur
 
@@ -301,7 +301,7 @@ def test_inits():
     x = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(0), dtype=F64)
     op = GaussianBlur(sigma=1.5, noise_sigma=0.02, x_shape=tuple(x.shape))
     y = op.forward(x, generator=torch.Generator().manual_seed(1))
-    prob = Problem(y=y, operator=op, x_shape=tuple(x.shape))
+    prob = Problem(y=y, operator=op, x_shape=tuple(x.shape), registries=default_registries())
     wiener = Wiener().sample(prob, None)
     assert torch.allclose(rd.RedDiff(init="wiener").init(prob), wiener)
     assert torch.equal(rd.RedDiff(init="anchor").init(prob), y)
@@ -323,8 +323,8 @@ def test_identity_operator_is_still_denoised_by_the_prior():
     y once the regulariser's noise level fell below the measurement's). With the data term dropped there
     (``noise_aware``) the rest of the pass anneals the noise away: a 64-px held-out crop at sigma 0.1 with the
     bundled prior lands far above the input; the code's rule (``noise_aware=False``) stays at the input's PSNR."""
-    from restoreflow.api import restore
-    from restoreflow.data import held_out_images
+    from restoreflow.app.api import restore
+    from restoreflow.models.data import held_out_images
 
     x = held_out_images(64, names=("astronaut",))
     # the default 100 steps: Adam (the card's lr 0.02) needs the ~40 steps below sigma to walk the noise off (30 steps:

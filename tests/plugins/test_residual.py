@@ -29,11 +29,11 @@ from restoreflow import (
     tabulated,
     time_grid,
 )
-from restoreflow.denoiser import for_inference
-from restoreflow.gaussian import DenseGaussian, gaussian_w2
-from restoreflow.modelcard import card_path, save_weights, write_card
-from restoreflow.nets import build_network
-from restoreflow.plugins import collect
+from restoreflow.core.denoiser import for_inference
+from restoreflow.exact.gaussian import DenseGaussian, gaussian_w2
+from restoreflow.core.modelcard import card_path, save_weights, write_card
+from restoreflow.models.nets import build_network
+from restoreflow.host.manager import collect
 from restoreflow.testing import (
     check_path,
     check_posterior_moments,
@@ -835,8 +835,8 @@ def test_cli_deblur_with_a_published_checkpoint(sampler, tmp_path):
     from click.testing import CliRunner
     from skimage import io
 
-    from restoreflow.cli import build_cli
-    from restoreflow.plugins import get_plugin_manager
+    from restoreflow.app.cli import build_cli
+    from restoreflow.host.manager import get_plugin_manager
 
     rng = np.random.default_rng(0)
     img = tmp_path / "in.png"

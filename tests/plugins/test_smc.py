@@ -28,7 +28,7 @@ from restoreflow import (
     time_grid,
     vp,
 )
-from restoreflow.mixture import GaussianMixture, MixtureDenoiser
+from restoreflow.exact.mixture import GaussianMixture, MixtureDenoiser
 from restoreflow.testing import Z_BOUND, MatrixOperator, check_sampler_reproducible, make_gaussian_problem
 from restoreflow_plugins.smc import (
     RESAMPLERS,
@@ -151,7 +151,7 @@ def test_resampling_is_seeded_and_rejects_bad_weights():
     b = systematic(w, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     assert residual(w, 32, generator=torch.Generator().manual_seed(0)).shape == (5, 32)
-    from restoreflow.errors import NumericalError
+    from restoreflow.core.errors import NumericalError
 
     with pytest.raises(NumericalError):
         systematic(torch.zeros(1, 4, dtype=F64), generator=torch.Generator())
@@ -326,7 +326,7 @@ def test_tds_shift_is_the_twisted_x0_through_the_ancestral_step(gp, form):
 def test_operator_twist_is_the_pigdm_likelihood_up_to_a_constant():
     """form=operator: log N(y; A x0, v I + r2 A A^T) minus a particle-independent constant, with the exact
     gradient; the Fourier solve (circulant blur) and CG (any linear operator) agree with dense algebra."""
-    from restoreflow.operators import kernel_to_symbol
+    from restoreflow.core.operators import kernel_to_symbol
     from restoreflow_plugins.smc import gram_solve, twisted_log_potential
 
     g = torch.Generator().manual_seed(3)
@@ -500,7 +500,7 @@ def test_stabilisers_are_off_by_default_and_change_the_weights_when_on():
     assert not torch.allclose(base, w(increment_clip=0.01))
 
 
-# -- Gaussian mixtures (restoreflow.mixture) ---------------------------------------------------
+# -- Gaussian mixtures (restoreflow.exact.mixture) ---------------------------------------------------
 
 
 def _gmm():
@@ -624,8 +624,8 @@ def test_cli_writes_the_image_and_the_uncertainty_map(tmp_path):
     from click.testing import CliRunner
     from skimage import io
 
-    from restoreflow.cli import build_cli
-    from restoreflow.plugins import get_plugin_manager
+    from restoreflow.app.cli import build_cli
+    from restoreflow.host.manager import get_plugin_manager
 
     cli = build_cli(get_plugin_manager())
     rng = np.random.default_rng(0)

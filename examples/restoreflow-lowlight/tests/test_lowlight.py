@@ -6,8 +6,8 @@ from click.testing import CliRunner
 from skimage import io
 
 import restoreflow_lowlight
-from restoreflow.cli import build_cli
-from restoreflow.plugins import get_plugin_manager
+from restoreflow.app.cli import build_cli
+from restoreflow.host.manager import get_plugin_manager
 from restoreflow.testing import check_operator, check_sampler_reproducible
 
 pytest_plugins = ["restoreflow.testing"]

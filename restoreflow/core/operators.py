@@ -1,0 +1,511 @@
+r"""Forward operators :math:`y = A(x) + n` and noise models that know their own likelihood.
+
+:class:`Operator` follows deepinv's ``Physics`` naming (``A``, ``A_adjoint``, ``A_dagger``, ``A_vjp``), so a
+deepinv physics object fits through :class:`DeepinvOperator`. The noise model that draws :math:`n` also
+gives :math:`\log p(y \mid Ax)` and its gradient, so a sampler's likelihood can never disagree with the
+simulation.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from restoreflow.core.errors import ConfigError
+from restoreflow.core.options import build_config, check
+
+__all__ = [
+    "NoiseModel",
+    "GaussianNoise",
+    "PoissonNoise",
+    "ZeroNoise",
+    "Operator",
+    "LinearOperator",
+    "OperatorConfig",
+    "DeepinvOperator",
+    "conjugate_gradient",
+    "make_noise",
+    "BOUNDARIES",
+    "pad_index",
+    "pad",
+    "pad_adjoint",
+    "kernel_to_symbol",
+    "fft2",
+    "ifft2",
+]
+
+
+# -- noise models -----------------------------------------------------------------------------
+
+
+class NoiseModel(nn.Module, abc.ABC):
+    """Draws :math:`y \\sim p(\\cdot \\mid z)` and evaluates :math:`\\log p(y \\mid z)` per sample."""
+
+    gaussian: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def sample(self, z: Tensor, *, generator: torch.Generator | None) -> Tensor:
+        """A noisy copy of ``z``."""
+
+    @abc.abstractmethod
+    def log_prob(self, y: Tensor, z: Tensor) -> Tensor:
+        """:math:`\\log p(y \\mid z)` summed over all but the batch dimension."""
+
+    def grad_log_prob(self, y: Tensor, z: Tensor) -> Tensor:
+        """:math:`\\nabla_z \\log p(y \\mid z)` (autograd by default)."""
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.log_prob(y, z).sum(), z)
+        return g
+
+    def variance(self, z: Tensor | None = None) -> Tensor | float:
+        """Per-element noise variance (for Gaussian approximations of the likelihood)."""
+        return 0.0
+
+
+def _flat_sum(v: Tensor) -> Tensor:
+    return v.reshape(v.shape[0], -1).sum(dim=1)
+
+
+class GaussianNoise(NoiseModel):
+    """:math:`n \\sim N(0, \\sigma^2 I)`, :math:`\\sigma` in [0, 1] image units."""
+
+    gaussian = True
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        check(sigma >= 0 and math.isfinite(sigma), f"noise sigma must be >= 0; got {sigma}")
+        self.sigma = float(sigma)
+
+    def sample(self, z, *, generator):
+        if self.sigma == 0:
+            return z.clone()
+        gdev = generator.device if generator is not None else z.device
+        n = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=gdev).to(z.device)
+        return z + self.sigma * n
+
+    def log_prob(self, y, z):
+        s2 = max(self.sigma, 1e-12) ** 2
+        r = y - z
+        d = r[0].numel()
+        return -0.5 * _flat_sum(r * r) / s2 - 0.5 * d * math.log(2 * math.pi * s2)
+
+    def grad_log_prob(self, y, z):
+        return (y - z) / max(self.sigma, 1e-12) ** 2
+
+    def variance(self, z=None):
+        return self.sigma**2
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma:g}"
+
+
+class PoissonNoise(NoiseModel):
+    """Shot noise: :math:`y = \\mathrm{Poisson}(g z) / g` with gain :math:`g` (photons per unit intensity)."""
+
+    def __init__(self, gain: float, eps: float = 1e-6):
+        super().__init__()
+        check(gain > 0 and math.isfinite(gain), f"Poisson gain must be > 0; got {gain}")
+        self.gain = float(gain)
+        self.eps = eps
+
+    def sample(self, z, *, generator):
+        rate = (z.clamp(min=0) * self.gain).to(torch.float64)
+        gdev = generator.device if generator is not None else z.device
+        k = torch.poisson(rate.to(gdev), generator=generator).to(z.device)
+        return (k / self.gain).to(z.dtype)
+
+    def log_prob(self, y, z):
+        k = (y * self.gain).clamp(min=0)
+        lam = (z * self.gain).clamp(min=self.eps)
+        return _flat_sum(k * torch.log(lam) - lam - torch.lgamma(k + 1))
+
+    def grad_log_prob(self, y, z):
+        k = (y * self.gain).clamp(min=0)
+        lam = (z * self.gain).clamp(min=self.eps)
+        return self.gain * (k / lam - 1) * (z * self.gain > self.eps)
+
+    def variance(self, z=None):
+        if z is None:
+            return 1.0 / self.gain
+        return z.clamp(min=self.eps) / self.gain
+
+    def extra_repr(self) -> str:
+        return f"gain={self.gain:g}"
+
+
+class ZeroNoise(GaussianNoise):
+    """Noiseless measurements (the likelihood is a Gaussian with a tiny sigma)."""
+
+    def __init__(self):
+        super().__init__(0.0)
+
+
+def make_noise(kind: str, sigma: float, gain: float) -> NoiseModel:
+    if kind == "gaussian":
+        return GaussianNoise(sigma) if sigma > 0 else ZeroNoise()
+    if kind == "poisson":
+        return PoissonNoise(gain)
+    if kind == "none":
+        return ZeroNoise()
+    raise ConfigError(f"unknown noise {kind!r}; expected gaussian, poisson or none")
+
+
+# -- operators --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Options every operator has: the noise model (``noise_sigma`` in [0, 1] image units)."""
+
+    noise: str = "gaussian"
+    noise_sigma: float = 0.01
+    poisson_gain: float = 100.0
+    seed: int = 0
+
+    def __post_init__(self):
+        check(self.noise in ("gaussian", "poisson", "none"), f"noise must be gaussian, poisson or none; got {self.noise!r}")
+        check(0 <= self.noise_sigma <= 1, f"noise_sigma must be in [0, 1] (image units); got {self.noise_sigma}")
+        check(self.poisson_gain > 0, f"poisson_gain must be > 0; got {self.poisson_gain}")
+
+
+class Operator(nn.Module):
+    r"""A forward model :math:`y = A(x) + n`.
+
+    Subclasses set ``name``, a docstring opening with the equation, a ``Config`` dataclass (deriving from
+    :class:`OperatorConfig`) and implement :meth:`A`. Construction takes the image shape
+    ``x_shape = (B, C, H, W)`` because masks and Fourier symbols depend on it.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = OperatorConfig
+    linear: ClassVar[bool] = False
+    differentiable: ClassVar[bool] = True
+
+    def __init__(self, config: Any = None, *, x_shape: tuple[int, ...], **options: Any):
+        super().__init__()
+        if config is not None and options:
+            raise TypeError("pass either a Config or keyword options, not both")
+        self.config = config if config is not None else build_config(self.Config, options, owner=self.name)
+        self.x_shape = tuple(int(s) for s in x_shape)
+        check(len(self.x_shape) == 4, f"x_shape must be (B, C, H, W); got {self.x_shape}")
+        c = self.config
+        self.noise = make_noise(getattr(c, "noise", "none"), getattr(c, "noise_sigma", 0.0), getattr(c, "poisson_gain", 1.0))
+
+    # geometry
+    @classmethod
+    def x_shape_for(cls, y_shape: tuple[int, ...], config: Any) -> tuple[int, ...]:
+        """The image shape that produces a measurement of ``y_shape`` (identity unless overridden)."""
+        return tuple(y_shape)
+
+    def anchor(self, y: Tensor) -> Tensor:
+        """The degraded image :math:`\\mu` anchored models start from: ``y`` itself when it has the image's
+        shape (blur, inpainting, denoising), else :math:`A^\\dagger y` (super-resolution)."""
+        if tuple(y.shape[1:]) == tuple(self.x_shape[1:]):
+            return y
+        return self.A_dagger(y)
+
+    def measurement_from_anchor(self, mu: Tensor) -> Tensor:
+        """Invert :meth:`anchor` (exact when :math:`AA^\\dagger = I`)."""
+        y_shape = self.y_shape
+        if tuple(mu.shape[1:]) == tuple(self.x_shape[1:]) and tuple(y_shape[1:]) == tuple(self.x_shape[1:]):
+            return mu
+        return self.A(mu)
+
+    def simulate(self, x: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Degrade a clean image the way a camera would, for ``--simulate`` and benchmarks: returns ``(y, ref)``,
+        the measurement and the clean image to compare a restoration of ``y`` with.
+
+        ``x`` has this operator's ``x_shape``. By default ``y = forward(x)`` and ``ref = x``. Operators whose
+        boundary is an assumption (blur and super-resolution with a ``boundary`` other than ``circular``) blur
+        the scene beyond the measurement's edge instead, so a benchmark sees the boundary error a real photo
+        has and not the model's own assumption: ``y`` is smaller than ``x``, and ``ref`` is what
+        ``op.crop_to_measurement(x_hat)`` returns for an operator ``op`` built from ``y`` like a real input
+        (``x_shape_for(y.shape, config)``).
+        """
+        return self.forward(x, generator=generator), x
+
+    def crop_to_measurement(self, x: Tensor) -> Tensor:
+        """The part of an estimate of ``x`` that lies under the measurement (``x`` itself unless the unknown
+        extends beyond the measurement, e.g. a ``valid`` blur)."""
+        return x
+
+    @property
+    def y_shape(self) -> tuple[int, ...]:
+        """Shape of a measurement of an ``x_shape`` image."""
+        if not hasattr(self, "_y_shape"):
+            with torch.no_grad():
+                self._y_shape = tuple(self.A(torch.zeros(1, *self.x_shape[1:])).shape)
+        return (self.x_shape[0], *self._y_shape[1:])
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        caps = set()
+        if self.linear:
+            caps.add("linear_operator")
+        if self.differentiable:
+            caps.add("differentiable_operator")
+        if self.noise.gaussian:
+            caps.add("gaussian_noise")
+        return frozenset(caps)
+
+    @abc.abstractmethod
+    def A(self, x: Tensor) -> Tensor:
+        """The noiseless forward map."""
+
+    def forward(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Simulate a measurement: ``noise.sample(A(x))``."""
+        return self.noise.sample(self.A(x), generator=generator)
+
+    def A_vjp(self, x: Tensor, v: Tensor) -> Tensor:
+        """:math:`J_A(x)^\\top v` by autograd."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.A(x), x, v)
+        return g
+
+    def A_dagger(self, y: Tensor) -> Tensor:
+        """Least squares by Gauss–Newton, CG on :math:`J^\\top J` (override with a closed form when there is one)."""
+        x = torch.zeros((y.shape[0], *self.x_shape[1:]), dtype=y.dtype, device=y.device)
+        for _ in range(10):
+            g = self.A_vjp(x, y - self.A(x))
+            x = x + conjugate_gradient(self._normal_at(x), g, iters=50, tol=1e-6)
+        return x
+
+    def noise_variance(self, y: Tensor | None = None) -> float:
+        """The measurement's mean per-entry noise variance in [0, 1] units (0 without noise); signal-dependent
+        noise (Poisson) is averaged at ``y`` when given."""
+        noise = getattr(self, "noise", None)
+        if noise is None:
+            return 0.0
+        v = noise.variance(y.clamp(min=0)) if y is not None else noise.variance()
+        return max(float(v.mean()) if isinstance(v, Tensor) else float(v), 0.0)
+
+    def data_grad(self, x: Tensor, y: Tensor) -> Tensor:
+        r""":math:`\nabla_x \log p(y \mid A x)` (the likelihood gradient DPS-like methods use)."""
+        return self.A_vjp(x, self.noise.grad_log_prob(y, self.A(x)))
+
+    def _normal_at(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """:math:`v \mapsto J_A(x)^\top J_A(x) v` (the Gauss-Newton normal operator at ``x``)."""
+
+        def normal(v: Tensor) -> Tensor:
+            return self.A_vjp(x, torch.func.jvp(self.A, (x,), (v,))[1])
+        return normal
+
+    def lipschitz(self, x: Tensor | None = None, *, iters: int = 100, dtype: torch.dtype = torch.float32) -> float:
+        r""":math:`\lVert J_A\rVert^2`, the largest eigenvalue of :math:`J_A^\top J_A` at ``x`` (default: zeros of
+        ``x_shape``): the Lipschitz constant of :math:`\nabla\tfrac12\lVert A(x) - y\rVert^2`, so a gradient step of
+        :math:`\eta/\lVert J_A\rVert^2` is stable for :math:`\eta < 2` whatever the operator and image size. With
+        several images (``x_shape[0] > 1``) it is the largest over the batch.
+
+        Power iteration from a fixed-seed draw (deterministic; no caller's random stream is touched); circulant
+        operators answer :math:`\max|\hat h|^2` exactly.
+        """
+        dev = next((b.device for b in (*self.buffers(), *self.parameters())), torch.device("cpu"))
+        # the whole batch at once: per-image masks and kernels are one block-diagonal operator, whose norm is the
+        # largest of the images'
+        at = torch.zeros(self.x_shape, dtype=dtype, device=dev) if x is None else x.to(dtype)
+        normal = self._normal_at(at)
+        v = torch.randn(at.shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(dev)
+        lam = 0.0
+        with torch.no_grad():
+            for _ in range(iters):
+                v = v / v.norm()
+                w = normal(v)
+                lam_new = float((v * w).sum())  # Rayleigh quotient: its error is quadratic in the eigenvector's
+                if lam_new <= 0.0 or abs(lam_new - lam) <= 1e-6 * lam_new:
+                    lam = max(lam_new, 0.0)
+                    break
+                v, lam = w, lam_new
+        return lam
+
+
+class LinearOperator(Operator):
+    r"""A linear :math:`A` with an explicit adjoint; ``A_dagger`` solves the normal equations by CG.
+
+    Circulant operators also return their Fourier symbol (:meth:`fourier_symbol`), which gives exact
+    closed forms for Wiener filters and Gaussian posteriors.
+    """
+
+    linear = True
+
+    @abc.abstractmethod
+    def A_adjoint(self, y: Tensor) -> Tensor:
+        """:math:`A^\\top y`."""
+
+    def A_vjp(self, x: Tensor, v: Tensor) -> Tensor:
+        return self.A_adjoint(v)
+
+    def normal(self, x: Tensor) -> Tensor:
+        return self.A_adjoint(self.A(x))
+
+    def A_dagger(self, y: Tensor) -> Tensor:
+        """Minimum-norm least squares :math:`A^\\dagger y` (CG on :math:`A^\\top A x = A^\\top y` from 0)."""
+        return conjugate_gradient(self.normal, self.A_adjoint(y), iters=200, tol=1e-7)
+
+    def fourier_symbol(self) -> Tensor | None:
+        """:math:`\\hat h` with :math:`A = F^{-1}\\,\\mathrm{diag}(\\hat h)\\,F` per channel, if :math:`A` is circulant."""
+        return None
+
+    def preconditioner_symbol(self) -> Tensor | None:
+        r"""The Fourier symbol (on the unknown's grid) of a circulant operator close to :math:`A`, for
+        preconditioning iterative solves: :meth:`fourier_symbol` for circulant operators, the same kernel's
+        circular symbol for a blur with another boundary (they differ only near the edges), ``None`` when
+        there is none. Never used as :math:`A` itself."""
+        return self.fourier_symbol()
+
+    def data_grad(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.A_adjoint(self.noise.grad_log_prob(y, self.A(x)))
+
+    def _normal_at(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        return self.normal
+
+    def lipschitz(self, x: Tensor | None = None, *, iters: int = 100, dtype: torch.dtype = torch.float32) -> float:
+        H = self.fourier_symbol()
+        if H is not None:
+            return float(H.abs().max()) ** 2
+        return super().lipschitz(x, iters=iters, dtype=dtype)
+
+
+def conjugate_gradient(apply, b: Tensor, *, x0: Tensor | None = None, iters: int = 100, tol: float = 1e-6,
+                       precond: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Batched CG for a symmetric positive (semi-)definite ``apply``; each batch element converges on its own
+    (stops when :math:`\\lVert b - Ax\\rVert \\le` ``tol`` :math:`\\lVert b\\rVert`).
+
+    Started from zero on a consistent semi-definite system it returns the minimum-norm solution. ``precond``
+    (symmetric positive definite, an approximate inverse of ``apply``) makes it preconditioned CG: same
+    answer, fewer iterations when ``precond(apply(v))`` is close to ``v``.
+    """
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - apply(x) if x0 is not None else b.clone()
+    z = precond(r) if precond is not None else r
+    p = z.clone()
+    dims = tuple(range(1, b.ndim))
+    rs = (r * r).sum(dim=dims, keepdim=True)
+    rz = (r * z).sum(dim=dims, keepdim=True) if precond is not None else rs
+    bnorm = (b * b).sum(dim=dims, keepdim=True).clamp(min=1e-30)
+    for _ in range(iters):
+        if bool((rs <= tol * tol * bnorm).all()):
+            break
+        Ap = apply(p)
+        pAp = (p * Ap).sum(dim=dims, keepdim=True)
+        active = (rs > tol * tol * bnorm) & (pAp > 0)
+        alpha = torch.where(active, rz / pAp.where(pAp > 0, torch.ones_like(pAp)), torch.zeros_like(rz))
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rs = (r * r).sum(dim=dims, keepdim=True)
+        if precond is not None:
+            z = precond(r)
+            rz_new = (r * z).sum(dim=dims, keepdim=True)
+        else:
+            z, rz_new = r, rs
+        beta = torch.where(active, rz_new / rz.clamp(min=1e-30), torch.zeros_like(rz))
+        p = z + beta * p
+        rz = rz_new
+    return x
+
+
+# -- boundaries -------------------------------------------------------------------------------
+
+#: How a convolution sees beyond the image edge. ``circular``: the image wraps around (exact Fourier fast
+#: paths); ``reflect``: mirrored about the edge, edge pixel repeated (``d c b a | a b c d``: scipy.ndimage's
+#: ``reflect``, numpy's ``symmetric``, MATLAB's ``symmetric``); ``replicate``: the edge pixel repeated
+#: (scipy's ``nearest``); ``valid``: nothing is assumed -- the unknown image is larger than the measurement
+#: by the kernel's support and the measurement is the valid part of the convolution.
+BOUNDARIES: tuple[str, ...] = ("circular", "reflect", "replicate", "valid")
+
+
+def pad_index(n: int, before: int, after: int, mode: str, *, device: torch.device | str | None = None) -> Tensor:
+    """Source index of each of the ``before + n + after`` padded positions along one axis of length ``n``
+    (any overhang, also larger than ``n``): ``circular``, ``reflect`` (half-sample symmetric) or ``replicate``."""
+    i = torch.arange(-before, n + after, device=device)
+    if mode == "circular":
+        return i % n
+    if mode == "reflect":
+        i = i % (2 * n)
+        return torch.where(i >= n, 2 * n - 1 - i, i)
+    if mode == "replicate":
+        return i.clamp(0, n - 1)
+    raise ConfigError(f"boundary {mode!r} pads nothing; expected circular, reflect or replicate")
+
+
+def pad(x: Tensor, pads: tuple[int, int, int, int], mode: str) -> Tensor:
+    """Extend the last two dimensions of ``x`` by ``pads = (top, bottom, left, right)`` pixels (``mode`` as in
+    :func:`pad_index`). A gather: linear, exact, deterministic, any pad size; its adjoint is :func:`pad_adjoint`."""
+    t, b, l, r = pads
+    H, W = x.shape[-2:]
+    rows = pad_index(H, t, b, mode, device=x.device)
+    cols = pad_index(W, l, r, mode, device=x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def _fold(v: Tensor, n: int, before: int, after: int, mode: str, dim: int) -> Tensor:
+    """Adjoint of padding along ``dim``: each padded position adds into its source (deterministic: the
+    interior is a slice, the two strips are small one-hot matrix products)."""
+    v = v.movedim(dim, -1)
+    idx = pad_index(n, before, after, mode, device=v.device)
+    out = v[..., before:before + n]
+    for lo, hi in ((0, before), (before + n, before + n + after)):
+        if hi > lo:
+            onehot = torch.nn.functional.one_hot(idx[lo:hi], n).to(v.dtype)  # (hi - lo) x n
+            out = out + v[..., lo:hi] @ onehot
+    return out.movedim(-1, dim)
+
+
+def pad_adjoint(v: Tensor, shape: tuple[int, int], pads: tuple[int, int, int, int], mode: str) -> Tensor:
+    """The adjoint of :func:`pad`: ``v`` (padded) folded back onto an image of ``shape = (H, W)``."""
+    t, b, l, r = pads
+    H, W = shape
+    return _fold(_fold(v, W, l, r, mode, v.ndim - 1), H, t, b, mode, v.ndim - 2)
+
+
+def fft2(x: Tensor) -> Tensor:
+    """Unitary 2-D FFT over the last two dimensions."""
+    return torch.fft.fft2(x, norm="ortho")
+
+
+def ifft2(x: Tensor) -> Tensor:
+    """Inverse of :func:`fft2` (real part is the caller's business)."""
+    return torch.fft.ifft2(x, norm="ortho")
+
+
+def kernel_to_symbol(kernel: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Fourier symbol of circular convolution by ``kernel`` (``k x k`` or ``C x k x k``, centred) on ``shape``.
+
+    The kernel is zero-padded to ``shape`` with its centre moved to pixel (0, 0), so that
+    ``ifft2(symbol * fft2(x))`` convolves without shifting the image (unnormalised FFT convention).
+    Kernels larger than the image wrap around (still exact circular convolution).
+    """
+    H, W = shape
+    k = kernel if kernel.ndim == 3 else kernel[None]
+    kh, kw = k.shape[-2:]
+    # place tap (i, j) at ((i - kh//2) mod H, (j - kw//2) mod W): exact circular convolution, also when the
+    # kernel is larger than the image (its taps then wrap around and add up)
+    rows = (torch.arange(kh, device=k.device) - kh // 2) % H
+    cols = (torch.arange(kw, device=k.device) - kw // 2) % W
+    pad = torch.zeros(k.shape[0], H, W, dtype=k.dtype, device=k.device)
+    idx = (rows[:, None] * W + cols[None, :]).reshape(-1)
+    pad.reshape(k.shape[0], -1).index_add_(1, idx, k.reshape(k.shape[0], -1))
+    return torch.fft.fft2(pad)
+
+
+class DeepinvOperator(LinearOperator):
+    """Adapter: any ``deepinv.physics.LinearPhysics`` as a restoreflow operator (noise stays ours)."""
+
+    name = "deepinv"
+
+    def __init__(self, physics: Any, *, x_shape: tuple[int, ...], config: Any = None, **options: Any):
+        super().__init__(config, x_shape=x_shape, **options)
+        self.physics = physics
+
+    def A(self, x):
+        return self.physics.A(x)
+
+    def A_adjoint(self, y):
+        return self.physics.A_adjoint(y)

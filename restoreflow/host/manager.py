@@ -1,0 +1,454 @@
+"""Plugin manager factory and registry collection, with fault isolation for third-party plugins.
+
+Nothing loads at import time: :func:`get_plugin_manager` builds a fresh manager each call and
+:func:`default_plugin_manager` caches one for the CLI and :func:`restoreflow.restore`.
+
+Fault isolation. A third-party plugin (one outside the ``restoreflow`` distribution) can fail in many ways;
+each is named in *one* warning line and only that plugin is skipped -- every command, ``restoreflow plugins``
+included, keeps working:
+
+* it raises (anything, ``SystemExit`` included) while its entry point is imported;
+* it implements a hook that does not exist (the warning suggests the closest hook name) or whose arguments do
+  not match the specification;
+* one of its ``register_*`` hooks raises, returns something (hooks must call ``register`` and return
+  ``None``), or registers an object of the wrong kind -- then *none* of its registrations is kept;
+* a run-time hook (``load_measurement``, ``save_result``, ``load_prior``, ``register_commands``) raises
+  something other than a :class:`restoreflow.RestoreflowError`, or returns the wrong type -- then that hook of
+  the plugin is switched off for the rest of the process and the next implementation answers. A
+  ``RestoreflowError`` it raises (a user mistake it detected) propagates with the plugin's name prepended.
+
+A plugin cannot take a name already in use: an entry point named like an earlier one (first-party ones load
+first), a registered operator/sampler/... name that is taken, or a built-in command replaced through
+``register_commands`` are refused with a warning naming both sides. A module-level function named like a hook
+but without ``@hookimpl`` (pluggy ignores it silently) is reported as a warning too.
+
+Environment:
+
+``RESTOREFLOW_PLUGINS``
+    comma-separated allowlist of entry-point names (only these load).
+``RESTOREFLOW_DISABLE_PLUGINS``
+    comma-separated entry-point names that never load.
+``RESTOREFLOW_TRACE_PLUGINS=1``
+    print every hook call.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata as md
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from restoreflow.host import hookspecs
+from restoreflow.core.errors import PluginError, RestoreflowError, suggest
+from restoreflow.host.registry import Registries
+
+__all__ = ["get_plugin_manager", "default_plugin_manager", "collect", "default_registries", "LoadReport",
+           "ENTRYPOINT_GROUP", "register_plugin"]
+
+ENTRYPOINT_GROUP = hookspecs.PROJECT
+FIRST_PARTY_DIST = "restoreflow"
+_SPEC_MARK = f"{hookspecs.PROJECT}_spec"
+HOOK_NAMES = frozenset(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), _SPEC_MARK))
+_GUARD_MARK = "_restoreflow_guarded"
+#: command names of the host and the first-party plugins: a third-party task (each task is a command) may not
+#: take one (the built-in would silently hide it)
+BUILTIN_COMMANDS = frozenset({"batch", "bench", "plugins", "samplers", "operators", "priors", "tasks", "guidance",
+                              "correctors", "trainers", "train", "mr-convert", "help"})
+
+
+@dataclass
+class LoadReport:
+    """What went wrong while loading plugins: ``failed`` maps a skipped plugin to its one-line reason;
+    ``blocked`` lists the names the environment blocked; ``warnings`` holds the other one-line notices
+    (a refused duplicate entry point, a hook function without ``@hookimpl``, a run-time hook switched off)."""
+
+    failed: dict[str, str] = field(default_factory=dict)
+    blocked: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _env_list(name: str) -> list[str] | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, SystemExit):
+        return f"called sys.exit({e.code!r})"
+    msg = " ".join(str(e).split())[:300]
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _is_first_party(plugin: Any) -> bool:
+    mod = getattr(plugin, "__name__", "") or ""
+    return mod == "restoreflow" or mod.startswith(("restoreflow.", "restoreflow_plugins"))
+
+
+def _dist_name(ep: Any) -> str | None:
+    dist = getattr(ep, "dist", None)
+    try:
+        return dist.metadata["name"] if dist is not None else None
+    except Exception:  # noqa: BLE001 - a broken METADATA file must not matter here
+        return None
+
+
+def _required_args(fn: Any) -> list[str]:
+    """The positional parameters without defaults (what pluggy passes by name), ``self`` excluded."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.default is p.empty and p.name != "self"]
+
+
+def vet_plugin(pm: pluggy.PluginManager, plugin: Any, name: str) -> tuple[str | None, list[str]]:
+    """Check ``plugin`` before registering it: returns (reason to skip it or ``None``, warnings).
+
+    Skipped: a hook implementation whose hook does not exist (with the closest hook names). Warned: a
+    function named exactly like a hook but without ``@hookimpl``, which pluggy would silently ignore.
+    """
+    unknown, notes = [], []
+    for attr in sorted(dir(plugin)):
+        try:
+            opts = pm.parse_hookimpl_opts(plugin, attr)
+        except Exception:  # noqa: BLE001 - an attribute whose lookup raises is not a hook
+            continue
+        if opts is not None:
+            hook = opts.get("specname") or attr
+            if hook not in HOOK_NAMES:
+                hint = suggest(hook, HOOK_NAMES, n=1)
+                unknown.append(f"{hook!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+                continue
+            extra = sorted(set(_required_args(getattr(plugin, attr, None))) - set(_required_args(getattr(hookspecs, hook))))
+            if extra:
+                return (f"implements {hook}() with argument(s) {', '.join(extra)} that the hook does not provide "
+                        f"(it passes {', '.join(_required_args(getattr(hookspecs, hook)))})"), notes
+        elif attr in HOOK_NAMES:
+            obj = getattr(plugin, attr, None)
+            if callable(obj) and not hasattr(obj, _SPEC_MARK):
+                notes.append(f"plugin {name!r} defines {attr}() without @hookimpl, so it is never called; "
+                             f"decorate it with restoreflow.hookimpl")
+    if unknown:
+        listing = "" if all("did you mean" in u for u in unknown) else f" (known hooks: {', '.join(sorted(HOOK_NAMES))})"
+        return f"implements unknown hook{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{listing}", notes
+    return None, notes
+
+
+def register_plugin(pm: pluggy.PluginManager, plugin: Any, name: str, report: LoadReport | None = None) -> bool:
+    """Vet, register and (third-party) guard one plugin; a plugin that cannot be registered is named in
+    ``report.failed`` and skipped. Returns whether it was registered."""
+    report = report if report is not None else getattr(pm, "restoreflow_report", None) or LoadReport()
+    reason, notes = vet_plugin(pm, plugin, name)
+    report.warnings.extend(notes)
+    if reason is None:
+        try:
+            pm.register(plugin, name=name)
+        except (pluggy.PluginValidationError, ValueError) as e:
+            reason = _one_line(e)
+    if reason is not None:
+        report.failed[name] = reason
+        return False
+    if not _is_first_party(plugin):
+        guard_plugin(pm, plugin, report)
+    return True
+
+
+def get_plugin_manager(*, entrypoints: bool = True) -> pluggy.PluginManager:
+    """A fresh plugin manager with the specs added and (by default) the entry points loaded.
+
+    First-party entry points load first. A plugin that cannot load is skipped and named in
+    ``pm.restoreflow_report.failed`` (see the module docstring); the rest keeps working.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    report = LoadReport()
+    pm.restoreflow_report = report  # type: ignore[attr-defined]
+    if os.environ.get("RESTOREFLOW_TRACE_PLUGINS"):
+        pm.trace.root.setwriter(lambda s: print(s, end="", file=sys.stderr))
+        pm.enable_tracing()
+    if entrypoints:
+        allow = _env_list("RESTOREFLOW_PLUGINS")
+        deny = set(_env_list("RESTOREFLOW_DISABLE_PLUGINS") or [])
+        eps = sorted(md.entry_points(group=ENTRYPOINT_GROUP), key=lambda ep: _dist_name(ep) != FIRST_PARTY_DIST)
+        seen: dict[str, str] = {}
+        for ep in eps:
+            dist_name = _dist_name(ep) or "an unknown distribution"
+            if ep.name in seen:
+                if ep.value != seen[ep.name].split(" ", 1)[0]:
+                    report.warnings.append(f"plugin {ep.name!r} of {dist_name} ({ep.value}) is ignored: the name is "
+                                           f"already taken by {seen[ep.name]}")
+                continue
+            seen[ep.name] = f"{ep.value} of {dist_name}"
+            if ep.name in deny or (allow is not None and ep.name not in allow):
+                pm.set_blocked(ep.name)
+                report.blocked.append(ep.name)
+                continue
+            try:
+                module = ep.load()
+            except (KeyboardInterrupt, GeneratorExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - a broken plugin (SystemExit included) must not end the host
+                report.failed[ep.name] = f"failed to import: {_one_line(e)}"
+                continue
+            if register_plugin(pm, module, ep.name, report):
+                dist = getattr(ep, "dist", None)
+                if dist is not None:
+                    pm._plugin_distinfo.append((module, dist))  # what list_plugin_distinfo() reports
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:  # only reachable for plugins registered around register_plugin
+        raise PluginError(f"plugin {getattr(e.plugin, '__name__', e.plugin)!r} implements an unknown hook: {e}") from None
+    return pm
+
+
+@functools.cache
+def default_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide manager (cached :func:`get_plugin_manager`)."""
+    return get_plugin_manager()
+
+
+# -- run-time guards --------------------------------------------------------------------------------
+
+
+def _warn(report: LoadReport | None, message: str) -> None:
+    line = " ".join(message.split())
+    if report is not None:
+        report.warnings.append(line)
+    print(f"warning: {line}", file=sys.stderr)
+
+
+def _expected_type(hook: str) -> tuple[str, Callable[[Any], bool]] | None:
+    if hook == "load_measurement":
+        from restoreflow.io import Measurement
+
+        return "a restoreflow.io.Measurement or None", lambda r: isinstance(r, Measurement)
+    if hook == "save_result":
+        return "True or None", lambda r: isinstance(r, bool)
+    if hook == "load_prior":
+        from restoreflow.core.denoiser import Prior
+
+        return "a restoreflow.Prior or None", lambda r: isinstance(r, Prior)
+    return None
+
+
+def _guard_call(fn: Callable, plugin_name: str, hook: str, report: LoadReport | None) -> Callable:
+    state = {"off": False}
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if state["off"]:
+            return None
+        try:
+            result = fn(*args, **kwargs)
+        except RestoreflowError as e:  # a user mistake the plugin detected: keep it, say whose message it is
+            if not str(e).startswith(f"plugin {plugin_name!r}"):
+                e.args = (f"plugin {plugin_name!r}: {e}",)
+            raise
+        except (KeyboardInterrupt, GeneratorExit, MemoryError):
+            raise
+        except BaseException as e:  # noqa: BLE001 - SystemExit included: a plugin must not end the run
+            state["off"] = True
+            _warn(report, f"plugin {plugin_name!r} failed in {hook}: {_one_line(e)}; this hook of the plugin is "
+                          f"skipped from now on")
+            return None
+        if result is not None:
+            expected = _expected_type(hook)
+            if expected is not None and not expected[1](result):
+                state["off"] = True
+                _warn(report, f"plugin {plugin_name!r} returned {type(result).__name__} from {hook} instead of "
+                              f"{expected[0]}; this hook of the plugin is skipped from now on")
+                return None
+        return result
+
+    return guarded
+
+
+def _guard_commands(fn: Callable, argnames: tuple[str, ...], plugin_name: str, report: LoadReport | None,
+                    pm: pluggy.PluginManager) -> Callable:
+    """``register_commands`` of a third-party plugin: it may add commands, never replace or remove one; if it
+    raises, whatever it added is taken out again. The warning joins the problems of the latest :func:`collect`
+    (which the CLI prints once per command and keeps in its listing index); without one it is printed."""
+
+    def note(message: str) -> None:
+        problems = getattr(pm, "restoreflow_problems", None)
+        if problems is None:
+            _warn(report, message)
+        else:
+            problems.append(" ".join(message.split()))
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        group = kwargs.get("cli", args[argnames.index("cli")] if "cli" in argnames[: len(args)] else None)
+        before = dict(getattr(group, "commands", {}) or {})
+        try:
+            fn(*args, **kwargs)
+        except (KeyboardInterrupt, GeneratorExit, MemoryError):
+            raise
+        except BaseException as e:  # noqa: BLE001
+            if group is not None:
+                group.commands.clear()
+                group.commands.update(before)
+            note(f"plugin {plugin_name!r} failed in register_commands: {_one_line(e)}; its commands are skipped")
+            return None
+        if group is not None:
+            for name, cmd in before.items():
+                now = group.commands.get(name)
+                if now is not cmd:
+                    group.commands[name] = cmd
+                    note(f"plugin {plugin_name!r} tried to {'replace' if now is not None else 'remove'} the command "
+                         f"{name!r}; the existing command is kept")
+        return None
+
+    return guarded
+
+
+def guard_plugin(pm: pluggy.PluginManager, plugin: Any, report: LoadReport | None = None) -> None:
+    """Wrap the run-time hook implementations of ``plugin`` (see the module docstring); idempotent."""
+    report = report if report is not None else getattr(pm, "restoreflow_report", None)
+    for caller in pm.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is not plugin or impl.hookwrapper or impl.wrapper or getattr(impl.function, _GUARD_MARK, False):
+                continue
+            if caller.name == "register_commands":
+                wrapped = _guard_commands(impl.function, tuple(impl.argnames), impl.plugin_name, report, pm)
+            elif caller.name in ("load_measurement", "save_result", "load_prior"):
+                wrapped = _guard_call(impl.function, impl.plugin_name, caller.name, report)
+            else:
+                continue  # register_* hooks are isolated by collect()
+            setattr(wrapped, _GUARD_MARK, True)
+            impl.function = wrapped  # type: ignore[misc]
+
+
+# -- registries -------------------------------------------------------------------------------------
+
+
+_HOOKS = (
+    ("register_operators", "operators"),
+    ("register_priors", "priors"),
+    ("register_samplers", "samplers"),
+    ("register_guidance", "guidance"),
+    ("register_correctors", "correctors"),
+    ("register_trainers", "trainers"),
+    ("register_tasks", "tasks"),
+)
+
+
+def _kind_check(attr: str) -> tuple[str, Callable[[Any], bool]]:
+    from restoreflow.core.denoiser import Prior
+    from restoreflow.core.operators import Operator
+    from restoreflow.core.sampling import Corrector, Guidance, Sampler, Task
+    from restoreflow.models.training import TrainingMethod
+
+    def sub(base: type) -> Callable[[Any], bool]:
+        return lambda obj: isinstance(obj, type) and issubclass(obj, base)
+
+    return {
+        "operators": ("a restoreflow.Operator subclass", sub(Operator)),
+        "priors": ("a restoreflow.Prior subclass", sub(Prior)),
+        "samplers": ("a restoreflow.Sampler subclass", sub(Sampler)),
+        "guidance": ("a restoreflow.Guidance subclass", sub(Guidance)),
+        "correctors": ("a restoreflow.Corrector subclass", sub(Corrector)),
+        "trainers": ("a restoreflow.models.training.TrainingMethod subclass", sub(TrainingMethod)),
+        "tasks": ("a restoreflow.Task", lambda obj: isinstance(obj, Task)),
+    }[attr]
+
+
+def _what(obj: Any) -> str:
+    if isinstance(obj, type):
+        return f"class {obj.__module__}.{obj.__qualname__}"
+    return f"{type(obj).__name__} {obj!r}"[:120]
+
+
+def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
+    """Call every ``register_*`` implementation and return the filled registries.
+
+    Two phases. First each plugin's ``register_*`` hooks run into a staging list; a plugin whose hook raises,
+    returns a value, or hands ``register`` an object of the wrong kind is named in ``registries.problems``
+    and none of its registrations is kept. Then the staged objects are registered, first-party
+    (``restoreflow_plugins``) first; a name already taken is refused (the message names both modules) and the
+    first owner keeps it. ``strict=True`` raises the first problem as a :class:`PluginError` instead.
+    """
+    regs = Registries()
+    report = getattr(pm, "restoreflow_report", None)
+    for plugin in pm.get_plugins():  # plugins registered directly with pm.register() get the run-time guards too
+        if not _is_first_party(plugin):
+            guard_plugin(pm, plugin, report)
+    staged: dict[str, list[tuple[str, Any]]] = {}
+    order: dict[str, tuple[int, int]] = {}
+    skipped: dict[str, str] = {}
+    for hook_name, attr in _HOOKS:
+        what, ok = _kind_check(attr)
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            pname = impl.plugin_name
+            order.setdefault(pname, (0 if _is_first_party(impl.plugin) else 1, len(order)))
+            items = staged.setdefault(pname, [])
+            if pname in skipped:
+                continue
+            bad: list[str] = []
+
+            def register(obj: Any, _attr: str = attr, _items: list = items, _bad: list = bad,
+                         _ok: Callable = ok, _what_kind: str = what, _hook: str = hook_name) -> None:
+                if not _ok(obj):
+                    _bad.append(f"{_hook} registered {_what(obj)}, which is not {_what_kind}")
+                    return
+                _items.append((_attr, obj))
+
+            try:
+                returned = impl.function(**{a: register for a in impl.argnames})
+            except (KeyboardInterrupt, GeneratorExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - SystemExit included
+                if isinstance(e, PluginError):
+                    bad.append(f"{hook_name} failed: {e}")
+                else:
+                    bad.append(f"failed in {hook_name}: {_one_line(e)}")
+            else:
+                if returned is not None:
+                    bad.append(f"{hook_name} returned {type(returned).__name__} (hooks must call register(...) "
+                               f"and return None)")
+            if bad:
+                skipped[pname] = bad[0]
+    for pname in sorted(staged, key=lambda n: order[n]):
+        if pname in skipped:
+            msg = f"plugin {pname!r} {skipped[pname]}; the plugin is skipped"
+            if strict:
+                raise PluginError(msg)
+            regs.problems.append(" ".join(msg.split()))
+            continue
+        for attr, obj in staged[pname]:
+            if attr == "tasks" and order[pname][0] and getattr(obj, "name", None) in BUILTIN_COMMANDS:
+                msg = (f"plugin {pname!r} registers the task {obj.name!r}, which is a built-in command; "
+                       f"the task is ignored")
+                if strict:
+                    raise PluginError(msg)
+                regs.problems.append(msg)
+                continue
+            try:
+                getattr(regs, attr).register(obj)
+            except PluginError as e:
+                msg = f"{e}; kept the first, ignored the one from plugin {pname!r}"
+                if strict:
+                    raise PluginError(msg) from e
+                regs.problems.append(" ".join(msg.split()))
+    pm.restoreflow_problems = regs.problems  # type: ignore[attr-defined]  # see _guard_commands
+    if report is not None:
+        for name, why in reversed(list(report.failed.items())):
+            regs.problems.insert(0, f"plugin {name!r} {why}; the plugin is skipped")
+        regs.problems.extend(report.warnings)
+    return regs
+
+
+@functools.cache
+def default_registries() -> Registries:
+    return collect(default_plugin_manager())
