@@ -34,7 +34,7 @@ from restoreflow.core.errors import (
 )
 
 # -- options: Config dataclasses --------------------------------------------------------------------------
-from restoreflow.core.options import build_config, check, parse_options
+from restoreflow.core.options import build_config, check, parse_bool, parse_float, parse_int, parse_options
 
 # -- paths, parameterizations, denoisers and priors --------------------------------------------------------
 from restoreflow.core.paths import AffinePath, as_time, bcast, mean_reverting, rectified_flow, tabulated, ve, vp
@@ -85,7 +85,7 @@ __all__ = [
     "hookimpl", "default_plugin_manager", "default_registries", "Registries", "Registry",
     "CheckpointError", "ConfigError", "IncompatibleError", "InputError", "NumericalError", "OutputError",
     "PluginError", "RestoreflowError", "UnknownNameError",
-    "build_config", "check", "parse_options",
+    "build_config", "check", "parse_options", "parse_bool", "parse_int", "parse_float",
     "AffinePath", "as_time", "bcast", "mean_reverting", "rectified_flow", "tabulated", "ve", "vp",
     "from_x0", "to_x0",
     "Denoiser", "PredictionAdapter", "Prior", "ValueRange", "for_inference", "reparameterize", "TiledDenoiser",

@@ -12,7 +12,12 @@ from restoreflow.core.errors import ConfigError, UnknownNameError
 
 T = TypeVar("T")
 
-__all__ = ["build_config", "parse_options", "config_fields", "option_docs", "canonical_name", "check"]
+__all__ = ["build_config", "parse_options", "parse_bool", "parse_int", "parse_float", "config_fields", "option_docs",
+           "canonical_name", "check"]
+
+#: the spellings of a boolean option value, as on the command line (compared in lower case)
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 
 
 def canonical_name(name: str) -> str:
@@ -86,9 +91,9 @@ def _convert(value: str, annotation: Any, key: str) -> Any:
     try:
         if annotation is bool:
             low = value.lower()
-            if low in ("1", "true", "yes", "on"):
+            if low in TRUE_WORDS:
                 return True
-            if low in ("0", "false", "no", "off"):
+            if low in FALSE_WORDS:
                 return False
             raise ValueError
         if annotation is int:
@@ -136,6 +141,37 @@ def parse_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
             raise ConfigError(f"option {p!r} has an empty key")
         out[k.strip()] = v.strip()
     return out
+
+
+def parse_bool(value: Any, what: str) -> bool:
+    """One loose option value (a ``--prior-opt`` string, a checkpoint's hyper-parameter) as a bool: ``True``
+    and ``False`` as they are, otherwise ``1 true yes on`` / ``0 false no off`` in any case (surrounding blanks
+    ignored); anything else is a :class:`ConfigError` naming ``what``."""
+    if isinstance(value, bool):
+        return value
+    low = str(value).strip().lower()
+    if low in TRUE_WORDS:
+        return True
+    if low in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{what} must be true or false; got {value!r}")
+
+
+def parse_int(value: Any, what: str) -> int:
+    """One loose option value as ``int(value)``; a value ``int`` refuses is a :class:`ConfigError` naming ``what``."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be an integer; got {value!r}") from None
+
+
+def parse_float(value: Any, what: str) -> float:
+    """One loose option value as ``float(value)``; a value ``float`` refuses is a :class:`ConfigError` naming
+    ``what``."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number; got {value!r}") from None
 
 
 def check(condition: bool, message: str) -> None:
