@@ -324,3 +324,52 @@ def test_plugins_listing_names_distribution():
     for name in ("operators", "classical", "diffusion", "priors", "io"):
         assert rows[name]["distribution"] == "restoreflow"
     assert "register_operators" in rows["operators"]["hooks"]
+
+
+def _sampler_plugin(module_name: str, cls: type, **marks) -> types.ModuleType:
+    mod = types.ModuleType(module_name)
+
+    @hookimpl(**marks)
+    def register_samplers(register):
+        register(cls)
+
+    mod.register_samplers = register_samplers
+    return mod
+
+
+def test_collect_goes_through_pluggy_in_its_order_and_is_traced():
+    """Registrations run as pluggy hook calls: tryfirst/trylast decide which of two third-party plugins is asked
+    first (and so keeps a contested name), and pluggy's tracing sees every register_* call."""
+
+    class First(Ident):
+        """Fixture."""
+
+        name = "contested"
+
+    class Second(Ident):
+        """Fixture."""
+
+        name = "contested"
+
+    for marks, winner in (({"tryfirst": True}, First), ({"trylast": True}, Second)):
+        pm = get_plugin_manager(entrypoints=False)
+        pm.register(_sampler_plugin("plain_plugin", Second), name="plain")
+        pm.register(_sampler_plugin("marked_plugin", First, **marks), name="marked")
+        lines: list[str] = []
+        pm.trace.root.setwriter(lines.append)
+        pm.enable_tracing()
+        regs = collect(pm)
+        assert regs.samplers.get("contested") is winner
+        assert any("registered twice" in p for p in regs.problems)
+        assert sum("register_samplers" in ln for ln in lines) >= 2  # one traced call per plugin
+
+
+def test_host_keeps_its_state_in_the_open():
+    """No private pluggy attribute is written: loading state lives on the PluginHost subclass."""
+    from restoreflow.host.manager import PluginHost
+
+    pm = get_plugin_manager()
+    assert isinstance(pm, PluginHost)
+    assert pm.distributions and all(d.metadata["name"] for d in pm.distributions.values())
+    assert pm.distribution(pm.get_plugin("operators")).metadata["name"] == "restoreflow"
+    assert not pm._plugin_distinfo  # pluggy's own list is left alone

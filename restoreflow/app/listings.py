@@ -260,16 +260,16 @@ def registry_entries(attr: str, regs: Registries) -> list[dict[str, Any]]:
 
 
 def _plugin_rows(pm) -> dict[str, Any]:
-    dists = {id(p): d for p, d in pm.list_plugin_distinfo()}
+    dists = getattr(pm, "distributions", {})
     rows = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda kv: kv[0]):
         if plugin is None:
             continue
-        d = dists.get(id(plugin))
+        d = dists.get(name)
         impl = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
         rows.append({"name": name, "distribution": d.metadata["name"] if d else "-",
                      "version": d.version if d else "-", "hooks": impl})
-    report = getattr(pm, "restoreflow_report", None)
+    report = getattr(pm, "report", None)
     return {"rows": rows, "blocked": list(report.blocked) if report else []}
 
 

@@ -49,7 +49,7 @@ from restoreflow.core.errors import PluginError, RestoreflowError, suggest
 from restoreflow.host.registry import Registries
 
 __all__ = ["get_plugin_manager", "default_plugin_manager", "collect", "default_registries", "LoadReport",
-           "ENTRYPOINT_GROUP", "register_plugin"]
+           "PluginHost", "ENTRYPOINT_GROUP", "register_plugin"]
 
 ENTRYPOINT_GROUP = hookspecs.PROJECT
 FIRST_PARTY_DIST = "restoreflow"
@@ -71,6 +71,33 @@ class LoadReport:
     failed: dict[str, str] = field(default_factory=dict)
     blocked: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+
+class PluginHost(pluggy.PluginManager):
+    """pluggy's manager with what the host keeps about its plugins, in the open rather than patched on:
+
+    ``report``
+        the :class:`LoadReport` of loading (skipped plugins, blocked names, warnings);
+    ``distributions``
+        the distribution each entry-point plugin came from, by plugin name (what ``restoreflow plugins`` shows);
+    ``problems``
+        the problems of the latest :func:`collect`, which a failing ``register_commands`` adds to.
+    """
+
+    def __init__(self, project_name: str = hookspecs.PROJECT):
+        super().__init__(project_name)
+        self.add_hookspecs(hookspecs)
+        self.report = LoadReport()
+        self.distributions: dict[str, Any] = {}
+        self.problems: list[str] | None = None
+
+    def distribution(self, plugin: Any) -> Any:
+        """The distribution ``plugin`` was loaded from (``None`` for one registered directly)."""
+        return self.distributions.get(self.get_name(plugin) or "")
+
+
+def _report_of(pm: pluggy.PluginManager) -> LoadReport | None:
+    return getattr(pm, "report", None) if isinstance(pm, PluginHost) else None
 
 
 def _env_list(name: str) -> list[str] | None:
@@ -148,7 +175,7 @@ def vet_plugin(pm: pluggy.PluginManager, plugin: Any, name: str) -> tuple[str | 
 def register_plugin(pm: pluggy.PluginManager, plugin: Any, name: str, report: LoadReport | None = None) -> bool:
     """Vet, register and (third-party) guard one plugin; a plugin that cannot be registered is named in
     ``report.failed`` and skipped. Returns whether it was registered."""
-    report = report if report is not None else getattr(pm, "restoreflow_report", None) or LoadReport()
+    report = report if report is not None else _report_of(pm) or LoadReport()
     reason, notes = vet_plugin(pm, plugin, name)
     report.warnings.extend(notes)
     if reason is None:
@@ -164,16 +191,14 @@ def register_plugin(pm: pluggy.PluginManager, plugin: Any, name: str, report: Lo
     return True
 
 
-def get_plugin_manager(*, entrypoints: bool = True) -> pluggy.PluginManager:
-    """A fresh plugin manager with the specs added and (by default) the entry points loaded.
+def get_plugin_manager(*, entrypoints: bool = True) -> PluginHost:
+    """A fresh :class:`PluginHost` with the specs added and (by default) the entry points loaded.
 
     First-party entry points load first. A plugin that cannot load is skipped and named in
-    ``pm.restoreflow_report.failed`` (see the module docstring); the rest keeps working.
+    ``pm.report.failed`` (see the module docstring); the rest keeps working.
     """
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
-    report = LoadReport()
-    pm.restoreflow_report = report  # type: ignore[attr-defined]
+    pm = PluginHost()
+    report = pm.report
     if os.environ.get("RESTOREFLOW_TRACE_PLUGINS"):
         pm.trace.root.setwriter(lambda s: print(s, end="", file=sys.stderr))
         pm.enable_tracing()
@@ -201,10 +226,8 @@ def get_plugin_manager(*, entrypoints: bool = True) -> pluggy.PluginManager:
             except BaseException as e:  # noqa: BLE001 - a broken plugin (SystemExit included) must not end the host
                 report.failed[ep.name] = f"failed to import: {_one_line(e)}"
                 continue
-            if register_plugin(pm, module, ep.name, report):
-                dist = getattr(ep, "dist", None)
-                if dist is not None:
-                    pm._plugin_distinfo.append((module, dist))  # what list_plugin_distinfo() reports
+            if register_plugin(pm, module, ep.name, report) and getattr(ep, "dist", None) is not None:
+                pm.distributions[ep.name] = ep.dist
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as e:  # only reachable for plugins registered around register_plugin
@@ -213,7 +236,7 @@ def get_plugin_manager(*, entrypoints: bool = True) -> pluggy.PluginManager:
 
 
 @functools.cache
-def default_plugin_manager() -> pluggy.PluginManager:
+def default_plugin_manager() -> PluginHost:
     """The process-wide manager (cached :func:`get_plugin_manager`)."""
     return get_plugin_manager()
 
@@ -281,7 +304,7 @@ def _guard_commands(fn: Callable, argnames: tuple[str, ...], plugin_name: str, r
     (which the CLI prints once per command and keeps in its listing index); without one it is printed."""
 
     def note(message: str) -> None:
-        problems = getattr(pm, "restoreflow_problems", None)
+        problems = getattr(pm, "problems", None) if isinstance(pm, PluginHost) else None
         if problems is None:
             _warn(report, message)
         else:
@@ -315,7 +338,7 @@ def _guard_commands(fn: Callable, argnames: tuple[str, ...], plugin_name: str, r
 
 def guard_plugin(pm: pluggy.PluginManager, plugin: Any, report: LoadReport | None = None) -> None:
     """Wrap the run-time hook implementations of ``plugin`` (see the module docstring); idempotent."""
-    report = report if report is not None else getattr(pm, "restoreflow_report", None)
+    report = report if report is not None else _report_of(pm)
     for caller in pm.get_hookcallers(plugin) or []:
         for impl in caller.get_hookimpls():
             if impl.plugin is not plugin or impl.hookwrapper or impl.wrapper or getattr(impl.function, _GUARD_MARK, False):
@@ -370,17 +393,25 @@ def _what(obj: Any) -> str:
     return f"{type(obj).__name__} {obj!r}"[:120]
 
 
-def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
-    """Call every ``register_*`` implementation and return the filled registries.
+def _call_one(pm: pluggy.PluginManager, hook_name: str, plugin: Any, register: Callable[[Any], None]) -> list[Any]:
+    """Call ``hook_name`` of ``plugin`` alone, through pluggy (traced with ``RESTOREFLOW_TRACE_PLUGINS``, wrappers
+    applied), so that what one plugin does cannot stop or blame another."""
+    others = [p for p in pm.get_plugins() if p is not plugin]
+    return pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
 
-    Two phases. First each plugin's ``register_*`` hooks run into a staging list; a plugin whose hook raises,
-    returns a value, or hands ``register`` an object of the wrong kind is named in ``registries.problems``
-    and none of its registrations is kept. Then the staged objects are registered, first-party
-    (``restoreflow_plugins``) first; a name already taken is refused (the message names both modules) and the
-    first owner keeps it. ``strict=True`` raises the first problem as a :class:`PluginError` instead.
+
+def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
+    """Run every ``register_*`` hook through pluggy and return the filled registries.
+
+    Two phases. First each plugin's ``register_*`` hooks run, one plugin at a time and in pluggy's call order
+    (``tryfirst``/``trylast`` honoured), into a staging list; a plugin whose hook raises, returns a value, or
+    hands ``register`` an object of the wrong kind is named in ``registries.problems`` and none of its
+    registrations is kept. Then the staged objects are registered, first-party (``restoreflow_plugins``)
+    first; a name already taken is refused (the message names both modules) and the first owner keeps it.
+    ``strict=True`` raises the first problem as a :class:`PluginError` instead.
     """
     regs = Registries()
-    report = getattr(pm, "restoreflow_report", None)
+    report = _report_of(pm)
     for plugin in pm.get_plugins():  # plugins registered directly with pm.register() get the run-time guards too
         if not _is_first_party(plugin):
             guard_plugin(pm, plugin, report)
@@ -389,7 +420,7 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
     skipped: dict[str, str] = {}
     for hook_name, attr in _HOOKS:
         what, ok = _kind_check(attr)
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):  # pluggy calls the list from the end
             pname = impl.plugin_name
             order.setdefault(pname, (0 if _is_first_party(impl.plugin) else 1, len(order)))
             items = staged.setdefault(pname, [])
@@ -405,7 +436,7 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
                 _items.append((_attr, obj))
 
             try:
-                returned = impl.function(**{a: register for a in impl.argnames})
+                returned = _call_one(pm, hook_name, impl.plugin, register)
             except (KeyboardInterrupt, GeneratorExit):
                 raise
             except BaseException as e:  # noqa: BLE001 - SystemExit included
@@ -414,8 +445,8 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
                 else:
                     bad.append(f"failed in {hook_name}: {_one_line(e)}")
             else:
-                if returned is not None:
-                    bad.append(f"{hook_name} returned {type(returned).__name__} (hooks must call register(...) "
+                if returned:
+                    bad.append(f"{hook_name} returned {type(returned[0]).__name__} (hooks must call register(...) "
                                f"and return None)")
             if bad:
                 skipped[pname] = bad[0]
@@ -441,7 +472,8 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
                 if strict:
                     raise PluginError(msg) from e
                 regs.problems.append(" ".join(msg.split()))
-    pm.restoreflow_problems = regs.problems  # type: ignore[attr-defined]  # see _guard_commands
+    if isinstance(pm, PluginHost):
+        pm.problems = regs.problems  # see _guard_commands
     if report is not None:
         for name, why in reversed(list(report.failed.items())):
             regs.problems.insert(0, f"plugin {name!r} {why}; the plugin is skipped")
