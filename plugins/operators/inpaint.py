@@ -1,0 +1,65 @@
+"""The ``inpaint`` operator: a binary mask shared by all channels (a centred box, random pixels, or a mask
+file read by :func:`load_mask`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from restoreflow.plugin_api import InputError, LinearOperator, OperatorConfig, check, read_array
+
+
+def load_mask(path: str | Path, shape: tuple[int, int]) -> Tensor:
+    """A binary mask (1 = observed) from an image or ``.npy`` file of the image's size."""
+    p = Path(path)
+    m = read_array(p, "mask")
+    if m.shape != tuple(shape):
+        raise InputError(f"mask {p} is {m.shape[0]}x{m.shape[1]} but the image is {shape[0]}x{shape[1]}")
+    return torch.from_numpy((m > 0.5).astype(np.float32))
+
+
+class Inpaint(LinearOperator):
+    r"""Inpainting :math:`y = M \odot x + n` with a binary mask :math:`M` shared by all channels
+    (``mask=box``: a centred box covering ``box`` of each side; ``mask=random``: a fraction ``ratio`` of pixels
+    missing, seeded; or a mask file). Diagonal, so :math:`A^\top = A` and :math:`A^\dagger y = M \odot y`."""
+
+    name = "inpaint"
+
+    @dataclass(frozen=True)
+    class Config(OperatorConfig):
+        mask: str = "box"  # box | random | PATH
+        box: float = 0.3  # box side as a fraction of the image side
+        ratio: float = 0.5  # fraction of missing pixels for mask=random
+
+        def __post_init__(self):
+            super().__post_init__()
+            check(0 < self.box < 1, f"box must be in (0, 1); got {self.box}")
+            check(0 <= self.ratio < 1, f"ratio must be in [0, 1); got {self.ratio}")
+
+    def __init__(self, config=None, *, x_shape, **options):
+        super().__init__(config, x_shape=x_shape, **options)
+        c = self.config
+        H, W = self.x_shape[-2:]
+        if c.mask == "box":
+            m = torch.ones(H, W)
+            bh, bw = max(1, round(c.box * H)), max(1, round(c.box * W))
+            m[(H - bh) // 2 : (H - bh) // 2 + bh, (W - bw) // 2 : (W - bw) // 2 + bw] = 0
+        elif c.mask == "random":
+            g = torch.Generator().manual_seed(c.seed)
+            m = (torch.rand(H, W, generator=g) >= c.ratio).float()
+        else:
+            m = load_mask(c.mask, (H, W))
+        self.register_buffer("mask", m)
+
+    def A(self, x):
+        return x * self.mask.to(x.dtype)
+
+    def A_adjoint(self, y):
+        return y * self.mask.to(y.dtype)
+
+    def A_dagger(self, y):
+        return y * self.mask.to(y.dtype)
