@@ -13,6 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from restoreflow.app import bench as rb
+from restoreflow.app.bench.plan import _operator as plan_operator
+from restoreflow.app.bench.run import _simulate as simulate
 from restoreflow.app.cli import build_cli
 from restoreflow.core.errors import ConfigError, IncompatibleError, UnknownNameError
 from restoreflow.host.manager import default_registries
@@ -156,7 +158,7 @@ def test_peers_see_the_same_measurement_as_restore(regs):
 
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     res = restore(x, "deblur", sampler="pinv", seed=5, simulate=True, registries=regs)
-    _, y, _, _ = rb._simulate(rb._operator("deblur", None, {}, regs), x, 5, torch.device("cpu"))
+    _, y, _, _ = simulate(plan_operator("deblur", None, {}, regs), x, 5, torch.device("cpu"))
     assert torch.equal(y, res.measurement)
 
 
