@@ -15,6 +15,7 @@ from restoreflow.models import data as rfdata
 from restoreflow.core.modelcard import save_weights, write_card
 from restoreflow.models.nets.unet import EDMDenoiser, UNet
 from restoreflow_plugins import models as M
+from restoreflow_plugins.models import bundled
 
 
 @pytest.fixture(scope="module")
@@ -310,10 +311,10 @@ def test_card_sampler_defaults_apply_unless_the_user_sets_them(pm, tmp_path):
 
     from restoreflow.app.api import plan
 
-    src = M._weights_dir() / "default.safetensors"
+    src = bundled._weights_dir() / "default.safetensors"
     w = tmp_path / "tuned.safetensors"
     shutil.copy(src, w)
-    card = json.loads((M._weights_dir() / "default.json").read_text())
+    card = json.loads((bundled._weights_dir() / "default.json").read_text())
     card["sampler_defaults"] = {"red_diff": {"lam": 0.3, "lr": 0.04, "steps": 7}}
     write_card(tmp_path / "tuned.json", card)
     c = plan("deblur", sampler="red_diff", prior=str(w)).sampler.config
@@ -321,6 +322,6 @@ def test_card_sampler_defaults_apply_unless_the_user_sets_them(pm, tmp_path):
     c = plan("deblur", sampler="red_diff", prior=str(w), steps=5, sampler_options={"lam": 0.1}).sampler.config
     assert (c.lam, c.lr, c.steps) == (0.1, 0.04, 5)
     assert plan("deblur", sampler="dps", prior=str(w)).sampler.config == plan("deblur", sampler="dps").sampler.config
-    shipped = json.loads((M._weights_dir() / "default.json").read_text())["sampler_defaults"]["red_diff"]
+    shipped = json.loads((bundled._weights_dir() / "default.json").read_text())["sampler_defaults"]["red_diff"]
     c = plan("deblur", sampler="red_diff").sampler.config  # the bundled prior ships its own tuning
     assert (c.lam, c.lr) == (shipped["lam"], shipped["lr"])
