@@ -33,13 +33,6 @@ SIZE = 32
 LOW = (torch.float32, torch.float16, torch.bfloat16)
 CASTS = frozenset({"to", "type", "float", "half", "bfloat16"})
 
-# the bug this file found (see test_operator_shape_probe_follows_the_operator_device)
-Y_SHAPE_BUG = ("restoreflow/core/operators.py (was restoreflow/operators.py): Operator.y_shape probes A with "
-               "torch.zeros(...) on the CPU whatever the operator's device, so an operator whose A multiplies by a "
-               "buffer (Inpaint's mask, MRI's mask) raises a device mismatch once moved to CUDA; restore() reads "
-               "op.y_shape after op.to(device)")
-
-
 def _photo(size: int = SIZE, seed: int = 0) -> np.ndarray:
     """A smooth RGB test picture in [0, 1] (float64) with some texture."""
     rng = np.random.default_rng(seed)
@@ -177,7 +170,6 @@ def test_restore_takes_a_float64_measurement(task):
     assert r64.metrics["psnr"] > 10 and torch.get_default_dtype() == default
 
 
-@pytest.mark.xfail(strict=True, reason=Y_SHAPE_BUG)
 def test_operator_shape_probe_follows_the_operator_device():
     """``y_shape`` must work wherever the operator lives. The ``meta`` device stands in for CUDA on a CPU-only
     machine: any device other than the CPU shows the probe's device mismatch."""
@@ -192,8 +184,7 @@ def test_operator_shape_probe_follows_the_operator_device():
 
 @pytest.mark.gpu
 @CUDA
-@pytest.mark.parametrize("task", [*TASKS[:3], pytest.param("inpaint", marks=pytest.mark.xfail(
-    strict=True, raises=RuntimeError, reason=Y_SHAPE_BUG))])
+@pytest.mark.parametrize("task", TASKS)
 def test_restore_on_cuda_matches_cpu(task):
     a = (_photo(64) * 255).round().astype(np.uint8)
     kw = {"simulate": True, "seed": 0, "steps": STEPS.get(task)}
@@ -207,10 +198,6 @@ def test_restore_on_cuda_matches_cpu(task):
 
 @pytest.mark.gpu
 @CUDA
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "restoreflow/core/paths.py (was restoreflow/paths.py): AffinePath.sample draws torch.randn(device=x0.device) "
-    "from the caller's generator, so the library's CPU generator fails for CUDA x0; sampling.randn draws on the "
-    "generator's device and moves the noise"))
 def test_path_sample_takes_a_cpu_generator_for_cuda_states():
     x0 = torch.rand(2, 3, 8, 8, dtype=torch.float64, device="cuda")
     xt, noise = rf.vp().sample(x0, 0.5, generator=torch.Generator().manual_seed(0))

@@ -238,10 +238,14 @@ class Operator(nn.Module):
 
     @property
     def y_shape(self) -> tuple[int, ...]:
-        """Shape of a measurement of an ``x_shape`` image."""
+        """Shape of a measurement of an ``x_shape`` image (probed once, on the device the operator's tensors live on)."""
         if not hasattr(self, "_y_shape"):
+            held = next(iter(self.buffers()), None)
+            if held is None:
+                held = next(iter(self.parameters()), None)
+            device = held.device if held is not None else None
             with torch.no_grad():
-                self._y_shape = tuple(self.A(torch.zeros(1, *self.x_shape[1:])).shape)
+                self._y_shape = tuple(self.A(torch.zeros(1, *self.x_shape[1:], device=device)).shape)
         return (self.x_shape[0], *self._y_shape[1:])
 
     @property

@@ -132,8 +132,10 @@ class AffinePath:
         return out
 
     def sample(self, x0: Tensor, t: Any, *, generator: torch.Generator, anchor: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Draw :math:`x_t \\sim p(x_t | x_0, \\mu)`; returns ``(x_t, noise)``."""
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        """Draw :math:`x_t \\sim p(x_t | x_0, \\mu)`; returns ``(x_t, noise)``. The noise is drawn on the generator's
+        device (the library's convention is one CPU generator for every device) and moved to ``x0``'s."""
+        device = generator.device if generator is not None else x0.device
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=device).to(x0.device)
         return self.marginal(x0, t, noise, anchor), noise
 
     def require_anchor(self, anchor: Tensor | None) -> Tensor:
