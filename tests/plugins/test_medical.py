@@ -15,6 +15,7 @@ from restoreflow.exact.gaussian import operator_matrix
 from restoreflow.app.metrics import psnr, ssim
 from restoreflow.testing import MatrixOperator, check_operator
 from restoreflow_plugins import medical
+from restoreflow_plugins.medical import mri
 from restoreflow_plugins.medical import (
     CTParallel,
     GrayDenoiser,
@@ -66,7 +67,7 @@ def test_mri_operator_contract(mask, shape):
 def test_mri_pinv_is_the_exact_least_squares_pseudo_inverse():
     # an asymmetric mask: some frequencies k are sampled without -k, so A^T A has eigenvalues 1/2
     op = MRICartesian(x_shape=(1, 1, 8, 8), accel=3, center_fraction=0.0, seed=3, noise="none")
-    assert ((op.mask - medical._reflect(op.mask)).abs().sum() > 0), "test needs an asymmetric mask"
+    assert ((op.mask - mri._reflect(op.mask)).abs().sum() > 0), "test needs an asymmetric mask"
     M = dense(op, (1, 1, 8, 8))
     P = torch.linalg.pinv(M)
     y = op.A(torch.rand(1, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
