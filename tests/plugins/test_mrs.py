@@ -18,6 +18,7 @@ import torch
 import yaml
 
 import restoreflow_plugins.mrs as mrs
+import restoreflow_plugins.mrs.bundled as mrs_bundled
 from restoreflow import CheckpointError, ConditionalOracle, ConfigError, EulerMaruyama, ExpIntegrator, IncompatibleError
 from restoreflow.exact.gaussian import gaussian_w2
 from restoreflow.core.modelcard import card_path, read_card
@@ -663,7 +664,7 @@ def test_converted_model_keeps_its_schedule(tmp_path):
 
 
 def test_bundled_prior_missing_says_which_prior_to_pass(monkeypatch, tmp_path):
-    monkeypatch.setattr(mrs, "bundled_weights", lambda name: tmp_path / f"{name}.safetensors")
+    monkeypatch.setattr(mrs_bundled, "bundled_weights", lambda name: tmp_path / f"{name}.safetensors")
     with pytest.raises(CheckpointError, match="--prior"):
         mrs.MRDeblur().load()
 

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 import restoreflow_plugins.residual as rs
+import restoreflow_plugins.residual.bundled as rs_bundled
+from restoreflow_plugins.residual.resfusion import _RESFUSION_MODE_ALIASES
 from restoreflow import (
     CheckpointError,
     ConditionalOracle,
@@ -220,7 +222,7 @@ def test_resfusion_adapter_recovers_x0(mode, gen):
         ah, al, be = sch.alpha_hat[i], sch.alpha[i], sch.beta[i]
         x_t = ah.sqrt() * x0 + (1 - ah.sqrt()) * R + (1 - ah).sqrt() * eps
         target = {"resnoise": eps + (1 - al.sqrt()) * (1 - ah).sqrt() / be * R, "x0": x0, "residual": R}
-        net = Fixed(target[rs._RESFUSION_MODE_ALIASES[mode]])
+        net = Fixed(target[_RESFUSION_MODE_ALIASES[mode]])
         den = rs.ResfusionAdapter(net, sch, mode)
         t = torch.tensor((i + 1) / 12, dtype=F64)
         a, b, _ = sch.path().coefficients(t)
@@ -754,7 +756,7 @@ def test_unsafe_or_foreign_files(tmp_path):
 
 
 def test_bundled_priors_explain_missing_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(rs, "_weights_dir", lambda: tmp_path)
+    monkeypatch.setattr(rs_bundled, "_weights_dir", lambda: tmp_path)
     for cls in (rs.ResfusionDeblur, rs.RDDMDeblur):
         with pytest.raises(CheckpointError, match=f"{cls.name}.safetensors.*restoreflow train --method {cls.method}"):
             cls().load()
