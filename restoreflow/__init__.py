@@ -31,7 +31,7 @@ _LAZY = {
     "GaussianDenoiser": "exact.gaussian", "GaussianModel": "exact.gaussian", "PowerLawSpectrum": "exact.gaussian",
     "DeepinvOperator": "core.operators", "GaussianNoise": "core.operators", "LinearOperator": "core.operators",
     "NoiseModel": "core.operators", "Operator": "core.operators", "OperatorConfig": "core.operators", "PoissonNoise": "core.operators",
-    "ZeroNoise": "core.operators", "conjugate_gradient": "core.operators",
+    "ZeroNoise": "core.operators", "conjugate_gradient": "core.linalg",
     "PREDICTIONS": "core.parameterization", "from_x0": "core.parameterization", "to_x0": "core.parameterization",
     "AffinePath": "core.paths", "mean_reverting": "core.paths", "rectified_flow": "core.paths", "tabulated": "core.paths", "ve": "core.paths",
     "vp": "core.paths", "vp_cosine": "core.paths",
@@ -65,9 +65,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from restoreflow.exact.gaussian import (
         ConditionalOracle, DenseGaussian, FourierGaussian, GaussianDenoiser, GaussianModel, PowerLawSpectrum,
     )
+    from restoreflow.core.linalg import conjugate_gradient
     from restoreflow.core.operators import (
         DeepinvOperator, GaussianNoise, LinearOperator, NoiseModel, Operator, OperatorConfig, PoissonNoise,
-        ZeroNoise, conjugate_gradient,
+        ZeroNoise,
     )
     from restoreflow.core.parameterization import PREDICTIONS, from_x0, to_x0
     from restoreflow.core.paths import AffinePath, mean_reverting, rectified_flow, tabulated, ve, vp, vp_cosine

@@ -43,10 +43,8 @@ from restoreflow.core.denoiser import Denoiser, PredictionAdapter, Prior, ValueR
 from restoreflow.core.tiling import TiledDenoiser
 
 # -- operators and noise ----------------------------------------------------------------------------------
-from restoreflow.core.operators import (
-    BOUNDARIES, GaussianNoise, LinearOperator, Operator, OperatorConfig, PoissonNoise, conjugate_gradient,
-    kernel_to_symbol, pad, pad_adjoint,
-)
+from restoreflow.core.linalg import BOUNDARIES, conjugate_gradient, kernel_to_symbol, pad, pad_adjoint
+from restoreflow.core.operators import GaussianNoise, LinearOperator, Operator, OperatorConfig, PoissonNoise
 
 # -- the sampling framework -------------------------------------------------------------------------------
 from restoreflow.core.sampling import (

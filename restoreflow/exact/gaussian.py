@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from restoreflow.core.operators import LinearOperator, conjugate_gradient, fft2, ifft2
+from restoreflow.core.linalg import conjugate_gradient, fft2, ifft2
+from restoreflow.core.operators import LinearOperator
 from restoreflow.core.paths import AffinePath, as_time, bcast
 
 __all__ = [

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from restoreflow.core.errors import ConfigError
 from restoreflow.exact.gaussian import default_spectrum
-from restoreflow.core.operators import BOUNDARIES, conjugate_gradient, pad, pad_adjoint
+from restoreflow.core.linalg import BOUNDARIES, conjugate_gradient, pad, pad_adjoint
 from restoreflow.host.manager import collect, get_plugin_manager
 from restoreflow.core.sampling import Problem
 from restoreflow.testing import check_operator

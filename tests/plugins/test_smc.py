@@ -326,7 +326,7 @@ def test_tds_shift_is_the_twisted_x0_through_the_ancestral_step(gp, form):
 def test_operator_twist_is_the_pigdm_likelihood_up_to_a_constant():
     """form=operator: log N(y; A x0, v I + r2 A A^T) minus a particle-independent constant, with the exact
     gradient; the Fourier solve (circulant blur) and CG (any linear operator) agree with dense algebra."""
-    from restoreflow.core.operators import kernel_to_symbol
+    from restoreflow.core.linalg import kernel_to_symbol
     from restoreflow_plugins.smc import gram_solve, twisted_log_potential
 
     g = torch.Generator().manual_seed(3)
