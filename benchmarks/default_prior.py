@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from restoreflow.models import data as rfdata
     from restoreflow.app.api import restore
     from restoreflow.host.manager import default_registries
-    from restoreflow.models.train_loop import evaluate_denoiser
+    from restoreflow.models.evaluation import evaluate_denoiser
 
     torch.set_num_threads(args.threads)
     size = args.size or (64 if args.quick else 128)

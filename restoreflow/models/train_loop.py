@@ -34,18 +34,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from restoreflow.models import data as rfdata
 from restoreflow.core.denoiser import for_inference
 from restoreflow.core.errors import CheckpointError, ConfigError, IncompatibleError
+from restoreflow.models.degrade import Degrader, _jsonable
+from restoreflow.models.evaluation import evaluate_conditional, evaluate_denoiser
 from restoreflow.core.modelcard import (
     card_path, load_into, load_state_dict, read_card, safe_torch_load, save_weights, write_card,
 )
-from restoreflow.core.options import check, config_fields
-from restoreflow.core.sampling import anchor_estimator, make_anchor
+from restoreflow.core.options import check
 
-__all__ = ["TrainOptions", "train", "load_model", "Degrader", "LoadedModel", "evaluate_denoiser"]
+__all__ = ["TrainOptions", "train", "load_model", "LoadedModel"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -107,152 +108,6 @@ class TrainOptions:
         if self.noise_range is not None:
             lo, hi = self.noise_range
             check(0 <= lo <= hi <= 1, f"noise_range must satisfy 0 <= lo <= hi <= 1; got {self.noise_range}")
-
-
-# -- degradations ------------------------------------------------------------------------------------
-
-
-class Degrader:
-    """Makes ``mu`` (the anchor) from clean crops with the task's operator(s), one random draw per image."""
-
-    def __init__(self, registries: Any, task: str, op_options: Mapping[str, Any] | None = None,
-                 extra_operators: tuple[str, ...] = (), noise_range: tuple[float, float] | None = None,
-                 anchor: str = "measurement"):
-        t = registries.tasks.get(task)
-        self.registries = registries
-        self.anchor = anchor
-        if anchor != "measurement":
-            anchor_estimator(anchor, registries)  # fail before any data loads
-        self.task = t
-        self.entries: list[tuple[str, type, dict[str, Any]]] = []
-        # training pairs are degraded circularly unless --op boundary=... says otherwise: the measurement keeps the
-        # image's size, as the conditional models' anchors need (a task's `valid` default is for real photos)
-        base = {k: v for k, v in dict(t.defaults).items() if k != "boundary"}
-        base.update(op_options or {})
-        for name in (t.operator, *extra_operators):
-            cls = registries.operators.get(name)
-            fields_ = config_fields(cls.Config)
-            opts = {k: v for k, v in base.items() if k in fields_}
-            if name == t.operator:
-                unknown = [k for k in (op_options or {}) if k not in fields_]
-                if unknown:
-                    raise ConfigError(f"operator {name} has no option {unknown[0]!r}")
-            self.entries.append((name, cls, opts))
-        self.noise_range = noise_range
-
-    def describe(self) -> dict[str, Any]:
-        return {"task": self.task.name, "operators": [{"name": n, "options": _jsonable(o)} for n, _, o in self.entries],
-                "random_kernel_per_image": True, "noise_range": list(self.noise_range) if self.noise_range else None,
-                "anchor": self.anchor}
-
-    def _build(self, k: int, x_shape: tuple[int, ...], generator: torch.Generator | None, seed: int | None = None,
-               sigma: float | None = None) -> Any:
-        name, cls, opts = self.entries[k]
-        opts = dict(opts)
-        fields_ = config_fields(cls.Config)
-        if "seed" in fields_ and seed is not None:
-            opts["seed"] = seed
-        if sigma is not None and "noise_sigma" in fields_:
-            opts["noise_sigma"] = sigma
-        return cls(x_shape=x_shape, **opts)
-
-    def __call__(self, x0: Tensor, *, generator: torch.Generator, noise_generator: torch.Generator | None = None) -> Tensor:
-        """Degrade each image with its own random operator draw; ``noise_generator`` (on ``x0``'s device,
-        default ``generator``) draws the measurement noise."""
-        noise_generator = noise_generator if noise_generator is not None else generator
-        mus = []
-        for i in range(x0.shape[0]):
-            k = int(torch.randint(len(self.entries), (1,), generator=generator))
-            seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-            sigma = None
-            if self.noise_range is not None:
-                lo, hi = self.noise_range
-                sigma = lo + (hi - lo) * float(torch.rand((), generator=generator, dtype=torch.float64))
-            xi = x0[i:i + 1]
-            op = self._build(k, tuple(xi.shape), generator, seed, sigma).to(xi.device)
-            with torch.no_grad():
-                y = op.forward(xi, generator=noise_generator)
-                mus.append(make_anchor(op, y, self.anchor, registries=self.registries).to(xi.dtype))
-        return torch.cat(mus)
-
-    def eval_operator(self, x_shape: tuple[int, ...]) -> Any:
-        """The task's operator with its fixed defaults (seed 0): the evaluation setting."""
-        return self._build(0, x_shape, None, None, None)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if isinstance(obj, Tensor) and obj.numel() == 1:
-        return obj.item()
-    return str(obj)
-
-
-# -- evaluation ------------------------------------------------------------------------------------
-
-
-EVAL_SIGMAS = (0.05, 0.1, 0.2)
-
-
-@torch.no_grad()
-def evaluate_denoiser(denoiser: Any, images: Tensor, *, sigmas: tuple[float, ...] = EVAL_SIGMAS, seed: int = 0) -> dict[str, Any]:
-    """Denoising PSNR/SSIM on ``images`` at noise levels ``sigmas`` ([0, 1] units), with the noisy input as baseline.
-
-    The noisy image ``y = x0 + s eps`` is fed at the path time whose noise-to-signal ratio is ``s``.
-    """
-    g = torch.Generator(device=images.device).manual_seed(seed)
-    path = denoiser.path
-    res: dict[str, Any] = {"psnr": {}, "ssim": {}, "baseline": {"psnr": {}, "ssim": {}, "what": "noisy input"}}
-    for s in sigmas:
-        y = images + s * torch.randn(images.shape, generator=g, device=images.device, dtype=images.dtype)
-        t = path.t_from_nsr(torch.tensor(s, dtype=torch.float64))
-        a, _, _ = path.coefficients(t)
-        out = denoiser(y * float(a), t.to(images.device)).clamp(0, 1)
-        key = f"{s:g}"
-        res["psnr"][key] = _mean(rfdata.psnr(out, images))
-        res["ssim"][key] = _mean(rfdata.ssim(out, images))
-        res["baseline"]["psnr"][key] = _mean(rfdata.psnr(y, images))
-        res["baseline"]["ssim"][key] = _mean(rfdata.ssim(y, images))
-    res["sigmas"] = list(sigmas)
-    return res
-
-
-def _mean(v: list[float]) -> float:
-    return round(sum(v) / len(v), 4)
-
-
-@torch.no_grad()
-def evaluate_conditional(denoiser: Any, images: Tensor, degrader: Degrader, registries: Any, sampler_name: str,
-                         *, steps: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Restore held-out crops degraded by the task's default operator with ``sampler_name``."""
-    from restoreflow.core.sampling import Problem, anchored_for
-
-    g = torch.Generator(device=images.device).manual_seed(seed)
-    op = degrader.eval_operator(tuple(images.shape)).to(images.device)
-    y = op.forward(images, generator=g)
-    problem = anchored_for(Problem(y=y, operator=op, x_shape=tuple(images.shape), registries=registries), denoiser)
-    res: dict[str, Any] = {"sampler": sampler_name, "operator": degrader.entries[0][0],
-                           "operator_options": _jsonable(degrader.entries[0][2])}
-    scls = registries.samplers.get(sampler_name)
-    opts = {"steps": steps} if steps is not None and "steps" in config_fields(scls.Config) else {}
-    sampler = scls(**opts)
-    out = sampler.sample(problem, denoiser, generator=g).clamp(0, 1)
-    res["psnr"] = _mean(rfdata.psnr(out, images))
-    res["ssim"] = _mean(rfdata.ssim(out, images))
-    mu = op.anchor(y)  # the degraded input itself, whatever the model is anchored at
-    base = {"degraded": {"psnr": _mean(rfdata.psnr(mu, images)), "ssim": _mean(rfdata.ssim(mu, images))}}
-    if "wiener" in registries.samplers and sampler_name != "wiener":
-        try:
-            w = registries.samplers.get("wiener")().sample(problem, None, generator=g).clamp(0, 1)
-            base["wiener"] = {"psnr": _mean(rfdata.psnr(w, images)), "ssim": _mean(rfdata.ssim(w, images))}
-        except Exception as e:  # a baseline that does not apply to this operator is reported, not fatal
-            base["wiener"] = {"error": " ".join(str(e).split())[:200]}
-    res["baseline"] = base
-    return res
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
