@@ -1,0 +1,161 @@
+"""The ``smc`` corrector: its options, and the driver hooks as a thin adapter over :mod:`.tds`.
+
+The corrector holds one :class:`.tds.TDSState` per run; each hook is the matching lines of TDS' Algorithm 1
+(see :mod:`.tds`). Its results after a run are the state's, plus the output statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from restoreflow.plugin_api import Corrector, check
+
+from .particles import expand
+from .resampling import RESAMPLERS, ess
+from .tds import (
+    TDSState, check_stochastic, estimate, feynman_kac_increment, record_move, resample, start, terminal, weigh,
+)
+from .twist import TWIST_FORMS, log_likelihood, twist_variance, twisted_log_potential
+
+__all__ = ["SMC"]
+
+
+class SMC(Corrector):
+    r"""Sequential Monte Carlo corrector: twisted (TDS) likelihood weights and Feynman–Kac weights, ESS resampling.
+
+    Guided samplers such as DPS draw from an approximation of the posterior. This corrector runs ``N``
+    particles per image through the same guided kernel, gives each a log-weight, and resamples when the
+    weights degenerate; as ``N`` grows the weighted particles approach the exact target, at ``N`` times the
+    network cost (``--sampler ddim -o eta=1 --guidance dps --corrector smc --particles 16``).
+
+    Increments per step (all in float64 log space): the kernel's :math:`\log p - \log q` for the guidance
+    shift, the potential ratio :math:`\log\psi_{t'} - \log\psi_t` (``potential="tds"``; ``"none"`` keeps only
+    the terminal likelihood: plain importance sampling of the guided sampler), and for a
+    :class:`.composed.ComposedDenoiser` the FK rate. After the run:
+
+    * :attr:`weights` ``(B, N)``, :attr:`particles` ``(B, N, ...)``, :attr:`mean` and :attr:`variance`
+      (``B x C x H x W``: the weighted posterior mean and per-pixel variance, the uncertainty map),
+    * :attr:`log_evidence` ``(B,)``: the SMC estimate of :math:`\log p(y)` (meaningful with the TDS
+      potential and no FK terms, whose dropped constants shift it),
+    * :attr:`ess_history` (ESS/N after each reweighting, ``(B,)`` each), :attr:`resample_steps` and
+      :attr:`ess_final`.
+    """
+
+    name = "smc"
+
+    @dataclass(frozen=True)
+    class Config:
+        #: particles per image (N network evaluations per step)
+        particles: int = 16
+        #: resample an image's particles when ESS/N drops below this; 1 or "always": every step, 0: never
+        ess_threshold: float | str = 0.5
+        #: systematic, stratified, residual or multinomial
+        resampling: str = "systematic"
+        #: sample (one particle drawn by weight), best (highest weight) or mean (weighted mean)
+        output: str = "sample"
+        #: evaluate the denoiser on at most this many particles at once (None: all)
+        chunk: int | None = None
+        #: tds (twisting potential from the likelihood at x0_hat) or none (terminal weights only)
+        potential: str = "tds"
+        #: multiplies the twisting variance r_t^2 = sigma_t^2 / a_t^2
+        twist_scale: float = 1.0
+        #: None: TDS' r_t^2; a prior variance tau^2: the bounded PiGDM form (see twist_variance)
+        twist_tau2: float | None = None
+        #: isotropic: N(y; A x0_hat, (v + r_t^2) I) (TDS); operator: N(y; A x0_hat, v I + r_t^2 A A^T) (PiGDM's,
+        #: linear operators with Gaussian noise; others fall back to isotropic). See twisted_log_potential
+        twist_form: str = "operator"
+        #: deterministic final step: model (exact, unguided final mean) or proposal (keep the guided move)
+        terminal: str = "model"
+        #: FKC stabiliser (biased): subtract the particles' mean increment before clipping
+        center_increments: bool = False
+        #: FKC stabiliser (biased): clip each step's increments to [-c, c]
+        increment_clip: float | None = None
+
+        def __post_init__(self):
+            thr = self.ess_threshold
+            if isinstance(thr, str):
+                check(thr == "always", f"ess_threshold must be a number in [0, 1] or 'always'; got {thr!r}")
+                object.__setattr__(self, "ess_threshold", 1.0)
+            check(0.0 <= float(self.ess_threshold) <= 1.0, f"ess_threshold must be in [0, 1]; got {self.ess_threshold}")
+            check(1 <= self.particles <= 100000, f"particles must be in [1, 100000]; got {self.particles}")
+            check(self.resampling in RESAMPLERS, f"resampling must be one of {', '.join(RESAMPLERS)}; got {self.resampling!r}")
+            check(self.output in ("sample", "best", "mean"), f"output must be sample, best or mean; got {self.output!r}")
+            check(self.chunk is None or self.chunk >= 1, f"chunk must be >= 1; got {self.chunk}")
+            check(self.potential in ("tds", "none"), f"potential must be tds or none; got {self.potential!r}")
+            check(self.twist_scale >= 0, f"twist_scale must be >= 0; got {self.twist_scale}")
+            check(self.twist_tau2 is None or self.twist_tau2 > 0, f"twist_tau2 must be > 0; got {self.twist_tau2}")
+            check(self.twist_form in TWIST_FORMS, f"twist_form must be one of {', '.join(TWIST_FORMS)}; "
+                  f"got {self.twist_form!r}")
+            check(self.terminal in ("model", "proposal"), f"terminal must be model or proposal; got {self.terminal!r}")
+            check(self.increment_clip is None or self.increment_clip > 0,
+                  f"increment_clip must be > 0; got {self.increment_clip}")
+
+    #: the particle system of the current (or last) run
+    state: TDSState | None = None
+    #: the per-pixel weighted variance of the last run (``B x C x H x W``), for the uncertainty map
+    variance: Tensor | None = None
+
+    @property
+    def log_evidence(self) -> Tensor | None:
+        return None if self.state is None else self.state.log_evidence
+
+    @property
+    def ess_history(self) -> list[Tensor] | None:
+        return None if self.state is None else self.state.ess_history
+
+    @property
+    def resample_steps(self) -> list[int] | None:
+        return None if self.state is None else self.state.resample_steps
+
+    # -- the driver's hooks --------------------------------------------------------------------
+    def setup(self, x: Tensor, ctx: Any) -> Tensor:
+        c = self.config
+        composed = hasattr(ctx.denoiser, "log_weight_rate")
+        x, layout = expand(x, ctx, c.particles, c.chunk)
+        self._fk = ctx.denoiser if composed else None  # the composition as the driver calls it (maybe chunked)
+        self._twist = layout.has_likelihood and c.potential == "tds"
+        self.state = start(layout, x.device)
+        self.weights = self.particles = self.mean = self.variance = None
+        return x
+
+    def reweight(self, i: int, x: Tensor, x0_hat: Tensor, t: Tensor, ctx: Any) -> Tensor | None:
+        c, st = self.config, self.state
+        check_stochastic(st)
+        st.step = i
+        with torch.no_grad():
+            if self._twist:
+                r2 = twist_variance(ctx.path, t, c.twist_scale, c.twist_tau2)
+                log_psi = twisted_log_potential(x0_hat, st.layout.y, st.layout.operator, r2, form=c.twist_form)
+            else:
+                log_psi = torch.zeros_like(st.log_pq)
+            fk = feynman_kac_increment(st, self._fk, x, t, ctx.anchor) if self._fk is not None else None
+        weigh(st, log_psi, t, fk, center=c.center_increments, clip=c.increment_clip)
+        idx = resample(st, float(c.ess_threshold), c.resampling, ctx.generator)
+        return None if idx is None else idx.to(x.device)
+
+    def transition(self, x_next: Tensor, mean_prior: Tensor, mean_proposal: Tensor, std: Tensor | float,
+                   ctx: Any) -> None:
+        last = ctx.ts is None or self.state.step >= len(ctx.ts) - 2
+        record_move(self.state, x_next, mean_prior, mean_proposal, std, last=last)
+
+    def finalize(self, x: Tensor, ctx: Any) -> Tensor:
+        c, st = self.config, self.state
+        with torch.no_grad():
+            x_out, fk_tail = x, None
+            if st.moved:
+                if st.final_mean is not None and c.terminal == "model":
+                    x_out = st.final_mean.to(x.dtype)
+                if self._fk is not None and st.t_prev is not None and ctx.ts is not None:
+                    fk_tail = st.fk_rate * (st.t_prev - float(ctx.ts[-1]))
+            L = st.layout
+            terminal(st, log_likelihood(L.operator, L.y, x_out) if L.has_likelihood else None, fk_tail)
+            out, self.weights, mean, var = estimate(st, x_out, c.output, ctx.generator)
+        self.ess_final = ess(st.log_w) / L.N
+        self.particles = L.groups(x_out.detach())
+        self.mean = mean.to(x.dtype)
+        self.variance = var.to(x.dtype)
+        return out.to(x.dtype)

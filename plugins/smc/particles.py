@@ -1,0 +1,77 @@
+"""The particle layout shared by the ``smc`` and ``svdd`` correctors: ``B`` images x ``N`` particles.
+
+``B`` images with ``N`` particles each are stored as ``B * N`` rows, image ``b`` owning rows
+``b*N .. b*N + N - 1`` (``repeat_interleave`` layout); particle 0 of each image is the driver's own start
+draw, so ``particles=1`` consumes the random stream exactly like the plain guided sampler and reproduces
+it bit for bit (a problem with ``x_init`` starts every particle from it). ``chunk`` evaluates the denoiser
+on at most ``chunk`` rows at a time, and the driver runs gradient guidance (DPS, TDS) chunk by chunk too --
+forward, backward and free before the next chunk -- so peak activation memory is that of ``chunk`` rows
+whatever ``N`` (for an operator shared by all rows; per-image operators with ``B > 1`` keep one graph for all
+rows). Resampling happens per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from restoreflow.plugin_api import as_time, start_state
+
+from .composed import ChunkedDenoiser
+
+__all__ = ["Particles", "expand"]
+
+
+@dataclass(frozen=True)
+class Particles:
+    """Where one run's particles live: ``B`` images x ``N`` particles, and the measurement they are weighed by."""
+
+    B: int
+    N: int
+    #: the measurement's operator (``None``: no measurement)
+    operator: Any
+    #: the measurement, one row per particle
+    y: Tensor | None
+
+    @property
+    def has_likelihood(self) -> bool:
+        return self.operator is not None and self.y is not None
+
+    def groups(self, v: Tensor) -> Tensor:
+        """``(B * N, ...)`` rows as ``(B, N, ...)``."""
+        return v.reshape(self.B, self.N, *v.shape[1:])
+
+
+def expand(x: Tensor, ctx: Any, N: int, chunk: int | None) -> tuple[Tensor, Particles]:
+    """The driver's start draw ``x`` (``B`` rows) expanded to ``B * N`` particles; ``ctx`` is set up for them.
+
+    Particles ``1 .. N-1`` of each image are fresh prior draws (or copies of ``x_init``); the problem in ``ctx``
+    gets one measurement and anchor row per particle (guidance sees them), and with ``chunk`` the denoiser is
+    evaluated on at most ``chunk`` rows at a time (:class:`ChunkedDenoiser`, or the denoiser's own ``chunked``).
+    """
+    problem = ctx.problem
+    B = x.shape[0]
+    if N > 1:
+        shape = (B * (N - 1), *x.shape[1:])
+        if problem.x_init is not None:
+            extra = x.repeat_interleave(N - 1, dim=0)
+        else:
+            anchor = problem.anchor.repeat_interleave(N - 1, dim=0) if problem.anchor is not None else None
+            t0 = ctx.ts[0] if ctx.ts is not None else as_time(ctx.path.t_max)
+            extra = start_state(ctx.path, t0, problem.replace(x_shape=shape, anchor=anchor, x_init=None),
+                                generator=ctx.generator, dtype=x.dtype)
+        x = torch.cat([x[:, None], extra.reshape(B, N - 1, *x.shape[1:])], dim=1).reshape(B * N, *x.shape[1:])
+        rep = {"x_shape": tuple(x.shape), "x_init": None}
+        if problem.y is not None:
+            rep["y"] = problem.y.repeat_interleave(N, dim=0)
+        if problem.anchor is not None:
+            rep["anchor"] = problem.anchor.repeat_interleave(N, dim=0)
+        ctx.problem = problem.replace(**rep)  # guidance sees one measurement per particle
+    if chunk is not None and chunk < x.shape[0]:
+        den = ctx.denoiser
+        ctx.denoiser = den.chunked(chunk) if hasattr(den, "chunked") else ChunkedDenoiser(den, chunk)
+        ctx.chunk = chunk  # the driver also runs gradient guidance chunk by chunk
+    return x, Particles(B, N, problem.operator, ctx.problem.y)
