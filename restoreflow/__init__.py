@@ -37,8 +37,8 @@ _LAZY = {
     "vp": "core.paths", "vp_cosine": "core.paths",
     "collect": "host.manager", "default_plugin_manager": "host.manager", "default_registries": "host.manager",
     "get_plugin_manager": "host.manager",
-    "Context": "core.sampling", "Corrector": "core.sampling", "EulerMaruyama": "core.sampling", "EulerODE": "core.sampling",
-    "ExpIntegrator": "core.sampling", "Guidance": "core.sampling", "Heun": "core.sampling", "Kernel": "core.sampling",
+    "Context": "core.sampling", "Corrector": "core.sampling", "EulerMaruyama": "core.kernels", "EulerODE": "core.kernels",
+    "ExpIntegrator": "core.kernels", "Guidance": "core.sampling", "Heun": "core.kernels", "Kernel": "core.sampling",
     "Problem": "core.sampling", "Sampler": "core.sampling", "Task": "core.sampling", "Transition": "core.sampling",
     "anchored_for": "core.sampling", "integrate": "core.sampling", "make_anchor": "core.sampling", "time_grid": "core.sampling",
     "Result": "app.api", "Measurement": "io",
@@ -73,9 +73,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from restoreflow.core.parameterization import PREDICTIONS, from_x0, to_x0
     from restoreflow.core.paths import AffinePath, mean_reverting, rectified_flow, tabulated, ve, vp, vp_cosine
     from restoreflow.host.manager import collect, default_plugin_manager, default_registries, get_plugin_manager
+    from restoreflow.core.kernels import EulerMaruyama, EulerODE, ExpIntegrator, Heun
     from restoreflow.core.sampling import (
-        Context, Corrector, EulerMaruyama, EulerODE, ExpIntegrator, Guidance, Heun, Kernel, Problem, Sampler, Task,
-        Transition, anchored_for, integrate, make_anchor, time_grid,
+        Context, Corrector, Guidance, Kernel, Problem, Sampler, Task, Transition, anchored_for, integrate, make_anchor,
+        time_grid,
     )
     from restoreflow.app.api import Result
     from restoreflow.io import Measurement

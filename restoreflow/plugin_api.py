@@ -47,10 +47,10 @@ from restoreflow.core.linalg import BOUNDARIES, conjugate_gradient, kernel_to_sy
 from restoreflow.core.operators import GaussianNoise, LinearOperator, Operator, OperatorConfig, PoissonNoise
 
 # -- the sampling framework -------------------------------------------------------------------------------
+from restoreflow.core.kernels import EulerMaruyama, EulerODE, ExpIntegrator, Heun, KernelSampler
 from restoreflow.core.sampling import (
-    SPACINGS, Context, Corrector, EulerMaruyama, EulerODE, ExpIntegrator, Guidance, Heun, Kernel, KernelSampler,
-    Problem, Sampler, Task, Transition, anchored_for, check_finite, integrate, make_anchor, randn, start_state,
-    time_grid,
+    SPACINGS, Context, Corrector, Guidance, Kernel, Problem, Sampler, Task, Transition, anchored_for, check_finite,
+    integrate, make_anchor, randn, start_state, time_grid,
 )
 
 # -- exact Gaussian models --------------------------------------------------------------------------------

@@ -1,11 +1,10 @@
-r"""Problems, the Sampler/Guidance/Corrector protocols, time grids, step kernels and the one driver.
+r"""Problems, the Sampler/Guidance/Corrector/Kernel protocols, time grids and the one driver, :func:`integrate`.
 
 Most samplers are a :class:`Kernel` (a pure Gaussian transition :math:`x_{t'} \sim N(\text{mean}, \text{std}^2)`
-built from :math:`\hat x_0`) run by :func:`integrate`, which is where guidance (a shift of the transition
-mean, e.g. DPS) and correctors (particle reweighting, e.g. SMC) plug in; that is how
-``--sampler ddim --guidance dps --corrector smc`` composes. Every kernel works on
-:math:`z = x - b(t)\mu`, which turns an anchored path into a plain one, so the same code serves VP, VE,
-rectified flow and mean-reverting paths. Schedule arithmetic is float64; states keep the problem's dtype.
+built from :math:`\hat x_0`; the concrete ones are in :mod:`restoreflow.core.kernels`) run by :func:`integrate`,
+which is where guidance (a shift of the transition mean, e.g. DPS) and correctors (particle reweighting, e.g.
+SMC) plug in; that is how ``--sampler ddim --guidance dps --corrector smc`` composes. Schedule arithmetic is
+float64; states keep the problem's dtype.
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ from torch import Tensor
 
 from restoreflow.core.denoiser import Denoiser
 from restoreflow.core.errors import ConfigError, NumericalError
-from restoreflow.core.paths import AffinePath, as_time, bcast
 from restoreflow.core.options import build_config, check
+from restoreflow.core.paths import AffinePath, as_time
 
 __all__ = [
     "Problem",
@@ -36,14 +35,9 @@ __all__ = [
     "Transition",
     "Context",
     "Kernel",
-    "KernelSampler",
     "integrate",
     "time_grid",
     "start_state",
-    "ExpIntegrator",
-    "EulerMaruyama",
-    "EulerODE",
-    "Heun",
     "check_finite",
     "randn",
 ]
@@ -114,7 +108,7 @@ def make_anchor(operator: Any, y: Tensor, estimator: str | None = None, *, regis
     itself). Otherwise the name of a measurement-only sampler (``wiener``, ``pinv``) whose estimate from
     ``y`` is the anchor: a model trained on Wiener-deconvolved inputs uses the operator the user gives
     (any kernel, any noise level) and only has to learn what the Wiener filter gets wrong. Training
-    (:class:`restoreflow.models.train_loop.Degrader`) and sampling (:func:`anchored_for`) share this function,
+    (:class:`restoreflow.models.degrade.Degrader`) and sampling (:func:`anchored_for`) share this function,
     so a model always sees the anchor it was trained on.
     """
     with torch.no_grad():
@@ -315,7 +309,7 @@ def start_state(path: AffinePath, t: Tensor, problem: Problem, *, generator: tor
     return x
 
 
-# -- kernels ----------------------------------------------------------------------------------
+# -- kernels and their context ----------------------------------------------------------------
 
 
 @dataclass
@@ -362,182 +356,83 @@ class Kernel(abc.ABC):
         """Return the transition to ``t_next`` and the updated state."""
 
 
-def _scalars(path: AffinePath, t: Tensor) -> tuple[float, float, float]:
-    a, b, s = path.coefficients(t)
-    return float(a), float(b), float(s)
-
-
-class ExpIntegrator(Kernel):
-    r"""Multistep exponential integrator (DPM-Solver++ family) on :math:`z = x - b(t)\mu`.
-
-    Solves the probability-flow ODE (``stochastic=False``) or the reverse SDE (``stochastic=True``)
-    semi-analytically in :math:`\lambda = \log(a/\sigma)`, with the network's output approximated by a
-    polynomial through the last ``order`` evaluations (one evaluation per step). ``space="data"``
-    extrapolates :math:`\hat x_0`, ``space="noise"`` extrapolates :math:`\hat\varepsilon`. ``phi="exact"``
-    uses the exact :math:`\varphi_2` weight; ``"midpoint"`` the DPM-Solver++(2M) shortcut ``0.5 * D1``.
-    ``eta`` interpolates order-1 ODE (0) and SDE (1) steps as in DDIM.
-
-    Orders are lowered for warm-up (not enough history), for the last steps when ``lower_order_final``
-    and fewer than 10 steps remain, and on a final step to :math:`\sigma = 0` (infinite :math:`h`). A start at
-    pure noise (:math:`a = 0`, :math:`\lambda = -\infty`, e.g. RDDM and rectified flow at :math:`t = 1`) is an
-    exact order-1 step that keeps no history, so the multistep order builds from the next step on.
-    """
-
-    def __init__(self, order: int = 1, space: str = "data", stochastic: bool = False, eta: float = 0.0,
-                 phi: str = "exact", lower_order_final: bool = True, total_steps: int | None = None):
-        check(order in (1, 2, 3), f"order must be 1, 2 or 3; got {order}")
-        check(space in ("data", "noise"), f"space must be 'data' or 'noise'; got {space!r}")
-        check(not (stochastic and order == 3), "the SDE solver supports orders 1 and 2")
-        check(0.0 <= eta <= 1.0, f"eta must be in [0, 1]; got {eta}")
-        check(eta == 0.0 or (order == 1 and not stochastic), "eta applies to the order-1 ODE step only")
-        self.order, self.space, self.stochastic, self.eta, self.phi = order, space, stochastic, eta, phi
-        self.lower_order_final, self.total_steps = lower_order_final, total_steps
-
-    def init(self, x: Tensor, ctx: Context) -> dict[str, Any]:
-        return {"q": [], "lam": [], "i": 0}
-
-    def step(self, x, t, t_next, x0_hat, state, ctx):
-        path = ctx.path
-        a_s, _, s_s = _scalars(path, t)
-        a_t, b_t, s_t = _scalars(path, t_next)
-        z = x - path.shift(t, x, ctx.anchor)
-        # a start at pure noise (a = 0: RDDM, truncated Resfusion) is lambda = -inf: the first step is then
-        # exact at order 1 (x_t = a_t x0 + sigma_t eps, eps = z / sigma_s) and leaves no history behind
-        pure_noise = a_s <= 0.0
-        space = "data" if pure_noise else self.space
-        q0 = x0_hat if space == "data" else (z - a_s * x0_hat) / s_s
-        lam_s = math.log(a_s) - math.log(s_s) if not pure_noise else -math.inf
-        lam_t = math.log(a_t) - math.log(s_t) if s_t > 0 else math.inf
-        h = lam_t - lam_s
-        hist_q = [q0] + state["q"]
-        hist_l = [lam_s] + state["lam"]
-        i = state["i"]
-        order = min(self.order, len(hist_q))
-        if self.lower_order_final and self.total_steps is not None and self.total_steps < 10:
-            order = min(order, self.total_steps - i)
-        if not math.isfinite(h):
-            order = 1
-        em = math.exp(-h)  # e^{-h}; 0 on a final step to sigma = 0
-        D1 = D2 = None
-        if order >= 2:
-            r0 = (hist_l[0] - hist_l[1]) / h
-            D1_0 = (hist_q[0] - hist_q[1]) / r0
-            D1 = D1_0
-            if order == 3:
-                r1 = (hist_l[1] - hist_l[2]) / h
-                D1_1 = (hist_q[1] - hist_q[2]) / r1
-                D1 = D1_0 + (D1_0 - D1_1) * (r0 / (r0 + r1))
-                # D2 ~ h^2 q'' (the divided difference (D1_0 - D1_1)/(r0 + r1) is h^2 q''/2): with the
-                # phi_3 weights below this makes the step third order (DPM-Solver++(3M)'s published
-                # 1x weight leaves an O(h^3) local error, i.e. global order 2)
-                D2 = 2 * (D1_0 - D1_1) / (r0 + r1)
-        std: float = 0.0
-        if space == "data":
-            if not self.stochastic:
-                phi1 = -math.expm1(-h)  # 1 - e^{-h}
-                mean = (s_t / s_s) * z + a_t * phi1 * q0 if s_t > 0 else a_t * q0
-                if order >= 2:
-                    phi2 = 1.0 - phi1 / h
-                    mean = mean + a_t * (0.5 * phi1 if self.phi == "midpoint" else phi2) * D1
-                if order == 3:
-                    phi3 = phi2 / h - 0.5
-                    mean = mean - a_t * phi3 * D2
-                if self.eta > 0 and s_t > 0:
-                    std = self.eta * s_t * math.sqrt(-math.expm1(-2 * h))
-                    eps_hat = (z - a_s * x0_hat) / s_s
-                    mean = a_t * x0_hat + math.sqrt(max(s_t * s_t - std * std, 0.0)) * eps_hat
-            else:
-                one_m = -math.expm1(-2 * h) if math.isfinite(h) else 1.0  # 1 - e^{-2h}
-                mean = (s_t / s_s) * em * z + a_t * one_m * q0
-                if order >= 2:
-                    mean = mean + a_t * (1.0 - one_m / (2 * h)) * D1
-                std = s_t * math.sqrt(one_m)
-        else:
-            st_eh = a_t * s_s / a_s  # sigma_t e^{h}, finite when sigma_t = 0
-            s_phi1 = st_eh - s_t
-            if not self.stochastic:
-                mean = (a_t / a_s) * z - s_phi1 * q0
-                if order >= 2:
-                    s_phi2 = (0.5 * s_phi1) if self.phi == "midpoint" else (s_phi1 / h - s_t)
-                    mean = mean - s_phi2 * D1
-                if order == 3:
-                    s_phi3 = (s_phi1 / h - s_t) / h - 0.5 * s_t
-                    mean = mean - s_phi3 * D2
-            else:
-                mean = (a_t / a_s) * z - 2 * s_phi1 * q0
-                if order >= 2:
-                    mean = mean - 2 * (s_phi1 / h - s_t) * D1
-                std = math.sqrt(max(st_eh * st_eh - s_t * s_t, 0.0))
-        if path.anchored:
-            mean = mean + b_t * path.require_anchor(ctx.anchor).to(mean.dtype)
-        keep = max(self.order - 1, 0) if not pure_noise else 0
-        new_state = {"q": hist_q[: keep] if keep else [], "lam": hist_l[: keep] if keep else [], "i": i + 1}
-        return Transition(mean, std), new_state
-
-
-def _drift(path: AffinePath, t: Tensor) -> tuple[float, float]:
-    r"""Forward SDE of :math:`z = a x_0 + \sigma\varepsilon`: :math:`dz = f z\,dt + g\,dW`; returns (f, g^2)."""
-    a, _, s = _scalars(path, t)
-    da, _, ds = (float(v) for v in path.derivatives(t))
-    f = da / a
-    g2 = 2 * s * ds - 2 * f * s * s
-    return f, g2
-
-
-class EulerMaruyama(Kernel):
-    r"""Reverse-SDE Euler–Maruyama in t: :math:`z \leftarrow z - [f z - g^2 \nabla\log p]\Delta t + g\sqrt{\Delta t}\,\xi`.
-
-    ``ode=True`` gives the probability-flow ODE Euler step (half the score term, no noise).
-    """
-
-    def __init__(self, ode: bool = False):
-        self.ode = ode
-
-    def step(self, x, t, t_next, x0_hat, state, ctx):
-        path = ctx.path
-        a, _, s = _scalars(path, t)
-        f, g2 = _drift(path, t)
-        z = x - path.shift(t, x, ctx.anchor)
-        score = -(z - a * x0_hat) / (s * s)
-        dt = float(t_next) - float(t)  # negative
-        w = 0.5 if self.ode else 1.0
-        mean = z + (f * z - w * g2 * score) * dt
-        std = 0.0 if self.ode else math.sqrt(max(g2, 0.0) * -dt)
-        mean = mean + path.shift(t_next, x, ctx.anchor)
-        return Transition(mean, std), state
-
-
-class EulerODE(EulerMaruyama):
-    """Probability-flow ODE, Euler in t."""
-
-    def __init__(self):
-        super().__init__(ode=True)
-
-
-class Heun(Kernel):
-    r"""Heun's method (EDM) on the PF-ODE in :math:`(\tilde x, \tilde\sigma) = (z/a, \sigma/a)`: 2 NFE per step,
-    Euler on a final step to :math:`\tilde\sigma = 0`."""
-
-    def step(self, x, t, t_next, x0_hat, state, ctx):
-        path = ctx.path
-        a, _, s = _scalars(path, t)
-        a_n, b_n, s_n = _scalars(path, t_next)
-        xt = (x - path.shift(t, x, ctx.anchor)) / a
-        sig, sig_n = s / a, s_n / a_n
-        d = (xt - x0_hat) / sig
-        xn = xt + (sig_n - sig) * d
-        if sig_n > 0:
-            x_n = a_n * xn + path.shift(t_next, x, ctx.anchor)
-            x0_n = ctx.denoise(x_n, t_next)
-            d_n = (xn - x0_n) / sig_n
-            xn = xt + (sig_n - sig) * 0.5 * (d + d_n)
-        return Transition(a_n * xn + path.shift(t_next, x, ctx.anchor)), state
-
-
 def check_finite(x: Tensor, step: int, t: Any, what: str = "the model output") -> None:
     if not torch.isfinite(x).all():
         raise NumericalError(f"{what} became NaN/Inf at step {step} (t={float(as_time(t)):.4g}); "
                              f"try fewer steps, a smaller step size, or another sampler")
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+def integrate(kernel: Kernel, denoiser: Denoiser, problem: Problem, ts: Tensor, *, generator: torch.Generator,
+              guidance: Guidance | None = None, corrector: Corrector | None = None,
+              callback: Callable[[dict], None] | None = None, path: AffinePath | None = None,
+              final_denoise: bool = False) -> Tensor:
+    r"""Run ``kernel`` over the grid ``ts`` (descending) from the prior at ``ts[0]``::
+
+        x ~ prior at ts[0]                           a corrector expands it to particles (setup)
+        for each step t -> t':
+            x0_hat = D(x, t), d = guidance shift      one network call (Heun's kernel adds its own)
+            corrector: reweight; maybe resample x, x0_hat, d and the kernel state
+            mean, std = kernel(x, t, t', x0_hat)
+            x = mean + d + std * z                    the corrector records the move (transition)
+        return x, or the corrector's output from its particles (finalize)
+
+    ``final_denoise`` returns the last :math:`\hat x_0` instead of moving to ``ts[-1]`` (MRS'
+    ``denoise_last``; no extra call). ``callback`` receives ``{"i", "t", "x", "x0", "nfe", "steps"}`` after
+    each step. ``path`` overrides the denoiser's path.
+    """
+    path = path or denoiser.path
+    anchor = problem.anchor if (path.anchored or getattr(denoiser, "conditional", False)) else None
+    ts = as_time(ts)
+    ctx = Context(path=path, problem=problem, denoiser=denoiser, generator=generator, anchor=anchor, ts=ts)
+    x = start_state(path, ts[0], problem, generator=generator)
+    if corrector is not None:
+        x = corrector.setup(x, ctx)  # may wrap ctx.denoiser (e.g. to evaluate particles in chunks)
+        if anchor is not None and anchor.shape[0] != x.shape[0]:
+            ctx.anchor = anchor.repeat_interleave(x.shape[0] // anchor.shape[0], dim=0)
+    state = kernel.init(x, ctx)
+    steps = len(ts) - 1
+    for i in range(steps):
+        t, t_next = ts[i].to(x.device), ts[i + 1].to(x.device)
+        x0, delta = _predict(i, x, t, t_next, guidance, ctx)
+        if corrector is not None and (idx := corrector.reweight(i, x, x0, t, ctx)) is not None:
+            x, x0, delta, state = _take(x, idx), _take(x0, idx), _take(delta, idx), _take(state, idx)
+        if final_denoise and i == steps - 1:
+            x = x0
+        else:
+            tr, state = kernel.step(x, t, t_next, x0, state, ctx)
+            x, mean = _move(tr, delta, generator)
+            check_finite(x, i, t_next, "the sample")
+            if corrector is not None:
+                corrector.transition(x, tr.mean, mean, tr.std, ctx)
+        if callback is not None:
+            callback({"i": i, "t": t_next, "x": x, "x0": x0, "nfe": ctx.nfe, "steps": steps})
+    return corrector.finalize(x, ctx) if corrector is not None else x
+
+
+def _predict(i: int, x: Tensor, t: Tensor, t_next: Tensor, guidance: Guidance | None,
+             ctx: Context) -> tuple[Tensor, Tensor | None]:
+    """One network call: ``x0_hat`` and the guidance's shift of the transition mean (``None`` without guidance),
+    both detached; gradient guidance runs :func:`_guided_denoise`."""
+    if guidance is not None and guidance.needs_grad:
+        x0, delta = _guided_denoise(x, t, t_next, guidance, ctx)
+    else:
+        with torch.no_grad():
+            x0 = ctx.denoiser(x, t, anchor=ctx.anchor)
+            delta = guidance.delta(x, x0, t, t_next, ctx).detach() if guidance is not None else None
+    ctx.nfe += 1
+    check_finite(x0, i, t)
+    return x0.detach(), delta
+
+
+def _move(tr: Transition, delta: Tensor | None, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``x' = mean + delta + std z`` (no draw for a deterministic move); returns ``x'`` and the shifted mean."""
+    mean = tr.mean if delta is None else tr.mean + delta
+    std = tr.std
+    has_noise = (isinstance(std, Tensor) and bool((std != 0).any())) or (not isinstance(std, Tensor) and std != 0)
+    return (mean + std * randn(mean.shape, generator=generator, like=mean) if has_noise else mean), mean
 
 
 def _take(value: Any, idx: Tensor) -> Any:
@@ -559,8 +454,7 @@ def _guidance_chunk(ctx: Context, n: int) -> int:
     return n
 
 
-def _guided_denoise(x: Tensor, t: Tensor, t_next: Tensor, denoiser: Denoiser, guidance: Guidance,
-                    ctx: Context) -> tuple[Tensor, Tensor]:
+def _guided_denoise(x: Tensor, t: Tensor, t_next: Tensor, guidance: Guidance, ctx: Context) -> tuple[Tensor, Tensor]:
     """``x0_hat`` and the gradient-guidance shift, :func:`_guidance_chunk` rows at a time: each chunk's graph is
     built, differentiated and freed before the next, so peak activation memory is that of one chunk. Guidance is
     per sample, so the result equals the all-at-once one row for row."""
@@ -570,7 +464,7 @@ def _guided_denoise(x: Tensor, t: Tensor, t_next: Tensor, denoiser: Denoiser, gu
     if chunk == n:
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
-            x0 = denoiser(x_in, t, anchor=ctx.anchor)
+            x0 = ctx.denoiser(x_in, t, anchor=ctx.anchor)
             return x0.detach(), guidance.delta(x_in, x0, t, t_next, ctx).detach()
     x0s, deltas = [], []
     try:
@@ -582,92 +476,9 @@ def _guided_denoise(x: Tensor, t: Tensor, t_next: Tensor, denoiser: Denoiser, gu
             anchor = ctx.anchor[sl] if ctx.anchor is not None and ctx.anchor.shape[0] == n else ctx.anchor
             with torch.enable_grad():
                 x_in = x[sl].detach().requires_grad_(True)
-                x0 = denoiser(x_in, t, anchor=anchor)
+                x0 = ctx.denoiser(x_in, t, anchor=anchor)
                 deltas.append(guidance.delta(x_in, x0, t, t_next, ctx).detach())
             x0s.append(x0.detach())
     finally:
         ctx.problem = full
     return torch.cat(x0s), torch.cat(deltas)
-
-
-def integrate(kernel: Kernel, denoiser: Denoiser, problem: Problem, ts: Tensor, *, generator: torch.Generator,
-              guidance: Guidance | None = None, corrector: Corrector | None = None,
-              callback: Callable[[dict], None] | None = None, path: AffinePath | None = None,
-              final_denoise: bool = False) -> Tensor:
-    r"""Run ``kernel`` over the grid ``ts`` (descending) from the prior at ``ts[0]``.
-
-    One denoiser call per step (Heun adds its own). Guidance shifts each transition mean; a corrector
-    reweights/resamples particles after each denoiser call. ``final_denoise`` returns the last
-    :math:`\hat x_0` instead of the state at ``ts[-1]`` (MRS' ``denoise_last``; no extra call).
-    ``callback`` receives ``{"i", "t", "x", "x0", "nfe", "steps"}`` after each step.
-    """
-    path = path or denoiser.path
-    anchor = problem.anchor if (path.anchored or getattr(denoiser, "conditional", False)) else None
-    ctx = Context(path=path, problem=problem, denoiser=denoiser, generator=generator, anchor=anchor)
-    ts = as_time(ts)
-    ctx.ts = ts
-    x = start_state(path, ts[0], problem, generator=generator)
-    if corrector is not None:
-        x = corrector.setup(x, ctx)
-        denoiser = ctx.denoiser  # a corrector may wrap it (e.g. to evaluate particles in chunks)
-        if anchor is not None and anchor.shape[0] != x.shape[0]:
-            ctx.anchor = anchor = anchor.repeat_interleave(x.shape[0] // anchor.shape[0], dim=0)
-    state = kernel.init(x, ctx)
-    steps = len(ts) - 1
-    x0 = x
-    need_grad = guidance is not None and guidance.needs_grad
-    for i in range(steps):
-        t, t_next = ts[i].to(x.device), ts[i + 1].to(x.device)
-        if need_grad:
-            x0, delta = _guided_denoise(x, t, t_next, denoiser, guidance, ctx)
-        else:
-            with torch.no_grad():
-                x0 = denoiser(x, t, anchor=anchor)
-                delta = guidance.delta(x, x0, t, t_next, ctx).detach() if guidance is not None else None
-        ctx.nfe += 1
-        check_finite(x0, i, t)
-        x0 = x0.detach()
-        if corrector is not None:
-            idx = corrector.reweight(i, x, x0, t, ctx)
-            if idx is not None:
-                x, x0, delta, state = _take(x, idx), _take(x0, idx), _take(delta, idx), _take(state, idx)
-        if final_denoise and i == steps - 1:
-            x = x0
-            if callback is not None:
-                callback({"i": i, "t": t_next, "x": x, "x0": x0, "nfe": ctx.nfe, "steps": steps})
-            break
-        tr, state = kernel.step(x, t, t_next, x0, state, ctx)
-        mean = tr.mean if delta is None else tr.mean + delta
-        std = tr.std
-        has_noise = (isinstance(std, Tensor) and bool((std != 0).any())) or (not isinstance(std, Tensor) and std != 0)
-        x_new = mean + std * randn(mean.shape, generator=generator, like=mean) if has_noise else mean
-        check_finite(x_new, i, t_next, "the sample")
-        if corrector is not None:
-            corrector.transition(x_new, tr.mean, mean, std, ctx)
-        x = x_new
-        if callback is not None:
-            callback({"i": i, "t": t_next, "x": x, "x0": x0, "nfe": ctx.nfe, "steps": steps})
-    return corrector.finalize(x, ctx) if corrector is not None else x
-
-
-class KernelSampler(Sampler):
-    """A sampler that is one :class:`Kernel` run by :func:`integrate` over a :func:`time_grid`.
-
-    Subclasses give a ``Config`` with ``steps`` (and optionally ``spacing`` and ``denoise_last``) and
-    implement :meth:`kernel`; guidance and correctors compose for free.
-    """
-
-    supports_guidance = True
-
-    @abc.abstractmethod
-    def kernel(self) -> Kernel:
-        """The step kernel for this configuration."""
-
-    def grid(self, path: AffinePath) -> Tensor:
-        c = self.config
-        return time_grid(path, c.steps, getattr(c, "spacing", "uniform_t"))
-
-    def sample(self, problem, denoiser, *, generator, guidance=None, corrector=None, callback=None):
-        return integrate(self.kernel(), denoiser, problem, self.grid(denoiser.path), generator=generator,
-                         guidance=guidance, corrector=corrector, callback=callback,
-                         final_denoise=bool(getattr(self.config, "denoise_last", False)))
