@@ -29,13 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from restoreflow.host.manager import collect, get_plugin_manager
+    from restoreflow.core.certification import certification_of
     from restoreflow.testing import certify_sampler
 
     torch.set_num_threads(2)
     regs = collect(get_plugin_manager())
     rows = []
     for name, cls in regs.samplers.items():
-        spec = dict(getattr(cls, "bench", None) or {})
+        cert = certification_of(cls)
+        spec = {"kind": cert.kind, **vars(cert)} if cert is not None else {}
         if args.quick and spec.get("kind") in ("posterior", "report"):
             continue
         t0 = time.perf_counter()

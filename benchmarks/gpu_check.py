@@ -62,6 +62,8 @@ TASKS = ("deblur", "denoise", "sr", "inpaint")
 def _sync(dev) -> None:
     import torch
 
+from restoreflow.core.certification import certification_of
+
     if dev.type == "cuda":
         torch.cuda.synchronize()
 
@@ -185,7 +187,8 @@ def item_exact(args) -> dict:
     regs = rf.default_registries()
     rows, failures = [], []
     for name, cls in regs.samplers.items():
-        spec = dict(getattr(cls, "bench", None) or {})
+        cert = certification_of(cls)
+        spec = {"kind": cert.kind, **vars(cert)} if cert is not None else {}
         if spec.get("kind") not in ("flow_map", "point") or "conditional" in cls.requires:
             continue  # Monte-Carlo posterior checks are CPU-sized; conditional oracles build on the CPU
         row = {"sampler": name, "kind": spec["kind"]}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from restoreflow.plugin_api import (
-    FourierGaussian, GaussianModel, GaussianNoise, Sampler, check, default_spectrum, hookimpl,
+    FourierGaussian, GaussianModel, GaussianNoise, PointEstimate, Report, Sampler, check, default_spectrum, hookimpl,
 )
 
 
@@ -26,7 +26,7 @@ class PseudoInverse(Sampler):
     """Pseudo-inverse A^+ y (minimum-norm least squares); no prior, no randomness."""
 
     name = "pinv"
-    bench = {"kind": "report"}
+    certification = Report()
     requires = frozenset()
     uses_measurement = True
 
@@ -46,7 +46,7 @@ class Wiener(Sampler):
     """Exact Wiener/Tikhonov solution: the posterior mean under a stationary Gaussian image prior."""
 
     name = "wiener"
-    bench = {"kind": "point", "tol": 1e-6}
+    certification = PointEstimate(tol=1e-6)
     requires = frozenset({"linear_operator"})
     uses_measurement = True
 

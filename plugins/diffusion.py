@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from restoreflow.plugin_api import (
-    EulerMaruyama, EulerODE, ExpIntegrator, Heun, KernelSampler, SPACINGS, check, hookimpl,
+    EulerMaruyama, EulerODE, ExpIntegrator, FlowMap, Heun, KernelSampler, Posterior, SPACINGS, check, hookimpl,
 )
 
 
@@ -31,7 +31,7 @@ class DDIM(KernelSampler):
     :math:`s = \eta\,\sigma'\sqrt{1 - e^{-2h}}` (η = 0 deterministic, η = 1 ancestral/DDPM posterior)."""
 
     name = "ddim"
-    bench = {"kind": "flow_map", "order": 1, "steps": (16, 32, 64, 128)}
+    certification = FlowMap(order=1, steps=(16, 32, 64, 128))
 
     @dataclass(frozen=True)
     class Config(_Steps):
@@ -50,7 +50,7 @@ class Euler(KernelSampler):
 
     name = "euler"
     Config = _Steps
-    bench = {"kind": "flow_map", "order": 1, "steps": (16, 32, 64, 128)}
+    certification = FlowMap(order=1, steps=(16, 32, 64, 128))
 
     def kernel(self):
         return EulerODE()
@@ -60,7 +60,7 @@ class EulerMaruyamaSampler(KernelSampler):
     """Reverse-time SDE with Euler–Maruyama steps in t (first order, stochastic)."""
 
     name = "euler-maruyama"
-    bench = {"kind": "posterior", "steps": 200}
+    certification = Posterior(steps=200)
 
     @dataclass(frozen=True)
     class Config(_Steps):
@@ -75,7 +75,7 @@ class HeunSampler(KernelSampler):
     """Heun's second-order method on the PF-ODE (Karras et al. 2022); 2 network calls per step but the last."""
 
     name = "heun"
-    bench = {"kind": "flow_map", "order": 2, "steps": (4, 8, 16, 32)}
+    certification = FlowMap(order=2, steps=(4, 8, 16, 32))
 
     @dataclass(frozen=True)
     class Config(_Steps):
@@ -95,7 +95,7 @@ class DPMSolverPP2M(KernelSampler):
     :math:`\tfrac12 D_1` rule, ``phi=exact`` the exact :math:`\varphi_2` weight."""
 
     name = "dpmpp-2m"
-    bench = {"kind": "flow_map", "order": 2, "steps": (16, 32, 64, 128)}
+    certification = FlowMap(order=2, steps=(16, 32, 64, 128))
 
     @dataclass(frozen=True)
     class Config(_Steps):

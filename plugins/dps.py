@@ -91,8 +91,8 @@ import torch
 from torch import Tensor
 
 from restoreflow.plugin_api import (
-    AffinePath, ExpIntegrator, Guidance, NumericalError, PoissonNoise, Problem, SPACINGS, Sampler, as_time, check,
-    hookimpl, integrate, time_grid, vp,
+    AffinePath, ExpIntegrator, Guidance, NumericalError, PoissonNoise, Problem, Report, SPACINGS, Sampler, as_time,
+    check, hookimpl, integrate, time_grid, vp,
 )
 
 __all__ = ["DPSGuidance", "DPS", "PRESETS", "PAPER_PRESETS", "OPERATOR_TASKS", "PRESET_OPTIONS", "preset_zeta",
@@ -393,7 +393,7 @@ class DPS(Sampler):
     uses_noise_level = False  # the step is normalised by the residual norm (the paper's zeta / ||y - A x0||)
     supports_guidance = False
     #: exact bench: DPS is biased by design (Dirac approximation of p(x0 | x_t)); its error is reported
-    bench = {"kind": "report", "samples": 256, "steps": 100, "options": {"clip_x0": False}}
+    certification = Report(samples=256, steps=100, options={"clip_x0": False})
 
     @dataclass(frozen=True)
     class Config(DPSGuidance.Config):

@@ -70,7 +70,8 @@ import torch
 from torch import Tensor, nn
 
 from restoreflow.plugin_api import (
-    AffinePath, Problem, Sampler, as_time, check, check_finite, hookimpl, randn, rectified_flow, reparameterize,
+    AffinePath, Problem, Report, Sampler, as_time, check, check_finite, hookimpl, randn, rectified_flow,
+    reparameterize,
 )
 
 __all__ = ["FlowChef", "as_rectified_flow", "noise_share"]
@@ -137,8 +138,7 @@ class FlowChef(Sampler):
     uses_measurement = True
     #: exact bench: a steered flow, not a posterior sampler; its error is reported. The bench problem has only
     #: 8 measurements, so the code's mean-reduced step of 500 is 60x too large for it: ``step_size=0.5``.
-    bench = {"kind": "report", "samples": 256, "steps": 100,
-             "options": {"step_size": 0.5, "reference_side": None, "clip": False}}
+    certification = Report(samples=256, steps=100, options={"step_size": 0.5, "reference_side": None, "clip": False})
 
     @dataclass(frozen=True)
     class Config:

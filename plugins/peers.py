@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import IncompatibleError, Sampler, check, hookimpl
+from restoreflow.plugin_api import IncompatibleError, OperatorOnly, Report, Sampler, check, hookimpl
 
 __all__ = ["BM3D", "NLMeans", "TV", "RichardsonLucy", "UnsupervisedWiener", "Bicubic", "tv_solve"]
 
@@ -84,7 +84,7 @@ def _emit(callback, x: Tensor) -> None:
 class _Peer(Sampler):
     requires = frozenset()
     uses_measurement = True
-    bench = {"kind": "report"}
+    certification = Report()
 
     def nfe(self) -> int:
         return 0
@@ -95,8 +95,9 @@ class BM3D(_Peer):
 
     name = "bm3d"
     #: the bm3d package's compiled library differs by ~2e-7 between identical calls (its worker threads)
-    bench = {"kind": "operator", "operator": "denoise", "channels": 3, "operator_options": {"noise_sigma": 0.1},
-             "reproducible_atol": 1e-5}
+    certification = OperatorOnly(
+        operator="denoise", channels=3, operator_options={"noise_sigma": 0.1}, reproducible_atol=1e-5,
+    )
 
     @dataclass(frozen=True)
     class Config:
@@ -131,7 +132,7 @@ class NLMeans(_Peer):
     """Non-local means (scikit-image, fast mode) at the operator's noise level."""
 
     name = "nlm"
-    bench = {"kind": "operator", "operator": "denoise", "operator_options": {"noise_sigma": 0.1}}
+    certification = OperatorOnly(operator="denoise", operator_options={"noise_sigma": 0.1})
 
     @dataclass(frozen=True)
     class Config:
@@ -239,7 +240,7 @@ class RichardsonLucy(_Peer):
     """Richardson-Lucy deconvolution (scikit-image), the classical Poisson-likelihood deblurring."""
 
     name = "richardson-lucy"
-    bench = {"kind": "operator", "operator": "gaussian_blur", "operator_options": {"sigma": 1.0}}
+    certification = OperatorOnly(operator="gaussian_blur", operator_options={"sigma": 1.0})
     uses_noise_level = False  # its iteration count regularises
     requires = frozenset({"linear_operator"})
 
@@ -268,7 +269,7 @@ class UnsupervisedWiener(_Peer):
     """Wiener-Hunt deconvolution whose noise and prior weights are estimated from the image (scikit-image)."""
 
     name = "unsupervised-wiener"
-    bench = {"kind": "operator", "operator": "gaussian_blur", "operator_options": {"sigma": 1.0}}
+    certification = OperatorOnly(operator="gaussian_blur", operator_options={"sigma": 1.0})
     uses_noise_level = False  # it estimates the noise itself
     requires = frozenset({"linear_operator"})
 
@@ -297,7 +298,7 @@ class Bicubic(_Peer):
     """Bicubic interpolation aligned with the downsampling grid (phase from the operator's antialiasing filter)."""
 
     name = "bicubic"
-    bench = {"kind": "operator", "operator": "downsample", "operator_options": {"factor": 2}}
+    certification = OperatorOnly(operator="downsample", operator_options={"factor": 2})
     uses_noise_level = False
 
     @dataclass(frozen=True)

@@ -34,7 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import IncompatibleError, Sampler, check, conjugate_gradient, hookimpl, make_anchor
+from restoreflow.plugin_api import (
+    IncompatibleError, OperatorOnly, Report, Sampler, check, conjugate_gradient, hookimpl, make_anchor,
+)
 
 __all__ = ["MMSE", "DPIR", "denoise_at", "ensemble_denoise"]
 
@@ -79,7 +81,7 @@ class MMSE(Sampler):
     requires = frozenset({"denoiser", "unconditional"})
     uses_measurement = True
     #: its exactness (= the Wiener posterior mean for a Gaussian prior) is tested in tests/plugins/test_peers_pnp.py
-    bench = {"kind": "operator", "operator": "denoise", "operator_options": {"noise_sigma": 0.1}}
+    certification = OperatorOnly(operator="denoise", operator_options={"noise_sigma": 0.1})
 
     @dataclass(frozen=True)
     class Config:
@@ -118,7 +120,7 @@ class DPIR(Sampler):
     name = "dpir"
     requires = frozenset({"denoiser", "unconditional", "linear_operator"})
     uses_measurement = True
-    bench = {"kind": "report"}
+    certification = Report()
 
     @dataclass(frozen=True)
     class Config:

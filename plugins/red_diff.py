@@ -105,7 +105,7 @@ import torch
 from torch import Tensor
 
 from restoreflow.plugin_api import (
-    AffinePath, Problem, Sampler, as_time, check, check_finite, from_x0, hookimpl, make_anchor, randn,
+    AffinePath, PointEstimate, Problem, Sampler, as_time, check, check_finite, from_x0, hookimpl, make_anchor, randn,
 )
 
 __all__ = ["RedDiff", "WEIGHTINGS", "snr_weight", "red_diff_grid", "official_nsr", "official_timesteps", "data_damping",
@@ -197,9 +197,11 @@ class RedDiff(Sampler):
     requires = frozenset({"denoiser", "unconditional", "differentiable_operator"})
     uses_measurement = True
     #: exact bench: the posterior-mode variant (see the module docstring) returns the posterior mean of a Gaussian
-    bench = {"kind": "point", "tol": 5e-3, "steps": 3000,
-             "options": {"weighting": "inverse", "lam": 1.0, "obs_weight": None, "antithetic": True, "lr": 0.01,
-                         "init": "zeros", "clip": False, "noise_aware": False}}
+    certification = PointEstimate(
+        tol=5e-3, steps=3000,
+        options={"weighting": "inverse", "lam": 1.0, "obs_weight": None, "antithetic": True, "lr": 0.01,
+                         "init": "zeros", "clip": False, "noise_aware": False},
+    )
 
     @dataclass(frozen=True)
     class Config:

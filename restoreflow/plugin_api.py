@@ -46,6 +46,11 @@ from restoreflow.core.tiling import TiledDenoiser
 from restoreflow.core.linalg import BOUNDARIES, conjugate_gradient, kernel_to_symbol, pad, pad_adjoint
 from restoreflow.core.operators import GaussianNoise, LinearOperator, Operator, OperatorConfig, PoissonNoise
 
+# -- how a sampler is certified on the exact bench -----------------------------------------------------
+from restoreflow.core.certification import (
+    Certification, FlowMap, OperatorOnly, PointEstimate, Posterior, Report, certification_of,
+)
+
 # -- the sampling framework -------------------------------------------------------------------------------
 from restoreflow.core.kernels import EulerMaruyama, EulerODE, ExpIntegrator, Heun, KernelSampler
 from restoreflow.core.sampling import (
@@ -89,6 +94,7 @@ __all__ = [
     "Denoiser", "PredictionAdapter", "Prior", "ValueRange", "for_inference", "reparameterize", "TiledDenoiser",
     "BOUNDARIES", "GaussianNoise", "LinearOperator", "Operator", "OperatorConfig", "PoissonNoise",
     "conjugate_gradient", "kernel_to_symbol", "pad", "pad_adjoint",
+    "Certification", "FlowMap", "OperatorOnly", "PointEstimate", "Posterior", "Report", "certification_of",
     "SPACINGS", "Context", "Corrector", "EulerMaruyama", "EulerODE", "ExpIntegrator", "Guidance", "Heun", "Kernel",
     "KernelSampler", "Problem", "Sampler", "Task", "Transition", "anchored_for", "check_finite", "integrate",
     "make_anchor", "randn", "start_state", "time_grid",

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from restoreflow.exact.gaussian import DenseGaussian, GaussianDenoiser, operator_matrix
+from restoreflow.core.certification import certification_of
 from restoreflow.core.operators import GaussianNoise, LinearOperator, Operator, OperatorConfig
 from restoreflow.core.parameterization import PREDICTIONS, from_x0, to_x0
 from restoreflow.core.paths import AffinePath
@@ -328,10 +329,11 @@ def bench_setup(sampler_cls: type, *, batch: int = 1, seed: int = 0, dtype: torc
     from restoreflow.exact.gaussian import ConditionalOracle
     from restoreflow.core.paths import vp
 
-    spec = dict(getattr(sampler_cls, "bench", None) or {})
+    cert = certification_of(sampler_cls)
     conditional = "conditional" in sampler_cls.requires
     gp = make_gaussian_problem(square=conditional, seed=seed, noise_sigma=0.2)
-    path = spec["path"]() if "path" in spec else (generic_anchored_path() if conditional else vp())
+    path = cert.path() if cert is not None and cert.path is not None else (
+        generic_anchored_path() if conditional else vp())
     y = gp.y.expand(batch, *gp.y.shape[1:]).clone().to(dtype)
     problem = Problem(y=y, operator=gp.operator, x_shape=(batch, *gp.prior.shape))
     if conditional:
@@ -353,23 +355,25 @@ def _exact_marginal_start(setup: BenchSetup, t: Tensor, generator: torch.Generat
 
 
 def certify_sampler(sampler_cls: type, *, report: dict | None = None) -> dict[str, Any]:
-    """Run the exact-answer bench declared by ``sampler_cls.bench``; returns the measured numbers.
+    """Run the exact-answer check declared by ``sampler_cls.certification`` (see
+    :mod:`restoreflow.core.certification`); returns the measured numbers.
 
     Every sampler: same generator -> bit-identical output; dtype kept (float32 and float64). Then by kind:
-    ``flow_map`` (error to the exact flow map falls with measured order >= nominal - 0.35), ``posterior``
-    (moments within the 5-sigma Monte-Carlo bound of the module docstring, N = 2000 samples), ``point``
-    (relative error to the posterior mean <= tol), ``report`` (finite; the error is returned), ``operator`` (a
-    method for one operator only -- ``{"kind": "operator", "operator": "denoise"}`` -- run on that operator instead
-    of the dense Gaussian problem: reproducible, dtype kept, finite; its accuracy is tested against closed forms
-    in its own tests).
+    :class:`FlowMap` (error to the exact flow map falls with measured order >= nominal - 0.35), :class:`Posterior`
+    (moments within the 5-sigma Monte-Carlo bound of the module docstring, N = 2000 samples),
+    :class:`PointEstimate` (relative error to the posterior mean <= tol), :class:`Report` (finite; the error is
+    returned), :class:`OperatorOnly` (a method for one operator only, run on that operator instead of the dense
+    Gaussian problem: reproducible, dtype kept, finite; its accuracy is tested against closed forms in its own
+    tests).
     """
     from restoreflow.core.sampling import time_grid
 
-    spec = dict(getattr(sampler_cls, "bench", None) or {})
-    assert spec, f"sampler {sampler_cls.name} declares no `bench`; see Sampler.bench"
-    kind = spec["kind"]
+    cert = certification_of(sampler_cls)
+    assert cert is not None, (f"sampler {sampler_cls.name} declares no `certification`; see "
+                              "restoreflow.core.certification")
+    kind = cert.kind
     out: dict[str, Any] = {"sampler": sampler_cls.name, "kind": kind}
-    options = dict(spec.get("options", {}))
+    options = dict(cert.options)
 
     def make(steps: int | None = None):
         opts = dict(options)
@@ -380,12 +384,12 @@ def certify_sampler(sampler_cls: type, *, report: dict | None = None) -> dict[st
     if kind == "operator":  # applies to one operator only: reproducible, dtype-keeping and finite on it
         from restoreflow.host.manager import default_registries
 
-        op_name = spec["operator"]
+        op_name = cert.operator
         op_cls = default_registries().operators.get(op_name)
-        channels = int(spec.get("channels", 1))
+        channels = int(cert.channels)
         for dtype in (torch.float64, torch.float32):
             x = torch.rand(1, channels, 16, 16, generator=torch.Generator().manual_seed(0), dtype=dtype) * 0.8 + 0.1
-            op = op_cls(x_shape=tuple(x.shape), **dict(spec.get("operator_options", {})))
+            op = op_cls(x_shape=tuple(x.shape), **dict(cert.operator_options))
             y = op.forward(x, generator=torch.Generator().manual_seed(1))
             den = None
             if "denoiser" in sampler_cls.requires:
@@ -396,7 +400,7 @@ def certify_sampler(sampler_cls: type, *, report: dict | None = None) -> dict[st
             smp = make()
             problem = Problem(y=y, operator=op, x_shape=tuple(op.x_shape))
             run = lambda g, s=smp, pb=problem, d=den: s.sample(pb, d, generator=g)  # noqa: E731
-            atol = spec.get("reproducible_atol")  # a compiled peer library that is not bit-reproducible says so
+            atol = cert.reproducible_atol  # a compiled peer library that is not bit-reproducible says so
             if atol is None:
                 check_sampler_reproducible(run, dtype=dtype)
             else:
@@ -417,7 +421,7 @@ def certify_sampler(sampler_cls: type, *, report: dict | None = None) -> dict[st
         check_sampler_reproducible(run, dtype=dtype)
 
     if kind == "flow_map":
-        steps_list = list(spec.get("steps", (8, 16, 32, 64)))
+        steps_list = list(cert.steps)
         setup = bench_setup(sampler_cls, batch=4)
         errs = []
         for n in steps_list:
@@ -438,29 +442,28 @@ def certify_sampler(sampler_cls: type, *, report: dict | None = None) -> dict[st
             errs.append(float((x - exact).abs().max()))
         order = measure_order(steps_list, errs)
         out.update(steps=steps_list, errors=errs, order=order)
-        nominal = float(spec["order"])
+        nominal = float(cert.order)
         assert order >= nominal - 0.35, f"{sampler_cls.name}: measured order {order:.2f} < nominal {nominal}"
         assert errs[-1] < errs[0], f"{sampler_cls.name}: error does not fall with steps: {errs}"
     elif kind == "posterior":
-        N = int(spec.get("samples", 2000))
-        setup = bench_setup(sampler_cls, batch=N)
-        smp = make(spec.get("steps"))
+        setup = bench_setup(sampler_cls, batch=int(cert.samples))
+        smp = make(cert.steps)
         ts = smp.grid(setup.path) if hasattr(smp, "grid") else time_grid(setup.path, smp.config.steps)
         g = torch.Generator().manual_seed(11)
         prob = setup.problem.replace(x_init=_exact_marginal_start(setup, ts[0], g))
         x = smp.sample(prob, setup.denoiser, generator=g)
-        out.update(check_posterior_moments(x, setup.target, bias=float(spec.get("bias", 0.0))))
+        out.update(check_posterior_moments(x, setup.target, bias=float(cert.bias)))
     elif kind == "point":
         setup = bench_setup(sampler_cls, batch=1)
-        smp = make(spec.get("steps"))
+        smp = make(cert.steps)
         x = smp.sample(setup.problem, setup.denoiser, generator=torch.Generator().manual_seed(3))
         m = setup.target.mean_like(x)
         rel = float((x - m).norm() / m.norm())
         out["rel_error"] = rel
-        assert rel <= float(spec.get("tol", 1e-3)), f"{sampler_cls.name}: relative error to the posterior mean {rel:.3g}"
+        assert rel <= float(cert.tol), f"{sampler_cls.name}: relative error to the posterior mean {rel:.3g}"
     elif kind == "report":
-        setup = bench_setup(sampler_cls, batch=int(spec.get("samples", 256)))
-        smp = make(spec.get("steps"))
+        setup = bench_setup(sampler_cls, batch=int(cert.samples))
+        smp = make(cert.steps)
         x = smp.sample(setup.problem, setup.denoiser, generator=torch.Generator().manual_seed(5))
         assert torch.isfinite(x).all()
         X = x.reshape(x.shape[0], -1).to(torch.float64)

@@ -1,6 +1,6 @@
 """The exact-answer bench over every registered sampler (present and future, from the registry).
 
-Each sampler declares how it is certified (``Sampler.bench``); a sampler that declares nothing fails here.
+Each sampler declares how it is certified (``Sampler.certification``); a sampler that declares nothing fails here.
 The measured numbers are printed with ``-s`` and collected by benchmarks/exact_bench.py.
 """
 

@@ -373,3 +373,10 @@ def test_host_keeps_its_state_in_the_open():
     assert pm.distributions and all(d.metadata["name"] for d in pm.distributions.values())
     assert pm.distribution(pm.get_plugin("operators")).metadata["name"] == "restoreflow"
     assert not pm._plugin_distinfo  # pluggy's own list is left alone
+
+
+def test_registrations_are_owned_by_their_plugin_not_their_module():
+    """A plugin split into a package still shows as one plugin (``operators``, not ``blur``) in the listings."""
+    regs = rf.default_registries()
+    assert regs.operators.owner("gaussian_blur") == "operators"
+    assert regs.samplers.owner("mrs") == "mrs" and regs.samplers.owner("resfusion") == "residual"

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from restoreflow.plugin_api import (
-    ConfigError, IncompatibleError, InputError, LinearOperator, OperatorConfig, Sampler, check,
+    ConfigError, IncompatibleError, InputError, LinearOperator, OperatorConfig, OperatorOnly, Sampler, check,
 )
 
 _CT_NORMS: dict[tuple, float] = {}
@@ -164,7 +164,7 @@ class FBP(Sampler):
     requires = frozenset()
     uses_measurement = True
     uses_noise_level = False
-    bench = {"kind": "operator", "operator": "ct_parallel", "operator_options": {"views": 8}}
+    certification = OperatorOnly(operator="ct_parallel", operator_options={"views": 8})
 
     @dataclass(frozen=True)
     class Config:

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from restoreflow.plugin_api import (
-    ConfigError, IncompatibleError, InputError, LinearOperator, OperatorConfig, Sampler, check, read_array,
+    ConfigError, IncompatibleError, InputError, LinearOperator, OperatorConfig, OperatorOnly, Sampler, check,
+    read_array,
 )
 
 
@@ -152,7 +153,7 @@ class ZeroFilled(Sampler):
     requires = frozenset()
     uses_measurement = True
     uses_noise_level = False
-    bench = {"kind": "operator", "operator": "mri_cartesian"}
+    certification = OperatorOnly(operator="mri_cartesian")
 
     @dataclass(frozen=True)
     class Config:

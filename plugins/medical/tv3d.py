@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from restoreflow.plugin_api import (
-    Context, IncompatibleError, Sampler, check, check_finite, randn, start_state, time_grid,
+    Context, IncompatibleError, Report, Sampler, check, check_finite, randn, start_state, time_grid,
 )
 
 
@@ -96,7 +96,7 @@ class TV3D(Sampler):
     supports_guidance = False
     #: an approximate posterior sampler (DDS data consistency): reported, not certified against the exact
     #: posterior; ``lam=0`` because the bench's batch holds independent samples, not the slices of a volume
-    bench = {"kind": "report", "options": {"lam": 0.0, "steps": 20}, "samples": 256}
+    certification = Report(options={"lam": 0.0, "steps": 20}, samples=256)
 
     @dataclass(frozen=True)
     class Config:

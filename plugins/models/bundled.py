@@ -93,6 +93,6 @@ class DefaultPrior(CardPrior):
 
     def load(self, *, device: torch.device | str = "cpu", x_shape: tuple[int, ...] | None = None) -> Any:
         if not self._weights().exists():
-            raise CheckpointError("the bundled default prior is missing from restoreflow/weights/ "
+            raise CheckpointError("the bundled default prior is missing from restoreflow/models/weights/ "
                                   "(reinstall restoreflow, or train one with `restoreflow train --method denoiser`)")
         return super().load(device=device, x_shape=x_shape)

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from restoreflow.plugin_api import (
-    SPACINGS, AffinePath, ExpIntegrator, IncompatibleError, Kernel, Problem, Sampler, Transition, anchored_for,
-    as_time, check, integrate, randn, time_grid,
+    AffinePath, ExpIntegrator, FlowMap, IncompatibleError, Kernel, Posterior, Problem, SPACINGS, Sampler, Transition,
+    anchored_for, as_time, check, integrate, randn, time_grid,
 )
 
 from .denoiser import _Thresholded
@@ -107,8 +107,9 @@ class MRS(_MRSampler):
     """
 
     name = "mrs"
-    bench = {"kind": "flow_map", "order": 2, "steps": (8, 16, 32, 64), "options": {"clip": False},
-             "path": lambda: IRSDESchedule().path}
+    certification = FlowMap(
+        order=2, steps=(8, 16, 32, 64), options={"clip": False}, path=lambda: IRSDESchedule().path,
+    )
 
     @dataclass(frozen=True)
     class Config(_MRConfig):
@@ -197,8 +198,7 @@ class MRPosterior(_Baseline):
     name = "mr-posterior"
     # Exact law of this chain on the bench problem (tests/plugins/test_mrs.py propagates it without Monte
     # Carlo): the mean is exact, the variance is biased by 1.5e-3 at 200 steps (first order in 1/steps).
-    bench = {"kind": "posterior", "steps": 200, "bias": 2e-3, "options": {"clip": False},
-             "path": lambda: IRSDESchedule().path}
+    certification = Posterior(steps=200, bias=2e-3, options={"clip": False}, path=lambda: IRSDESchedule().path)
 
     def kernel(self) -> Kernel:
         return ExpIntegrator(order=1, space="data", stochastic=True)
@@ -209,8 +209,7 @@ class MREulerSDE(_Baseline):
 
     name = "mr-sde"
     # exact-law bias on the bench problem at 200 steps: 4.9e-3 in the mean, 2.6e-4 in the variance
-    bench = {"kind": "posterior", "steps": 200, "bias": 6e-3, "options": {"clip": False},
-             "path": lambda: IRSDESchedule().path}
+    certification = Posterior(steps=200, bias=6e-3, options={"clip": False}, path=lambda: IRSDESchedule().path)
 
     def kernel(self) -> Kernel:
         return IRSDEEuler(ode=False)
@@ -220,8 +219,9 @@ class MREulerODE(_Baseline):
     """IR-SDE's probability-flow ODE with Euler steps (reported to restore worse than the SDE)."""
 
     name = "mr-ode"
-    bench = {"kind": "flow_map", "order": 1, "steps": (16, 32, 64, 128), "options": {"clip": False},
-             "path": lambda: IRSDESchedule(offset=False).path}
+    certification = FlowMap(
+        order=1, steps=(16, 32, 64, 128), options={"clip": False}, path=lambda: IRSDESchedule(offset=False).path,
+    )
 
     def kernel(self) -> Kernel:
         return IRSDEEuler(ode=True)

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from restoreflow.plugin_api import (
-    AffinePath, CheckpointError, ConfigError, IncompatibleError, Kernel, Sampler, Transition, anchored_for, bcast,
-    check, integrate, tabulated,
+    AffinePath, CheckpointError, ConfigError, FlowMap, IncompatibleError, Kernel, Sampler, Transition, anchored_for,
+    bcast, check, integrate, tabulated,
 )
 
 from .common import F64, _image_units, _index_time, _ResidualAdapter
@@ -292,8 +292,7 @@ class RDDMSampler(Sampler):
     #: DDIM is first order. Certified on the restoration schedule (sum_scale 0.01) of T = 1001 without its last
     #: step, so that a(T) = 2e-6 > 0 (the exact-flow-map reference divides by a); the a(T) = 0 start itself is
     #: tested against the limit of that map in the plugin's tests
-    bench: ClassVar[dict[str, Any]] = {"kind": "flow_map", "order": 1, "steps": (5, 10, 20, 40),
-                                       "path": lambda: _bench_rddm_schedule().image_path()}
+    certification = FlowMap(order=1, steps=(5, 10, 20, 40), path=lambda: _bench_rddm_schedule().image_path())
 
     @dataclass(frozen=True)
     class Config:

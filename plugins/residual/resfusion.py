@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from restoreflow.plugin_api import (
-    AffinePath, Context, ExpIntegrator, IncompatibleError, Kernel, Sampler, Transition, anchored_for, bcast, check,
-    integrate, randn, tabulated,
+    AffinePath, Context, ExpIntegrator, IncompatibleError, Kernel, Report, Sampler, Transition, anchored_for, bcast,
+    check, integrate, randn, tabulated,
 )
 
 from .common import F64, _image_units, _index_time, _ResidualAdapter
@@ -228,8 +228,7 @@ class ResfusionSampler(Sampler):
     #: biased by design at its native 5 steps: DDPM steps drop Var[x0 | x_t], so with the exact oracle the mean
     #: is exact but the variance is ~0.3x the posterior's. The plugin's tests pin the exact law of the chain
     #: and its convergence to the posterior as T grows (T = 1000, 368 steps: within 4%)
-    bench: ClassVar[dict[str, Any]] = {"kind": "report",
-                                       "path": lambda: ResfusionSchedule("linear_pro", 12).image_path()}
+    certification = Report(path=lambda: ResfusionSchedule("linear_pro", 12).image_path())
 
     @dataclass(frozen=True)
     class Config:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from restoreflow.core.certification import Certification
 from restoreflow.core.denoiser import Denoiser
 from restoreflow.core.errors import ConfigError, NumericalError
 from restoreflow.core.options import build_config, check
@@ -187,13 +188,12 @@ class Sampler(_Configurable, abc.ABC):
     supports_guidance: ClassVar[bool] = False
     #: the prior used per task when ``--prior`` is not given (e.g. ``{"deblur": "mr-deblur"}``)
     default_priors: ClassVar[Mapping[str, str]] = {}
-    #: how the exact-answer bench certifies this sampler (see :func:`restoreflow.testing.certify_sampler`):
-    #: ``{"kind": "flow_map", "order": 2, "steps": (8, 16, 32, 64)}`` (deterministic: converges to the exact
-    #: probability-flow map at that order), ``{"kind": "posterior", "steps": 200}`` (stochastic: samples the
-    #: exact posterior), ``{"kind": "point", "tol": 1e-3}`` (returns the posterior mean/mode), or
-    #: ``{"kind": "report"}`` (biased by design: the error is measured, not bounded). Optional keys:
-    #: ``options`` (Config overrides), ``path`` (a zero-argument callable returning the AffinePath to test on).
-    bench: ClassVar[Mapping[str, Any] | None] = None
+    #: how the exact bench certifies this sampler (:mod:`restoreflow.core.certification`; run by
+    #: :func:`restoreflow.testing.certify_sampler`): ``FlowMap(order=2, steps=(8, 16, 32, 64))`` (deterministic:
+    #: converges to the exact probability-flow map at that order), ``Posterior(steps=200)`` (stochastic: samples
+    #: the exact posterior), ``PointEstimate(tol=1e-3)`` (returns the posterior mean), ``Report()`` (biased by
+    #: design: the error is measured, not bounded) or ``OperatorOnly(operator="denoise")`` (one operator only)
+    certification: ClassVar[Certification | None] = None
 
     @abc.abstractmethod
     def sample(self, problem: Problem, denoiser: Denoiser | None, *, generator: torch.Generator,

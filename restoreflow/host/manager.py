@@ -466,7 +466,7 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
                 regs.problems.append(msg)
                 continue
             try:
-                getattr(regs, attr).register(obj)
+                getattr(regs, attr).register(obj, plugin=pname)
             except PluginError as e:
                 msg = f"{e}; kept the first, ignored the one from plugin {pname!r}"
                 if strict:

@@ -20,6 +20,7 @@ import yaml
 import restoreflow_plugins.mrs as mrs
 import restoreflow_plugins.mrs.bundled as mrs_bundled
 from restoreflow import CheckpointError, ConditionalOracle, ConfigError, EulerMaruyama, ExpIntegrator, IncompatibleError
+from restoreflow.core.certification import certification_of
 from restoreflow.exact.gaussian import gaussian_w2
 from restoreflow.core.modelcard import card_path, read_card
 from restoreflow.models.nets import build_network
@@ -322,16 +323,16 @@ def test_baseline_samples_follow_their_exact_law(gp, cls):
 
 
 def test_bench_declared_biases_hold():
-    """The biases declared in the baselines' ``bench`` are the exact chain-law errors on the bench problem."""
+    """The biases declared in the baselines' ``certification`` are the exact chain-law errors on the bench problem."""
     for cls, kernel in ((mrs.MRPosterior, ExpIntegrator(1, "data", stochastic=True)), (mrs.MREulerSDE, mrs.IRSDEEuler())):
         st = bench_setup(cls, batch=1)
         path = st.path
-        ts = time_grid(path, cls.bench["steps"])
+        ts = time_grid(path, certification_of(cls).steps)
         m0, L = _marginal_start(path, st.target, st.problem.anchor, ts[0])
         mean, cov = exact_law(kernel, st.denoiser, st.problem.anchor, ts, m0, L)
         err = max(float((mean - st.target.mean.reshape(-1)).abs().max()),
                   float((torch.diagonal(cov) - torch.diagonal(st.target.cov)).abs().max()))
-        assert err <= cls.bench["bias"], (cls.name, err)
+        assert err <= certification_of(cls).bias, (cls.name, err)
 
 
 # -- MRS: orders --------------------------------------------------------------------------------

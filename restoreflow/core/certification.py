@@ -1,0 +1,125 @@
+"""How a sampler is certified on the exact bench: a typed declaration every registered sampler carries.
+
+A sampler class sets ``certification`` to one of these; :func:`restoreflow.testing.certify_sampler` reads it and
+runs the matching check on a small linear-Gaussian problem whose answer is known in closed form. Every kind
+also checks that the same generator gives bit-identical output and that float32 and float64 are kept. ::
+
+    class MySampler(Sampler):
+        certification = FlowMap(order=2, steps=(8, 16, 32, 64))
+
+The kinds:
+
+* :class:`FlowMap` -- a deterministic solver of the probability-flow ODE: the error to the exact flow map falls
+  with the measured order at least ``order - 0.35``;
+* :class:`Posterior` -- a stochastic sampler of the posterior: sample moments within the Monte-Carlo bound of
+  ``samples`` draws (plus ``bias``, a documented systematic error);
+* :class:`PointEstimate` -- an estimator of the posterior mean: relative error at most ``tol``;
+* :class:`Report` -- a method without an exact target on this problem (approximate guidance, a regulariser):
+  runs, stays finite, and its error to the posterior mean is reported, not asserted;
+* :class:`OperatorOnly` -- a method for one operator (BM3D for denoising, FBP for CT): reproducible, finite and
+  dtype-keeping on that operator; its accuracy is tested against closed forms in its own tests.
+
+``options`` are the sampler options the bench runs with (e.g. ``{"clip": False}``, since clamping to the image
+range is not part of the Gaussian problem); ``path`` builds the diffusion path for conditional samplers that
+need a particular one. Plugins written before these types existed declared a plain dict as ``bench`` (``{"kind":
+"flow_map", "order": 1, ...}``); :func:`certification_of` still reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from restoreflow.core.errors import ConfigError
+
+__all__ = ["Certification", "FlowMap", "Posterior", "PointEstimate", "Report", "OperatorOnly", "certification_of"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Certification:
+    """What every kind shares: the sampler options of the bench run, and optionally its path."""
+
+    kind: ClassVar[str] = ""
+    #: sampler options for the bench (``steps`` is set by the kind where it has one)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    #: builds the diffusion path of the bench problem (default: VP, or a mean-reverting one for conditional samplers)
+    path: Callable[[], Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowMap(Certification):
+    """Deterministic ODE solver: measured convergence order >= ``order - 0.35`` over ``steps``."""
+
+    kind: ClassVar[str] = "flow_map"
+    order: float
+    steps: tuple[int, ...] = (8, 16, 32, 64)
+
+    def __post_init__(self) -> None:
+        if self.order <= 0 or len(self.steps) < 2 or list(self.steps) != sorted(set(self.steps)):
+            raise ConfigError(f"FlowMap needs order > 0 and >= 2 increasing step counts; got {self.order}, {self.steps}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Posterior(Certification):
+    """Posterior sampler: moments of ``samples`` draws within the Monte-Carlo bound (+ ``bias``)."""
+
+    kind: ClassVar[str] = "posterior"
+    steps: int | None = None
+    samples: int = 2000
+    bias: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class PointEstimate(Certification):
+    """Posterior-mean estimator: relative error to the exact mean <= ``tol``."""
+
+    kind: ClassVar[str] = "point"
+    tol: float = 1e-3
+    steps: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Report(Certification):
+    """No exact target on the bench problem: finite output, the error to the posterior mean is reported."""
+
+    kind: ClassVar[str] = "report"
+    samples: int = 256
+    steps: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OperatorOnly(Certification):
+    """A method for one registered operator: reproducible (to ``reproducible_atol`` for a compiled library that
+    is not bit-reproducible), finite and dtype-keeping on it."""
+
+    kind: ClassVar[str] = "operator"
+    operator: str
+    operator_options: Mapping[str, Any] = field(default_factory=dict)
+    channels: int = 1
+    reproducible_atol: float | None = None
+
+
+_KINDS: dict[str, type[Certification]] = {c.kind: c for c in (FlowMap, Posterior, PointEstimate, Report, OperatorOnly)}
+
+
+def certification_of(sampler_cls: type) -> Certification | None:
+    """The declaration of ``sampler_cls``: its ``certification``, or a legacy ``bench`` dict converted."""
+    declared = getattr(sampler_cls, "certification", None)
+    if isinstance(declared, Certification):
+        return declared
+    legacy = getattr(sampler_cls, "bench", None)
+    if not legacy:
+        return None
+    spec = dict(legacy)
+    cls = _KINDS.get(spec.pop("kind", None))
+    if cls is None:
+        raise ConfigError(f"sampler {getattr(sampler_cls, 'name', sampler_cls)!r}: unknown bench kind in {legacy!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ConfigError(f"sampler {getattr(sampler_cls, 'name', sampler_cls)!r}: bench keys {unknown} are not "
+                          f"known for kind {cls.kind!r} (known: {sorted(known)})")
+    if "steps" in spec and isinstance(spec["steps"], list):
+        spec["steps"] = tuple(spec["steps"])
+    return cls(**spec)
