@@ -20,7 +20,6 @@ it, so a checkpoint trained with ``nf=32`` never meets a ``nf=64`` network.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,6 +30,9 @@ from torch import Tensor, nn
 
 from restoreflow.core.errors import CheckpointError
 from restoreflow.models.nets import register_architecture
+from restoreflow.models.nets.blocks import (
+    ChannelNorm, LinearAttention, PreNorm, Residual, SinusoidalEmbedding, batch_time,
+)
 
 __all__ = [
     "ConditionalUNet",
@@ -44,42 +46,8 @@ __all__ = [
 # -- shared pieces --------------------------------------------------------------------------------
 
 
-class SinusoidalEmbedding(nn.Module):
-    """``[sin(t w_k), cos(t w_k)]`` with :math:`w_k = 10000^{-k/(d/2-1)}`, ``t`` taken as is (no rescaling)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, t: Tensor) -> Tensor:
-        half = self.dim // 2
-        freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000) / (half - 1)))
-        arg = t.to(torch.float32)[:, None] * freqs[None, :]
-        return torch.cat([arg.sin(), arg.cos()], dim=-1)
-
-
-class ChannelNorm(nn.Module):
-    """Layer norm over channels with a gain only (parameter ``g``, shape ``1 x C x 1 x 1``)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        eps = 1e-5 if x.dtype == torch.float32 else 1e-3
-        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + eps) * self.g
-
-
 def _conv(dim_in: int, dim_out: int, k: int = 3, bias: bool = False) -> nn.Conv2d:
     return nn.Conv2d(dim_in, dim_out, k, padding=k // 2, bias=bias)
-
-
-def _as_batch_time(t: Any, x: Tensor) -> Tensor:
-    t = torch.as_tensor(t, device=x.device)
-    if t.ndim == 0:
-        t = t.expand(x.shape[0])
-    return t.reshape(-1)
 
 
 # -- ConditionalUNet ------------------------------------------------------------------------------
@@ -118,48 +86,8 @@ class _ResBlock(nn.Module):
         return h + self.res_conv(x)
 
 
-class _LinearAttention(nn.Module):
-    """Linear (channel) attention, 4 heads of 32: softmax over features for q, over positions for k."""
-
-    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32):
-        super().__init__()
-        self.heads, self.dim_head = heads, dim_head
-        hidden = heads * dim_head
-        self.to_qkv = nn.Conv2d(dim, 3 * hidden, 1, bias=False)
-        self.to_out = nn.Sequential(nn.Conv2d(hidden, dim, 1), ChannelNorm(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, _, h, w = x.shape
-        q, k, v = (u.reshape(b, self.heads, self.dim_head, h * w) for u in self.to_qkv(x).chunk(3, dim=1))
-        q = q.softmax(dim=-2) * self.dim_head**-0.5
-        k = k.softmax(dim=-1)
-        v = v / (h * w)
-        context = torch.einsum("bhdn,bhen->bhde", k, v)
-        out = torch.einsum("bhde,bhdn->bhen", context, q)
-        return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
-
-
-class _PreNorm(nn.Module):
-    def __init__(self, dim: int, fn: nn.Module):
-        super().__init__()
-        self.fn = fn
-        self.norm = ChannelNorm(dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fn(self.norm(x))
-
-
-class _Residual(nn.Module):
-    def __init__(self, fn: nn.Module):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fn(x) + x
-
-
 def _attention(dim: int) -> nn.Module:
-    return _Residual(_PreNorm(dim, _LinearAttention(dim)))
+    return Residual(PreNorm(dim, LinearAttention(dim)))
 
 
 @register_architecture("irsde_unet")
@@ -202,7 +130,7 @@ class ConditionalUNet(nn.Module):
 
     def forward(self, x_t: Tensor, mu: Tensor, t: Any) -> Tensor:
         H, W = x_t.shape[-2:]
-        temb = self.time_mlp(_as_batch_time(t, x_t))
+        temb = self.time_mlp(batch_time(t, x_t))
         x = torch.cat([x_t - mu, mu], dim=1)
         s = 2**self.depth
         x = F.pad(x, (0, (s - W % s) % s, 0, (s - H % s) % s), mode="reflect")
@@ -305,7 +233,7 @@ class ConditionalNAFNet(nn.Module):
 
     def forward(self, x_t: Tensor, mu: Tensor, t: Any) -> Tensor:
         H, W = x_t.shape[-2:]
-        temb = self.time_mlp(_as_batch_time(t, x_t))
+        temb = self.time_mlp(batch_time(t, x_t))
         x = torch.cat([x_t - mu, mu], dim=1)
         s = self.pad_to
         x = F.pad(x, (0, (s - W % s) % s, 0, (s - H % s) % s))

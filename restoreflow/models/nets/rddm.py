@@ -27,7 +27,6 @@ Spatial sizes must be multiples of ``2 ** (len(dim_mults) - 1)``; the model adap
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,26 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from restoreflow.models.nets import register_architecture
+from restoreflow.models.nets.blocks import (
+    LinearAttention, PreNorm, Residual, SinusoidalEmbedding, batch_time, sinusoidal_embedding,
+)
 
 __all__ = ["RDDMUnet", "UnetRes", "sinusoidal_embedding"]
-
-
-def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
-    r"""``[sin(t f_k), cos(t f_k)]`` with :math:`f_k = 10000^{-k/(d/2 - 1)}`, :math:`k < d/2` (RDDM's embedding)."""
-    half = dim // 2
-    step = math.log(10000) / (half - 1)
-    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * -step)
-    arg = t.reshape(-1).to(torch.float32)[:, None] * freqs[None, :]
-    return torch.cat((arg.sin(), arg.cos()), dim=-1)
-
-
-class _SinusoidalPosEmb(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, t: Tensor) -> Tensor:
-        return sinusoidal_embedding(t, self.dim)
 
 
 class _WSConv2d(nn.Conv2d):
@@ -68,38 +52,6 @@ class _WSConv2d(nn.Conv2d):
         var = w.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
         return F.conv2d(x, (w - mean) * (var + eps).rsqrt(), self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
-
-
-class _ChannelLayerNorm(nn.Module):
-    """Layer norm over channels with a gain ``g`` only (no bias)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        eps = 1e-5 if x.dtype == torch.float32 else 1e-3
-        var = x.var(dim=1, unbiased=False, keepdim=True)
-        return (x - x.mean(dim=1, keepdim=True)) * (var + eps).rsqrt() * self.g
-
-
-class _PreNorm(nn.Module):
-    def __init__(self, dim: int, fn: nn.Module):
-        super().__init__()
-        self.fn = fn
-        self.norm = _ChannelLayerNorm(dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fn(self.norm(x))
-
-
-class _Residual(nn.Module):
-    def __init__(self, fn: nn.Module):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fn(x) + x
 
 
 class _Block(nn.Module):
@@ -129,26 +81,6 @@ class _ResnetBlock(nn.Module):
         ss = self.mlp(temb)[:, :, None, None].chunk(2, dim=1)
         h = self.block2(self.block1(x, scale_shift=(ss[0], ss[1])))
         return h + self.res_conv(x)
-
-
-class _LinearAttention(nn.Module):
-    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32):
-        super().__init__()
-        self.scale = dim_head**-0.5
-        self.heads = heads
-        hidden = dim_head * heads
-        self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
-        self.to_out = nn.Sequential(nn.Conv2d(hidden, dim, 1), _ChannelLayerNorm(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, _, h, w = x.shape
-        q, k, v = (u.reshape(b, self.heads, -1, h * w) for u in self.to_qkv(x).chunk(3, dim=1))
-        q = q.softmax(dim=-2) * self.scale
-        k = k.softmax(dim=-1)
-        v = v / (h * w)
-        context = torch.einsum("bhdn,bhen->bhde", k, v)
-        out = torch.einsum("bhde,bhdn->bhen", context, q)
-        return self.to_out(out.reshape(b, -1, h, w))
 
 
 class _Attention(nn.Module):
@@ -183,7 +115,7 @@ def _level(dim: int, dim_out: int, *, time_dim: int, groups: int, skip: int, las
     return nn.ModuleList([
         _ResnetBlock(width + skip, width, time_emb_dim=time_dim, groups=groups),
         _ResnetBlock(width + skip, width, time_emb_dim=time_dim, groups=groups),
-        _Residual(_PreNorm(width, _LinearAttention(width))),
+        Residual(PreNorm(width, LinearAttention(width))),
         resample,
     ])
 
@@ -196,7 +128,7 @@ class _Encoder(nn.Module):
         dims = [dim, *(dim * m for m in dim_mults)]
         in_out = list(zip(dims[:-1], dims[1:]))
         time_dim = dim * 4
-        self.time_mlp = nn.Sequential(_SinusoidalPosEmb(dim), nn.Linear(dim, time_dim), nn.GELU(),
+        self.time_mlp = nn.Sequential(SinusoidalEmbedding(dim), nn.Linear(dim, time_dim), nn.GELU(),
                                       nn.Linear(time_dim, time_dim))
         self.downs = nn.ModuleList([
             _level(di, do, time_dim=time_dim, groups=groups, skip=0, last=i == len(in_out) - 1, up=False)
@@ -204,7 +136,7 @@ class _Encoder(nn.Module):
         ])
         mid = dims[-1]
         self.mid_block1 = _ResnetBlock(mid, mid, time_emb_dim=time_dim, groups=groups)
-        self.mid_attn = _Residual(_PreNorm(mid, _Attention(mid)))
+        self.mid_attn = Residual(PreNorm(mid, _Attention(mid)))
         self.mid_block2 = _ResnetBlock(mid, mid, time_emb_dim=time_dim, groups=groups)
         self._time_dim = time_dim
         return in_out
@@ -212,7 +144,7 @@ class _Encoder(nn.Module):
     def _encode(self, x: Tensor, time: Tensor) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         x = self.init_conv(x)
         r = x.clone()
-        t = self.time_mlp(_as_batch_time(time, x))
+        t = self.time_mlp(batch_time(time, x))
         hs = []
         for block1, block2, attn, down in self.downs:
             x = block1(x, t)
@@ -233,13 +165,6 @@ class _Encoder(nn.Module):
             x = attn(block2(x, t))
             x = up(x)
         return x
-
-
-def _as_batch_time(time: Any, x: Tensor) -> Tensor:
-    t = torch.as_tensor(time, device=x.device)
-    if t.ndim == 0:
-        t = t.expand(x.shape[0])
-    return t
 
 
 def _check_size(x: Tensor, levels: int, name: str) -> None:
