@@ -6,32 +6,20 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from skimage import io
 
 import restoreflow_plugins.dps as dps
 from restoreflow import ConfigError, ExpIntegrator, PredictionAdapter, GaussianDenoiser, Problem, integrate, time_grid, ve, vp
-from restoreflow.app.cli import build_cli
 from restoreflow.core.errors import NumericalError
 from restoreflow.exact.gaussian import gaussian_w2
-from restoreflow.host.manager import get_plugin_manager
 from restoreflow.core.sampling import Context
 from restoreflow.testing import check_sampler_reproducible, make_gaussian_problem
 from restoreflow_plugins.operators import Denoise, Downsample, GaussianBlur, Inpaint
 
+from cli_helpers import TASKS, restores_every_task
+
 F64 = torch.float64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny tensors: thread hand-offs cost more than the work (20x on a loaded 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _ctx(problem, den, path=None):
@@ -251,27 +239,9 @@ def test_exact_gaussian_bench(blur_problem):
     assert float(X.std(0).mean()) < float(torch.diagonal(prior.cov).sqrt().mean())
 
 
-@pytest.fixture
-def img(tmp_path):
-    rng = np.random.default_rng(0)
-    a = (np.clip(rng.random((16, 16, 3)) * 0.3 + np.linspace(0, 0.7, 16)[None, :, None], 0, 1) * 255).astype(np.uint8)
-    p = tmp_path / "in.png"
-    io.imsave(p, a, check_contrast=False)
-    return p
-
-
-@pytest.mark.parametrize("task", ["deblur", "sr", "inpaint", "denoise"])
-def test_cli_every_task(task, img, tmp_path):
-    cli = build_cli(get_plugin_manager())
-    out = tmp_path / "out.png"
-    extra = ["--op", "factor=2"] if task == "sr" else []
-    if task in ("deblur", "sr"):  # the whole 16-px image (their task default, boundary=valid|replicate, crops it)
-        extra += ["--op", "boundary=circular"]
-    for args in (["--sampler", "dps"], ["--sampler", "ddim", "-o", "eta=1", "--guidance", "dps"]):
-        res = CliRunner().invoke(cli, [task, str(img), *args, "--prior", "gaussian", "--steps", "3", "--simulate",
-                                       "--out", str(out), *extra])
-        assert res.exit_code == 0, res.output
-        assert io.imread(out).shape == (16, 16, 3)
+@pytest.mark.parametrize("task", TASKS)
+def test_cli_every_task(task, tmp_path):
+    restores_every_task(task, tmp_path, ["--sampler", "dps"], ["--sampler", "ddim", "-o", "eta=1", "--guidance", "dps"])
 
 
 # -- the official algorithm (DPS2022/diffusion-posterior-sampling @ effbde7), restated here ------------------------

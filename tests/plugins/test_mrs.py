@@ -30,15 +30,6 @@ from restoreflow.testing import Z_BOUND, bench_setup, check_path, exact_flow_map
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny tensors: thread hand-offs cost more than the work on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def gp():
     return make_gaussian_problem((1, 4, 4), square=True, noise_sigma=0.1, seed=1)

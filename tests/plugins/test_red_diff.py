@@ -5,30 +5,19 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from skimage import io
 from torch import nn
 
 import restoreflow_plugins.red_diff as rd
-from restoreflow import ConfigError, GaussianDenoiser, PredictionAdapter, Problem, default_registries, from_x0, vp
-from restoreflow.app.cli import build_cli
-from restoreflow.host.manager import get_plugin_manager
+from restoreflow import ConfigError, PredictionAdapter, Problem, default_registries, vp
 from restoreflow.core.sampling import randn
 from restoreflow.testing import check_sampler_reproducible, make_gaussian_problem
 from restoreflow_plugins.operators import Downsample, GaussianBlur
 
+from cli_helpers import TASKS, restores_every_task
+
 F64 = torch.float64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_registered(registered):
@@ -271,27 +260,9 @@ def test_reduction_conventions(gauss):
     assert torch.equal(a, b)
 
 
-@pytest.fixture
-def img(tmp_path):
-    rng = np.random.default_rng(0)
-    a = (np.clip(rng.random((16, 16, 3)) * 0.3 + np.linspace(0, 0.7, 16)[None, :, None], 0, 1) * 255).astype(np.uint8)
-    p = tmp_path / "in.png"
-    io.imsave(p, a, check_contrast=False)
-    return p
-
-
-@pytest.mark.parametrize("task", ["deblur", "sr", "inpaint", "denoise"])
-def test_cli_every_task(task, img, tmp_path):
-    out = tmp_path / "out.png"
-    extra = ["--op", "factor=2"] if task == "sr" else []
-    if task in ("deblur", "sr"):  # the whole 16-px image (their task default, boundary=valid|replicate, crops it)
-        extra += ["--op", "boundary=circular"]
-    res = CliRunner().invoke(build_cli(get_plugin_manager()), [task, str(img), "--sampler", "red_diff", "--prior",
-                                                               "gaussian", "--steps", "3", "--simulate", "--out",
-                                                               str(out), *extra])
-    assert res.exit_code == 0, res.output
-    assert io.imread(out).shape == (16, 16, 3)
-    assert math.isfinite(io.imread(out).astype(float).mean())
+@pytest.mark.parametrize("task", TASKS)
+def test_cli_every_task(task, tmp_path):
+    restores_every_task(task, tmp_path, ["--sampler", "red_diff"])
 
 
 def test_inits():
