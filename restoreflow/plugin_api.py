@@ -35,6 +35,9 @@ from restoreflow.core.errors import (
 
 # -- options: Config dataclasses --------------------------------------------------------------------------
 from restoreflow.core.options import build_config, check, parse_bool, parse_float, parse_int, parse_options
+from restoreflow.core.options import (
+    Clip, Doc, Eta, Fraction, Iterations, NonNegative, Options, Positive, Range, Seed, Steps, validate_options,
+)
 
 # -- paths, parameterizations, denoisers and priors --------------------------------------------------------
 from restoreflow.core.paths import AffinePath, as_time, bcast, mean_reverting, rectified_flow, tabulated, ve, vp
@@ -53,6 +56,7 @@ from restoreflow.core.certification import (
 
 # -- the sampling framework -------------------------------------------------------------------------------
 from restoreflow.core.kernels import EulerMaruyama, EulerODE, ExpIntegrator, Heun, KernelSampler
+from restoreflow.core.sampling import Spacing
 from restoreflow.core.sampling import (
     SPACINGS, Context, Corrector, Guidance, Kernel, Problem, Sampler, Task, Transition, anchored_for, check_finite,
     integrate, make_anchor, randn, start_state, time_grid,
@@ -89,6 +93,8 @@ __all__ = [
     "CheckpointError", "ConfigError", "IncompatibleError", "InputError", "NumericalError", "OutputError",
     "PluginError", "RestoreflowError", "UnknownNameError",
     "build_config", "check", "parse_options", "parse_bool", "parse_int", "parse_float",
+    "Options", "Range", "Doc", "validate_options", "Steps", "Iterations", "Eta", "Fraction", "Positive", "NonNegative",
+    "Seed", "Clip", "Spacing",
     "AffinePath", "as_time", "bcast", "mean_reverting", "rectified_flow", "tabulated", "ve", "vp",
     "from_x0", "to_x0",
     "Denoiser", "PredictionAdapter", "Prior", "ValueRange", "for_inference", "reparameterize", "TiledDenoiser",

@@ -113,20 +113,26 @@ def _docstring_meaning(field_name: str, doc: str) -> str:
 
 
 def _options_rows(cfg: Any, owner: Any = None) -> list[list[str]]:
+    """One ``[option, default, meaning, values]`` row per field; ``values`` is what the field's type declares
+    (``int >= 1``, ``one of data, noise``: :func:`restoreflow.core.options.option_types`)."""
     import dataclasses
 
-    from restoreflow.core.options import option_docs
+    from restoreflow.core.options import option_docs, option_types
 
     if cfg is None or not dataclasses.is_dataclass(cfg) or not dataclasses.fields(cfg):
         return []
     docs = option_docs(cfg)
+    try:
+        types = option_types(cfg)
+    except Exception:  # an annotation that does not resolve must not hide the options
+        types = {}
     owner_doc = (getattr(owner, "__doc__", None) or "") if owner is not None else ""
     rows = []
     for f in dataclasses.fields(cfg):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         meaning = plain_text(docs.get(f.name, "")) or (_docstring_meaning(f.name, owner_doc) if owner_doc else "")
-        rows.append([f.name, _fmt(default), meaning])
+        rows.append([f.name, _fmt(default), meaning, types.get(f.name, "")])
     return rows
 
 
@@ -321,15 +327,17 @@ def _print_one(attr: str, e: dict[str, Any], effective: tuple[str, str | None, d
     if not e["options"]:
         return
     table = Table(box=None, show_header=True, header_style="bold")
-    cols = ("option", "default", "meaning") if effective is None else ("option", "default", "effective", "meaning")
+    cols = ("option", "default", "values", "meaning") if effective is None else (
+        "option", "default", "effective", "values", "meaning")
     for col in cols:
         table.add_column(col)
     for row in e["options"]:
+        values = row[3] if len(row) > 3 else ""
         if effective is None:
-            table.add_row(*row)
+            table.add_row(row[0], row[1], values, row[2])
         else:
             eff = effective[2]
-            table.add_row(row[0], row[1], _fmt(eff[row[0]]) if row[0] in eff else row[1], row[2])
+            table.add_row(row[0], row[1], _fmt(eff[row[0]]) if row[0] in eff else row[1], values, row[2])
     if effective is not None:
         console.print(f"\neffective in {effective[0] or 'any task'} with prior {effective[1] or '-'} "
                       "(the prior's card; your -o/--steps win):", markup=False)

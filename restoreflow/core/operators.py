@@ -12,13 +12,13 @@ import abc
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from restoreflow.core.errors import ConfigError
-from restoreflow.core.options import build_config, check
+from restoreflow.core.options import Options, Positive, Range, Seed, build_config, check
 from restoreflow.core.linalg import (
     conjugate_gradient,
 )
@@ -156,18 +156,14 @@ def make_noise(kind: str, sigma: float, gain: float) -> NoiseModel:
 
 
 @dataclass(frozen=True)
-class OperatorConfig:
-    """Options every operator has: the noise model (``noise_sigma`` in [0, 1] image units)."""
+class OperatorConfig(Options):
+    """Options every operator has: the noise model (``noise_sigma`` in [0, 1] image units). An operator's
+    ``Config`` derives from it; one with its own ``__post_init__`` calls ``super().__post_init__()``."""
 
-    noise: str = "gaussian"
-    noise_sigma: float = 0.01
-    poisson_gain: float = 100.0
-    seed: int = 0
-
-    def __post_init__(self):
-        check(self.noise in ("gaussian", "poisson", "none"), f"noise must be gaussian, poisson or none; got {self.noise!r}")
-        check(0 <= self.noise_sigma <= 1, f"noise_sigma must be in [0, 1] (image units); got {self.noise_sigma}")
-        check(self.poisson_gain > 0, f"poisson_gain must be > 0; got {self.poisson_gain}")
+    noise: Literal["gaussian", "poisson", "none"] = "gaussian"
+    noise_sigma: Annotated[float, Range(0, 1, unit="(image units)")] = 0.01
+    poisson_gain: Positive = 100.0
+    seed: Seed = 0
 
 
 class Operator(nn.Module):
