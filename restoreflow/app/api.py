@@ -236,7 +236,9 @@ def plan(task: str, *, sampler: str | None = None, prior: str | None = None, gui
                 condition = True
             else:
                 raise IncompatibleError(f"{sampler_name} with the unconditional prior {label} would ignore the "
-                                        f"measurement; add --guidance dps or pick a conditional prior")
+                                        f"measurement ({sampler_name} does not set uses_measurement = True, so it "
+                                        f"sees y only through guidance or a conditional prior); add --guidance dps "
+                                        f"or pick a conditional prior")
     return Plan(task_obj, op_cls, op_cfg, smp, prior_obj, label, g, c, condition)
 
 
