@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from restoreflow.plugin_api import (
-    ExpIntegrator, IncompatibleError, LinearOperator, OperatorConfig, OperatorOnly, Sampler, Task, check, hookimpl,
-    integrate, time_grid,
+    ExpIntegrator, IncompatibleError, LinearOperator, OperatorConfig, OperatorOnly, Options, Sampler, Steps, Task,
+    check, hookimpl, integrate, time_grid,
 )
 
 
@@ -74,15 +75,11 @@ class GainSDE(Sampler):
     certification = OperatorOnly(operator="gain", operator_options={"factor": 0.5, "noise_sigma": 0.05})
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):  # Options checks the declared values: steps >= 1, order 1 or 2
         #: reverse-SDE steps from the matched noise level down to the clean image (one network call each)
-        steps: int = 30
+        steps: Steps = 30
         #: 1: first-order (DDPM-like ancestral) steps; 2: second-order SDE-DPM-Solver++(2M) steps
-        order: int = 2
-
-        def __post_init__(self):
-            check(1 <= self.steps <= 10000, f"steps must be in [1, 10000]; got {self.steps}")
-            check(self.order in (1, 2), f"order must be 1 or 2; got {self.order}")
+        order: Literal[1, 2] = 2
 
     def sample(self, problem, denoiser, *, generator, guidance=None, corrector=None, callback=None):
         op = problem.operator
