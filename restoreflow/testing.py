@@ -482,6 +482,9 @@ def certify_sampler(sampler_cls: type, *, report: dict | None = None) -> dict[st
         assert torch.isfinite(x).all()
         X = x.reshape(x.shape[0], -1).to(torch.float64)
         out["mean_err"] = float((X.mean(0) - setup.target.mean.reshape(-1, X.shape[1])[0]).abs().max())
+        if cert.max_error is not None:
+            assert out["mean_err"] <= cert.max_error, (f"{sampler_cls.name}: error to the posterior mean "
+                                                       f"{out['mean_err']:.3g} > declared max_error {cert.max_error}")
     else:
         raise AssertionError(f"unknown bench kind {kind!r}")
     if report is not None:
