@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from restoreflow.plugin_api import (
-    FourierGaussian, GaussianModel, GaussianNoise, PointEstimate, Report, Sampler, check, default_spectrum, hookimpl,
+    FourierGaussian, GaussianModel, GaussianNoise, Iterations, Options, PointEstimate, Positive, Report, Sampler,
+    default_spectrum, hookimpl,
 )
 
 
@@ -51,15 +52,10 @@ class Wiener(Sampler):
     uses_measurement = True
 
     @dataclass(frozen=True)
-    class Config:
-        iters: int = 300  # CG iterations for non-circulant operators (non-circular blur, SR, inpainting)
-        tol: float = 1e-6
-        scale: float = 1.0  # multiplies the prior covariance (>1: weaker regularisation)
-
-        def __post_init__(self):
-            check(self.iters >= 1, f"iters must be >= 1; got {self.iters}")
-            check(self.tol > 0, f"tol must be > 0; got {self.tol}")
-            check(self.scale > 0, f"scale must be > 0; got {self.scale}")
+    class Config(Options):
+        iters: Iterations = 300  # CG iterations for non-circulant operators (non-circular blur, SR, inpainting)
+        tol: Positive = 1e-6
+        scale: Positive = 1.0  # multiplies the prior covariance (>1: weaker regularisation)
 
     def model_for(self, denoiser, shape) -> GaussianModel:
         model = getattr(denoiser, "model", None)

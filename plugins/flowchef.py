@@ -64,14 +64,14 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from restoreflow.plugin_api import (
-    AffinePath, Problem, Report, Sampler, as_time, check, check_finite, hookimpl, randn, rectified_flow,
-    reparameterize,
+    AffinePath, Clip, NonNegative, Options, Problem, Range, Report, Sampler, as_time, check_finite, hookimpl, randn,
+    rectified_flow, reparameterize,
 )
 
 __all__ = ["FlowChef", "as_rectified_flow", "noise_share"]
@@ -141,40 +141,29 @@ class FlowChef(Sampler):
     certification = Report(samples=256, steps=100, options={"step_size": 0.5, "reference_side": None, "clip": False})
 
     @dataclass(frozen=True)
-    class Config:
-        steps: int = 100
+    class Config(Options):
+        steps: Annotated[int, Range(1, 100000)] = 100
         #: the code's ``gradient_scale`` s (same value in [0, 1] and [-1, 1] units)
-        step_size: float = 500.0
+        step_size: NonNegative = 500.0
         #: gradient steps on x_t per sampling step with the velocity frozen (1 in pixel space)
-        inner_steps: int = 1
+        inner_steps: Annotated[int, Range(0)] = 1
         #: steer during the first this many steps (None: all but the last, as in the code)
-        steer_steps: int | None = None
+        steer_steps: Annotated[int, Range(0)] | None = None
         #: ``mean``: mean squared residual over y (code); ``sum``: summed squared residual / dim(x);
         #: ``lipschitz``: the step is step_size / ||A||^2 (1 = a full Landweber step, stable below 2, the same
         #: meaning for every operator and image size)
-        reduction: str = "mean"
+        reduction: Literal["mean", "sum", "lipschitz"] = "mean"
         #: mean/sum: the image side the step size was tuned at (the code's 64x64); on H x W images the step is
         #: scaled by HW / side^2 so each pixel moves as it did there. None: the literal rule, whose per-pixel
         #: step shrinks as 1/HW
-        reference_side: int | None = 64
+        reference_side: Annotated[int, Range(1)] | None = 64
         #: starting time on the rectified-flow path (t = 1 is pure noise)
-        t_start: float = 0.999
+        t_start: Annotated[float, Range(0, 0.999, lo_open=True)] = 0.999
         #: damp the steering step where the flow's noise level is below the measurement's (not in the paper;
         #: without it an identity operator hands back the noisy input, see the module docstring)
         noise_aware: bool = True
         #: clamp the output to [0, 1]
-        clip: bool = True
-
-        def __post_init__(self):
-            check(1 <= self.steps <= 100000, f"steps must be in [1, 100000]; got {self.steps}")
-            check(self.step_size >= 0, f"step_size must be >= 0; got {self.step_size}")
-            check(self.inner_steps >= 0, f"inner_steps must be >= 0; got {self.inner_steps}")
-            check(self.steer_steps is None or self.steer_steps >= 0, f"steer_steps must be >= 0; got {self.steer_steps}")
-            check(self.reduction in ("mean", "sum", "lipschitz"),
-                  f"reduction must be mean, sum or lipschitz; got {self.reduction!r}")
-            check(self.reference_side is None or self.reference_side >= 1,
-                  f"reference_side must be >= 1; got {self.reference_side}")
-            check(0 < self.t_start <= 0.999, f"t_start must be in (0, 0.999]; got {self.t_start}")
+        clip: Clip = True
 
     def step_scale(self, op: Any, y: Tensor, x_shape: tuple[int, ...]) -> float:
         r"""The factor :math:`c` of the steering step :math:`x \leftarrow x - c\,J_A^\top(A\hat x_0 - y)`.

@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import IncompatibleError, OperatorOnly, Report, Sampler, check, hookimpl
+from restoreflow.plugin_api import (
+    IncompatibleError, Iterations, OperatorOnly, Options, Positive, Range, Report, Sampler, hookimpl,
+)
 
 __all__ = ["BM3D", "NLMeans", "TV", "RichardsonLucy", "UnsupervisedWiener", "Bicubic", "tv_solve"]
 
@@ -100,12 +103,9 @@ class BM3D(_Peer):
     )
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         #: multiplies the noise level handed to BM3D (1 = the measured level)
-        sigma_scale: float = 1.0
-
-        def __post_init__(self):
-            check(0 < self.sigma_scale <= 10, f"sigma_scale must be in (0, 10]; got {self.sigma_scale}")
+        sigma_scale: Annotated[float, Range(0, 10, lo_open=True)] = 1.0
 
     def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
         op = problem.operator
@@ -135,14 +135,10 @@ class NLMeans(_Peer):
     certification = OperatorOnly(operator="denoise", operator_options={"noise_sigma": 0.1})
 
     @dataclass(frozen=True)
-    class Config:
-        h: float = 0.6  #: filtering strength, in units of the noise standard deviation
-        patch_size: int = 5
-        patch_distance: int = 6
-
-        def __post_init__(self):
-            check(self.h > 0, f"h must be > 0; got {self.h}")
-            check(self.patch_size >= 1 and self.patch_distance >= 1, "patch_size and patch_distance must be >= 1")
+    class Config(Options):
+        h: Positive = 0.6  #: filtering strength, in units of the noise standard deviation
+        patch_size: Annotated[int, Range(1)] = 5
+        patch_distance: Annotated[int, Range(1)] = 6
 
     def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
         from skimage.restoration import denoise_nl_means
@@ -216,14 +212,10 @@ class TV(_Peer):
     requires = frozenset({"linear_operator"})
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         #: regularisation weight lambda in units of the noise standard deviation
-        weight: float = 0.1
-        iters: int = 300  #: primal-dual iterations (one A and one A^T each)
-
-        def __post_init__(self):
-            check(self.weight > 0, f"weight must be > 0; got {self.weight}")
-            check(self.iters >= 1, f"iters must be >= 1; got {self.iters}")
+        weight: Positive = 0.1
+        iters: Iterations = 300  #: primal-dual iterations (one A and one A^T each)
 
     def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
         op = problem.operator
@@ -245,11 +237,8 @@ class RichardsonLucy(_Peer):
     requires = frozenset({"linear_operator"})
 
     @dataclass(frozen=True)
-    class Config:
-        iters: int = 30  #: RL iterations (more: sharper and noisier)
-
-        def __post_init__(self):
-            check(self.iters >= 1, f"iters must be >= 1; got {self.iters}")
+    class Config(Options):
+        iters: Iterations = 30  #: RL iterations (more: sharper and noisier)
 
     def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
         from skimage.restoration import richardson_lucy

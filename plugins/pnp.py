@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 
 from restoreflow.plugin_api import (
-    IncompatibleError, OperatorOnly, Report, Sampler, check, conjugate_gradient, hookimpl, make_anchor,
+    IncompatibleError, Iterations, NonNegative, OperatorOnly, Options, Positive, Range, Report, Sampler, Steps, check,
+    conjugate_gradient, hookimpl, make_anchor,
 )
 
 __all__ = ["MMSE", "DPIR", "denoise_at", "ensemble_denoise"]
@@ -84,16 +86,12 @@ class MMSE(Sampler):
     certification = OperatorOnly(operator="denoise", operator_options={"noise_sigma": 0.1})
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         #: multiplies the operator's noise level before the denoiser call (1 = the measured level)
-        sigma_scale: float = 1.0
+        sigma_scale: Annotated[float, Range(0, 10, lo_open=True)] = 1.0
         #: geometric self-ensemble: average the denoiser over 1, 2, 4 or 8 flips/rotations of the image (each one a
         #: network call); the average of equally good estimates whose errors differ has a lower error
-        ensemble: int = 1
-
-        def __post_init__(self):
-            check(0 < self.sigma_scale <= 10, f"sigma_scale must be in (0, 10]; got {self.sigma_scale}")
-            check(self.ensemble in (1, 2, 4, 8), f"ensemble must be 1, 2, 4 or 8; got {self.ensemble}")
+        ensemble: Literal[1, 2, 4, 8] = 1
 
     def nfe(self) -> int:
         return self.config.ensemble
@@ -123,25 +121,22 @@ class DPIR(Sampler):
     certification = Report()
 
     @dataclass(frozen=True)
-    class Config:
-        steps: int = 8  #: HQS iterations (= network calls)
-        sigma_start: float = 49 / 255  #: denoiser noise level of the first iteration ([0, 1] units)
+    class Config(Options):
+        steps: Steps = 8  #: HQS iterations (= network calls)
+        #: denoiser noise level of the first iteration ([0, 1] units)
+        sigma_start: Annotated[float, Range(0, 1, lo_open=True)] = 49 / 255
         #: denoiser noise level of the last iteration; 0 = the measurement's noise level
-        sigma_end: float = 0.0
-        lam: float = 0.23  #: data-step weight lambda (alpha_k = lam s^2 / sigma_k^2)
-        cg_iters: int = 50  #: conjugate-gradient iterations per data step (non-circulant operators)
-        cg_tol: float = 1e-5
+        sigma_end: NonNegative = 0.0
+        lam: Positive = 0.23  #: data-step weight lambda (alpha_k = lam s^2 / sigma_k^2)
+        cg_iters: Iterations = 50  #: conjugate-gradient iterations per data step (non-circulant operators)
+        cg_tol: Positive = 1e-5
         #: starting estimate z_0: ``anchor`` (y, or A^+ y) or ``wiener`` (the exact Wiener estimate: fills large
         #: holes of inpainting masks with the Gaussian prior's mean instead of zeros)
-        init: str = "anchor"
+        init: Literal["anchor", "wiener"] = "anchor"
 
         def __post_init__(self):
-            check(self.steps >= 1, f"steps must be >= 1; got {self.steps}")
-            check(0 < self.sigma_start <= 1, f"sigma_start must be in (0, 1]; got {self.sigma_start}")
-            check(0 <= self.sigma_end <= self.sigma_start, f"sigma_end must be in [0, sigma_start]; got {self.sigma_end}")
-            check(self.lam > 0, f"lam must be > 0; got {self.lam}")
-            check(self.cg_iters >= 1 and self.cg_tol > 0, "cg_iters must be >= 1 and cg_tol > 0")
-            check(self.init in ("anchor", "wiener"), f"init must be anchor or wiener; got {self.init!r}")
+            super().__post_init__()
+            check(self.sigma_end <= self.sigma_start, f"sigma_end must be in [0, sigma_start]; got {self.sigma_end}")
 
     def sigmas(self, s_y: float) -> Tensor:
         """The denoiser noise levels, geometric from ``sigma_start`` to ``sigma_end`` (or the noise level)."""

@@ -14,13 +14,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from restoreflow.plugin_api import (
-    ConfigError, IncompatibleError, InputError, LinearOperator, OperatorConfig, OperatorOnly, Sampler, check,
+    ConfigError, IncompatibleError, InputError, Iterations, LinearOperator, OperatorConfig, OperatorOnly, Options,
+    Range, Sampler,
 )
 
 _CT_NORMS: dict[tuple, float] = {}
@@ -48,19 +49,13 @@ class CTParallel(LinearOperator):
     @dataclass(frozen=True)
     class Config(OperatorConfig):
         #: number of projection angles
-        views: int = 60
+        views: Annotated[int, Range(1, 4096)] = 60
         #: angular range in degrees (180: full parallel-beam coverage; less: limited-angle CT)
-        arc: float = 180.0
+        arc: Annotated[float, Range(0, 360, lo_open=True, unit="degrees")] = 180.0
         #: divide by the operator norm so that ||A|| = 1 (noise_sigma is then in those units)
         normalize: bool = True
         #: conjugate-gradient iterations of the pseudo-inverse
-        cg_iters: int = 200
-
-        def __post_init__(self):
-            super().__post_init__()
-            check(1 <= self.views <= 4096, f"views must be in [1, 4096]; got {self.views}")
-            check(0 < self.arc <= 360, f"arc must be in (0, 360] degrees; got {self.arc}")
-            check(self.cg_iters >= 1, f"cg_iters must be >= 1; got {self.cg_iters}")
+        cg_iters: Iterations = 200
 
     def __init__(self, config=None, *, x_shape, **options):
         super().__init__(config, x_shape=x_shape, **options)
@@ -167,11 +162,8 @@ class FBP(Sampler):
     certification = OperatorOnly(operator="ct_parallel", operator_options={"views": 8})
 
     @dataclass(frozen=True)
-    class Config:
-        window: str = "hann"  #: ramp filter apodisation: hann or ram-lak
-
-        def __post_init__(self):
-            check(self.window in ("hann", "ram-lak"), f"window must be hann or ram-lak; got {self.window!r}")
+    class Config(Options):
+        window: Literal["hann", "ram-lak"] = "hann"  #: ramp filter apodisation: hann or ram-lak
 
     def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
         op = problem.operator

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from restoreflow.plugin_api import (
-    ConfigError, IncompatibleError, InputError, LinearOperator, OperatorConfig, OperatorOnly, Sampler, check,
-    read_array,
+    ConfigError, Fraction, IncompatibleError, InputError, LinearOperator, OperatorConfig, OperatorOnly, Range, Sampler,
+    check, read_array,
 )
 
 
@@ -70,18 +71,15 @@ class MRICartesian(LinearOperator):
     @dataclass(frozen=True)
     class Config(OperatorConfig):
         #: acceleration factor: about 1/accel of the k-space columns are sampled
-        accel: float = 4.0
+        accel: Annotated[float, Range(1, 64)] = 4.0
         #: fraction of fully sampled central columns (None: deepinv's default, 0.08 below accel 8, else 0.04)
-        center_fraction: float | None = None
+        center_fraction: Fraction | None = None
         #: random (uniform), gaussian (variable density), equispaced, or a mask file (.npy/.png; W or H x W)
         mask: str = "random"
 
         def __post_init__(self):
             super().__post_init__()
             check(self.noise != "poisson", "mri_cartesian supports gaussian or no noise (k-space is complex)")
-            check(1.0 <= self.accel <= 64.0, f"accel must be in [1, 64]; got {self.accel}")
-            check(self.center_fraction is None or 0.0 <= self.center_fraction <= 1.0,
-                  f"center_fraction must be in [0, 1]; got {self.center_fraction}")
 
     def __init__(self, config=None, *, x_shape, **options):
         super().__init__(config, x_shape=x_shape, **options)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
 
 from restoreflow.plugin_api import (
-    Context, IncompatibleError, Report, Sampler, check, check_finite, randn, start_state, time_grid,
+    Context, Eta, IncompatibleError, Iterations, NonNegative, Options, Positive, Range, Report, Sampler,
+    check_finite, randn, start_state, time_grid,
 )
 
 
@@ -99,42 +100,28 @@ class TV3D(Sampler):
     certification = Report(options={"lam": 0.0, "steps": 20}, samples=256)
 
     @dataclass(frozen=True)
-    class Config:
-        steps: int = 50
+    class Config(Options):
+        steps: Annotated[int, Range(1, 10000)] = 50
         #: DDIM stochasticity (0 deterministic, 1 DDPM-like)
-        eta: float = 0.85
+        eta: Eta = 0.85
         #: TV weight along z (image units, for ||A|| ~ 1)
-        lam: float = 0.002
+        lam: NonNegative = 0.002
         #: ADMM penalty
-        rho: float = 0.05
+        rho: Positive = 0.05
         #: weight of the proximity term ||x - x0_hat||^2 (0: early-stopped CG from x0_hat, as in DDS)
-        gamma: float = 0.0
-        admm_iters: int = 1
-        cg_iters: int = 5
+        gamma: NonNegative = 0.0
+        admm_iters: Iterations = 1
+        cg_iters: Annotated[int, Range(0)] = 5
         #: slices per network call (0: all at once)
-        chunk: int = 8
-        spacing: str = "karras"
+        chunk: Annotated[int, Range(0)] = 8
+        spacing: Literal["uniform_t", "uniform_lambda", "karras"] = "karras"
         #: > 0: start at the time where sigma/a = start_nsr from the degraded image (CCDF warm start,
         #: x = a A^+y + sigma eps) instead of from pure noise at t_max; 0: from noise
-        start_nsr: float = 0.0
+        start_nsr: NonNegative = 0.0
         #: ``ddim``: the diffusion sampler above; ``pnp``: noise-free plug-and-play (DPIR-style HQS), the
         #: denoiser at decreasing levels applied to the data-consistent estimate, x <- a(t') x0', starting
         #: from the degraded image (use with start_nsr, e.g. 0.3)
-        mode: str = "ddim"
-
-        def __post_init__(self):
-            check(1 <= self.steps <= 10000, f"steps must be in [1, 10000]; got {self.steps}")
-            check(0.0 <= self.eta <= 1.0, f"eta must be in [0, 1]; got {self.eta}")
-            check(self.lam >= 0, f"lam must be >= 0; got {self.lam}")
-            check(self.rho > 0, f"rho must be > 0; got {self.rho}")
-            check(self.gamma >= 0, f"gamma must be >= 0; got {self.gamma}")
-            check(self.admm_iters >= 1, f"admm_iters must be >= 1; got {self.admm_iters}")
-            check(self.cg_iters >= 0, f"cg_iters must be >= 0; got {self.cg_iters}")
-            check(self.chunk >= 0, f"chunk must be >= 0; got {self.chunk}")
-            check(self.spacing in ("uniform_t", "uniform_lambda", "karras"),
-                  f"spacing must be uniform_t, uniform_lambda or karras; got {self.spacing!r}")
-            check(self.start_nsr >= 0, f"start_nsr must be >= 0; got {self.start_nsr}")
-            check(self.mode in ("ddim", "pnp"), f"mode must be ddim or pnp; got {self.mode!r}")
+        mode: Literal["ddim", "pnp"] = "ddim"
 
     def grid(self, path: Any) -> Tensor:
         """The time grid: ``steps`` steps from ``t_max`` (or from where sigma/a = ``start_nsr``) to ``t_min``."""

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from restoreflow.plugin_api import EDMDenoiser, ResUNet, TrainingMethod, UNet, check
+from restoreflow.plugin_api import (
+    EDMDenoiser, Fraction, Options, Positive, Range, ResUNet, TrainingMethod, UNet, check,
+)
 
 
 class DenoiserMethod(TrainingMethod):
@@ -27,37 +29,32 @@ class DenoiserMethod(TrainingMethod):
     default_sampler = "ddim"
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         p_mean: float = -1.2
-        p_std: float = 1.2
+        p_std: Positive = 1.2
         #: fraction of each batch whose sigma is log-uniform over the whole path range instead (covers the
         #: very high noise levels that DPS / RED-Diff start from, which the log-normal rarely draws)
-        p_uniform: float = 0.0
+        p_uniform: Fraction = 0.0
         #: fraction of each batch made grey (luminance in every channel) with the SAME noise in every channel:
         #: how grayscale (medical) images reach an RGB network through the ``gray`` prior
-        p_gray: float = 0.0
-        sigma_data: float = 0.5
-        sigma_min: float = 0.001  # path range, [0, 1] image units
+        p_gray: Fraction = 0.0
+        sigma_data: Positive = 0.5
+        sigma_min: Positive = 0.001  # path range, [0, 1] image units
         sigma_max: float = 80.0
         #: network: ``unet`` (time-embedding UNet, GroupNorm) or ``resunet`` (DRUNet-style, noise-level map, no norm)
-        arch: str = "unet"
+        arch: Literal["unet", "resunet"] = "unet"
         mult: str = "1,2,4,4"  # channel multipliers of the UNet levels
-        blocks: int = 1
-        up_blocks: int = 1  # unet only (resunet's decoder mirrors its encoder)
+        blocks: Annotated[int, Range(1)] = 1
+        up_blocks: Annotated[int, Range(1)] = 1  # unet only (resunet's decoder mirrors its encoder)
 
         def __post_init__(self):
-            check(self.p_std > 0, f"p_std must be > 0; got {self.p_std}")
-            check(0 <= self.p_uniform <= 1, f"p_uniform must be in [0, 1]; got {self.p_uniform}")
-            check(0 <= self.p_gray <= 1, f"p_gray must be in [0, 1]; got {self.p_gray}")
-            check(self.sigma_data > 0, f"sigma_data must be > 0; got {self.sigma_data}")
-            check(0 < self.sigma_min < self.sigma_max, f"need 0 < sigma_min < sigma_max; got {self.sigma_min}, {self.sigma_max}")
+            super().__post_init__()
+            check(self.sigma_min < self.sigma_max, f"need 0 < sigma_min < sigma_max; got {self.sigma_min}, {self.sigma_max}")
             try:
                 m = [int(v) for v in str(self.mult).split(",") if v.strip()]
             except ValueError:
                 m = []
             check(bool(m) and min(m) >= 1, f"mult must be comma-separated positive integers; got {self.mult!r}")
-            check(self.blocks >= 1 and self.up_blocks >= 1, "blocks and up_blocks must be >= 1")
-            check(self.arch in ("unet", "resunet"), f"arch must be unet or resunet; got {self.arch!r}")
 
     def _mult(self) -> list[int]:
         return [int(v) for v in str(self.config.mult).split(",") if v.strip()]

@@ -6,14 +6,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import InputError, OperatorConfig, check, read_array
+from restoreflow.plugin_api import InputError, OperatorConfig, Range, read_array
 
-from .convolution import DEFAULT_BOUNDARY, _check_boundary, _Convolution
+from .convolution import DEFAULT_BOUNDARY, Boundary, _Convolution
 
 
 def load_kernel(path: str | Path) -> Tensor:
@@ -38,18 +39,12 @@ class GaussianBlur(_Convolution):
 
     @dataclass(frozen=True)
     class Config(OperatorConfig):
-        sigma: float = 2.0
-        size: int = 0  # 0: 2*ceil(3 sigma) + 1
+        sigma: Annotated[float, Range(0, 50, lo_open=True, unit="pixels")] = 2.0
+        size: Annotated[int, Range(0)] = 0  # 0: 2*ceil(3 sigma) + 1
         #: what lies beyond the image edge: circular (wrap-around; exact Fourier fast paths, right for circular
         #: simulations only), reflect (mirrored: no frame on real photos), replicate, or valid (nothing assumed:
         #: the unknown is larger than the input by the kernel's support)
-        boundary: str = DEFAULT_BOUNDARY
-
-        def __post_init__(self):
-            super().__post_init__()
-            check(0 < self.sigma <= 50, f"sigma must be in (0, 50] pixels; got {self.sigma}")
-            check(self.size >= 0, f"size must be >= 0; got {self.size}")
-            _check_boundary(self.boundary)
+        boundary: Boundary = DEFAULT_BOUNDARY
 
     @classmethod
     def _kernel_for(cls, config, x_hw=None):
@@ -73,18 +68,12 @@ class MotionBlur(_Convolution):
 
     @dataclass(frozen=True)
     class Config(OperatorConfig):
-        size: int = 15
-        length: float = 0.3  # trajectory length scale (deepinv's l)
+        size: Annotated[int, Range(3, 129)] = 15
+        length: Annotated[float, Range(0, 2, lo_open=True)] = 0.3  # trajectory length scale (deepinv's l)
         angle: float | None = None  # degrees: straight-line motion instead of a random trajectory
         kernel: str | None = None  # path to a kernel file
         #: what lies beyond the image edge: circular, reflect, replicate or valid (see gaussian_blur)
-        boundary: str = DEFAULT_BOUNDARY
-
-        def __post_init__(self):
-            super().__post_init__()
-            check(3 <= self.size <= 129, f"size must be in [3, 129]; got {self.size}")
-            check(0 < self.length <= 2, f"length must be in (0, 2]; got {self.length}")
-            _check_boundary(self.boundary)
+        boundary: Boundary = DEFAULT_BOUNDARY
 
     @classmethod
     def _kernel_for(cls, config, x_hw=None):

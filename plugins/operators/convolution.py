@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from restoreflow.plugin_api import (
-    BOUNDARIES, ConfigError, LinearOperator, check, conjugate_gradient, kernel_to_symbol, pad, pad_adjoint,
+    BOUNDARIES, ConfigError, LinearOperator, conjugate_gradient, kernel_to_symbol, pad, pad_adjoint,
 )
 
 #: The operators' own default boundary: ``circular`` keeps the exact Fourier paths (and every circular
@@ -36,8 +37,8 @@ REAL_INPUT_BOUNDARY = "valid"
 GRAM_REG = 1e-4
 
 
-def _check_boundary(boundary: str) -> None:
-    check(boundary in BOUNDARIES, f"boundary must be one of {', '.join(BOUNDARIES)}; got {boundary!r}")
+#: The ``boundary`` option's values (``boundary: Boundary = DEFAULT_BOUNDARY`` in an operator's ``Config``).
+Boundary = Literal[BOUNDARIES]
 
 
 def _pinv_symbol(H: Tensor, rcond: float) -> Tensor:

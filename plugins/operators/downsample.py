@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from restoreflow.plugin_api import OperatorConfig, check, kernel_to_symbol
+from restoreflow.plugin_api import OperatorConfig, kernel_to_symbol
 
-from .convolution import DEFAULT_BOUNDARY, _check_boundary, _Convolution, _fft_conv, _pinv_symbol
+from .convolution import DEFAULT_BOUNDARY, Boundary, _Convolution, _fft_conv, _pinv_symbol
 
 
 class Downsample(_Convolution):
@@ -24,16 +25,10 @@ class Downsample(_Convolution):
 
     @dataclass(frozen=True)
     class Config(OperatorConfig):
-        factor: int = 4
-        filter: str = "bicubic"  # bicubic | gaussian | box
+        factor: Literal[2, 3, 4, 8] = 4
+        filter: Literal["bicubic", "gaussian", "box"] = "bicubic"  # the antialiasing filter
         #: what lies beyond the image edge: circular, reflect, replicate or valid (see gaussian_blur)
-        boundary: str = DEFAULT_BOUNDARY
-
-        def __post_init__(self):
-            super().__post_init__()
-            check(self.factor in (2, 3, 4, 8), f"factor must be 2, 3, 4 or 8; got {self.factor}")
-            check(self.filter in ("bicubic", "gaussian", "box"), f"filter must be bicubic, gaussian or box; got {self.filter!r}")
-            _check_boundary(self.boundary)
+        boundary: Boundary = DEFAULT_BOUNDARY
 
     @classmethod
     def _factor_for(cls, config):

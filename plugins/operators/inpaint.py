@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import InputError, LinearOperator, OperatorConfig, check, read_array
+from restoreflow.plugin_api import InputError, LinearOperator, OperatorConfig, Range, read_array
 
 
 def load_mask(path: str | Path, shape: tuple[int, int]) -> Tensor:
@@ -32,13 +33,8 @@ class Inpaint(LinearOperator):
     @dataclass(frozen=True)
     class Config(OperatorConfig):
         mask: str = "box"  # box | random | PATH
-        box: float = 0.3  # box side as a fraction of the image side
-        ratio: float = 0.5  # fraction of missing pixels for mask=random
-
-        def __post_init__(self):
-            super().__post_init__()
-            check(0 < self.box < 1, f"box must be in (0, 1); got {self.box}")
-            check(0 <= self.ratio < 1, f"ratio must be in [0, 1); got {self.ratio}")
+        box: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.3  # box side as a fraction of the image side
+        ratio: Annotated[float, Range(0, 1, hi_open=True)] = 0.5  # fraction of missing pixels for mask=random
 
     def __init__(self, config=None, *, x_shape, **options):
         super().__init__(config, x_shape=x_shape, **options)

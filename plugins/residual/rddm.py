@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from restoreflow.plugin_api import (
-    AffinePath, CheckpointError, ConfigError, FlowMap, IncompatibleError, Kernel, Sampler, Transition, anchored_for,
-    bcast, check, integrate, tabulated,
+    AffinePath, CheckpointError, ConfigError, Eta, FlowMap, IncompatibleError, Kernel, Options, Sampler, Steps,
+    Transition, anchored_for, bcast, check, integrate, tabulated,
 )
 
 from .common import F64, _image_units, _index_time, _ResidualAdapter
@@ -295,21 +295,18 @@ class RDDMSampler(Sampler):
     certification = FlowMap(order=1, steps=(5, 10, 20, 40), path=lambda: _bench_rddm_schedule().image_path())
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         """``steps``: 5 or 10 in the paper (its grid ``int(linspace(-1, T-1, steps+1))``); ``eta``: 0 deterministic
         (RDDM's restoration setting), 1 the DDPM-like posterior; ``schedule``: ``model`` or
         ``residual_then_noise`` (partially path-independent generation: de-residual steps first, then
         denoising steps; exact for path-independent nets, by noise-level matching otherwise)."""
 
-        steps: int = 10
-        eta: float = 0.0
+        steps: Steps = 10
+        eta: Eta = 0.0
         schedule: Literal["model", "residual_then_noise"] = "model"
 
         def __post_init__(self):
-            check(self.steps >= 1, f"steps must be >= 1; got {self.steps}")
-            check(0.0 <= self.eta <= 1.0, f"eta must be in [0, 1]; got {self.eta}")
-            check(self.schedule in ("model", "residual_then_noise"),
-                  f"schedule must be model or residual_then_noise; got {self.schedule!r}")
+            super().__post_init__()
             check(self.schedule == "model" or self.steps >= 2,
                   "the residual_then_noise schedule needs steps >= 2 (one per phase at least)")
 

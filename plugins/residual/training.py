@@ -7,19 +7,28 @@ and :mod:`.rddm` with a model card that rebuilds the schedule.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from restoreflow.plugin_api import ConfigError, RDDMUnet, TrainingMethod, UnetRes, bcast, check, randn
+from restoreflow.plugin_api import (
+    ConfigError, Options, Positive, RDDMUnet, Range, TrainingMethod, UnetRes, bcast, check, randn,
+)
 
 from .common import _parse_mults
 from .rddm import _TWO_HEADS, RDDM_COEFFICIENTS, RDDM_OBJECTIVES, RDDMAdapter, RDDMSchedule
-from .resfusion import (
-    _RESFUSION_MODE_ALIASES, RESFUSION_MODES, RESFUSION_SCHEDULES, ResfusionAdapter, ResfusionSchedule,
-)
+from .resfusion import _RESFUSION_MODE_ALIASES, RESFUSION_SCHEDULES, ResfusionAdapter, ResfusionSchedule
+
+#: the option values: Resfusion's schedules and prediction modes (the checkpoints' spellings too), RDDM's
+#: coefficient schedules and objectives
+_ResfusionScheduleName = Literal[RESFUSION_SCHEDULES]
+_ResfusionMode = Literal[tuple(_RESFUSION_MODE_ALIASES)]
+_RDDMCoefficients = Literal[RDDM_COEFFICIENTS]
+_RDDMObjective = Literal[RDDM_OBJECTIVES]
+#: a number of diffusion steps T of a trained schedule
+_T = Annotated[int, Range(2)]
 
 
 class ResfusionTraining(TrainingMethod):
@@ -34,20 +43,15 @@ class ResfusionTraining(TrainingMethod):
     default_sampler = "resfusion"
 
     @dataclass(frozen=True)
-    class Config:
-        T: int = 12
-        schedule: str = "linear_pro"
-        mode: str = "resnoise"
+    class Config(Options):
+        T: _T = 12
+        schedule: _ResfusionScheduleName = "linear_pro"
+        mode: _ResfusionMode = "resnoise"
         loss: Literal["l2", "smooth_l1"] = "l2"
         dim_mults: str = "1,2,4,8"
 
         def __post_init__(self):
-            check(self.T >= 2, f"T must be >= 2; got {self.T}")
-            check(self.schedule in RESFUSION_SCHEDULES,
-                  f"schedule must be one of {', '.join(RESFUSION_SCHEDULES)}; got {self.schedule!r}")
-            check(_RESFUSION_MODE_ALIASES.get(self.mode) is not None,
-                  f"mode must be one of {', '.join(RESFUSION_MODES)}; got {self.mode!r}")
-            check(self.loss in ("l2", "smooth_l1"), f"loss must be l2 or smooth_l1; got {self.loss!r}")
+            super().__post_init__()
             _parse_mults(self.dim_mults)
 
     @property
@@ -107,29 +111,21 @@ class RDDMTraining(TrainingMethod):
     default_sampler = "rddm"
 
     @dataclass(frozen=True)
-    class Config:
-        T: int = 1000
-        sum_scale: float = 0.01
-        alpha: str = "decreased"
-        beta2: str = "increased"
-        objective: str = "pred_res_noise"
-        share_encoder: int = 1
+    class Config(Options):
+        T: _T = 1000
+        sum_scale: Positive = 0.01
+        alpha: _RDDMCoefficients = "decreased"
+        beta2: _RDDMCoefficients = "increased"
+        objective: _RDDMObjective = "pred_res_noise"
+        share_encoder: Literal[1, 0, -1] = 1
         time_input: Literal["index", "coefficients"] = "index"
         loss: Literal["l1", "l2"] = "l1"
         dim_mults: str = "1,2,4,8"
 
         def __post_init__(self):
-            check(self.T >= 2, f"T must be >= 2; got {self.T}")
-            check(self.sum_scale > 0, f"sum_scale must be > 0; got {self.sum_scale}")
-            check(self.alpha in RDDM_COEFFICIENTS and self.beta2 in RDDM_COEFFICIENTS,
-                  f"alpha and beta2 must be one of {', '.join(RDDM_COEFFICIENTS)}")
-            check(self.objective in RDDM_OBJECTIVES,
-                  f"objective must be one of {', '.join(RDDM_OBJECTIVES)}; got {self.objective!r}")
-            check(self.share_encoder in (1, 0, -1), f"share_encoder must be 1, 0 or -1; got {self.share_encoder}")
-            check(self.time_input in ("index", "coefficients"), "time_input must be index or coefficients")
+            super().__post_init__()
             check(not (self.time_input == "coefficients" and self.objective in _TWO_HEADS and self.share_encoder != 0),
                   "time_input=coefficients with two heads needs share_encoder=0 (one UNet per coefficient)")
-            check(self.loss in ("l1", "l2"), f"loss must be l1 or l2; got {self.loss!r}")
             _parse_mults(self.dim_mults)
 
     @property

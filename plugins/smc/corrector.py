@@ -7,19 +7,22 @@ The corrector holds one :class:`.tds.TDSState` per run; each hook is the matchin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import Corrector, check
+from restoreflow.plugin_api import Corrector, Fraction, NonNegative, Options, Positive, Range
 
 from .particles import expand
 from .resampling import RESAMPLERS, ess
 from .tds import (
     TDSState, check_stochastic, estimate, feynman_kac_increment, record_move, resample, start, terminal, weigh,
 )
-from .twist import TWIST_FORMS, log_likelihood, twist_variance, twisted_log_potential
+from .twist import TwistForm, log_likelihood, twist_variance, twisted_log_potential
+
+#: the ``resampling`` option's values
+Resampler = Literal[tuple(RESAMPLERS)]
 
 __all__ = ["SMC"]
 
@@ -48,51 +51,37 @@ class SMC(Corrector):
     name = "smc"
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         #: particles per image (N network evaluations per step)
-        particles: int = 16
+        particles: Annotated[int, Range(1, 100000)] = 16
         #: resample an image's particles when ESS/N drops below this; 1 or "always": every step, 0: never
-        ess_threshold: float | str = 0.5
+        ess_threshold: Fraction | Literal["always"] = 0.5
         #: systematic, stratified, residual or multinomial
-        resampling: str = "systematic"
+        resampling: Resampler = "systematic"
         #: sample (one particle drawn by weight), best (highest weight) or mean (weighted mean)
-        output: str = "sample"
+        output: Literal["sample", "best", "mean"] = "sample"
         #: evaluate the denoiser on at most this many particles at once (None: all)
-        chunk: int | None = None
+        chunk: Annotated[int, Range(1)] | None = None
         #: tds (twisting potential from the likelihood at x0_hat) or none (terminal weights only)
-        potential: str = "tds"
+        potential: Literal["tds", "none"] = "tds"
         #: multiplies the twisting variance r_t^2 = sigma_t^2 / a_t^2
-        twist_scale: float = 1.0
+        twist_scale: NonNegative = 1.0
         #: None: TDS' r_t^2; a prior variance tau^2: the bounded PiGDM form (see twist_variance)
-        twist_tau2: float | None = None
+        twist_tau2: Positive | None = None
         #: isotropic: N(y; A x0_hat, (v + r_t^2) I) (TDS); operator: N(y; A x0_hat, v I + r_t^2 A A^T) (PiGDM's,
         #: linear operators with Gaussian noise; others fall back to isotropic). See twisted_log_potential
-        twist_form: str = "operator"
+        twist_form: TwistForm = "operator"
         #: deterministic final step: model (exact, unguided final mean) or proposal (keep the guided move)
-        terminal: str = "model"
+        terminal: Literal["model", "proposal"] = "model"
         #: FKC stabiliser (biased): subtract the particles' mean increment before clipping
         center_increments: bool = False
         #: FKC stabiliser (biased): clip each step's increments to [-c, c]
-        increment_clip: float | None = None
+        increment_clip: Positive | None = None
 
         def __post_init__(self):
-            thr = self.ess_threshold
-            if isinstance(thr, str):
-                check(thr == "always", f"ess_threshold must be a number in [0, 1] or 'always'; got {thr!r}")
+            super().__post_init__()
+            if self.ess_threshold == "always":
                 object.__setattr__(self, "ess_threshold", 1.0)
-            check(0.0 <= float(self.ess_threshold) <= 1.0, f"ess_threshold must be in [0, 1]; got {self.ess_threshold}")
-            check(1 <= self.particles <= 100000, f"particles must be in [1, 100000]; got {self.particles}")
-            check(self.resampling in RESAMPLERS, f"resampling must be one of {', '.join(RESAMPLERS)}; got {self.resampling!r}")
-            check(self.output in ("sample", "best", "mean"), f"output must be sample, best or mean; got {self.output!r}")
-            check(self.chunk is None or self.chunk >= 1, f"chunk must be >= 1; got {self.chunk}")
-            check(self.potential in ("tds", "none"), f"potential must be tds or none; got {self.potential!r}")
-            check(self.twist_scale >= 0, f"twist_scale must be >= 0; got {self.twist_scale}")
-            check(self.twist_tau2 is None or self.twist_tau2 > 0, f"twist_tau2 must be > 0; got {self.twist_tau2}")
-            check(self.twist_form in TWIST_FORMS, f"twist_form must be one of {', '.join(TWIST_FORMS)}; "
-                  f"got {self.twist_form!r}")
-            check(self.terminal in ("model", "proposal"), f"terminal must be model or proposal; got {self.terminal!r}")
-            check(self.increment_clip is None or self.increment_clip > 0,
-                  f"increment_clip must be > 0; got {self.increment_clip}")
 
     #: the particle system of the current (or last) run
     state: TDSState | None = None

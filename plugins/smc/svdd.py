@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import Corrector, IncompatibleError, check
+from restoreflow.plugin_api import Corrector, IncompatibleError, NonNegative, Options, Range
 
 from .particles import Particles, expand
 from .resampling import categorical
@@ -33,21 +33,15 @@ class SVDD(Corrector):
     name = "svdd"
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         #: candidates per step and image
-        particles: int = 8
+        particles: Annotated[int, Range(1, 100000)] = 8
         #: temperature of the selection exp(v / alpha); 0 = keep the best
-        alpha: float = 1.0
+        alpha: NonNegative = 1.0
         #: multiplies the variance r_t^2 = sigma_t^2 / a_t^2 added to the noise (0: SVDD-PM's reward)
-        twist_scale: float = 0.0
+        twist_scale: NonNegative = 0.0
         #: evaluate the denoiser on at most this many candidates at once (None: all)
-        chunk: int | None = None
-
-        def __post_init__(self):
-            check(1 <= self.particles <= 100000, f"particles must be in [1, 100000]; got {self.particles}")
-            check(self.alpha >= 0, f"alpha must be >= 0; got {self.alpha}")
-            check(self.twist_scale >= 0, f"twist_scale must be >= 0; got {self.twist_scale}")
-            check(self.chunk is None or self.chunk >= 1, f"chunk must be >= 1; got {self.chunk}")
+        chunk: Annotated[int, Range(1)] | None = None
 
     #: the particle layout of the current run
     layout: Particles

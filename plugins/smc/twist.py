@@ -26,12 +26,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import AffinePath, Guidance, IncompatibleError, as_time, check, conjugate_gradient
+from restoreflow.plugin_api import (
+    AffinePath, Clip, Guidance, IncompatibleError, NonNegative, Options, Positive, as_time, conjugate_gradient,
+)
 
 __all__ = [
     "TDSGuidance", "TWIST_FORMS", "twisted_log_potential", "twist_variance", "gram_solve", "apply_operator",
@@ -86,6 +88,8 @@ def gram_solve(operator: Any, res: Tensor, v: float, r2: float, *, iters: int = 
 
 
 TWIST_FORMS = ("isotropic", "operator")
+#: the ``twist_form`` option's values
+TwistForm = Literal[TWIST_FORMS]
 
 
 def twisted_log_potential(x0_hat: Tensor, y: Tensor, operator: Any, r2: float, *, form: str = "isotropic") -> Tensor:
@@ -165,25 +169,18 @@ class TDSGuidance(Guidance):
     needs_grad = True
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         #: multiplies the twisting variance r_t^2 = sigma_t^2 / a_t^2 (0: likelihood at x0_hat)
-        twist_scale: float = 1.0
+        twist_scale: NonNegative = 1.0
         #: None: TDS' r_t^2; a prior variance tau^2: the bounded PiGDM form (see twist_variance)
-        twist_tau2: float | None = None
+        twist_tau2: Positive | None = None
         #: isotropic: N(y; A x0_hat, (v + r_t^2) I) (TDS); operator: N(y; A x0_hat, v I + r_t^2 A A^T) (PiGDM's,
         #: linear operators with Gaussian noise; others fall back to isotropic). See twisted_log_potential
-        twist_form: str = "operator"
+        twist_form: TwistForm = "operator"
         #: multiplies the shift (1 = TDS)
-        scale: float = 1.0
+        scale: NonNegative = 1.0
         #: clamp the twisted x0_hat to the image range [0, 1] (the TDS code's clamp; keeps strong twists stable)
-        clip_x0: bool = True
-
-        def __post_init__(self):
-            check(self.twist_scale >= 0, f"twist_scale must be >= 0; got {self.twist_scale}")
-            check(self.twist_tau2 is None or self.twist_tau2 > 0, f"twist_tau2 must be > 0; got {self.twist_tau2}")
-            check(self.twist_form in TWIST_FORMS, f"twist_form must be one of {', '.join(TWIST_FORMS)}; "
-                  f"got {self.twist_form!r}")
-            check(self.scale >= 0, f"scale must be >= 0; got {self.scale}")
+        clip_x0: Clip = True
 
     def delta(self, x: Tensor, x0_hat: Tensor, t: Tensor, t_next: Tensor, ctx: Any) -> Tensor:
         problem = ctx.problem
