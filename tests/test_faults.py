@@ -535,3 +535,35 @@ def test_network_and_iterative_samplers_differ_across_thread_counts_only_by_roun
     b = _restore_at(2, small_rgb, task, sampler, steps)
     assert torch.equal(a, again)
     assert float((a - b).abs().max()) <= 1e-4
+
+
+RAISES_IN_SAMPLE = textwrap.dedent("""
+    import torch
+    class Fragile(rf.Sampler):
+        '''Fails at run time (fixture).'''
+        name = "hostile-fragile"
+        requires = frozenset()
+        uses_measurement = True
+        def sample(self, problem, denoiser=None, *, generator, guidance=None, corrector=None, callback=None):
+            return problem.y @ torch.ones(3, 5)  # a shape error raised inside torch, caused by the plugin
+    @hookimpl
+    def register_samplers(register):
+        register(Fragile)
+""")
+
+
+def test_an_error_raised_by_plugin_code_during_a_run_names_the_plugin(hostile_path, tmp_path):
+    """A third-party sampler that fails while restoring: one line naming the plugin and where, exit 6 (plugin),
+    not an anonymous internal error; restoreflow's own failures stay internal errors."""
+    from skimage import io
+
+    install(hostile_path, {"fragile": RAISES_IN_SAMPLE})
+    img = tmp_path / "in.png"
+    io.imsave(img, (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8), check_contrast=False)
+    res = CliRunner().invoke(build_cli(get_plugin_manager()), ["deblur", str(img), "--sampler", "hostile-fragile",
+                                                               "--op", "boundary=circular", "--out",
+                                                               str(tmp_path / "o.png")])
+    assert res.exit_code == 6, res.output
+    line = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and "plugin 'fragile' failed (RuntimeError" in line[0] and ".py:" in line[0], res.output
+    assert "Traceback" not in res.output and not (tmp_path / "o.png").exists()

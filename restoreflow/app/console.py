@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from restoreflow.core.errors import ConfigError, OutputError, RestoreflowError
+from restoreflow.core.errors import ConfigError, OutputError, PluginError, RestoreflowError
 from restoreflow.core.options import parse_options
 
 
@@ -48,13 +48,44 @@ def handle_errors(fn: Callable) -> Callable:
             if os.environ.get("RESTOREFLOW_DEBUG"):
                 raise
             msg = " ".join(str(e).split())[:300]
+            fault = plugin_at_fault(e)
             if "out of memory" in msg.lower():
                 err("out of memory; try a smaller image or another device")
+            elif fault is not None:
+                err(f"plugin {fault[0]!r} failed ({type(e).__name__}: {msg}) at {fault[1]}; report it to the plugin's "
+                    f"authors, or run without it (RESTOREFLOW_DISABLE_PLUGINS={fault[0]})")
+                raise click.exceptions.Exit(PluginError.exit_code) from None
             else:
                 err(f"internal error ({type(e).__name__}: {msg}); rerun with RESTOREFLOW_DEBUG=1 for a traceback")
             raise click.exceptions.Exit(EXIT_INTERNAL) from None
 
     return wrapper
+
+
+def plugin_at_fault(exc: BaseException) -> tuple[str, str] | None:
+    """``(entry-point name, file:line)`` of the third-party plugin whose code raised ``exc``, or ``None``.
+
+    The innermost frame of the traceback that belongs to restoreflow, a first-party plugin or a third-party
+    plugin (a module of an entry point in the ``restoreflow`` group) decides; frames of the libraries they call
+    (torch, numpy, ...) are passed over, so a plugin that feeds torch bad shapes is named, and a failure in
+    restoreflow's own code stays an internal error."""
+    import importlib.metadata as md
+    import traceback
+
+    third: dict[str, str] = {}
+    for ep in md.entry_points(group="restoreflow"):
+        top = ep.value.split(":")[0].split(".")[0]
+        if top not in ("restoreflow", "restoreflow_plugins"):
+            third.setdefault(top, ep.name)
+    if not third:
+        return None
+    for frame, lineno in reversed(list(traceback.walk_tb(exc.__traceback__))):
+        top = str(frame.f_globals.get("__name__", "")).split(".")[0]
+        if top in ("restoreflow", "restoreflow_plugins"):
+            return None
+        if top in third:
+            return third[top], f"{Path(frame.f_code.co_filename).name}:{lineno}"
+    return None
 
 
 def _options(pairs: tuple[str, ...]) -> dict[str, str]:
