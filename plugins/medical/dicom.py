@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from restoreflow.plugin_api import InputError, Measurement, OutputError, write_file
+from restoreflow.plugin_api import InputError, Measurement, OutputError, check_size, write_file
 
 from .volumes import DICOM_SUFFIXES, _depth, _normalise, _volume_array, full_suffix
 
@@ -27,9 +27,16 @@ def _slice_key(ds: Any, fallback: int) -> tuple:
     return (1, float(inst) if inst is not None else float(fallback), fallback)
 
 
+def _declared_size(ds: Any) -> tuple[int, int, int]:
+    """Rows, columns and frames as the header declares them (0 where absent)."""
+    return int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0), int(ds.get("NumberOfFrames", 1) or 1)
+
+
 def _dicom_pixels(ds: Any, where: Path) -> np.ndarray:
     if "PixelData" not in ds:
         raise InputError(f"{where} has no pixel data")
+    rows, cols, frames = _declared_size(ds)
+    check_size(rows, cols, f"input {where}", depth=frames)  # from the header, before the pixels are decoded
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise InputError(f"{where} is a colour DICOM; only grayscale (MONOCHROME) images are supported")
     try:
@@ -63,6 +70,8 @@ def read_dicom(path: str | Path) -> Measurement:
         shapes = {(int(ds.Rows), int(ds.Columns)) for _, _, ds in items}
         if len(shapes) > 1:
             raise InputError(f"the DICOM series in {p} mixes image sizes {sorted(shapes)}")
+        (rows, cols), = shapes
+        check_size(rows, cols, f"input {p}", depth=sum(_declared_size(ds)[2] for _, _, ds in items))
         vol = np.concatenate([_dicom_pixels(ds, p / name) for _, name, ds in items], axis=0)
         datasets = [ds for _, _, ds in items]
         names = [name for _, name, _ in items]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from restoreflow.plugin_api import InputError, Measurement, write_file
+from restoreflow.plugin_api import InputError, Measurement, check_size, write_file
 
 from .volumes import _depth, _normalise, _volume_array, full_suffix
 
@@ -25,6 +25,8 @@ def read_nifti(path: str | Path) -> Measurement:
         if np.issubdtype(raw_dtype, np.complexfloating):
             raise InputError(f"{p} holds complex data; give raw k-space as .npy")
         shape = tuple(int(s) for s in img.shape)
+        if len(shape) >= 2:  # from the header, before any voxel is decoded
+            check_size(shape[0], shape[1], f"input {p}", depth=math.prod(shape[2:]))
         phys = np.asarray(img.dataobj, dtype=np.float64)
         slope = float(getattr(img.dataobj, "slope", 1.0))
         inter = float(getattr(img.dataobj, "inter", 0.0))

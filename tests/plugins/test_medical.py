@@ -434,3 +434,36 @@ def test_tv3d_pnp_mode_starts_from_the_degraded_image(ct_volume):
     assert abs(float(path.nsr(smp.grid(path)[0])) - 0.3) < 1e-6 and len(seen) == 3
     # and it beats the FBP it starts from
     assert psnr(a.clamp(0, 1), x) > psnr(pb.anchor.clamp(0, 1), x)
+
+
+def test_volume_readers_refuse_oversized_volumes_from_the_header(tmp_path, monkeypatch):
+    """NIfTI and DICOM declare their size in the header; the voxel limit is applied there, before any voxel is
+    decoded: a file whose header lies about a huge volume is refused without allocating it."""
+    import tracemalloc
+
+    from restoreflow.core.errors import InputError
+
+    _nifti(tmp_path / "v.nii", shape=(24, 20, 4))
+    _dicom(np.zeros((12, 10)), frames=None).save_as(str(tmp_path / "s.dcm"), enforce_file_format=True)
+    monkeypatch.setenv("RESTOREFLOW_MAX_PIXELS", "1000")  # 24 x 20 x 4 = 1920 voxels; 12 x 10 = 120 pixels
+    with pytest.raises(InputError, match="limit"):
+        read_nifti(tmp_path / "v.nii")
+    assert read_dicom(tmp_path / "s.dcm").data.shape == (1, 1, 12, 10)
+    monkeypatch.setenv("RESTOREFLOW_MAX_PIXELS", "100")
+    with pytest.raises(InputError, match="limit"):
+        read_dicom(tmp_path / "s.dcm")
+    monkeypatch.delenv("RESTOREFLOW_MAX_PIXELS")
+    # a 348-byte header declaring 4096 x 4096 x 4096 float64 voxels (512 GiB) and no data
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4)), str(tmp_path / "lie.nii"))
+    hdr = nib.load(str(tmp_path / "lie.nii")).header.copy()
+    hdr.set_data_shape((4096, 4096, 4096))
+    raw = bytearray((tmp_path / "lie.nii").read_bytes())
+    raw[:348] = hdr.binaryblock
+    (tmp_path / "lie.nii").write_bytes(bytes(raw))
+    assert nib.load(str(tmp_path / "lie.nii")).shape == (4096, 4096, 4096)
+    tracemalloc.start()
+    with pytest.raises(InputError, match="limit"):
+        read_nifti(tmp_path / "lie.nii")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50e6, peak
