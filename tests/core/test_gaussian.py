@@ -5,7 +5,7 @@ import torch
 
 import restoreflow as rf
 from restoreflow.exact.gaussian import (
-    ConditionalOracle, DenseGaussian, FourierGaussian, GaussianDenoiser, default_spectrum, gaussian_w2,
+    ConditionalOracle, DenseGaussian, FourierGaussian, GaussianDenoiser, default_spectrum, gaussian_w2, operator_matrix,
 )
 from restoreflow.host.manager import collect, get_plugin_manager
 from restoreflow.testing import generic_anchored_path, make_gaussian_problem
@@ -99,3 +99,63 @@ def test_default_spectrum_is_a_power_law():
     sd = s.state_dict()
     again = type(s).from_state_dict(sd)
     assert torch.allclose(again.spectrum(8, 8), s.spectrum(8, 8))
+
+
+def _dense_posterior(C, m, A, s2, y):
+    """The Gaussian posterior in dense algebra, information form (the library uses the gain form):
+    C_post = (C^-1 + A^T A / s^2)^-1, m_post = C_post (C^-1 m + A^T y / s^2)."""
+    cov = torch.linalg.inv(torch.linalg.inv(C) + A.T @ A / s2)
+    cov = 0.5 * (cov + cov.T)
+    mean = (torch.linalg.solve(C, m.reshape(-1, 1)).T + y.reshape(y.shape[0], -1) @ A / s2) @ cov
+    return mean, cov
+
+
+@pytest.fixture(scope="module")
+def motion():
+    """An asymmetric (random-trajectory) motion blur on small RGB images, the default colour prior, 2 measurements."""
+    op = REGS.operators.get("motion_blur")(x_shape=(1, 3, 8, 8), size=7, seed=2, boundary="circular",
+                                           noise_sigma=0.02)
+    k = op.kernel.to(torch.float64)
+    # the kernel is not its own flip: a dropped conjugate (A^T in place of A^H) would move the posterior
+    assert float((k - k.flip(0, 1)).abs().max()) > 0.1
+    fg = default_spectrum(3).model(8, 8)
+    g = torch.Generator().manual_seed(0)
+    y = op.forward(fg.sample(2, generator=g), generator=g)
+    return op, fg, y
+
+
+def test_fourier_posterior_matches_dense_algebra_on_a_motion_blur(motion):
+    """FourierGaussian.posterior (the Wiener filter) against the posterior in dense linear algebra built from the
+    operator's own matrix, on an asymmetric kernel (a symmetric one cannot tell H from its conjugate)."""
+    op, fg, y = motion
+    A = operator_matrix(op, fg.shape)
+    C = fg.to_dense().cov
+    mean, cov = _dense_posterior(C, fg.mean, A, 0.02**2, y)
+    post = fg.posterior(op, y)
+    scale = float(mean.abs().max())
+    assert torch.allclose(post.mean_like(y).reshape(2, -1), mean, rtol=0, atol=1e-10 * scale)
+    assert torch.allclose(post.to_dense().cov, cov, rtol=0, atol=1e-9 * float(cov.abs().max()))
+    # the Wiener sampler returns that mean
+    wiener = REGS.samplers.get("wiener")()
+    out = wiener.sample(rf.Problem(y=y, operator=op, x_shape=(2, 3, 8, 8)), GaussianDenoiser(fg, rf.vp()))
+    assert torch.allclose(out.reshape(2, -1), mean, rtol=0, atol=1e-10 * scale)
+    # and the test can fail: the posterior under the flipped kernel (A^T) is far from it
+    wrong, _ = _dense_posterior(C, fg.mean, A.T.contiguous(), 0.02**2, y)
+    assert float((wrong - mean).abs().max()) > 1e-2 * scale
+
+
+def test_dense_posterior_and_cg_match_dense_algebra_on_a_motion_blur_with_a_boundary(motion):
+    """Non-circular boundaries: DenseGaussian.posterior and the CG posterior mean (which uses A^T, the correlation,
+    and the circulant preconditioner) against the same dense algebra."""
+    _, fg, y = motion
+    op = REGS.operators.get("motion_blur")(x_shape=(1, 3, 8, 8), size=7, seed=2, boundary="reflect", noise_sigma=0.02)
+    assert op.fourier_symbol() is None
+    A = operator_matrix(op, fg.shape)
+    dg = fg.to_dense()
+    mean, cov = _dense_posterior(dg.cov, fg.mean, A, 0.02**2, y)
+    pd = dg.posterior(op, y)
+    scale = float(mean.abs().max())
+    assert torch.allclose(pd.mean.reshape(2, -1), mean, rtol=0, atol=1e-10 * scale)
+    assert torch.allclose(pd.cov, cov, rtol=0, atol=1e-9 * float(cov.abs().max()))
+    cg = fg.posterior_mean_cg(op, y, tol=1e-12, iters=1000)
+    assert torch.allclose(cg.reshape(2, -1), mean, rtol=0, atol=1e-8 * scale)
