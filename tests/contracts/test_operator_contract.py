@@ -19,7 +19,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from restoreflow.core.errors import ConfigError
+from restoreflow.core.errors import ConfigError, IncompatibleError
 from restoreflow.core.linalg import BOUNDARIES
 from restoreflow.core.operators import LinearOperator
 from restoreflow.testing import check_operator
@@ -136,7 +136,12 @@ class OperatorContract(ConfigContract):
         y = op.A(_rand(op.x_shape, 12))
         mu = op.anchor(y)
         assert tuple(mu.shape) == tuple(op.x_shape) and mu.dtype == F64
-        err = _rel(op.measurement_from_anchor(mu), y)
+        try:
+            back = op.measurement_from_anchor(mu)
+        except IncompatibleError as e:  # an operator may declare its anchor not invertible (then no anchored model)
+            assert "\n" not in str(e)
+            return
+        err = _rel(back, y)
         assert err <= self.pinv_rtol(boundary), f"||measurement_from_anchor(anchor(y)) - y|| / ||y|| = {err:.3g}"
 
     def test_simulate(self, boundary):
@@ -237,12 +242,6 @@ class TestCTParallel(OperatorContract):
     x_shape = (2, 1, 16, 16)
     config = {"views": 8}
     bad_options = {"views": "0", "arc": "400", "cg_iters": "0"}
-    known_failures = {
-        "test_anchor_is_an_image_that_gives_back_the_measurement": (
-            "plugins/medical/ct.py:CTParallel.anchor: the anchor is the FBP, but measurement_from_anchor is the "
-            "inherited A(mu), which inverts A^+ y, not FBP(y): A(FBP(A x)) is 12 % off A x (ConditionalOracle "
-            "would condition on the wrong measurement)"),
-    }
 
 
 class TestGain(OperatorContract):  # the example plugin (examples/restoreflow-lowlight), when installed
