@@ -142,6 +142,7 @@ class FlowChef(Sampler):
 
     @dataclass(frozen=True)
     class Config(Options):
+        #: Euler steps of the flow from noise to image (network calls)
         steps: Annotated[int, Range(1, 100000)] = 100
         #: the code's ``gradient_scale`` s (same value in [0, 1] and [-1, 1] units)
         step_size: NonNegative = 500.0

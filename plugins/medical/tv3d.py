@@ -101,6 +101,7 @@ class TV3D(Sampler):
 
     @dataclass(frozen=True)
     class Config(Options):
+        #: DDIM steps (network calls per slice batch)
         steps: Annotated[int, Range(1, 10000)] = 50
         #: DDIM stochasticity (0 deterministic, 1 DDPM-like)
         eta: Eta = 0.85
@@ -114,6 +115,7 @@ class TV3D(Sampler):
         cg_iters: Annotated[int, Range(0)] = 5
         #: slices per network call (0: all at once)
         chunk: Annotated[int, Range(0)] = 8
+        #: time grid: uniform in t, uniform in log-SNR (lambda), or Karras et al.'s rho = 7 spacing
         spacing: Literal["uniform_t", "uniform_lambda", "karras"] = "karras"
         #: > 0: start at the time where sigma/a = start_nsr from the degraded image (CCDF warm start,
         #: x = a A^+y + sigma eps) instead of from pure noise at t_max; 0: from noise

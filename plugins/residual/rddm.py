@@ -301,8 +301,11 @@ class RDDMSampler(Sampler):
         ``residual_then_noise`` (partially path-independent generation: de-residual steps first, then
         denoising steps; exact for path-independent nets, by noise-level matching otherwise)."""
 
+        #: sampling steps on the paper's grid int(linspace(-1, T-1, steps+1)) (5 or 10 in the paper)
         steps: Steps = 10
+        #: 0 deterministic (RDDM's restoration setting), 1 the DDPM-like posterior
         eta: Eta = 0.0
+        #: ``model``, or ``residual_then_noise``: de-residual steps first, then denoising steps
         schedule: Literal["model", "residual_then_noise"] = "model"
 
         def __post_init__(self):

@@ -300,7 +300,6 @@ class TestRedDiff(SamplerContract):
 class TestFlowChef(SamplerContract):
     name = "flowchef"
     bad_options = {"steps": "0", "step_size": "-1"}
-    known_failures = _no_help("plugins/flowchef.py:FlowChef.Config", "steps")
 
 
 class TestDPIR(SamplerContract):
@@ -317,7 +316,6 @@ class TestMMSE(SamplerContract):
 class TestTV3D(SamplerContract):
     name = "tv3d"
     bad_options = {"steps": "0", "eta": "2", "rho": "0"}
-    known_failures = _no_help("plugins/medical/tv3d.py:TV3D.Config", "steps, spacing")
 
 
 class TestMRS(SamplerContract):
@@ -345,7 +343,6 @@ class TestMRPosterior(SamplerContract):
 class TestRDDM(SamplerContract):
     name = "rddm"
     bad_options = {"steps": "0", "eta": "2"}
-    known_failures = _no_help("plugins/residual/rddm.py:RDDMSampler.Config", "steps, eta, schedule")
 
 
 class TestResfusion(SamplerContract):
