@@ -94,6 +94,7 @@ class TV3D(Sampler):
     name = "tv3d"
     requires = frozenset({"denoiser", "unconditional", "linear_operator"})
     uses_measurement = True
+    uses_noise_level = False  # its data step is an unweighted least-squares ADMM/CG on the residual
     supports_guidance = False
     #: an approximate posterior sampler (DDS data consistency): reported, not certified against the exact
     #: posterior; ``lam=0`` because the bench's batch holds independent samples, not the slices of a volume
