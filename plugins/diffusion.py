@@ -5,6 +5,10 @@ Each is one core kernel over a time grid, so guidance (``--guidance dps``) and c
 (``--corrector smc``) compose with all of them. With an unconditional prior they sample the prior unless
 guided; with a conditional (anchored) prior they restore; with the exact Gaussian posterior denoiser they
 sample the exact posterior -- the exact-answer bench certifies each against its nominal order.
+
+``-o teleport=<fraction>|auto`` replaces the first steps by the exact Gaussian(-posterior) state
+(:mod:`restoreflow.exact.teleport`; the Gaussian posterior given y when guided): the flow map from the start for
+the ODE solvers, a marginal draw for the stochastic ones (DDIM with eta > 0, Euler-Maruyama).
 """
 
 from __future__ import annotations
@@ -12,21 +16,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from restoreflow.plugin_api import (
-    EulerMaruyama, EulerODE, ExpIntegrator, FlowMap, Heun, KernelSampler, Posterior, SPACINGS, check, hookimpl,
+    EulerMaruyama, EulerODE, ExpIntegrator, FlowMap, Heun, KernelSampler, Posterior, SPACINGS, TeleportOption,
+    Teleporting, check, hookimpl,
 )
 
 
 @dataclass(frozen=True)
-class _Steps:
+class _Steps(TeleportOption):
     steps: int = 20
     spacing: str = "uniform_lambda"
 
     def __post_init__(self):
+        super().__post_init__()
         check(1 <= self.steps <= 10000, f"steps must be in [1, 10000]; got {self.steps}")
         check(self.spacing in SPACINGS, f"spacing must be one of {', '.join(SPACINGS)}; got {self.spacing!r}")
 
 
-class DDIM(KernelSampler):
+class DDIM(Teleporting, KernelSampler):
     r"""DDIM (Song et al. 2021): :math:`x_{t'} = a'\hat x_0 + b'\mu + \sqrt{\sigma'^2 - s^2}\,\hat\varepsilon + s\,\xi`,
     :math:`s = \eta\,\sigma'\sqrt{1 - e^{-2h}}` (η = 0 deterministic, η = 1 ancestral/DDPM posterior)."""
 
@@ -45,7 +51,7 @@ class DDIM(KernelSampler):
         return ExpIntegrator(order=1, eta=self.config.eta)
 
 
-class Euler(KernelSampler):
+class Euler(Teleporting, KernelSampler):
     """Probability-flow ODE with Euler steps in t (first order)."""
 
     name = "euler"
@@ -56,7 +62,7 @@ class Euler(KernelSampler):
         return EulerODE()
 
 
-class EulerMaruyamaSampler(KernelSampler):
+class EulerMaruyamaSampler(Teleporting, KernelSampler):
     """Reverse-time SDE with Euler–Maruyama steps in t (first order, stochastic)."""
 
     name = "euler-maruyama"
@@ -71,7 +77,7 @@ class EulerMaruyamaSampler(KernelSampler):
         return EulerMaruyama()
 
 
-class HeunSampler(KernelSampler):
+class HeunSampler(Teleporting, KernelSampler):
     """Heun's second-order method on the PF-ODE (Karras et al. 2022); 2 network calls per step but the last."""
 
     name = "heun"
@@ -89,7 +95,7 @@ class HeunSampler(KernelSampler):
         return 2 * self.config.steps - 1
 
 
-class DPMSolverPP2M(KernelSampler):
+class DPMSolverPP2M(Teleporting, KernelSampler):
     r"""DPM-Solver++(2M) (Lu et al. 2022): second-order multistep data-prediction solver in
     :math:`\lambda = \log(a/\sigma)`, one network call per step; ``phi=midpoint`` is the published
     :math:`\tfrac12 D_1` rule, ``phi=exact`` the exact :math:`\varphi_2` weight."""

@@ -91,8 +91,8 @@ import torch
 from torch import Tensor
 
 from restoreflow.plugin_api import (
-    AffinePath, ExpIntegrator, Guidance, NumericalError, PoissonNoise, Problem, Report, SPACINGS, Sampler, as_time,
-    check, hookimpl, integrate, time_grid, vp,
+    AffinePath, ExpIntegrator, Guidance, NumericalError, PoissonNoise, Problem, Report, SPACINGS, Sampler,
+    TeleportOption, Teleporting, as_time, check, hookimpl, integrate, time_grid, vp,
 )
 
 __all__ = ["DPSGuidance", "DPS", "PRESETS", "PAPER_PRESETS", "OPERATOR_TASKS", "PRESET_OPTIONS", "preset_zeta",
@@ -381,10 +381,12 @@ class DPSGuidance(Guidance):
         return -zeta * grad.detach()
 
 
-class DPS(Sampler):
+class DPS(Teleporting, Sampler):
     r"""DPS (Chung et al. 2023): ancestral DDPM steps (DDIM with ``eta``) plus the DPS likelihood gradient.
 
     The same as ``--sampler ddim -o eta=1 --guidance dps``, with the guidance options on the sampler.
+    ``teleport`` starts the run from a draw of the exact Gaussian posterior's marginal at the teleport time (the
+    flow map from the start when ``eta = 0``; :mod:`restoreflow.exact.teleport`).
     """
 
     name = "dps"
@@ -396,7 +398,7 @@ class DPS(Sampler):
     certification = Report(samples=256, steps=100, options={"clip_x0": False})
 
     @dataclass(frozen=True)
-    class Config(DPSGuidance.Config):
+    class Config(TeleportOption, DPSGuidance.Config):
         steps: int = 100
         #: 1 = DDPM ancestral steps (the paper), 0 = deterministic DDIM
         eta: float = 1.0
@@ -425,8 +427,9 @@ class DPS(Sampler):
         c = self.config
         ts, path = self.grid(denoiser.path)
         kernel = _ClippedMean(order=1, eta=c.eta) if c.option("clip_mean") else ExpIntegrator(order=1, eta=c.eta)
+        jump = self.teleport_jump(problem, denoiser, ts, deterministic=kernel.deterministic, path=path)
         x = integrate(kernel, denoiser, problem, ts, generator=generator, guidance=self.guidance(),
-                      corrector=corrector, callback=callback, path=path)
+                      corrector=corrector, callback=callback, path=path, jump=jump)
         return x.clamp(0, 1) if c.clip_x0 else x
 
     def grid(self, path: AffinePath) -> tuple[Tensor, AffinePath | None]:

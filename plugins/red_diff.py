@@ -105,7 +105,8 @@ import torch
 from torch import Tensor
 
 from restoreflow.plugin_api import (
-    AffinePath, PointEstimate, Problem, Sampler, as_time, check, check_finite, from_x0, hookimpl, make_anchor, randn,
+    AffinePath, PointEstimate, Problem, Sampler, TeleportOption, Teleporting, as_time, check, check_finite, from_x0,
+    hookimpl, make_anchor, randn,
 )
 
 __all__ = ["RedDiff", "WEIGHTINGS", "snr_weight", "red_diff_grid", "official_nsr", "official_timesteps", "data_damping",
@@ -190,8 +191,11 @@ PRESET_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-class RedDiff(Sampler):
-    r"""RED-Diff (Mardani et al. 2024): Adam on the image, one step per diffusion time, denoiser forward only."""
+class RedDiff(Teleporting, Sampler):
+    r"""RED-Diff (Mardani et al. 2024): Adam on the image, one step per diffusion time, denoiser forward only.
+
+    ``teleport`` starts the estimate at the exact Gaussian posterior mean and skips the first times of the grid
+    (:mod:`restoreflow.exact.teleport`)."""
 
     name = "red_diff"
     requires = frozenset({"denoiser", "unconditional", "differentiable_operator"})
@@ -204,7 +208,7 @@ class RedDiff(Sampler):
     )
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(TeleportOption):
         steps: int = 100
         #: ``restoreflow`` (default) or ``official`` (the code's algorithm: grid, output, reduction, init, no noise
         #: damping); fills in the options below that are left unset (None)
@@ -249,6 +253,7 @@ class RedDiff(Sampler):
         clip: bool = True
 
         def __post_init__(self):
+            super().__post_init__()
             check(1 <= self.steps <= 100000, f"steps must be in [1, 100000]; got {self.steps}")
             check(self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
             check(self.lr > 0, f"lr must be > 0; got {self.lr}")
@@ -313,7 +318,7 @@ class RedDiff(Sampler):
         op = problem.operator
         y = problem.y
         ts = self.grid(path)
-        mu = self.init(problem)
+        start, mu = self.teleport_estimate(problem, denoiser, ts, self.init(problem))
         adam = _Adam(mu, c.lr, c.beta1, c.beta2)
         B = mu.shape[0]
         n_x = mu[0].numel()
@@ -322,8 +327,10 @@ class RedDiff(Sampler):
         obs = c.obs_weight if c.obs_weight is not None else 1.0 / max(OFFICIAL_UNITS * sigma2, 1e-12)
         nfe = 0
         x0 = mu
+        for _ in range(start * (2 if c.sigma_x0 else 1)):  # the teleport's skipped noise: later times draw as without it
+            randn(mu.shape, generator=generator, like=mu)
         with torch.no_grad():
-            for i, t in enumerate(ts):
+            for i, t in enumerate(ts[start:], start):
                 t = as_time(t, mu.device)
                 a, _, s = (float(v) for v in path.coefficients(t))
                 lam_t = c.lam * snr_weight(OFFICIAL_UNITS * s / a, c.weighting)

@@ -64,6 +64,7 @@ from restoreflow.core.sampling import (
 
 # -- exact Gaussian models --------------------------------------------------------------------------------
 from restoreflow.exact.gaussian import FourierGaussian, GaussianDenoiser, GaussianModel, default_spectrum
+from restoreflow.exact.teleport import TeleportOption, Teleporting, load_prior_gaussian
 
 # -- image and array I/O ----------------------------------------------------------------------------------
 from restoreflow.io import (
@@ -105,6 +106,7 @@ __all__ = [
     "KernelSampler", "Problem", "Sampler", "Task", "Transition", "anchored_for", "check_finite", "integrate",
     "make_anchor", "randn", "start_state", "time_grid",
     "FourierGaussian", "GaussianDenoiser", "GaussianModel", "default_spectrum",
+    "TeleportOption", "Teleporting", "load_prior_gaussian",
     "IMAGE_SUFFIXES", "Measurement", "check_size", "npy_header", "read_array", "read_image", "write_file",
     "write_image",
     "card_path", "load_into", "load_state_dict", "read_card", "safe_torch_load", "save_weights", "write_card",

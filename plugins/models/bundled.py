@@ -1,7 +1,9 @@
 """Priors stored as restoreflow model cards: :class:`CardPrior` (a ``.safetensors`` file written by
 ``restoreflow train --method denoiser``, with its ``.json`` card) and :class:`DefaultPrior`, the bundled
 ``default`` denoiser in ``restoreflow/models/weights/default.*`` (the prior of DPS, RED-Diff, FlowChef and SMC; its
-card records the exact command that trained it). ``--prior-opt tile=N`` runs any of them on tiles."""
+card records the exact command that trained it). ``--prior-opt tile=N`` runs any of them on tiles. A
+``NAME.gaussian.safetensors`` beside the weights (the prior's stationary Gaussian and its ``teleport=auto`` noise
+level, :mod:`restoreflow.exact.teleport`) is loaded with the card as ``denoiser.gaussian``."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 
 import torch
 
-from restoreflow.plugin_api import CheckpointError, ConfigError, Prior, card_path, read_card
+from restoreflow.plugin_api import CheckpointError, ConfigError, Prior, card_path, load_prior_gaussian, read_card
 
 from .training import DenoiserMethod
 
@@ -55,6 +57,7 @@ class CardPrior(Prior):
         if x_shape is not None and len(x_shape) == 4 and x_shape[1] != ch:
             raise ConfigError(f"prior {self.name} is a {ch}-channel model; the image has {x_shape[1]} channels")
         den = load_model(w, registries=_trainers_only(), device=device, card=card).denoiser
+        den.gaussian = load_prior_gaussian(w)  # None without a cache file: teleport falls back to default_spectrum
         return _maybe_tile(den, self.options)
 
 

@@ -3,6 +3,9 @@ baselines ``mr-posterior`` (IR-SDE's "optimal reverse" step), ``mr-sde`` (revers
 paper's discrete form, :class:`IRSDEEuler`) and ``mr-ode`` (PF-ODE Euler).
 
 All start from IR-SDE's prior :math:`x_T = \mu + \lambda z` and clamp the output to [0, 1] (``clip``).
+``teleport`` (:mod:`restoreflow.exact.teleport`) replaces the first steps by the state of the exact Gaussian
+posterior given the measurement on the mean-reverting path (:math:`z = x - b\mu` is a plain path, so the jump is
+the same algebra): the flow map from :math:`x_T` for the ODE solvers, a marginal draw for the SDE ones.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import torch
 from torch import Tensor
 
 from restoreflow.plugin_api import (
-    AffinePath, ExpIntegrator, FlowMap, IncompatibleError, Kernel, Posterior, Problem, SPACINGS, Sampler, Transition,
-    anchored_for, as_time, check, integrate, randn, time_grid,
+    AffinePath, ExpIntegrator, FlowMap, IncompatibleError, Kernel, Posterior, Problem, SPACINGS, Sampler,
+    TeleportOption, Teleporting, Transition, anchored_for, as_time, check, integrate, randn, time_grid,
 )
 
 from .denoiser import _Thresholded
@@ -40,6 +43,7 @@ class IRSDEEuler(Kernel):
 
     def __init__(self, ode: bool = False):
         self.ode = ode
+        self.deterministic = ode
 
     def step(self, x, t, t_next, x0_hat, state, ctx):
         path = ctx.path
@@ -89,7 +93,7 @@ class _MRSampler(Sampler):
         return x.clamp(0, 1) if self.config.clip else x
 
 
-class MRS(_MRSampler):
+class MRS(Teleporting, _MRSampler):
     r"""MRS (Li et al. 2025): exponential-integrator ODE/SDE solver for mean-reverting diffusion, 5-20 NFE.
 
     Multistep DPM-Solver(++) on :math:`y = x - \mu` with the exact :math:`\varphi` weights: ``solver=ode``
@@ -112,7 +116,7 @@ class MRS(_MRSampler):
     )
 
     @dataclass(frozen=True)
-    class Config(_MRConfig):
+    class Config(TeleportOption, _MRConfig):
         steps: int = 20
         solver: str = "ode"
         space: str = "data"
@@ -127,6 +131,7 @@ class MRS(_MRSampler):
         threshold_max: float = 1.5
 
         def __post_init__(self):
+            super().__post_init__()
             check(1 <= self.steps <= 10000, f"steps must be in [1, 10000]; got {self.steps}")
             check(self.solver in ("ode", "sde"), f"solver must be ode or sde; got {self.solver!r}")
             check(self.space in ("data", "noise"), f"space must be data or noise; got {self.space!r}")
@@ -153,8 +158,10 @@ class MRS(_MRSampler):
         c = self.config
         path = _mr_path(denoiser, self.name)
         den = _Thresholded(denoiser, c.threshold_ratio, c.threshold_max) if c.thresholding else denoiser
-        x = integrate(self.kernel(), den, _start(problem, path, generator, denoiser), self.grid(path), generator=generator,
-                      guidance=guidance, corrector=corrector, callback=callback, final_denoise=c.denoise_last)
+        problem, kernel, ts = _start(problem, path, generator, denoiser), self.kernel(), self.grid(path)
+        x = integrate(kernel, den, problem, ts, generator=generator, guidance=guidance, corrector=corrector,
+                      callback=callback, final_denoise=c.denoise_last,
+                      jump=self.jump(kernel, problem, denoiser, ts, guidance))
         return self._finish(x)
 
 
@@ -163,14 +170,15 @@ def _default_steps(path: AffinePath) -> int:
 
 
 @dataclass(frozen=True)
-class _BaselineConfig(_MRConfig):
+class _BaselineConfig(TeleportOption, _MRConfig):
     steps: int | None = None  # None: the model's T (one call per training step, the papers' 100-NFE baselines)
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.steps is None or 1 <= self.steps <= 100000, f"steps must be in [1, 100000]; got {self.steps}")
 
 
-class _Baseline(_MRSampler):
+class _Baseline(Teleporting, _MRSampler):
     Config = _BaselineConfig
 
     @abc.abstractmethod
@@ -183,8 +191,9 @@ class _Baseline(_MRSampler):
     def sample(self, problem, denoiser, *, generator, guidance=None, corrector=None, callback=None):
         path = _mr_path(denoiser, self.name)
         ts = time_grid(path, self.config.steps or _default_steps(path), "uniform_t")
-        x = integrate(self.kernel(), denoiser, _start(problem, path, generator, denoiser), ts, generator=generator,
-                      guidance=guidance, corrector=corrector, callback=callback)
+        problem, kernel = _start(problem, path, generator, denoiser), self.kernel()
+        x = integrate(kernel, denoiser, problem, ts, generator=generator, guidance=guidance, corrector=corrector,
+                      callback=callback, jump=self.jump(kernel, problem, denoiser, ts, guidance))
         return self._finish(x)
 
 

@@ -57,9 +57,10 @@ class ExpIntegrator(Kernel):
         check(eta == 0.0 or (order == 1 and not stochastic), "eta applies to the order-1 ODE step only")
         self.order, self.space, self.stochastic, self.eta, self.phi = order, space, stochastic, eta, phi
         self.lower_order_final, self.total_steps = lower_order_final, total_steps
+        self.deterministic = not stochastic and eta == 0.0  # no noise in its moves (a teleport uses the flow map)
 
     def init(self, x: Tensor, ctx: Context) -> dict[str, Any]:
-        return {"q": [], "lam": [], "i": 0}
+        return {"q": [], "lam": [], "i": ctx.start}  # i counts grid steps (lower_order_final), a jump included
 
     def step(self, x, t, t_next, x0_hat, state, ctx):
         path = ctx.path
@@ -157,6 +158,7 @@ class EulerMaruyama(Kernel):
 
     def __init__(self, ode: bool = False):
         self.ode = ode
+        self.deterministic = ode
 
     def step(self, x, t, t_next, x0_hat, state, ctx):
         path = ctx.path
@@ -204,7 +206,8 @@ class KernelSampler(Sampler):
     :func:`time_grid`.
 
     Subclasses give a ``Config`` with ``steps`` (and optionally ``spacing`` and ``denoise_last``) and
-    implement :meth:`kernel`; guidance and correctors compose for free.
+    implement :meth:`kernel`; guidance and correctors compose for free. :meth:`jump` may replace the first steps
+    (``restoreflow.exact.teleport.Teleporting`` gives the ``teleport`` option that does).
     """
 
     supports_guidance = True
@@ -217,7 +220,13 @@ class KernelSampler(Sampler):
         c = self.config
         return time_grid(path, c.steps, getattr(c, "spacing", "uniform_t"))
 
+    def jump(self, kernel: Kernel, problem: Any, denoiser: Any, ts: Tensor, guidance: Any) -> Any:
+        """The ``jump`` handed to :func:`integrate` (``None``: run every step)."""
+        return None
+
     def sample(self, problem, denoiser, *, generator, guidance=None, corrector=None, callback=None):
-        return integrate(self.kernel(), denoiser, problem, self.grid(denoiser.path), generator=generator,
+        kernel, ts = self.kernel(), self.grid(denoiser.path)
+        return integrate(kernel, denoiser, problem, ts, generator=generator,
                          guidance=guidance, corrector=corrector, callback=callback,
-                         final_denoise=bool(getattr(self.config, "denoise_last", False)))
+                         final_denoise=bool(getattr(self.config, "denoise_last", False)),
+                         jump=self.jump(kernel, problem, denoiser, ts, guidance))

@@ -335,6 +335,8 @@ class Context:
     #: evaluate the denoiser -- and gradient guidance, forward and backward -- on at most this many rows at a
     #: time (set by particle correctors); bounds the activation memory of DPS-like guidance
     chunk: int | None = None
+    #: the grid index the run starts at (> 0 after a ``jump``, e.g. analytical teleportation); set by :func:`integrate`
+    start: int = 0
 
     def denoise(self, x: Tensor, t: Any) -> Tensor:
         """One extra network evaluation (counted), without gradients."""
@@ -345,6 +347,9 @@ class Context:
 
 class Kernel(abc.ABC):
     """One step of a sampler: a pure function of ``(x, t, t_next, x0_hat, state)``."""
+
+    #: whether its moves draw no noise (an ODE solver); stochastic kernels set it False
+    deterministic: bool = True
 
     def init(self, x: Tensor, ctx: Context) -> dict[str, Any]:
         """Per-run state (batch-first tensors; the driver reindexes them when particles resample)."""
@@ -368,7 +373,7 @@ def check_finite(x: Tensor, step: int, t: Any, what: str = "the model output") -
 def integrate(kernel: Kernel, denoiser: Denoiser, problem: Problem, ts: Tensor, *, generator: torch.Generator,
               guidance: Guidance | None = None, corrector: Corrector | None = None,
               callback: Callable[[dict], None] | None = None, path: AffinePath | None = None,
-              final_denoise: bool = False) -> Tensor:
+              final_denoise: bool = False, jump: Callable[[Tensor, Context], tuple[int, Tensor]] | None = None) -> Tensor:
     r"""Run ``kernel`` over the grid ``ts`` (descending) from the prior at ``ts[0]``::
 
         x ~ prior at ts[0]                           a corrector expands it to particles (setup)
@@ -380,8 +385,10 @@ def integrate(kernel: Kernel, denoiser: Denoiser, problem: Problem, ts: Tensor, 
         return x, or the corrector's output from its particles (finalize)
 
     ``final_denoise`` returns the last :math:`\hat x_0` instead of moving to ``ts[-1]`` (MRS'
-    ``denoise_last``; no extra call). ``callback`` receives ``{"i", "t", "x", "x0", "nfe", "steps"}`` after
-    each step. ``path`` overrides the denoiser's path.
+    ``denoise_last``; no extra call). ``jump(x, ctx) -> (k, x_k)`` replaces the first ``k`` steps, after the
+    corrector's setup (:class:`restoreflow.exact.teleport.Teleport`: the exact Gaussian state at ``ts[k]``).
+    ``callback`` receives ``{"i", "t", "x", "x0", "nfe", "steps"}`` after each step. ``path`` overrides the
+    denoiser's path.
     """
     path = path or denoiser.path
     anchor = problem.anchor if (path.anchored or getattr(denoiser, "conditional", False)) else None
@@ -392,9 +399,11 @@ def integrate(kernel: Kernel, denoiser: Denoiser, problem: Problem, ts: Tensor, 
         x = corrector.setup(x, ctx)  # may wrap ctx.denoiser (e.g. to evaluate particles in chunks)
         if anchor is not None and anchor.shape[0] != x.shape[0]:
             ctx.anchor = anchor.repeat_interleave(x.shape[0] // anchor.shape[0], dim=0)
+    if jump is not None:
+        ctx.start, x = jump(x, ctx)
     state = kernel.init(x, ctx)
     steps = len(ts) - 1
-    for i in range(steps):
+    for i in range(ctx.start, steps):
         t, t_next = ts[i].to(x.device), ts[i + 1].to(x.device)
         x0, delta = _predict(i, x, t, t_next, guidance, ctx)
         if corrector is not None and (idx := corrector.reweight(i, x, x0, t, ctx)) is not None:
