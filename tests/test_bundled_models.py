@@ -98,3 +98,30 @@ def test_deblur_default_beats_the_classical_peers_on_a_held_out_crop():
             for s in (None, "tv", "richardson-lucy", "wiener")}
     best_peer = max(v for k, v in psnr.items() if k is not None)
     assert psnr[None] > best_peer + 0.3, psnr
+
+
+def test_kernel_samplers_anchor_a_conditional_model_where_it_was_trained():
+    """ddim & co. with a conditional prior trained on Wiener anchors start from the Wiener estimate, as mrs does
+    (they used to anchor at y: 23.4 dB instead of 26.9 dB with mr-deblur on a 64-px crop)."""
+    import restoreflow as rf
+    from restoreflow.core.sampling import make_anchor
+
+    regs = rf.default_registries()
+    prior = regs.priors.get("mr-deblur")()
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    op = regs.operators.get("gaussian_blur")(x_shape=tuple(x.shape), sigma=1.5, noise_sigma=0.01)
+    y = op.forward(x, generator=torch.Generator().manual_seed(1))
+    den = prior.load(x_shape=tuple(x.shape))
+    assert den.anchor_estimator == "wiener"
+    seen = []
+    original = den.forward
+
+    def spy(x_t, t, *, anchor=None):
+        seen.append(anchor)
+        return original(x_t, t, anchor=anchor)
+
+    den.forward = spy
+    problem = rf.Problem(y=y, operator=op, x_shape=tuple(x.shape), registries=regs)
+    regs.samplers.get("ddim")(steps=2).sample(problem, den, generator=torch.Generator().manual_seed(2))
+    wiener = make_anchor(op, y, "wiener", registries=regs)
+    assert seen and all(torch.allclose(a, wiener.to(a.dtype)) for a in seen)

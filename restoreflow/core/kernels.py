@@ -22,7 +22,7 @@ from torch import Tensor
 
 from restoreflow.core.options import check
 from restoreflow.core.paths import AffinePath
-from restoreflow.core.sampling import Context, Kernel, Sampler, Transition, integrate, time_grid
+from restoreflow.core.sampling import Context, Kernel, Sampler, Transition, anchored_for, integrate, time_grid
 
 __all__ = ["ExpIntegrator", "EulerMaruyama", "EulerODE", "Heun", "KernelSampler"]
 
@@ -225,6 +225,7 @@ class KernelSampler(Sampler):
         return None
 
     def sample(self, problem, denoiser, *, generator, guidance=None, corrector=None, callback=None):
+        problem = anchored_for(problem, denoiser)  # a conditional model sees the anchor it was trained on
         kernel, ts = self.kernel(), self.grid(denoiser.path)
         return integrate(kernel, denoiser, problem, ts, generator=generator,
                          guidance=guidance, corrector=corrector, callback=callback,
