@@ -56,6 +56,48 @@ the network is told and the unsteered flow removes both. Noise-free measurements
 code. Measured with the bundled prior (64-px held-out crops of astronaut, chelsea, coffee, camera, seed 0, the card's
 options, 100 steps; PSNR dB, code rule -> noise-aware): denoise sigma 0.1 20.72 -> 28.79 (noisy input 20.79),
 deblur 23.78 -> 24.52, sr x4 21.57 -> 24.09, inpaint 23.00 -> 23.20.
+
+**Presets.** ``preset="official"`` fills in the code's algorithm for every option left unset (facts from
+FlowChef/FlowChef @ 6c15250, ``inverseproblems/pixel_models/rfpp/generate_inverseproblems_flowchef.py``, and @ 42562a5,
+``src/inverse_operators.py``): the grid :math:`t_i = (N - i)/N` with :math:`t_0 = 1 - 10^{-5}` (``grid="official"``,
+``t_start``), the start :math:`t_0 z` in the network's units, the flow on a rectified-flow model's own time and
+units (``coordinates="native"``: for a [-1, 1] network :math:`x'_t = (1-t)x_0' + t\varepsilon'`; the steering step
+and the Euler step are affine-equivariant, so running them in [0, 1] units on that time is the code's run), the
+measurement re-noised inside the loss (``renoise``: the code's operators add fresh noise on every call, so its
+residual is :math:`A\hat x_0 + n - y`) and no noise-aware damping. The code's loss also multiplies the residual by
+the operator's mask (``get_mask``), which its operators' adjoints already apply, and runs one image at a time
+(batch 1), so its mean is over one image's measurement, as here for every image of a batch. Step size, one inner step,
+steering on all steps but the last, mean reduction and the output clamp are the class defaults already; the code
+runs at 64x64, where ``reference_side=64`` *is* its literal rule (pass ``reference_side=None`` for that rule at other
+sizes). tests/plugins/test_flowchef.py restates the code's loop in its own units and runs it beside the preset on a
+[-1, 1] velocity network, with and without measurement noise (float64: agreement 1e-13). Other priors (VP, VE)
+have no native rectified-flow time and run in ``image`` coordinates under either preset.
+
+**Departures of the default** (``preset="restoreflow"``) from the code, each measured alone against the default
+(64x64 RGB, the exact velocity of the ``default_spectrum`` Gaussian prior written as a [-1, 1] rectified-flow
+network, Gaussian blur sigma 2, one prior draw, seed 0; max abs difference in [0, 1] units and PSNR dB at 20 / 100
+steps). The whole official preset moves the output by 0.071 / 0.039 without noise (PSNR 22.52 -> 23.47, 25.10 ->
+25.58) and by 0.10 / 0.15 at sigma 0.05 (22.94 -> 23.38, 26.97 -> 25.19).
+
+==============================  ================================================  ====================================
+departure                       why                                               measured effect
+==============================  ================================================  ====================================
+``grid=uniform`` from           exactly ``steps`` equal steps inside              2.4e-4 / 8.3e-5; PSNR equal to
+``t_start=0.999`` (the code:    :func:`restoreflow.rectified_flow`'s range        0.01 dB
+:math:`i/N`, the first node     (a reparameterised VP/VE prior has no state
+moved to :math:`1 - 10^{-5}`)   at t = 1)
+``coordinates=image``           one flow, in [0, 1] units, for every prior        0.071 / 0.039; PSNR 22.52 / 25.10
+(the code: the network's own    (the reparameterisation matches noise-to-signal   (code: 23.47 / 25.58)
+time and units)                 ratios, so a [-1, 1] network's time is
+                                remapped)
+``noise_aware=True``            issue 16, see above                               sigma 0.05: 0.055 / 0.145; PSNR
+                                                                                  22.94 / 26.97 (code rule: 22.45 /
+                                                                                  24.92)
+``renoise=False``               y already carries its noise; a fresh draw adds    sigma 0.05: 5.0e-3 / 5.1e-3; PSNR
+                                a random term to every steering step              -0.01 dB
+``reference_side=64``           the step keeps its per-pixel size on any image    none at 64 px; the literal rule is
+(both presets)                  (the code runs at 64x64 only)                     ``reference_side=None``
+==============================  ================================================  ====================================
 """
 
 from __future__ import annotations
@@ -70,11 +112,19 @@ import torch
 from torch import Tensor, nn
 
 from restoreflow.plugin_api import (
-    AffinePath, Clip, NonNegative, Options, Problem, Range, Report, Sampler, as_time, check_finite, hookimpl, randn,
-    rectified_flow, reparameterize,
+    AffinePath, Clip, NonNegative, Options, Problem, Range, Report, Sampler, as_time, check, check_finite, hookimpl,
+    randn, rectified_flow, reparameterize,
 )
 
-__all__ = ["FlowChef", "as_rectified_flow", "noise_share"]
+__all__ = ["FlowChef", "as_rectified_flow", "noise_share", "PRESETS", "PRESET_OPTIONS"]
+
+PRESETS = ("restoreflow", "official")
+#: What ``preset`` fills in for the options left unset (``None``); an option given explicitly always wins.
+PRESET_OPTIONS: dict[str, dict[str, Any]] = {
+    "restoreflow": {"t_start": 0.999, "grid": "uniform", "coordinates": "image", "noise_aware": True, "renoise": False},
+    "official": {"t_start": 1 - 1e-5, "grid": "official", "coordinates": "native", "noise_aware": False,
+                 "renoise": True},
+}
 
 
 def _same_rectified_flow(path: AffinePath, rf: AffinePath) -> bool:
@@ -144,6 +194,10 @@ class FlowChef(Sampler):
     class Config(Options):
         #: Euler steps of the flow from noise to image (network calls)
         steps: Annotated[int, Range(1, 100000)] = 100
+        #: ``restoreflow`` (default) or ``official`` (the code's algorithm: its grid and start, the network's own
+        #: rectified-flow time, the measurement re-noised inside the loss, no noise-aware damping); fills in the
+        #: options below that are left unset (None); see the module docstring
+        preset: Literal["restoreflow", "official"] = "restoreflow"
         #: the code's ``gradient_scale`` s (same value in [0, 1] and [-1, 1] units)
         step_size: NonNegative = 500.0
         #: gradient steps on x_t per sampling step with the velocity frozen (1 in pixel space)
@@ -158,13 +212,46 @@ class FlowChef(Sampler):
         #: scaled by HW / side^2 so each pixel moves as it did there. None: the literal rule, whose per-pixel
         #: step shrinks as 1/HW
         reference_side: Annotated[int, Range(1)] | None = 64
-        #: starting time on the rectified-flow path (t = 1 is pure noise)
-        t_start: Annotated[float, Range(0, 0.999, lo_open=True)] = 0.999
+        #: starting time on the rectified-flow path (t = 1 is pure noise); None: the preset's (restoreflow: 0.999,
+        #: official: 1 - 1e-5, the code's)
+        t_start: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] | None = None
+        #: ``uniform``: steps + 1 times uniform from t_start to 0; ``official``: the code's i/steps for i = steps
+        #: .. 0 with the first replaced by t_start; None: the preset's (restoreflow: uniform, official: official)
+        grid: Literal["uniform", "official"] | None = None
+        #: ``image``: the flow (1 - t) x0 + t eps in [0, 1] image units, any prior reparameterised onto it;
+        #: ``native``: a rectified-flow model runs on its own time in its own units (the code's), other priors
+        #: as ``image``; None: the preset's (restoreflow: image, official: native)
+        coordinates: Literal["image", "native"] | None = None
         #: damp the steering step where the flow's noise level is below the measurement's (not in the paper;
-        #: without it an identity operator hands back the noisy input, see the module docstring)
-        noise_aware: bool = True
+        #: without it an identity operator hands back the noisy input, see the module docstring); None: the
+        #: preset's (restoreflow: true, official: false)
+        noise_aware: bool | None = None
+        #: draw fresh measurement noise inside the loss at every steering step, as the code's operators do on every
+        #: call (residual A x0 + n - y); None: the preset's (restoreflow: false, official: true)
+        renoise: bool | None = None
         #: clamp the output to [0, 1]
         clip: Clip = True
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.option("grid") == "official":
+                check(self.option("t_start") > (self.steps - 1) / self.steps,
+                      f"the official grid needs t_start > (steps - 1)/steps = {(self.steps - 1) / self.steps:g}")
+
+        def option(self, name: str) -> Any:
+            """``name``'s value, the preset's when it is left unset."""
+            v = getattr(self, name)
+            return PRESET_OPTIONS[self.preset][name] if v is None else v
+
+    def grid(self) -> Tensor:
+        """The descending times of a run: ``uniform`` from ``t_start``, or the code's (``official``)."""
+        c = self.config
+        t0, n = float(c.option("t_start")), c.steps
+        if c.option("grid") == "official":
+            ts = torch.arange(n, -1, -1, dtype=torch.float64) / n
+            ts[0] = t0
+            return ts
+        return torch.linspace(t0, 0.0, n + 1, dtype=torch.float64)
 
     def step_scale(self, op: Any, y: Tensor, x_shape: tuple[int, ...]) -> float:
         r"""The factor :math:`c` of the steering step :math:`x \leftarrow x - c\,J_A^\top(A\hat x_0 - y)`.
@@ -178,43 +265,56 @@ class FlowChef(Sampler):
         size = 1.0 if c.reference_side is None else x_shape[-2] * x_shape[-1] / c.reference_side**2
         return 2.0 * c.step_size * size / n
 
-    def data_grad(self, op: Any, x0: Tensor, y: Tensor) -> Tensor:
-        r""":math:`J_A^\top(A\hat x_0 - y)` at ``x0`` (``A_adjoint`` for linear operators)."""
-        return op.A_vjp(x0, op.A(x0) - y)
+    def data_grad(self, op: Any, x0: Tensor, y: Tensor, noise_generator: torch.Generator | None = None) -> Tensor:
+        r""":math:`J_A^\top(A\hat x_0 - y)` at ``x0`` (``A_adjoint`` for linear operators). With ``noise_generator``
+        the measurement is re-noised inside the loss, as the code's operators do on every call:
+        :math:`J_A^\top(A\hat x_0 + n - y)`, :math:`n` drawn from the operator's noise model."""
+        ax = op.A(x0)
+        noise = getattr(op, "noise", None)
+        if noise_generator is not None and noise is not None:
+            ax = noise.sample(ax, generator=noise_generator)
+        return op.A_vjp(x0, ax - y)
 
     def sample(self, problem: Problem, denoiser: Any, *, generator: torch.Generator, guidance: Any = None,
                corrector: Any = None, callback: Callable[[dict], None] | None = None) -> Tensor:
         """Run FlowChef; ``callback`` receives ``{"i", "t", "x", "x0", "nfe", "steps"}`` after each step."""
         c = self.config
-        rf = rectified_flow()
-        ts = torch.linspace(c.t_start, 0.0, c.steps + 1, dtype=torch.float64)
-        den = as_rectified_flow(denoiser, rf, grid=ts[:-1])
+        ts = self.grid()
+        scale = _rf_scale(denoiser.path) if c.option("coordinates") == "native" else None
+        # the flow runs on the model's own time (native: sigma = scale * t in [0, 1] units) or on the [0, 1]-unit
+        # rectified flow (sigma = t); the state starts with the network's zero as its signal (image: 0)
+        den = denoiser if scale is not None else as_rectified_flow(denoiser, rectified_flow(), grid=ts[:-1])
+        scale, zero = (1.0, 0.0) if scale is None else (scale, _net_zero(denoiser))
         op = problem.operator
         y = problem.y
         steer = c.steps - 1 if c.steer_steps is None else min(c.steer_steps, c.steps)
         step = self.step_scale(op, y, tuple(problem.x_shape)) if steer > 0 and c.inner_steps > 0 else 0.0
-        sigma2 = op.noise_variance() if c.noise_aware and step > 0 else 0.0
+        sigma2 = op.noise_variance() if c.option("noise_aware") and step > 0 else 0.0
         lip = float(op.lipschitz()) if sigma2 > 0 else 1.0
+        renoise = generator if c.option("renoise") else None
         like = torch.empty(problem.x_shape, dtype=y.dtype, device=y.device)
+        t0 = float(ts[0])
         x = problem.x_init.to(y.dtype) if problem.x_init is not None else \
-            c.t_start * randn(problem.x_shape, generator=generator, like=like)
+            (scale * t0) * randn(problem.x_shape, generator=generator, like=like)
+        if problem.x_init is None and zero != 0:
+            x = x + (1 - t0) * zero
         with torch.no_grad():
             for i in range(c.steps):
                 t, t_next = float(ts[i]), float(ts[i + 1])
                 x0 = den(x, as_time(t, x.device))
                 check_finite(x0, i, t)
-                v = (x - x0) / t  # the rectified-flow velocity eps - x0, frozen for this step
-                steering = i < steer and (sigma2 == 0 or _nsr(t) ** 2 * lip > sigma2)
+                v = (x - x0) / t  # the rectified-flow velocity eps - x0 (times scale), frozen for this step
+                steering = i < steer and (sigma2 == 0 or (scale * _nsr(t)) ** 2 * lip > sigma2)
                 if steering:
                     for _ in range(c.inner_steps):
-                        g = step * self.data_grad(op, x0, y)
+                        g = step * self.data_grad(op, x0, y, renoise)
                         x = x - g
                         x0 = x0 - g  # x0_hat = x_t - t v moves with x_t
                 if steering and sigma2 > 0 and t_next > 0:
                     # x_t' = (1 - t') x0 + t' eps with the steered state's own noise eps (= the code's Euler step
                     # with the old v), its share cut to what the measurement's noise does not already supply
                     eps = (x - (1 - t) * x0) / t
-                    x = (1 - t_next) * x0 + (t_next * noise_share(_nsr(t_next), sigma2, lip)) * eps
+                    x = (1 - t_next) * x0 + (t_next * noise_share(scale * _nsr(t_next), sigma2, lip)) * eps
                 else:
                     x = x + (t_next - t) * v
                 if callback is not None:
@@ -225,6 +325,25 @@ class FlowChef(Sampler):
 def _nsr(t: float) -> float:
     """Noise-to-signal ratio of the rectified flow at ``t``."""
     return t / (1.0 - t)
+
+
+def _rf_scale(path: AffinePath) -> float | None:
+    r""":math:`c` when ``path`` is a rectified flow in some units, :math:`a = 1 - t`, :math:`b = 0`, :math:`\sigma = ct`
+    (a [-1, 1] network's, seen in [0, 1] units: :math:`c = 1/2`); else None."""
+    if path.kind != "rectified_flow" or path.anchored:
+        return None
+    probe = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    a, b, s = path.coefficients(probe)
+    c = float(s[1] / probe[1])
+    ok = torch.allclose(a, 1 - probe, rtol=0, atol=1e-12) and bool((b.abs() < 1e-12).all())
+    return c if ok and c > 0 and torch.allclose(s, c * probe, rtol=1e-12, atol=0) else None
+
+
+def _net_zero(denoiser: Any) -> float:
+    """The image value of the network's 0 (0.5 for a [-1, 1] network): the signal of the code's starting state
+    :math:`t_0 z` in the network's units."""
+    r = getattr(denoiser, "range", None)
+    return float(r.from_net(torch.zeros((), dtype=torch.float64))) if r is not None else 0.0
 
 
 def noise_share(nsr: float, sigma2: float, lipschitz: float = 1.0) -> float:

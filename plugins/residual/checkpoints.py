@@ -4,6 +4,9 @@
   the schedule; EMA weights live in the ``-EMA.ckpt`` sibling (``ema=true``).
 * RDDM's ``model-*.pt``: ``model`` under ``model.`` with schedule buffers, which are checked and rebuilt;
   ``ema`` from ema_pytorch under ``ema_model.``, used by default.
+
+A published checkpoint samples with its paper's own algorithm unless the user says otherwise: both loaders
+recommend ``preset=official`` to their sampler (:meth:`Prior.tuned_options`; options given explicitly win).
 * The project's own safetensors + card (``"method": "resfusion" | "rddm"``): :class:`.bundled.ResidualCardPrior`.
 """
 
@@ -23,7 +26,8 @@ from restoreflow.plugin_api import (
 
 from .bundled import ResidualCardPrior
 from .common import F64
-from .rddm import _TWO_HEADS, RDDMAdapter, RDDMSchedule
+from .rddm import _TWO_HEADS, RDDMAdapter
+from .rddm_schedule import RDDMSchedule
 from .resfusion import _RESFUSION_SCHEDULE_ALIASES, ResfusionAdapter, ResfusionSchedule
 
 
@@ -68,6 +72,10 @@ class ResfusionCheckpoint(Prior):
         super().__init__(**options)
         self.file = Path(file)
         self._obj = _obj
+
+    def tuned_options(self) -> dict[str, dict[str, Any]]:
+        """Resfusion's own sampler (``preset=official``: the code's output clamp) for its published weights."""
+        return {"resfusion": {"preset": "official"}}
 
     def load(self, *, device: torch.device | str = "cpu", x_shape: tuple[int, ...] | None = None) -> Any:
         opts = dict(self.options)
@@ -135,6 +143,10 @@ class RDDMCheckpoint(Prior):
         super().__init__(**options)
         self.file = Path(file)
         self._obj = _obj
+
+    def tuned_options(self) -> dict[str, dict[str, Any]]:
+        """RDDM's own sampler (``preset=official``: its update on the two heads) for its published weights."""
+        return {"rddm": {"preset": "official"}}
 
     def load(self, *, device: torch.device | str = "cpu", x_shape: tuple[int, ...] | None = None) -> Any:
         opts = dict(self.options)

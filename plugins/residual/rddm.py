@@ -1,4 +1,5 @@
-r"""RDDM (Liu et al., CVPR 2024): cumulative-sum schedules, the two-head adapter, the DDIM-like kernel and sampler.
+r"""RDDM (Liu et al., CVPR 2024): the two-head adapter, the DDIM-like kernel and sampler, and the paper's own sampler
+(``preset="official"``, :func:`official_sample`); the schedules are in :mod:`.rddm_schedule`.
 
 The anchored path, in the net's [-1, 1] units, is :math:`x_t = x_0 + \bar\alpha_t R + \bar\beta_t\varepsilon`
 (:math:`a = 1-\bar\alpha_t`, :math:`b = \bar\alpha_t`, :math:`\sigma = \bar\beta_t`), tabulated on path time
@@ -22,13 +23,52 @@ inconsistent heads, the paper's DDIM step from :math:`t` to :math:`t'` weights t
 :math:`w = (\bar\alpha_t - \bar\alpha_{t'})/[(\bar\alpha_t - \bar\alpha_{t'}) + (1-\bar\alpha_t)(1 - \bar\beta_{t'}/\bar\beta_t)]`
 instead of :math:`\bar\alpha_t`: identical on the final step, different in between
 (:meth:`RDDMAdapter.predict` exposes both heads for such diagnostics).
+
+**Presets.** ``preset="official"`` runs RDDM's own sampler on the two heads (:func:`official_sample`; facts from
+nachifur/RDDM @ e597481, ``experiments/2_Image_Restoration_deraing_raindrop_noise1/src/
+residual_denoising_diffusion_pytorch.py``, ``ddim_sample`` with ``type = "use_pred_noise"`` and ``p_sample_loop``):
+
+.. math::
+
+   x_{t'} = x_t - (\bar\alpha_t - \bar\alpha_{t'})\hat R - (\bar\beta_t - \sqrt{\bar\beta_{t'}^2 - s^2})\hat\varepsilon + s z
+
+with the clipped :math:`\hat R` and the raw noise head, the clipped ``x_start`` returned on the last step; with
+``steps`` equal to the model's T, the code's DDPM-like ``p_sample`` (:math:`q(x_{t-1} \mid x_t, \hat R, \hat x_0)`,
+noise on every step but the last, whatever ``eta``). It is what a published checkpoint
+(:class:`.checkpoints.RDDMCheckpoint`) samples with by default. It takes no guidance or corrector (the code has
+none), and only the ``model`` schedule. tests/plugins/test_residual.py restates the code's loop and runs it beside
+the preset (float64, every objective: agreement <= 1e-13). With consistent heads (an oracle, or any denoiser that
+is not an :class:`RDDMAdapter`: its heads are the pair its :math:`\hat x_0` implies) the two presets agree to
+round-off.
+
+**Departures of the default** (``preset="restoreflow"``) from the code, measured over one run (T = 1000,
+sum_scale 0.01, eta 0, 5 and 10 steps, 16x16 RGB, randomly initialised ``UnetRes`` nets of dim 8, seeds 0 and 1),
+max abs difference of the outputs in [0, 1] units:
+
+==============================  ==================================================  ====================================
+departure                       why                                                 measured effect
+==============================  ==================================================  ====================================
+one :math:`\hat x_0` (RDDM's    the denoiser contract: guidance, correctors,        two heads (``pred_res_noise``,
+``x_start``) per step through   re-pathing and the exact bench see one              share_encoder 1 / 0): 0.079 .. 0.26
+:class:`RDDMKernel` instead     :math:`\hat x_0`; the two agree for consistent,     (issue 19, a real UnetRes: 0.05 ..
+of the two heads                unclipped heads                                     0.28); ``pred_res``, where the clip
+                                                                                    of ``x_start`` binds: 0.090 .. 0.13
+``pred_noise``: the kernel's    the same single :math:`\hat x_0`. At the first      0.49
+:math:`\hat\varepsilon` comes   step :math:`a = 0`, so the noise head is not used
+from :math:`\hat x_0`           at all (the code steps with it and with the
+                                :math:`\hat R` of its saturated ``x_start``)
+``steps = T`` stays DDIM        one sampler for every step count; ``eta=1`` is      another law (stochastic vs
+(``eta`` as given)              the DDPM-like step for consistent heads             deterministic at eta 0)
+float64 schedules               the code keeps its schedule buffers in float32      ~1e-7 relative
+==============================  ==================================================  ====================================
+
+``eta`` is honoured by both presets (the code forces 0 for conditional restoration; 0 is the default here).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -36,138 +76,16 @@ from torch import Tensor, nn
 
 from restoreflow.plugin_api import (
     AffinePath, CheckpointError, ConfigError, Eta, FlowMap, IncompatibleError, Kernel, Options, Sampler, Steps,
-    Transition, anchored_for, bcast, check, integrate, tabulated,
+    Transition, anchored_for, bcast, check, check_finite, integrate, randn, start_state,
 )
 
 from .common import F64, _image_units, _index_time, _ResidualAdapter
+from .rddm_schedule import RDDMSchedule, rddm_grid, residual_then_noise
 
 
 RDDM_OBJECTIVES = ("pred_res_noise", "pred_res", "pred_noise", "pred_x0_noise", "pred_res_add_noise",
                    "pred_x0_add_noise")
 _TWO_HEADS = ("pred_res_noise", "pred_x0_noise", "pred_res_add_noise", "pred_x0_add_noise")
-RDDM_COEFFICIENTS = ("decreased", "increased", "average")
-
-
-def rddm_coefficients(T: int, kind: str = "decreased", total: float = 1.0) -> Tensor:
-    r"""Per-step RDDM coefficients summing to ``total``: ``increased`` :math:`\propto i`, ``decreased``
-    :math:`\propto T + 1 - i`, ``average`` constant (:math:`i = 1..T`; RDDM's ``gen_coefficients``)."""
-    check(kind in RDDM_COEFFICIENTS, f"coefficient schedule must be one of {', '.join(RDDM_COEFFICIENTS)}; got {kind!r}")
-    if kind == "average":
-        c = torch.full((T,), 1.0 / T, dtype=F64)
-    else:
-        c = torch.arange(1, T + 1, dtype=F64) / (0.5 * T * (T + 1))
-        if kind == "decreased":
-            c = c.flip(0)
-    return c * total
-
-
-@dataclass(frozen=True, eq=False)
-class RDDMSchedule:
-    r"""RDDM's cumulative schedules at the 0-based steps :math:`i = 0..T-1`: residual weight :math:`\bar\alpha_i`
-    and noise std :math:`\bar\beta_i` (in [-1, 1] units), with a constructor record for model cards."""
-
-    alphabar: Tensor
-    betabar: Tensor
-    name: str = "custom"
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        object.__setattr__(self, "alphabar", torch.as_tensor(self.alphabar, dtype=F64).reshape(-1))
-        object.__setattr__(self, "betabar", torch.as_tensor(self.betabar, dtype=F64).reshape(-1))
-        check(self.alphabar.numel() == self.betabar.numel() and self.alphabar.numel() >= 1,
-              "alphabar and betabar need the same positive length")
-        check(bool((self.betabar > 0).all()), "betabar must be > 0 at every step")
-
-    @classmethod
-    def paper(cls, T: int = 1000, sum_scale: float = 0.01, alpha: str = "decreased", beta2: str = "increased") -> RDDMSchedule:
-        """RDDM's restoration schedule: decreasing :math:`\\alpha` (sum 1), increasing :math:`\\beta^2` (sum ``sum_scale``)."""
-        check(T >= 1, f"T must be >= 1; got {T}")
-        check(sum_scale > 0, f"sum_scale must be > 0; got {sum_scale}")
-        ab = rddm_coefficients(T, alpha).cumsum(0).clamp(0, 1)
-        b2 = rddm_coefficients(T, beta2, sum_scale).cumsum(0).clamp(0, 1)
-        ab[-1], b2[-1] = 1.0, min(sum_scale, 1.0)  # the sums hit their totals exactly (no round-off: a(T) = 0)
-        bb = b2.sqrt()
-        return cls(ab, bb, "paper", {"T": T, "sum_scale": float(sum_scale), "alpha": alpha, "beta2": beta2})
-
-    @classmethod
-    def ddpm(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> RDDMSchedule:
-        r"""RDDM's ``convert_to_ddim``: :math:`\bar\alpha = 1 - \sqrt{\bar\alpha_{DDPM}}`, :math:`\bar\beta^2 = 1 - \bar\alpha_{DDPM}`."""
-        abar = torch.cumprod(1 - torch.linspace(beta_start, beta_end, T, dtype=F64), 0)
-        return cls(1 - abar.sqrt(), (1 - abar).sqrt(), "ddpm", {"T": T, "beta_start": beta_start, "beta_end": beta_end})
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RDDMSchedule:
-        name = d.get("name", "paper")
-        opts = dict(d.get("options") or {})
-        if name == "paper":
-            return cls.paper(**opts)
-        if name == "ddpm":
-            return cls.ddpm(**opts)
-        if "alphabar" in d and "betabar" in d:
-            return cls(torch.tensor(d["alphabar"], dtype=F64), torch.tensor(d["betabar"], dtype=F64), name, opts)
-        raise CheckpointError(f"unknown RDDM schedule record {name!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "options": dict(self.options)}
-        if self.name not in ("paper", "ddpm"):
-            d["alphabar"] = [float(v) for v in self.alphabar]
-            d["betabar"] = [float(v) for v in self.betabar]
-        return d
-
-    @property
-    def T(self) -> int:
-        return int(self.alphabar.numel())
-
-    @property
-    def sum_scale(self) -> float:
-        return float(self.betabar[-1] ** 2)
-
-    def matches(self, alphas_cumsum: Tensor, betas_cumsum: Tensor, atol: float = 1e-5) -> bool:
-        """Whether checkpoint buffers (float32) hold this schedule."""
-        a = torch.as_tensor(alphas_cumsum, dtype=F64).reshape(-1)
-        b = torch.as_tensor(betas_cumsum, dtype=F64).reshape(-1)
-        return (a.numel() == self.T and b.numel() == self.T and torch.allclose(a, self.alphabar, atol=atol)
-                and torch.allclose(b, self.betabar, atol=atol))
-
-    def path(self) -> AffinePath:
-        """The native ([-1, 1] units) anchored path :math:`a = 1 - \\bar\\alpha`, :math:`b = \\bar\\alpha`, :math:`\\sigma = \\bar\\beta`."""
-        z = torch.zeros(1, dtype=F64)
-        ab = tabulated(torch.cat([z, self.alphabar]))
-        bb = tabulated(torch.cat([z, self.betabar]))
-        return AffinePath("rddm", a=lambda t: 1 - ab(t), b=ab, sigma=bb, t_min=0.0, t_max=1.0, anchored=True,
-                          params={"family": "rddm", "T": self.T, "schedule": self.name, **dict(self.options)})
-
-    def image_path(self) -> AffinePath:
-        """:meth:`path` in [0, 1] image units (what the adapter's ``path`` is)."""
-        return _image_units(self.path(), 2.0)
-
-
-def residual_then_noise(path: AffinePath) -> AffinePath:
-    r"""RDDM's partially path-independent schedule: all de-residual steps first, then all denoising steps.
-
-    On the upper half of the time range the residual weight follows ``path`` (compressed) at the full noise
-    :math:`\sigma(t_{max})`; on the lower half :math:`a = 1`, :math:`b = 0` and the noise follows ``path``.
-    Units are ``path``'s.
-    """
-    lo, hi = path.t_min, path.t_max
-    mid, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
-
-    def u1(t: Tensor) -> Tensor:  # phase 1 (residual) time on `path`
-        return lo + (hi - lo) * ((t - mid) / half).clamp(0, 1)
-
-    def u2(t: Tensor) -> Tensor:  # phase 2 (noise) time on `path`
-        return lo + (hi - lo) * ((t - lo) / half).clamp(0, 1)
-
-    return AffinePath(f"{path.kind}_residual_then_noise", a=lambda t: path.a(u1(t)), b=lambda t: path.b(u1(t)),
-                      sigma=lambda t: path.sigma(u2(t)), t_min=lo, t_max=hi, anchored=True,
-                      params={**dict(path.params), "generation": "residual_then_noise"})
-
-
-def rddm_grid(T: int, steps: int) -> Tensor:
-    """RDDM's DDIM grid ``int(linspace(-1, T-1, steps+1))`` (float32, as RDDM) as descending path times."""
-    check(1 <= steps <= T, f"steps must be in [1, T={T}]; got {steps}")
-    idx = torch.linspace(-1, T - 1, steps + 1).int().flip(0)
-    return (idx.to(F64) + 1) / T
 
 
 class RDDMAdapter(_ResidualAdapter):
@@ -277,6 +195,62 @@ class RDDMKernel(Kernel):
         return Transition(mean, math.sqrt(max(var, 0.0))), state
 
 
+def rddm_heads(denoiser: Any, x: Tensor, t: Tensor, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""RDDM's ``model_predictions`` in [0, 1] units from one network call: :math:`(\hat R, \hat\varepsilon, \hat x_0)`,
+    clipped as the code clips them. An :class:`RDDMAdapter` gives its two heads; any other denoiser the consistent
+    pair its :math:`\hat x_0` implies (:math:`\hat R = \mu - \hat x_0`, :math:`\hat\varepsilon` from the path)."""
+    if isinstance(denoiser, RDDMAdapter):
+        p = denoiser.predict(x, t, anchor=mu)
+        r = denoiser.range
+        return p["res"] / r.scale, p["noise"], r.from_net(p["x0"])  # a residual is a difference: no offset
+    x0 = denoiser(x, t, anchor=mu)
+    a, b, s = (float(c) for c in denoiser.path.coefficients(t))
+    return mu - x0, (x - b * mu - a * x0) / s, x0
+
+
+def official_sample(denoiser: Any, problem: Any, ts: Tensor, *, eta: float = 0.0, ddpm: bool = False,
+                    generator: torch.Generator, callback: Any = None) -> Tensor:
+    r"""RDDM's own sampler (``preset="official"``), in [0, 1] units on the denoiser's path
+    (:math:`b = \bar\alpha`, :math:`\sigma = \bar\beta/2`; every update below is the code's, halved):
+
+    * start :math:`x_T = \mu + \bar\beta_T z`;
+    * ``ddim_sample``: :math:`x_{t'} = x_t - (\bar\alpha_t - \bar\alpha_{t'})\hat R - (\bar\beta_t - \sqrt{\bar\beta_{t'}^2
+      - s^2})\hat\varepsilon + s z`, :math:`s^2 = \eta(\bar\beta_t^2 - \bar\beta_{t'}^2)\bar\beta_{t'}^2/\bar\beta_t^2`
+      (a draw only when :math:`s > 0`);
+    * ``p_sample`` (``ddpm``, consecutive steps): mean :math:`(\bar\beta_{t'}^2 x_t + (\beta_t^2\bar\alpha_{t'} -
+      \bar\beta_{t'}^2\alpha_t)\hat R + \beta_t^2\hat x_0)/\bar\beta_t^2`, variance
+      :math:`\beta_t^2\bar\beta_{t'}^2/\bar\beta_t^2`;
+    * the last step (to :math:`\bar\beta = 0`) returns the clipped :math:`\hat x_0`.
+    """
+    path = denoiser.path
+    mu = path.require_anchor(problem.anchor)
+    x = start_state(path, ts[0], problem, generator=generator)
+    mu = mu.to(x.dtype)
+    steps = len(ts) - 1
+    for i in range(steps):
+        t, tn = ts[i], ts[i + 1]
+        with torch.no_grad():
+            res, eps, x0 = rddm_heads(denoiser, x, t, mu)
+        check_finite(x0, i, t)
+        _, A, S = (float(c) for c in path.coefficients(t))
+        _, An, Sn = (float(c) for c in path.coefficients(tn))
+        if Sn == 0:
+            x = x0
+        else:
+            if ddpm:
+                b2 = S * S - Sn * Sn
+                mean = (Sn * Sn * x + (b2 * An - Sn * Sn * (A - An)) * res + b2 * x0) / (S * S)
+                var = b2 * Sn * Sn / (S * S)
+            else:
+                var = eta * (S * S - Sn * Sn) * Sn * Sn / (S * S)
+                mean = x - (A - An) * res - (S - math.sqrt(max(Sn * Sn - var, 0.0))) * eps
+            x = mean + math.sqrt(var) * randn(mean.shape, generator=generator, like=mean) if var > 0 else mean
+            check_finite(x, i, tn, "the sample")
+        if callback is not None:
+            callback({"i": i, "t": tn, "x": x, "x0": x0, "nfe": i + 1, "steps": steps})
+    return x
+
+
 def _bench_rddm_schedule() -> RDDMSchedule:
     full = RDDMSchedule.paper(1001, 0.01)
     return RDDMSchedule(full.alphabar[:-1], full.betabar[:-1], "paper-1001-cut", {"T": 1000})
@@ -307,11 +281,17 @@ class RDDMSampler(Sampler):
         eta: Eta = 0.0
         #: ``model``, or ``residual_then_noise``: de-residual steps first, then denoising steps
         schedule: Literal["model", "residual_then_noise"] = "model"
+        #: ``restoreflow``: one x0 estimate per step through the core's DDIM kernel (guidance and correctors
+        #: compose); ``official``: RDDM's own update on the net's two heads (its p_sample when steps = T), the
+        #: default for a published RDDM checkpoint (see the module docstring)
+        preset: Literal["restoreflow", "official"] = "restoreflow"
 
         def __post_init__(self):
             super().__post_init__()
             check(self.schedule == "model" or self.steps >= 2,
                   "the residual_then_noise schedule needs steps >= 2 (one per phase at least)")
+            check(self.preset == "restoreflow" or self.schedule == "model",
+                  "preset=official is RDDM's restoration sampler: it runs the model schedule only")
 
     def _grid(self, path: AffinePath, steps: int) -> Tensor:
         T = path.params.get("T")
@@ -349,5 +329,13 @@ class RDDMSampler(Sampler):
             raise IncompatibleError("the rddm sampler needs a conditional prior")
         problem = anchored_for(problem, denoiser)
         den, ts = self.plan(denoiser)
-        return integrate(RDDMKernel(self.config.eta), den, problem, ts, generator=generator, guidance=guidance,
+        c = self.config
+        if c.preset == "official":
+            if guidance is not None or corrector is not None:
+                raise IncompatibleError("preset=official is RDDM's own sampler, which takes no guidance or corrector; "
+                                        "use preset=restoreflow")
+            T = den.path.params.get("T")
+            return official_sample(den, problem, ts, eta=c.eta, ddpm=T is not None and c.steps == int(T),
+                                   generator=generator, callback=callback)
+        return integrate(RDDMKernel(c.eta), den, problem, ts, generator=generator, guidance=guidance,
                          corrector=corrector, callback=callback, path=den.path)

@@ -14,6 +14,29 @@ marginal: :math:`a = 0`). That step is not the posterior of the core's Markov ch
 :math:`w = x - R` with signal :math:`s`. :class:`ResfusionKernel` therefore runs the core's
 ``ExpIntegrator(1, stochastic=True)`` on :math:`w = x - \hat R`, :math:`\hat w_0 = 2\hat x_0 - \mu` along the
 VP path :math:`(s, \sigma)`; the tests prove it equals the paper's resnoise update.
+
+**Presets.** The kernel *is* the code's ``generate`` (nkicsl/Resfusion @ c84d5d7, ``model/resfusion_restore.py``;
+schedules ``variance_scheduler/{linear_pro,cosine_pro}.py``): the start :math:`\sqrt{\bar\alpha_{T_{acc}-1}}\mu +
+\sqrt{1-\bar\alpha_{T_{acc}-1}}z`, eq. 33 with resnoise (``epsilon``), eq. 44 with the clipped :math:`\hat x_0` and
+:math:`\hat x_0` itself on the last step (``sample``, ``residual``), one draw per step before the network call.
+``preset="official"`` adds the one thing the code does after it: ``test_step`` clamps the output to [-1, 1]
+([0, 1] here). It is what a published checkpoint (:class:`.checkpoints.ResfusionCheckpoint`) samples with by
+default. tests/plugins/test_residual.py restates ``generate`` and runs it beside both presets (float64, every
+mode: agreement 1e-13).
+
+**Departures of the default** (``preset="restoreflow"``) from the code:
+
+=========================  ===============================================  ====================================
+departure                  why                                              measured effect
+=========================  ===============================================  ====================================
+no output clamp            the sampler returns the chain's last state (the  where the output leaves [0, 1]: up
+                           CLI and :func:`restoreflow.restore` clamp it)    to 3.8 with a random RDDM_Unet in
+                                                                            ``epsilon`` mode (T = 12); 0 in
+                                                                            ``sample``/``residual`` mode
+no draw on the last step   the code draws :math:`z` at :math:`t = 0` and    none on the output (the generator
+                           discards it                                      is not reused after the run)
+float64 schedules          the code builds them in float32                  ~1e-7 relative
+=========================  ===============================================  ====================================
 """
 
 from __future__ import annotations
@@ -21,14 +44,14 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from restoreflow.plugin_api import (
-    AffinePath, Context, ExpIntegrator, IncompatibleError, Kernel, Report, Sampler, Transition, anchored_for, bcast,
-    check, integrate, randn, tabulated,
+    AffinePath, Context, ExpIntegrator, IncompatibleError, Kernel, Options, Report, Sampler, Transition, anchored_for,
+    bcast, check, integrate, randn, tabulated,
 )
 
 from .common import F64, _image_units, _index_time, _ResidualAdapter
@@ -231,8 +254,12 @@ class ResfusionSampler(Sampler):
     certification = Report(path=lambda: ResfusionSchedule("linear_pro", 12).image_path())
 
     @dataclass(frozen=True)
-    class Config:
-        """No options: the step count is the model's acceleration point (set by its training ``T``)."""
+    class Config(Options):
+        """The step count is the model's acceleration point (set by its training ``T``)."""
+
+        #: ``restoreflow``: the chain's last state; ``official``: clamped to the image range, as the code's
+        #: test_step does (the default for a published Resfusion checkpoint)
+        preset: Literal["restoreflow", "official"] = "restoreflow"
 
     def grid(self, path: AffinePath) -> Tensor:
         """Path times :math:`T_{acc}/T, ..., 1/T, 0`: one step per trained index below the acceleration point."""
@@ -256,5 +283,6 @@ class ResfusionSampler(Sampler):
                 raise IncompatibleError("the resfusion sampler needs the degraded image (anchor)")
             problem = problem.replace(x_init=self.start(path, ts[0], problem.anchor, tuple(problem.x_shape),
                                                         generator=generator))
-        return integrate(ResfusionKernel(), denoiser, problem, ts, generator=generator, guidance=guidance,
-                         corrector=corrector, callback=callback)
+        x = integrate(ResfusionKernel(), denoiser, problem, ts, generator=generator, guidance=guidance,
+                      corrector=corrector, callback=callback)
+        return x.clamp(0, 1) if self.config.preset == "official" else x

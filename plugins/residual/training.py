@@ -18,7 +18,8 @@ from restoreflow.plugin_api import (
 )
 
 from .common import _parse_mults
-from .rddm import _TWO_HEADS, RDDM_COEFFICIENTS, RDDM_OBJECTIVES, RDDMAdapter, RDDMSchedule
+from .rddm import _TWO_HEADS, RDDM_OBJECTIVES, RDDMAdapter
+from .rddm_schedule import RDDM_COEFFICIENTS, RDDMSchedule
 from .resfusion import _RESFUSION_MODE_ALIASES, RESFUSION_SCHEDULES, ResfusionAdapter, ResfusionSchedule
 
 #: the option values: Resfusion's schedules and prediction modes (the checkpoints' spellings too), RDDM's

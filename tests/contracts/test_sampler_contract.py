@@ -347,6 +347,7 @@ class TestRDDM(SamplerContract):
 
 class TestResfusion(SamplerContract):
     name = "resfusion"
+    bad_options = {"preset": "paper"}
 
 
 class TestPseudoInverse(SamplerContract):

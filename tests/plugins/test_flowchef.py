@@ -225,3 +225,100 @@ def test_identity_operator_is_still_denoised_by_the_prior():
           % (noisy, runs[True]["psnr"], runs[False]["psnr"]))
     assert runs[True]["psnr"] > noisy + 4.0
     assert runs[False]["psnr"] < noisy + 0.5
+
+
+# -- the official preset (issue 19) -------------------------------------------------------------------------
+#
+# Facts from FlowChef/FlowChef @ 6c15250f9ceaa188b56e1890514baee9651af1f4,
+# inverseproblems/pixel_models/rfpp/generate_inverseproblems_flowchef.py (sample, sample_ode_generative: the grid, the
+# start z * (1 - 1e-5), the loss and the Euler step with the old velocity) and
+# @ 42562a57e14d21fe6750bd73b20aec00b8230ded src/inverse_operators.py (degradation adds randn * noise_sigma on
+# every call). The loop below is written from
+# those facts in the code's own units ([-1, 1] images, the network's time); it shares only the network, the
+# operator's linear map and the generator with the plugin.
+
+
+class _ToyVelocity(nn.Module):
+    """A float64 rectified-flow velocity network in [-1, 1] units: one random 3x3 convolution, time-dependent."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(0.3 * torch.randn(1, 1, 3, 3, generator=g, dtype=F64))
+
+    def forward(self, x, t):
+        h = torch.nn.functional.conv2d(x, self.w, padding=1)
+        return torch.tanh(h) - 0.5 * x * t.reshape(-1, 1, 1, 1) + 0.1
+
+
+def _flowchef_reference(vnet, A, y_net, *, steps, scale, noise_sigma_net, shape, gen):
+    """The code's ``sample_ode_generative`` (Euler, flowchef steering) in its own units."""
+    z = torch.randn(shape, generator=gen, dtype=F64) * (1 - 1e-5)
+    ts = [i / steps for i in range(steps, 0, -1)] + [0.0]
+    ts[0] = 1 - 1e-5
+    for i in range(steps):
+        t, tn = ts[i], ts[i + 1]
+        vt = vnet(z, torch.full((shape[0],), t, dtype=F64))
+        if i < steps - 1:
+            zz = z.detach().requires_grad_(True)
+            az = A(zz - t * vt)
+            if noise_sigma_net > 0:
+                az = az + torch.randn(az.shape, generator=gen, dtype=F64) * noise_sigma_net
+            # mean over the measurement (times the mask: ones for a blur), per image: the code runs batch 1
+            loss = ((az - y_net) ** 2).flatten(1).mean(1).sum()
+            (g,) = torch.autograd.grad(loss, zz)
+            z = z.detach() - scale * g
+        z = z + vt * (tn - t)
+    return z
+
+
+@pytest.mark.parametrize("noise_sigma", [0.0, 0.05])
+@pytest.mark.parametrize("steps", [1, 6, 25])
+def test_official_preset_is_the_official_loop(noise_sigma, steps):
+    """preset=official == the code's loop restated (float64, same network and draws, the measurement re-noised in
+    the loss) to 1e-6 (measured ~1e-14); the default departs (grid, coordinates, noise-aware damping, no re-noising)."""
+    vnet = _ToyVelocity(seed=1)
+    den = PredictionAdapter(vnet, prediction="velocity", path=rectified_flow(), value_range=(-1, 1), dtype=F64)
+    op = GaussianBlur(x_shape=(2, 1, 8, 8), sigma=1.0, noise_sigma=noise_sigma)
+    x_true = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=F64)
+    y = op.forward(x_true, generator=torch.Generator().manual_seed(3))
+    prob = Problem(y=y, operator=op, x_shape=(2, 1, 8, 8))
+    kw = dict(steps=steps, step_size=3.0, reference_side=None, clip=False)  # noqa: C408
+    y_net = 2 * y - op.A(torch.ones_like(x_true))  # the same measurement in the code's units
+    ref = _flowchef_reference(vnet, op.A, y_net, steps=steps, scale=3.0, noise_sigma_net=2 * noise_sigma,
+                              shape=(2, 1, 8, 8), gen=torch.Generator().manual_seed(0))
+    off = fc.FlowChef(preset="official", **kw).sample(prob, den, generator=torch.Generator().manual_seed(0))
+    default = fc.FlowChef(**kw).sample(prob, den, generator=torch.Generator().manual_seed(0))
+    err, dep = float((2 * off - 1 - ref).abs().max()), float((default - off).abs().max())
+    print(f"FlowChef official, sigma {noise_sigma}, {steps} steps: vs the code's loop {err:.2g}; default vs official "
+          f"{dep:.3g}")
+    assert err <= 1e-6
+    assert dep > 1e-4
+
+
+def test_official_preset_options():
+    """The preset fills in only what is left unset; the official grid needs t_start above its second node; a prior
+    that is not a rectified flow runs in image coordinates under either preset."""
+    c = fc.FlowChef(preset="official").config
+    assert (c.option("t_start"), c.option("grid"), c.option("coordinates"), c.option("noise_aware"),
+            c.option("renoise")) == (1 - 1e-5, "official", "native", False, True)
+    c = fc.FlowChef(preset="official", noise_aware=True, t_start=0.999, grid="uniform").config
+    assert (c.option("noise_aware"), c.option("t_start"), c.option("grid")) == (True, 0.999, "uniform")
+    assert fc.FlowChef().config.option("t_start") == 0.999 and fc.FlowChef().config.option("coordinates") == "image"
+    with pytest.raises(ConfigError, match="t_start"):
+        fc.FlowChef(preset="official", steps=10, t_start=0.85)
+    for bad in ({"t_start": 1.0}, {"grid": "log"}, {"coordinates": "net"}, {"preset": "paper"}):
+        with pytest.raises(ConfigError):
+            fc.FlowChef(**bad)
+    ts = fc.FlowChef(preset="official", steps=4).grid()
+    assert ts.tolist() == [1 - 1e-5, 0.75, 0.5, 0.25, 0.0]
+    gp = make_gaussian_problem((1, 8, 8), 64, noise_sigma=0.05, seed=1)
+    op = GaussianBlur(x_shape=(1, 1, 8, 8), sigma=1.0, noise_sigma=0.05)
+    y = op.forward(gp.prior.sample(1, generator=torch.Generator().manual_seed(2)), generator=torch.Generator())
+    prob = Problem(y=y, operator=op, x_shape=(1, 1, 8, 8))
+    vp_den = GaussianDenoiser(gp.prior, vp())
+    out = fc.FlowChef(preset="official", steps=10, step_size=5.0, reference_side=None).sample(
+        prob, vp_den, generator=torch.Generator().manual_seed(0))
+    same = fc.FlowChef(preset="official", coordinates="image", steps=10, step_size=5.0, reference_side=None).sample(
+        prob, vp_den, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all() and torch.equal(out, same)

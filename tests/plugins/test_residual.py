@@ -7,6 +7,7 @@ samples are checked against the exact output law of the discretised chain (it is
 affine in x with Gaussian noise, and so is the oracle), and that law is checked to converge to the posterior.
 """
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -859,3 +860,218 @@ def test_cli_deblur_with_a_published_checkpoint(sampler, tmp_path):
                              ["deblur", str(img), "--sampler", sampler, "--prior", str(f), "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
     assert io.imread(out).shape == (16, 16, 3)
+
+
+# -- official presets (issue 19): the papers' own samplers restated and run beside the plugin ------------------
+#
+# Facts: RDDM from nachifur/RDDM @ e59748102cffaa2acba17e4658fcecadcc86280d,
+# experiments/2_Image_Restoration_deraing_raindrop_noise1/src/residual_denoising_diffusion_pytorch.py
+# (gen_coefficients, ResidualDiffusion.__init__ buffers, model_predictions, q_posterior, p_sample_loop,
+# ddim_sample with type "use_pred_noise"); Resfusion from nkicsl/Resfusion @ c84d5d790b8bc397f17e38945b2f105ea55da476,
+# model/resfusion_restore.py (generate, test_step) and variance_scheduler/{linear_pro,cosine_pro}.py. The
+# re-statements below are written from those equations in the papers' own units ([-1, 1]) and indexing; they share
+# nothing with the plugin but the network and the generator.
+
+
+class _ToyHeads(nn.Module):
+    """A float64 stand-in for RDDM's UnetRes / Resfusion's RDDM_Unet: ``net(x, time, cond)`` -> ``heads`` outputs
+    from one random 3x3 convolution of ``[x, cond]``, time-dependent, large enough to make two heads disagree and
+    to saturate the papers' clips here and there."""
+
+    def __init__(self, heads: int = 2, channels: int = 3, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(0.4 * torch.randn(heads * channels, 2 * channels, 3, 3, generator=g, dtype=F64))
+        self.heads, self.levels = heads, 1
+
+    def forward(self, x, time, cond):
+        h = torch.nn.functional.conv2d(torch.cat([x, cond], 1), self.w, padding=1)
+        h = 1.5 * torch.tanh(h) + 0.2 * torch.sin(time.reshape(-1, 1, 1, 1) / 37.0)
+        return tuple(h.chunk(self.heads, 1)) if self.heads > 1 else h
+
+
+def _rddm_reference(net, mu, *, T, sum_scale, steps, eta, objective, gen):
+    """RDDM's restoration sampler in its own units: ``ddim_sample`` (steps < T) or ``p_sample_loop`` (steps = T)."""
+    i = torch.arange(1, T + 1, dtype=F64)
+    alphas = (T + 1 - i) / (0.5 * T * (T + 1))  # gen_coefficients("decreased"), sum 1
+    betas2 = sum_scale * i / (0.5 * T * (T + 1))  # gen_coefficients("increased", sum_scale)
+    ab, B2 = alphas.cumsum(0).clip(0, 1), betas2.cumsum(0).clip(0, 1)
+    bb = B2.sqrt()
+    one_minus_ab = 1 - ab
+    one_minus_ab[-1] = 1e-6
+    clip = (lambda v: v.clamp(-1, 1))
+
+    def predictions(x, t):
+        out = net(x, torch.full((x.shape[0],), float(t), dtype=F64), mu)
+        if objective == "pred_res_noise":
+            res, noise = clip(out[0]), out[1]
+            return res, noise, clip(x - ab[t] * res - bb[t] * noise)
+        if objective == "pred_x0_noise":
+            return clip(mu - out[0]), out[1], clip(out[0])
+        if objective == "pred_noise":
+            x0 = clip((x - ab[t] * mu - bb[t] * out) / one_minus_ab[t])
+            return clip(mu - x0), out, x0
+        res = clip(out)  # pred_res
+        return res, (x - mu - (ab[t] - 1) * res) / bb[t], clip(mu - res)
+
+    x = mu + math.sqrt(sum_scale) * torch.randn(mu.shape, generator=gen, dtype=F64)
+    if steps == T:  # p_sample_loop: q_posterior with posterior_mean_coef1..3 and posterior_variance
+        for t in range(T - 1, -1, -1):
+            res, _, x0 = predictions(x, t)
+            if t == 0:
+                x = x0  # coef1 = coef2 = 0, coef3 = 1, no noise
+                continue
+            c1, c2 = B2[t - 1] / B2[t], (betas2[t] * ab[t - 1] - B2[t - 1] * alphas[t]) / B2[t]
+            mean = c1 * x + c2 * res + (betas2[t] / B2[t]) * x0
+            var = betas2[t] * B2[t - 1] / B2[t]
+            x = mean + var.sqrt() * torch.randn(mu.shape, generator=gen, dtype=F64)
+        return x
+    times = list(reversed(torch.linspace(-1, T - 1, steps + 1).int().tolist()))
+    for t, tn in itertools.pairwise(times):
+        res, noise, x0 = predictions(x, t)
+        if tn < 0:
+            x = x0
+            continue
+        s2 = eta * (B2[t] - B2[tn]) * B2[tn] / B2[t]
+        z = torch.randn(mu.shape, generator=gen, dtype=F64) if eta != 0 else 0.0
+        x = x - (ab[t] - ab[tn]) * res - (bb[t] - (B2[tn] - s2).sqrt()) * noise + s2.sqrt() * z
+    return x
+
+
+@pytest.mark.parametrize("objective, heads, T, steps, eta", [
+    ("pred_res_noise", 2, 1000, 10, 0.0), ("pred_res_noise", 2, 1000, 5, 0.6), ("pred_x0_noise", 2, 200, 7, 0.0),
+    ("pred_noise", 1, 1000, 10, 0.0), ("pred_res", 1, 1000, 10, 0.0), ("pred_res_noise", 2, 20, 20, 0.0),
+    ("pred_noise", 1, 20, 20, 0.0),
+])
+def test_rddm_official_preset_is_the_official_sampler(objective, heads, T, steps, eta):
+    """preset=official == RDDM's ddim_sample / p_sample_loop restated (float64, same net and draws) to 1e-6 (measured
+    ~1e-15); the default (one x0 through the DDIM kernel) departs by 1e-2 or more on these disagreeing heads."""
+    net = _ToyHeads(heads, seed=3)
+    sch = rs.RDDMSchedule.paper(T, 0.01)
+    den = rs.RDDMAdapter(net, sch, objective)
+    mu01 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5), dtype=F64)
+    prob = _problem(mu01)
+    ref = _rddm_reference(net, 2 * mu01 - 1, T=T, sum_scale=0.01, steps=steps, eta=eta, objective=objective,
+                          gen=torch.Generator().manual_seed(7))
+    runs = {p: rs.RDDMSampler(steps=steps, eta=eta, preset=p).sample(prob, den,
+                                                                     generator=torch.Generator().manual_seed(7))
+            for p in ("official", "restoreflow")}
+    err = float((2 * runs["official"] - 1 - ref).abs().max())
+    dep = float((runs["restoreflow"] - runs["official"]).abs().max())
+    print(f"RDDM {objective} T={T} steps={steps} eta={eta}: official preset vs reference {err:.2g}; "
+          f"default vs official {dep:.3g} ([0, 1] units)")
+    assert err <= 1e-6
+    if steps < T and eta == 0:
+        assert dep > 1e-2
+
+
+def test_rddm_official_preset_equals_the_default_for_consistent_heads(bench):
+    """An oracle's heads are consistent (and unclipped): RDDM's own update is then the DDIM kernel's, draws included."""
+    path = rddm_path(rs.RDDMSchedule.paper(100, 0.01))
+    orc = ConditionalOracle(bench.prior, bench.operator, path)
+    prob = bench.problem(batch=3)
+    for eta in (0.0, 0.5):
+        a, b = (rs.RDDMSampler(steps=8, eta=eta, preset=p).sample(prob, orc, generator=torch.Generator().manual_seed(2))
+                for p in ("official", "restoreflow"))
+        assert float((a - b).abs().max()) < 1e-12
+
+
+def test_rddm_official_preset_options_and_checkpoint_default(bench, tmp_path):
+    """The official preset refuses guidance, correctors and the residual_then_noise schedule; a published checkpoint
+    recommends it (the user's own options win); callbacks follow the protocol."""
+    with pytest.raises(ConfigError, match="model schedule"):
+        rs.RDDMSampler(preset="official", schedule="residual_then_noise")
+    path = rddm_path(rs.RDDMSchedule.paper(100, 0.01))
+    orc = ConditionalOracle(bench.prior, bench.operator, path)
+    prob = bench.problem(batch=1)
+    from restoreflow import Corrector
+
+    class Idle(Corrector):
+        name = "idle"
+
+        def reweight(self, i, x, x0_hat, t, ctx):
+            return None
+
+        def finalize(self, x, ctx):
+            return x
+
+    with pytest.raises(IncompatibleError, match="guidance or corrector"):
+        rs.RDDMSampler(preset="official").sample(prob, orc, generator=torch.Generator(), corrector=Idle())
+    seen = []
+    rs.RDDMSampler(steps=4, preset="official").sample(prob, orc, generator=torch.Generator(), callback=seen.append)
+    assert [d["i"] for d in seen] == [0, 1, 2, 3] and seen[-1]["nfe"] == 4 and float(seen[-1]["t"]) == 0.0
+    assert {"i", "t", "x", "x0", "nfe", "steps"} <= set(seen[0])
+    net = _tiny("rddm_unetres", share_encoder=1)
+    f = tmp_path / "model-2.pt"
+    torch.save({"model": {**{f"model.{k}": v for k, v in net.state_dict().items()},
+                          **_rddm_buffers(rs.RDDMSchedule.paper(50, 0.01))}}, f)
+    prior = rs.load_prior(f, {})
+    assert prior.sampler_defaults("rddm", "deblur") == {"preset": "official"}
+    assert prior.sampler_defaults("resfusion") == {}
+
+
+def _resfusion_reference(net, mu, *, kind, T, mode, gen):
+    """Resfusion's ``generate`` then ``test_step``'s clamp, in its own units; returns (clamped, raw)."""
+    if kind == "linear_pro":
+        beta = torch.linspace(0.1 / T, 20.0 / T, T, dtype=F64)
+    else:
+        f = [math.cos((k / T + 0.008) / 1.008 * math.pi / 2) ** 2 for k in range(T + 1)]
+        beta = torch.tensor([min(1 - f[k + 1] / f[k], 0.999) for k in range(T)], dtype=F64)
+    alpha = 1 - beta
+    ah = torch.cumprod(alpha, 0)
+    below = [k for k in range(T) if float(ah[k].sqrt()) <= 0.5]
+    if below and 0.5 - float(ah[below[0]].sqrt()) > 0.01:  # the "smooth equivalence" cut at sqrt(abar) = 0.5
+        k = below[0]
+        ah = torch.cat([ah[:k], torch.tensor([0.25], dtype=F64)])
+        alpha = torch.cat([alpha[:k], 0.25 / ah[k - 1:k]])
+        beta = 1 - alpha
+    ah_prev = torch.roll(ah, 1)
+    ah_prev[0] = ah_prev[1]
+    beta_hat = (1 - ah_prev) / (1 - ah) * beta
+    t_acc = int(torch.argmin((ah.sqrt() - 0.5).abs())) + 1
+    x = ah[t_acc - 1].sqrt() * mu + (1 - ah[t_acc - 1]).sqrt() * torch.randn(mu.shape, generator=gen, dtype=F64)
+    for t in range(t_acc - 1, -1, -1):
+        sigma = beta_hat[t].sqrt()
+        z = torch.randn(mu.shape, generator=gen, dtype=F64)
+        out = net(x, torch.full((x.shape[0],), float(t), dtype=F64), mu)
+        if mode == "epsilon":
+            x = (x - beta[t] / (1 - ah[t]).sqrt() * out) / alpha[t].sqrt() + (sigma * z if t > 0 else 0.0)
+            continue
+        x0 = (out if mode == "sample" else mu - out).clamp(-1, 1)
+        if t == 0:
+            x = x0
+            continue
+        R = mu - x0
+        x = ((alpha[t].sqrt() * (1 - ah_prev[t])) * (x - R) + ah_prev[t].sqrt() * (1 - alpha[t]) * (x0 - R)) \
+            / (1 - ah[t]) + R + sigma * z
+    return x.clamp(-1, 1), x
+
+
+@pytest.mark.parametrize("kind, T", [("linear_pro", 12), ("cosine_pro", 20), ("linear_pro", 100)])
+@pytest.mark.parametrize("mode", ["epsilon", "sample", "residual"])
+def test_resfusion_official_preset_is_the_official_sampler(kind, T, mode):
+    """preset=official == Resfusion's generate + test_step clamp restated (float64, same net and draws) to 1e-6
+    (measured ~1e-14); the default is the same chain without the clamp."""
+    net = _ToyHeads(1, seed=4)
+    den = rs.ResfusionAdapter(net, rs.ResfusionSchedule(kind, T), mode)
+    mu01 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(6), dtype=F64)
+    clamped, raw = _resfusion_reference(net, 2 * mu01 - 1, kind=kind, T=T, mode=mode,
+                                        gen=torch.Generator().manual_seed(8))
+    off, default = (rs.ResfusionSampler(preset=p).sample(_problem(mu01), den,
+                                                         generator=torch.Generator().manual_seed(8))
+                    for p in ("official", "restoreflow"))
+    err, err_raw = float((2 * off - 1 - clamped).abs().max()), float((2 * default - 1 - raw).abs().max())
+    print(f"Resfusion {kind} T={T} {mode}: official preset vs reference {err:.2g}, default vs the unclamped chain "
+          f"{err_raw:.2g}; default vs official {float((default - off).abs().max()):.3g} ([0, 1] units)")
+    assert err <= 1e-6 and err_raw <= 1e-6
+
+
+def test_resfusion_checkpoint_recommends_the_official_preset(tmp_path):
+    net = _tiny("rddm_unet")
+    f = tmp_path / "r.ckpt"
+    torch.save({"state_dict": {f"denoising_module.{k}": v for k, v in net.state_dict().items()},
+                "hyper_parameters": {"T": 12, "noise_schedule": "LinearPro", "mode": "epsilon", "dim": 8}}, f)
+    prior = rs.load_prior(f, {})
+    assert prior.sampler_defaults("resfusion") == {"preset": "official"} and prior.sampler_defaults("rddm") == {}
+    with pytest.raises(ConfigError):
+        rs.ResfusionSampler(preset="paper")
