@@ -223,6 +223,9 @@ class Options:
 
     def __post_init__(self) -> None:
         validate_options(self)
+        after = getattr(super(), "__post_init__", None)  # cooperative: a mixin's or a base dataclass's checks
+        if after is not None:
+            after()
 
 
 def describe_type(annotation: Any) -> str:

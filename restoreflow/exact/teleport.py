@@ -71,7 +71,7 @@ from torch import Tensor
 
 from restoreflow.core.errors import CheckpointError, ConfigError
 from restoreflow.core.linalg import fft2, ifft2
-from restoreflow.core.options import Range, validate_value
+from restoreflow.core.options import Options, Range, validate_value
 from restoreflow.core.paths import AffinePath, as_time
 from restoreflow.core.sampling import Context, randn
 from restoreflow.exact.gaussian import (
@@ -113,19 +113,13 @@ def parse_teleport(value: Any) -> float | str:
 
 
 @dataclass(frozen=True)
-class TeleportOption:
-    """The ``teleport`` option, mixed into a sampler's ``Config`` (listed first among its bases: its check runs, then
-    the next base's ``__post_init__``)."""
+class TeleportOption(Options):
+    """The ``teleport`` option, mixed into a sampler's ``Config`` (an :class:`~restoreflow.core.options.Options`:
+    every declared value, ``teleport`` included, is checked, then the next base's ``__post_init__`` runs)."""
 
     #: replace the first steps by the exact Gaussian(-posterior) state: a fraction of the steps, auto (down to where
     #: the prior's network departs from its Gaussian) or 0 (off)
     teleport: TeleportValue = 0.0
-
-    def __post_init__(self):
-        validate_value("teleport", self.teleport, TeleportValue)
-        after = getattr(super(), "__post_init__", None)
-        if after is not None:
-            after()
 
 
 def steps_to_skip(value: Any, path: AffinePath, ts: Tensor, steps: int, nsr_auto: float | None) -> int:
