@@ -258,31 +258,26 @@ def _no_help(where: str, options: str) -> dict[str, str]:
 class TestDDIM(SamplerContract):
     name = "ddim"
     bad_options = {"steps": "0", "eta": "2", "spacing": "sideways"}
-    known_failures = _no_help("plugins/diffusion.py:_Steps, DDIM.Config", "steps, spacing, eta")
 
 
 class TestEuler(SamplerContract):
     name = "euler"
     bad_options = {"steps": "0", "spacing": "sideways"}
-    known_failures = _no_help("plugins/diffusion.py:_Steps", "steps, spacing")
 
 
 class TestEulerMaruyama(SamplerContract):
     name = "euler-maruyama"
     bad_options = {"steps": "0", "spacing": "sideways"}
-    known_failures = _no_help("plugins/diffusion.py:EulerMaruyamaSampler.Config", "steps, spacing")
 
 
 class TestHeun(SamplerContract):
     name = "heun"
     bad_options = {"steps": "0", "spacing": "sideways"}
-    known_failures = _no_help("plugins/diffusion.py:HeunSampler.Config", "steps, spacing")
 
 
 class TestDPMSolverPP2M(SamplerContract):
     name = "dpmpp-2m"
     bad_options = {"steps": "0", "phi": "cubic"}
-    known_failures = _no_help("plugins/diffusion.py:DPMSolverPP2M.Config", "steps, spacing")
 
 
 class TestDPS(SamplerContract):
