@@ -9,10 +9,12 @@ under that model leaves a bright/dark frame); ``reflect`` and ``replicate`` exte
 larger than the measurement by the kernel's support -- and is the one that restores real photos without any
 border loss (:data:`REAL_INPUT_BOUNDARY`). Non-circular operators have no Fourier symbol, so samplers solve
 with conjugate gradients (preconditioned by the circular operator, :meth:`preconditioner_symbol`).
-Kernels come from kornia (Gaussian, straight-line motion) and deepinv (random motion trajectories, bicubic).
+Gaussian and bicubic kernels are computed here (``filters``: the values kornia and deepinv give, without
+importing them); straight-line motion comes from kornia and random motion trajectories from deepinv.
 
-Modules: ``convolution`` (boundaries, the convolution base, ``denoise``), ``blur`` (``gaussian_blur``,
-``motion_blur``), ``downsample`` (``sr``), ``inpaint``; this file registers them and the four tasks.
+Modules: ``convolution`` (boundaries, the convolution base, ``denoise``), ``filters`` (Gaussian and bicubic
+kernels), ``blur`` (``gaussian_blur``, ``motion_blur``), ``downsample`` (``sr``), ``inpaint``; this file
+registers them and the four tasks.
 """
 
 from __future__ import annotations

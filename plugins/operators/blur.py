@@ -1,5 +1,6 @@
-"""Blur operators: ``gaussian_blur`` (kornia's Gaussian kernel) and ``motion_blur`` (deepinv's random
-trajectories, kornia's straight lines, or a kernel file read by :func:`load_kernel`)."""
+"""Blur operators: ``gaussian_blur`` (the sampled Gaussian of ``filters.py``, equal to kornia's) and
+``motion_blur`` (deepinv's random trajectories, kornia's straight lines, or a kernel file read by
+:func:`load_kernel`; kornia and deepinv are imported only on those paths)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import Tensor
 from restoreflow.plugin_api import InputError, OperatorConfig, Range, read_array
 
 from .convolution import DEFAULT_BOUNDARY, Boundary, _Convolution
+from .filters import gaussian_kernel2d
 
 
 def load_kernel(path: str | Path) -> Tensor:
@@ -48,12 +50,10 @@ class GaussianBlur(_Convolution):
 
     @classmethod
     def _kernel_for(cls, config, x_hw=None):
-        import kornia
-
         size = (config.size or 2 * math.ceil(3 * config.sigma) + 1) | 1
         if config.boundary == "circular" and x_hw is not None:  # a kernel wider than the image wraps onto itself
             size = min(size, (min(x_hw) - 1) | 1)
-        return kornia.filters.get_gaussian_kernel2d((size, size), (config.sigma, config.sigma))[0].to(torch.float64)
+        return gaussian_kernel2d(size, config.sigma).to(torch.float64)
 
     def __init__(self, config=None, *, x_shape, **options):
         super().__init__(config, x_shape=x_shape, **options)

@@ -12,6 +12,7 @@ import torch
 from restoreflow.plugin_api import OperatorConfig, kernel_to_symbol
 
 from .convolution import DEFAULT_BOUNDARY, Boundary, _Convolution, _fft_conv, _pinv_symbol
+from .filters import bicubic_kernel2d, gaussian_kernel2d
 
 
 class Downsample(_Convolution):
@@ -38,15 +39,10 @@ class Downsample(_Convolution):
     def _kernel_for(cls, config, x_hw=None):
         f = config.factor
         if config.filter == "bicubic":
-            from deepinv.physics.blur import bicubic_filter
-
-            k = bicubic_filter(f)[0, 0].to(torch.float64)
+            k = bicubic_kernel2d(f).to(torch.float64)
         elif config.filter == "gaussian":
-            import kornia
-
             s = f / 2.0
-            n = 2 * math.ceil(3 * s) + 1
-            k = kornia.filters.get_gaussian_kernel2d((n, n), (s, s))[0].to(torch.float64)
+            k = gaussian_kernel2d(2 * math.ceil(3 * s) + 1, s).to(torch.float64)
         else:
             k = torch.ones(f, f, dtype=torch.float64)
         return k / k.sum()

@@ -10,6 +10,12 @@ plugins registered (JSON in ``$RESTOREFLOW_CACHE_DIR``, default ``~/.cache/resto
 such command that had to load the plugins (a restoration never pays for it), and valid while the installed entry points, their versions and the plugin packages' files (mtime, size)
 are unchanged; without a valid index the plugins load as before and the index is (re)written.
 ``RESTOREFLOW_NO_CACHE=1`` disables it.
+
+Fast exit: a restoration run as the ``restoreflow`` program (not ``main(argv)`` from Python) ends with
+:func:`os._exit` once its output is written, after the ``atexit`` handlers have run and stdout/stderr are
+flushed, with the same exit code: tearing down an interpreter that has torch loaded costs about 1 s of CPU
+(``benchmarks/bench_speed.py``) and frees nothing the operating system does not. ``RESTOREFLOW_NO_FAST_EXIT=1``
+keeps the ordinary exit.
 """
 
 from __future__ import annotations
@@ -289,4 +295,33 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_INTERRUPTED)
     if cheap:  # a listing is what the index answers: write it now, so the next one starts without torch
         write_index(cli)
-    cli.main(args=args, prog_name="restoreflow")
+    fast = argv is None and bool(args) and args[0] in cli.registries.tasks \
+        and not os.environ.get("RESTOREFLOW_NO_FAST_EXIT")  # type: ignore[attr-defined]
+    try:
+        cli.main(args=args, prog_name="restoreflow")
+    except SystemExit as e:
+        if fast:
+            _exit_now(e.code)
+        raise
+
+
+def _exit_now(code: Any) -> None:
+    """Exit the process with ``code`` as ``sys.exit`` would, without the interpreter's teardown."""
+    import atexit
+
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a closed pipe: nothing more can be said
+                pass
+        os._exit(status)

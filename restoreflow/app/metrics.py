@@ -1,5 +1,10 @@
-"""Image quality metrics: PSNR and SSIM through scikit-image (data range 1), LPIPS when its weights exist,
-and peak memory of a block of work.
+"""Image quality metrics: PSNR (scikit-image's formula, in numpy) and SSIM through scikit-image (data range 1),
+LPIPS when its weights exist, and peak memory of a block of work.
+
+Import cost: ``skimage.metrics.peak_signal_noise_ratio`` lives beside functions that import ``scipy.stats``
+(1.2 s of CPU at the end of every ``--simulate`` run), so :func:`psnr` computes its formula here (the same
+float64 operations, equal to the last bit; tested) and :func:`ssim` imports scikit-image's SSIM module alone
+(``scipy.ndimage`` only).
 
 LPIPS (Zhang et al. 2018, AlexNet variant) needs two sets of weights: its linear heads, which ship inside the
 ``lpips`` package, and torchvision's AlexNet backbone, which the package would download. restoreflow never
@@ -38,23 +43,28 @@ LPIPS_BACKBONE = "alexnet-owt-7be5be79.pth"
 
 
 def psnr(x: Tensor, ref: Tensor) -> float:
-    """PSNR in dB of ``x`` against ``ref`` (both ``1 x C x H x W`` in [0, 1]; clamped)."""
-    from skimage.metrics import peak_signal_noise_ratio
-
+    """PSNR in dB of ``x`` against ``ref`` (both ``1 x C x H x W`` in [0, 1]; clamped): scikit-image's
+    ``peak_signal_noise_ratio(ref, x, data_range=1)`` on float64 arrays, computed as it does."""
     if x.shape[0] > 1:  # a volume (slices on the batch dimension): one PSNR over all voxels
         mse = float(((x.detach().double().clamp(0, 1) - ref.detach().double().clamp(0, 1).to(x.device)) ** 2).mean())
         return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
     a, b = to_array(ref), to_array(x)
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: shapes differ: {a.shape} and {b.shape}")
     if np.array_equal(a, b):
         return float("inf")
-    return float(peak_signal_noise_ratio(a, b, data_range=1.0))
+    mse = np.mean((a - b) ** 2, dtype=np.float64)
+    return float(10 * np.log10((1.0**2) / mse))
 
 
 def ssim(x: Tensor, ref: Tensor) -> float:
     """SSIM (scikit-image defaults, data range 1, channels averaged; slices averaged for volumes)."""
     if x.shape[0] > 1:
         return float(np.mean([ssim(x[i:i + 1], ref[i:i + 1]) for i in range(x.shape[0])]))
-    from skimage.metrics import structural_similarity
+    try:  # the module alone: the package's other metrics import scipy.stats
+        from skimage.metrics._structural_similarity import structural_similarity
+    except ImportError:  # pragma: no cover - another scikit-image layout
+        from skimage.metrics import structural_similarity
 
     a, b = to_array(ref), to_array(x)
     win = min(7, min(a.shape[0], a.shape[1]))
