@@ -194,8 +194,8 @@ PRESET_OPTIONS: dict[str, dict[str, Any]] = {
 class RedDiff(Teleporting, Sampler):
     r"""RED-Diff (Mardani et al. 2024): Adam on the image, one step per diffusion time, denoiser forward only.
 
-    ``teleport`` starts the estimate at the exact Gaussian posterior mean and skips the first times of the grid
-    (:mod:`restoreflow.exact.teleport`)."""
+    ``teleport`` makes the first iterations with the prior's closed-form Gaussian denoiser instead of the network
+    (:mod:`restoreflow.exact.teleport`): those network calls are saved."""
 
     name = "red_diff"
     requires = frozenset({"denoiser", "unconditional", "differentiable_operator"})
@@ -318,7 +318,8 @@ class RedDiff(Teleporting, Sampler):
         op = problem.operator
         y = problem.y
         ts = self.grid(path)
-        start, mu = self.teleport_estimate(problem, denoiser, ts, self.init(problem))
+        mu = self.init(problem)
+        start, gaussian = self.teleport_denoiser(problem, denoiser, ts)
         adam = _Adam(mu, c.lr, c.beta1, c.beta2)
         B = mu.shape[0]
         n_x = mu[0].numel()
@@ -327,10 +328,8 @@ class RedDiff(Teleporting, Sampler):
         obs = c.obs_weight if c.obs_weight is not None else 1.0 / max(OFFICIAL_UNITS * sigma2, 1e-12)
         nfe = 0
         x0 = mu
-        for _ in range(start * (2 if c.sigma_x0 else 1)):  # the teleport's skipped noise: later times draw as without it
-            randn(mu.shape, generator=generator, like=mu)
         with torch.no_grad():
-            for i, t in enumerate(ts[start:], start):
+            for i, t in enumerate(ts):
                 t = as_time(t, mu.device)
                 a, _, s = (float(v) for v in path.coefficients(t))
                 lam_t = c.lam * snr_weight(OFFICIAL_UNITS * s / a, c.weighting)
@@ -342,8 +341,8 @@ class RedDiff(Teleporting, Sampler):
                     x_t = a * torch.cat([x0, x0]) + s * eps
                 else:
                     x_t = a * x0 + s * eps
-                x0_hat = denoiser(x_t, t)
-                nfe += x_t.shape[0] // B
+                x0_hat = denoiser(x_t, t) if i >= start else gaussian(x_t, t).to(x_t.dtype)
+                nfe += x_t.shape[0] // B if i >= start else 0
                 check_finite(x0_hat, i, t)
                 err = from_x0(x0_hat.to(mu.dtype), "eps", x_t, t, path) - eps
                 if c.antithetic:
