@@ -159,3 +159,50 @@ def test_dense_posterior_and_cg_match_dense_algebra_on_a_motion_blur_with_a_boun
     assert torch.allclose(pd.cov, cov, rtol=0, atol=1e-9 * float(cov.abs().max()))
     cg = fg.posterior_mean_cg(op, y, tol=1e-12, iters=1000)
     assert torch.allclose(cg.reshape(2, -1), mean, rtol=0, atol=1e-8 * scale)
+
+
+def test_gaussian_models_agree_on_batches_per_sample_times_and_batched_means(motion):
+    """GaussianModel.denoise with per-sample a, s (B = 2 images, C = 3 channels, so a batch/channel slip shows), the
+    dense and Fourier forms of one posterior, and conditioning a batched-mean DenseGaussian again."""
+    op, fg, y = motion
+    pf = fg.posterior(op, y)
+    pd = pf.to_dense()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    a = torch.tensor([0.9, 0.4], dtype=torch.float64)
+    s = torch.tensor([0.2, 0.8], dtype=torch.float64)
+    both = pd.denoise(x, a, 0.0, s)
+    assert torch.allclose(both, pf.denoise(x, a, 0.0, s), atol=1e-10)
+    for b in range(2):  # the same as one image at a time with scalar a, s
+        one = DenseGaussian(pd.mean[b], pd.cov, pd.shape).denoise(x[b : b + 1], a[b], 0.0, s[b])
+        assert torch.allclose(both[b : b + 1], one, atol=1e-12)
+    # a batched-mean prior conditioned again: row b of the result is row b's posterior
+    A = operator_matrix(op, fg.shape)
+    y2 = op.forward(pf.sample(2, generator=g), generator=g)
+    again = pd.posterior(op, y2)
+    for b in range(2):
+        mean, cov = _dense_posterior(pd.cov, pd.mean[b], A, 0.02**2, y2[b : b + 1])
+        assert torch.allclose(again.mean[b : b + 1], mean, atol=1e-9 * float(mean.abs().max()))
+        assert torch.allclose(again.cov, cov, atol=1e-9 * float(cov.abs().max()))
+
+
+def test_colour_dependent_blurs_are_refused_by_the_fourier_posterior(motion):
+    """The colour transform commutes with one blur for all channels, not with a different blur per channel."""
+    op, fg, y = motion
+    H = op.fourier_symbol()
+    H = H.reshape(-1, *H.shape[-2:])[:1]
+
+    class Symbol:
+        name, noise = "per-channel", op.noise
+
+        def __init__(self, sym):
+            self.sym = sym
+
+        def fourier_symbol(self):
+            return self.sym
+
+    same = fg.posterior(Symbol(H.expand(3, -1, -1)), y).mean_like(y)
+    assert torch.allclose(same, fg.posterior(Symbol(H), y).mean_like(y), atol=1e-12)
+    assert torch.allclose(same, fg.posterior(Symbol(H[0]), y).mean_like(y), atol=1e-12)  # a 2-D symbol too
+    with pytest.raises(ValueError, match="colour-dependent"):
+        fg.posterior(Symbol(torch.stack([H[0], H[0].conj(), H[0]])), y)

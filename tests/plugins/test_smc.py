@@ -507,13 +507,15 @@ def test_proposal_weight_is_the_gaussian_log_ratio():
     x2 = mean_q + 0.2 * torch.randn(B * N, 1, 2, 3, generator=g, dtype=F64)
 
     def closed_form(x, std):
-        s = torch.as_tensor(std, dtype=F64).expand(x.shape)
+        s = torch.as_tensor(std, dtype=F64)
+        s = (s.reshape(-1, 1, 1, 1) if s.ndim == 1 else s).expand(x.shape)
         lp = torch.distributions.Normal(mean_p, s).log_prob(x).reshape(B * N, -1).sum(1)
         lq = torch.distributions.Normal(mean_q, s).log_prob(x).reshape(B * N, -1).sum(1)
         return lp - lq
 
     pixel_std = 0.15 + 0.1 * torch.rand(1, 1, 2, 3, generator=g, dtype=F64)
-    for std in (0.2, torch.tensor(0.2, dtype=F64), pixel_std):
+    row_std = 0.15 + 0.1 * torch.rand(B * N, generator=g, dtype=F64)  # one std per particle row
+    for std in (0.2, torch.tensor(0.2, dtype=F64), pixel_std, row_std):
         st = start(Particles(B, N, None, None), torch.device("cpu"))
         record_move(st, x1, mean_p, mean_q, std, last=False)
         assert torch.allclose(st.log_pq, closed_form(x1, std), rtol=1e-12, atol=1e-12), std
@@ -526,6 +528,104 @@ def test_proposal_weight_is_the_gaussian_log_ratio():
     smc.transition(x1, mean_p, mean_q, 0.2, Context(path=vp(), problem=None, denoiser=None, generator=None,
                                                     anchor=None, ts=time_grid(vp(), 10)))
     assert torch.allclose(smc.state.log_pq, closed_form(x1, 0.2), rtol=1e-12, atol=1e-12)
+
+    # noise-free coordinates: allowed where the guidance does not shift them, refused where it does
+    from restoreflow_plugins.smc.tds import record_move as rm
+    zero_std = pixel_std.clone()
+    zero_std[..., 0, 0] = 0.0
+    shifted = mean_q.clone()
+    shifted[..., 0, 0] = mean_p[..., 0, 0]
+    x_free = x1.clone()
+    x_free[..., 0, 0] = shifted[..., 0, 0]
+    st = start(Particles(B, N, None, None), torch.device("cpu"))
+    rm(st, x_free, mean_p, shifted, zero_std, last=False)
+    def rows(v):
+        return v.expand(B * N, 1, 2, 3).reshape(B * N, 6)[:, 1:]  # every coordinate but the noise-free (0, 0)
+
+    lp = torch.distributions.Normal(rows(mean_p), rows(zero_std)).log_prob(rows(x_free)).sum(1)
+    lq = torch.distributions.Normal(rows(shifted), rows(zero_std)).log_prob(rows(x_free)).sum(1)
+    assert torch.allclose(st.log_pq, lp - lq, rtol=1e-12, atol=1e-12)
+    with pytest.raises(IncompatibleError, match="noise-free"):
+        rm(start(Particles(B, N, None, None), torch.device("cpu")), x1, mean_p, mean_q, zero_std, last=False)
+
+
+def test_increment_stabilisers_centre_then_clip():
+    """weigh(center=True) subtracts each image's mean increment; clip=c clamps every increment to [-c, c]."""
+    from restoreflow_plugins.smc.particles import Particles
+    from restoreflow_plugins.smc.tds import start, weigh
+
+    inc = torch.tensor([[0.5, -2.0, 3.0, 0.1], [1.0, 1.0, 1.0, 1.3]], dtype=F64)
+    for center, clip in ((False, None), (True, None), (False, 0.4), (True, 0.4)):
+        st = start(Particles(2, 4, None, None), torch.device("cpu"))
+        weigh(st, inc.reshape(-1), torch.tensor(0.5), center=center, clip=clip)
+        want = inc - inc.mean(1, keepdim=True) if center else inc
+        want = want.clamp(-clip, clip) if clip is not None else want
+        assert torch.allclose(st.log_w, want, atol=1e-15), (center, clip)
+        assert torch.equal(st.log_psi, inc.reshape(-1)) and not bool(st.log_pq.any()) and st.t_prev == 0.5
+
+
+def test_resampling_thresholds():
+    """threshold >= 1 ('always') resamples every image, even at equal weights; 0 never; below it only those images."""
+    from restoreflow_plugins.smc.particles import Particles
+    from restoreflow_plugins.smc.tds import resample, start
+
+    def run(threshold, log_w):
+        st = start(Particles(2, 4, None, None), torch.device("cpu"))
+        st.log_w = log_w.clone()
+        return resample(st, threshold, "systematic", torch.Generator().manual_seed(0)), st
+
+    equal = torch.zeros(2, 4, dtype=F64)
+    idx, st = run(1.0, equal)
+    assert idx is not None and st.resample_steps == [-1]  # every image, equal weights included
+    assert torch.equal(idx, torch.arange(8))  # systematic at equal weights keeps each particle once
+    assert run(0.999, equal)[0] is None and run(0.0, torch.tensor([[0.0, -50, -50, -50]] * 2, dtype=F64))[0] is None
+    idx, st = run(0.5, torch.tensor([[0.0, -50, -50, -50], [0.0, 0.0, 0.0, -0.1]], dtype=F64))
+    assert torch.equal(idx, torch.tensor([0, 0, 0, 0, 4, 5, 6, 7]))
+    # strictly below: two equal weights of four is ESS/N = 0.5 exactly, which does not resample at 0.5
+    at = torch.tensor([[0.0, 0.0, -math.inf, -math.inf]] * 2, dtype=F64)
+    assert run(0.5, at)[0] is None and run(0.5 + 1e-12, at)[0] is not None
+
+
+def test_estimate_outputs():
+    """best: the heaviest particle; sample: one drawn by weight (the generator's categorical draw); mean: the
+    weighted mean; with the weighted variance in every case."""
+    from restoreflow_plugins.smc.particles import Particles
+    from restoreflow_plugins.smc.resampling import categorical
+    from restoreflow_plugins.smc.tds import estimate, start
+
+    B, N = 400, 2
+    st = start(Particles(B, N, None, None), torch.device("cpu"))
+    st.log_w = torch.log(torch.tensor([[0.3, 0.7]], dtype=F64)).expand(B, N).clone()
+    x = torch.arange(B * N, dtype=F64).reshape(B * N, 1, 1, 1)
+    X = x.reshape(B, N)
+    out, w, mean, var = estimate(st, x, "best", None)
+    assert torch.equal(out.reshape(B), X[:, 1]) and torch.allclose(w, torch.tensor([[0.3, 0.7]], dtype=F64).expand(B, N))
+    assert torch.allclose(mean.reshape(B), 0.3 * X[:, 0] + 0.7 * X[:, 1])
+    assert torch.allclose(var.reshape(B), torch.full((B,), 0.21, dtype=F64))
+    out, *_ = estimate(st, x, "sample", torch.Generator().manual_seed(5))
+    k = categorical(w, torch.Generator().manual_seed(5))
+    assert torch.equal(out.reshape(B), X[torch.arange(B), k])
+    frac = float((out.reshape(B) == X[:, 1]).to(F64).mean())
+    assert abs(frac - 0.7) < Z_BOUND * math.sqrt(0.21 / B)  # drawn by weight, not the heaviest
+    out, *_ = estimate(st, x, "mean", None)
+    assert torch.equal(out, mean)
+    one = start(Particles(3, 1, None, None), torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    state = g.get_state()
+    out, *_ = estimate(one, x[:3], "sample", g)
+    assert torch.equal(out, x[:3]) and torch.equal(g.get_state(), state)  # N = 1 draws nothing
+
+
+def test_terminal_model_outputs_the_unguided_final_mean(gp):
+    """A grid that ends at sigma = 0 has a deterministic last move; terminal='model' outputs its *unguided* mean
+    m(x_t1) = x0_hat(x_t1) (here with one particle, x_t1 being the guided sampler's state one step earlier)."""
+    ts = time_grid(vp(), 12)
+    den = GaussianDenoiser(gp.prior, vp())
+    x_t1 = _run(gp, TDSGuidance(), None, ts=ts[:-1])
+    model = _run(gp, TDSGuidance(), SMC(particles=1), ts=ts)
+    assert torch.allclose(model, den(x_t1, ts[-2]), atol=1e-12)
+    guided = _run(gp, TDSGuidance(), None, ts=ts)
+    assert float((guided - model).abs().max()) > 1e-6
 
 
 def test_resampling_carries_each_particles_potential_with_it():
