@@ -17,10 +17,16 @@ __all__ = ["gaussian_kernel2d", "bicubic_kernel2d"]
 def gaussian_kernel2d(size: int, sigma: float) -> Tensor:
     r"""The ``size x size`` (odd) kernel :math:`g_i g_j`, :math:`g_i \propto \exp(-(i - c)^2 / 2\sigma^2)` with
     :math:`c` the centre tap, each 1-D factor normalised to sum 1 (default dtype)."""
-    offsets = torch.arange(size, dtype=torch.float64) - float(size // 2)
-    g = torch.exp(-0.5 * (offsets / float(sigma)).pow(2))  # float64 and offset/sigma: a tiny sigma is a delta, not 0/0
+    dtype = torch.get_default_dtype()
+    s = torch.tensor(float(sigma), dtype=dtype)
+    offsets = torch.arange(size, dtype=dtype) - float(size // 2)
+    var2 = 2 * s.pow(2)
+    if float(var2) == 0.0:  # sigma so small that 2 sigma^2 underflows: the limit, a delta (not 0/0)
+        g = (offsets == 0).to(dtype)
+    else:
+        g = torch.exp(-offsets.pow(2) / var2)
     g = g / g.sum()
-    return (g[:, None] * g[None, :]).to(torch.get_default_dtype())
+    return g[:, None] * g[None, :]
 
 
 def bicubic_kernel2d(factor: int) -> Tensor:
