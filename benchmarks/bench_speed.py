@@ -543,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
             old = json.loads((args.out / ("speed_quick.json" if args.quick else "speed.json")).read_text())
             if (old.get("baseline"), old.get("current")) != (res["baseline"], res["current"]):
                 raise SystemExit("--keep-cli: the existing results compare other trees")
-            res["cli"], res["cli_load_average"] = old["cli"], old["load_average_at_start"]
+            res["cli"] = old["cli"]
+            res["cli_load_average"] = old.get("cli_load_average") or old["load_average_at_start"]
         if not args.skip_components:
             res["components"] = run_components(repeats, calls, 256, tmp, trees)
     if args.compile:
