@@ -283,7 +283,7 @@ def test_unmeasured_network_prior_auto_does_not_teleport():
             return x
 
     setup = bench_setup(sampler("ddim"))
-    target, nsr = target_for(Net(), setup.problem, condition=False)
+    _, nsr = target_for(Net(), setup.problem, condition=False)
     assert nsr is None
     smp = sampler("ddim")(teleport="auto")
     assert smp.jump(smp.kernel(), setup.problem, Net(), smp.grid(setup.path), None) is None

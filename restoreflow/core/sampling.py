@@ -373,7 +373,8 @@ def check_finite(x: Tensor, step: int, t: Any, what: str = "the model output") -
 def integrate(kernel: Kernel, denoiser: Denoiser, problem: Problem, ts: Tensor, *, generator: torch.Generator,
               guidance: Guidance | None = None, corrector: Corrector | None = None,
               callback: Callable[[dict], None] | None = None, path: AffinePath | None = None,
-              final_denoise: bool = False, jump: Callable[[Tensor, Context], tuple[int, Tensor]] | None = None) -> Tensor:
+              final_denoise: bool = False,
+              jump: Callable[[Tensor, Context], tuple[int, Tensor]] | None = None) -> Tensor:
     r"""Run ``kernel`` over the grid ``ts`` (descending) from the prior at ``ts[0]``::
 
         x ~ prior at ts[0]                           a corrector expands it to particles (setup)
