@@ -287,3 +287,43 @@ def test_unmeasured_network_prior_auto_does_not_teleport():
     assert nsr is None
     smp = sampler("ddim")(teleport="auto")
     assert smp.jump(smp.kernel(), setup.problem, Net(), smp.grid(setup.path), None) is None
+
+
+def test_teleport_keeps_the_dtype():
+    cls = sampler("ddim")
+    for dtype in (torch.float32, torch.float64):
+        setup = bench_setup(cls, batch=2, dtype=dtype)
+        x = cls(steps=8, teleport=0.5).sample(setup.problem, setup.denoiser, generator=torch.Generator().manual_seed(1))
+        assert x.dtype == dtype and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("name", ["ddim", "dps", "red_diff"])
+def test_network_prior_with_a_non_circulant_operator(name):
+    """The bundled prior (its cached Gaussian) on a valid-boundary blur (CG posterior): fewer network calls, the
+    same shape and dtype, finite, reproducible."""
+    den = REGS.priors.get("default")().load()
+    op = REGS.operators.get("gaussian_blur")(x_shape=(1, 3, 24, 24), sigma=1.0, noise_sigma=0.02, boundary="valid")
+    x = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    pb = Problem(y=op.forward(x, generator=torch.Generator().manual_seed(1)), operator=op, x_shape=(1, 3, 24, 24))
+    guidance = REGS.guidance.get("dps")() if name == "ddim" else None
+
+    def run(tp):
+        calls = []
+        out = sampler(name)(steps=10, teleport=tp).sample(pb, den, generator=torch.Generator().manual_seed(2),
+                                                           guidance=guidance, callback=lambda i: calls.append(i["nfe"]))
+        return out, calls[-1]
+
+    (a, n_off), (b, n_on), (c, _) = run(0.0), run(0.3), run(0.3)
+    assert n_off == 10 and n_on == 7
+    assert b.shape == a.shape and b.dtype == a.dtype and torch.isfinite(b).all() and torch.equal(b, c)
+
+
+def test_departure_of_the_gaussian_from_itself_is_zero():
+    from restoreflow.core.paths import ve
+    from restoreflow.exact.teleport import departure
+
+    model = default_spectrum(3).model(16, 16)
+    x0 = model.sample(4, generator=torch.Generator().manual_seed(0))
+    d = departure(GaussianDenoiser(model, ve()), model, x0, [10.0, 1.0, 0.1], generator=torch.Generator().manual_seed(1))
+    assert max(d) < 1e-7  # float64 rounding
+    assert auto_nsr([10.0, 1.0, 0.1], d) == 0.1
