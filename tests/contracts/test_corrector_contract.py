@@ -64,6 +64,8 @@ class CorrectorContract(ConfigContract):
     kind = "correctors"
     #: the option that sets the particles per image
     particles_option: ClassVar[str] = "particles"
+    #: whether a run leaves (weights, particles) readable on the corrector
+    exposes: ClassVar[tuple[bool, bool]] = (True, True)
     #: options of the runs: a few particles, resampling allowed at every step
     config: ClassVar[dict[str, Any]] = {}
 
@@ -120,8 +122,7 @@ class CorrectorContract(ConfigContract):
         particles = getattr(inner, "particles", None)
         if particles is not None:
             assert particles.shape == (B, self.particles(), *GP.prior.shape) and torch.isfinite(particles).all()
-        if weights is None and particles is None:
-            pytest.skip("exposes neither weights nor particles")
+        assert (weights is not None, particles is not None) == self.exposes, "exposes other state than declared"
 
     def test_one_particle_changes_nothing(self):
         """With N = 1 there is nothing to reweight: the run is the uncorrected one."""
@@ -152,6 +153,7 @@ class TestSMC(CorrectorContract):
 class TestSVDD(CorrectorContract):
     name = "svdd"
     config = {"particles": 4}
+    exposes = (False, True)  # SVDD keeps one particle by its soft value: no weights to show
     bad_options = {"particles": "0", "alpha": "-1", "twist_scale": "-1"}
 
 

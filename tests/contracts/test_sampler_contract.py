@@ -204,11 +204,11 @@ class SamplerContract(ConfigContract):
             assert int(info["nfe"]) >= nfe, "nfe went down"
             nfe = int(info["nfe"])
 
-    def test_runs_without_a_denoiser_unless_it_requires_one(self, tiny, plain):
-        """Every run here passes ``denoiser=None`` to a sampler without ``denoiser`` in ``requires``."""
-        if "denoiser" in self.plugin().requires:
-            pytest.skip("requires a denoiser")
-        assert tiny[1] is None and torch.isfinite(plain).all()
+    def test_runs_with_a_denoiser_exactly_when_it_requires_one(self, tiny, plain):
+        """The runs here pass a denoiser exactly to samplers with ``denoiser`` in ``requires`` (``None`` to the
+        others), and the output is finite either way."""
+        assert (tiny[1] is not None) == ("denoiser" in self.plugin().requires)
+        assert torch.isfinite(plain).all()
 
     def test_uses_measurement_says_whether_y_is_read(self, tiny, plain):
         """``uses_measurement = False``: y is seen only through guidance or the anchor, so another y with the same
@@ -222,12 +222,13 @@ class SamplerContract(ConfigContract):
         else:
             assert torch.equal(plain, other), "uses_measurement = False, but the output depends on y"
 
+
+class IgnoresNoiseLevel:
+    """Mixed into the contract of a sampler that reads y and declares ``uses_noise_level = False``."""
+
     def test_uses_noise_level_false_means_it_is_ignored(self, tiny, plain):
         """A sampler that reads y but says ``uses_noise_level = False`` (the CLI then notes that ``noise_sigma`` is not
         used) gives the same output whatever the operator's noise level."""
-        cls = self.plugin()
-        if not cls.uses_measurement or cls.uses_noise_level:
-            pytest.skip("uses_noise_level = True, or y is not read")
         problem, den = tiny
         op = copy.deepcopy(problem.operator)
         sigma = 1.5 * op.noise_variance() ** 0.5 + 0.01
@@ -236,14 +237,25 @@ class SamplerContract(ConfigContract):
             op.config = dataclasses.replace(op.config, noise_sigma=sigma)
         assert torch.equal(self.run(problem.replace(operator=op), den), plain)
 
+
+class TakesGuidance:
+    """Mixed into the contract of a sampler that declares ``supports_guidance``."""
+
     def test_supports_guidance_passes_guidance_and_corrector_on(self, tiny, plain):
         """``supports_guidance``: the guidance and corrector given reach the driver (a zero guidance and a
         one-particle corrector are called and change nothing)."""
-        if not self.plugin().supports_guidance:
-            pytest.skip("supports_guidance = False")
         guidance, corrector = _ZeroGuidance(), _IdleCorrector()
         assert torch.equal(self.run(*tiny, guidance=guidance, corrector=corrector), plain)
         assert guidance.calls > 0 and corrector.calls > 0
+
+
+def test_flag_contracts_follow_the_declarations():
+    """Each sampler's contract carries the flag-specific checks its declarations call for, and no others."""
+    for klass in [v for v in globals().values() if isinstance(v, type) and issubclass(v, SamplerContract)
+                  and v is not SamplerContract and v.name in REGISTRIES.samplers]:
+        cls = REGISTRIES.samplers.get(klass.name)
+        assert issubclass(klass, IgnoresNoiseLevel) == (cls.uses_measurement and not cls.uses_noise_level), klass
+        assert issubclass(klass, TakesGuidance) == bool(cls.supports_guidance), klass
 
 
 # -- one contract per registered sampler ------------------------------------------------------------------
@@ -255,32 +267,32 @@ def _no_help(where: str, options: str) -> dict[str, str]:
             f"{where}: no help for {options} (no #: comment, Doc, or ``name`` in the class docstring)"}
 
 
-class TestDDIM(SamplerContract):
+class TestDDIM(TakesGuidance, SamplerContract):
     name = "ddim"
     bad_options = {"steps": "0", "eta": "2", "spacing": "sideways"}
 
 
-class TestEuler(SamplerContract):
+class TestEuler(TakesGuidance, SamplerContract):
     name = "euler"
     bad_options = {"steps": "0", "spacing": "sideways"}
 
 
-class TestEulerMaruyama(SamplerContract):
+class TestEulerMaruyama(TakesGuidance, SamplerContract):
     name = "euler-maruyama"
     bad_options = {"steps": "0", "spacing": "sideways"}
 
 
-class TestHeun(SamplerContract):
+class TestHeun(TakesGuidance, SamplerContract):
     name = "heun"
     bad_options = {"steps": "0", "spacing": "sideways"}
 
 
-class TestDPMSolverPP2M(SamplerContract):
+class TestDPMSolverPP2M(TakesGuidance, SamplerContract):
     name = "dpmpp-2m"
     bad_options = {"steps": "0", "phi": "cubic"}
 
 
-class TestDPS(SamplerContract):
+class TestDPS(IgnoresNoiseLevel, SamplerContract):
     name = "dps"
     bad_options = {"steps": "0", "eta": "2", "zeta": "-1", "spacing": "sideways"}
     known_failures = _no_help("plugins/dps.py:DPS.Config", "steps")
@@ -308,39 +320,39 @@ class TestMMSE(SamplerContract):
     bad_options = {"sigma_scale": "-1", "ensemble": "3"}
 
 
-class TestTV3D(SamplerContract):
+class TestTV3D(IgnoresNoiseLevel, SamplerContract):
     name = "tv3d"
     bad_options = {"steps": "0", "eta": "2", "rho": "0"}
 
 
-class TestMRS(SamplerContract):
+class TestMRS(TakesGuidance, SamplerContract):
     name = "mrs"
     bad_options = {"steps": "0", "order": "7", "solver": "rk4"}
     known_failures = _no_help("plugins/mrs/samplers.py:MRS.Config",
                               "order, rho, lower_order_final, threshold_ratio, threshold_max")
 
 
-class TestMRODE(SamplerContract):
+class TestMRODE(TakesGuidance, SamplerContract):
     name = "mr-ode"
     bad_options = {"steps": "0"}
 
 
-class TestMRSDE(SamplerContract):
+class TestMRSDE(TakesGuidance, SamplerContract):
     name = "mr-sde"
     bad_options = {"steps": "0"}
 
 
-class TestMRPosterior(SamplerContract):
+class TestMRPosterior(TakesGuidance, SamplerContract):
     name = "mr-posterior"
     bad_options = {"steps": "0"}
 
 
-class TestRDDM(SamplerContract):
+class TestRDDM(TakesGuidance, SamplerContract):
     name = "rddm"
     bad_options = {"steps": "0", "eta": "2"}
 
 
-class TestResfusion(SamplerContract):
+class TestResfusion(TakesGuidance, SamplerContract):
     name = "resfusion"
     bad_options = {"preset": "paper"}
 
@@ -361,13 +373,13 @@ class TestTV(SamplerContract):
     bad_options = {"iters": "0", "weight": "-1"}
 
 
-class TestRichardsonLucy(SamplerContract):
+class TestRichardsonLucy(IgnoresNoiseLevel, SamplerContract):
     name = "richardson-lucy"
     config = {"iters": 5}
     bad_options = {"iters": "0"}
 
 
-class TestUnsupervisedWiener(SamplerContract):
+class TestUnsupervisedWiener(IgnoresNoiseLevel, SamplerContract):
     name = "unsupervised-wiener"
 
 
@@ -382,15 +394,15 @@ class TestNLMeans(SamplerContract):
     known_failures = _no_help("plugins/peers.py:NLMeans.Config", "patch_size, patch_distance")
 
 
-class TestBicubic(SamplerContract):
+class TestBicubic(IgnoresNoiseLevel, SamplerContract):
     name = "bicubic"
 
 
-class TestZeroFilled(SamplerContract):
+class TestZeroFilled(IgnoresNoiseLevel, SamplerContract):
     name = "zero-filled"
 
 
-class TestFBP(SamplerContract):
+class TestFBP(IgnoresNoiseLevel, SamplerContract):
     name = "fbp"
     bad_options = {"window": "box"}
 
