@@ -315,6 +315,18 @@ STALL = textwrap.dedent("""
 """)
 
 
+# A writer that takes its time over each image and then lets the normal writer save it: the run is still going when
+# its first record lands, however fast the machine (without it a fast CI machine finished all six before the test
+# looked).
+THROTTLE = textwrap.dedent("""
+    import os, time
+    @hookimpl(tryfirst=True)
+    def save_result(path, image, like):
+        time.sleep(float(os.environ["RF_THROTTLE_S"]))
+        return None
+""")
+
+
 def _folder(d: Path, n: int, size: int = 32) -> list[str]:
     names = [f"{chr(97 + i)}.png" for i in range(n)]
     for i, name in enumerate(names):
@@ -393,7 +405,10 @@ def test_sigkill_at_any_moment_then_rerun_completes(tmp_path):
     src, out, ref = tmp_path / "in", tmp_path / "out", tmp_path / "ref"
     names = _folder(src, 6)
     assert _run(src, "--out", ref, *FAST).exit_code == 0
-    child = subprocess.Popen(_batch_cmd(src, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    site = tmp_path / "site"
+    install(site, {"throttle": THROTTLE})
+    env = _env(PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]), RF_THROTTLE_S="0.5")
+    child = subprocess.Popen(_batch_cmd(src, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     part = out / f"{rb.PART_PREFIX}0.jsonl"
     try:
         _wait_for(part, child)  # at least one record written, the run is in full swing
@@ -403,6 +418,7 @@ def test_sigkill_at_any_moment_then_rerun_completes(tmp_path):
         if child.poll() is None:
             child.kill()
             child.wait()
+    assert child.returncode == -signal.SIGKILL  # killed mid-run, not finished before the kill
     res = _run(src, "--out", out, *FAST)
     assert res.exit_code == 0, res.output
     _check_complete(out, ref, names)
