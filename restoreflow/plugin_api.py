@@ -41,6 +41,7 @@ from restoreflow.core.options import (
 
 # -- paths, parameterizations, denoisers and priors --------------------------------------------------------
 from restoreflow.core.paths import AffinePath, as_time, bcast, mean_reverting, rectified_flow, tabulated, ve, vp
+from restoreflow.core.paths import BETA_SCHEDULES, ddpm, ddpm_betas, ddpm_clean_time, ddpm_steps, ddpm_timesteps
 from restoreflow.core.parameterization import from_x0, to_x0
 from restoreflow.core.denoiser import Denoiser, PredictionAdapter, Prior, ValueRange, for_inference, reparameterize
 from restoreflow.core.tiling import TiledDenoiser
@@ -97,6 +98,7 @@ __all__ = [
     "Options", "Range", "Doc", "validate_options", "Steps", "Iterations", "Eta", "Fraction", "Positive", "NonNegative",
     "Seed", "Clip", "Spacing",
     "AffinePath", "as_time", "bcast", "mean_reverting", "rectified_flow", "tabulated", "ve", "vp",
+    "BETA_SCHEDULES", "ddpm", "ddpm_betas", "ddpm_clean_time", "ddpm_steps", "ddpm_timesteps",
     "from_x0", "to_x0",
     "Denoiser", "PredictionAdapter", "Prior", "ValueRange", "for_inference", "reparameterize", "TiledDenoiser",
     "BOUNDARIES", "GaussianNoise", "LinearOperator", "Operator", "OperatorConfig", "PoissonNoise",

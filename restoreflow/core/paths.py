@@ -31,6 +31,12 @@ __all__ = [
     "rectified_flow",
     "mean_reverting",
     "tabulated",
+    "BETA_SCHEDULES",
+    "ddpm_betas",
+    "ddpm",
+    "ddpm_steps",
+    "ddpm_clean_time",
+    "ddpm_timesteps",
     "as_time",
     "bcast",
 ]
@@ -271,3 +277,100 @@ def tabulated(values: Tensor, *, t_min: float = 0.0, t_max: float = 1.0) -> Fn:
         return vv[i] * (1 - w) + vv[i + 1] * w
 
     return f
+
+
+# -- discrete DDPM schedules (diffusers' and guided-diffusion's tables) ------------------------------------------
+
+#: the ``beta_schedule`` names diffusers defines (``cosine`` is guided-diffusion's name for ``squaredcos_cap_v2``)
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
+
+
+def ddpm_betas(schedule: str = "linear", *, beta_start: float = 1e-4, beta_end: float = 0.02,
+               num_train_timesteps: int = 1000, dtype: torch.dtype = torch.float64) -> Tensor:
+    r"""The :math:`\beta_n`, ``n = 0..T-1``, of a named DDPM schedule, as diffusers defines it, computed in ``dtype``.
+
+    ``linear``: ``T`` points from ``beta_start`` to ``beta_end``; ``scaled_linear``: the squares of ``T`` points
+    from :math:`\sqrt{\beta_{start}}` to :math:`\sqrt{\beta_{end}}`; ``squaredcos_cap_v2`` (``cosine``): Nichol &
+    Dhariwal's :math:`\beta_n = \min(1 - \bar\alpha(\tfrac{n+1}{T})/\bar\alpha(\tfrac nT), 0.999)` with
+    :math:`\bar\alpha(s) = \cos^2(\tfrac{s + 0.008}{1.008}\tfrac\pi2)` (evaluated in Python floats, then cast).
+    diffusers computes its tables in ``torch.float32``; guided-diffusion in float64.
+    """
+    T = int(num_train_timesteps)
+    if T < 2:
+        raise ValueError(f"a DDPM schedule needs at least 2 timesteps; got {T}")
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=dtype)
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=dtype) ** 2
+    if schedule in ("squaredcos_cap_v2", "cosine"):
+        def abar(s: float) -> float:
+            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return torch.tensor([min(1 - abar((n + 1) / T) / abar(n / T), 0.999) for n in range(T)], dtype=dtype)
+    raise ValueError(f"unknown beta schedule {schedule!r}; expected one of {', '.join(BETA_SCHEDULES)}")
+
+
+def ddpm(betas: Any, **params: Any) -> AffinePath:
+    r"""The discrete DDPM path of ``betas`` (``T`` values): :math:`\bar\alpha_n = \prod_{k \le n}(1 - \beta_k)`
+    computed in the betas' dtype (a float32 tensor reproduces diffusers' float32 table; a list is float64), then
+    held in float64; :math:`a = \sqrt{\bar\alpha}`, :math:`\sigma = \sqrt{1 - \bar\alpha}`.
+
+    Timestep ``n`` sits at ``t = n / (T - 1)`` (``t_min = 0`` is timestep 0, ``t_max = 1`` timestep ``T - 1``);
+    between integer timesteps :math:`\log\bar\alpha` is linear. The table extends one step below ``t_min`` to the
+    clean state :math:`\bar\alpha_{-1} = 1` at :func:`ddpm_clean_time` (``-1 / (T - 1)``), where DDIM's last step
+    (``set_alpha_to_one``) and DPM-Solver's (``final_sigmas_type="zero"``) land. ``params`` are recorded with
+    ``discrete=True`` and ``steps=T`` (the convention samplers read, :func:`ddpm_steps`).
+    """
+    b = betas if isinstance(betas, Tensor) and betas.is_floating_point() else torch.as_tensor(betas, dtype=torch.float64)
+    b = b.detach().cpu().reshape(-1)
+    T = b.numel()
+    if T < 2 or not bool(((b > 0) & (b < 1)).all()):
+        raise ValueError(f"a DDPM path needs at least 2 betas, each in (0, 1); got {T} values in "
+                         f"[{float(b.min()) if T else 0:g}, {float(b.max()) if T else 0:g}]")
+    abar = torch.cumprod(1 - b, 0).to(torch.float64)
+    log_abar = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(abar)])  # timesteps -1 .. T-1
+
+    def la(t: Tensor) -> Tensor:
+        u = (t * (T - 1) + 1).clamp(0, T)
+        i = torch.clamp(torch.floor(u.detach()).long(), max=T - 1)
+        w = u - i.to(u.dtype)
+        v = log_abar.to(t.device)
+        return v[i] * (1 - w) + v[i + 1] * w
+
+    return AffinePath("vp", a=lambda t: torch.exp(0.5 * la(t)), b=_zero,
+                      sigma=lambda t: torch.sqrt(-torch.expm1(la(t))), t_min=0.0, t_max=1.0,
+                      params={**params, "discrete": True, "steps": T})
+
+
+def ddpm_steps(path: AffinePath) -> int | None:
+    """``T`` of a discrete DDPM path (``params["discrete"]``, timestep ``n`` at ``t = n / (T - 1)``), else ``None``."""
+    params = dict(getattr(path, "params", None) or {})
+    return int(params.get("steps", 1000)) if params.get("discrete") else None
+
+
+def ddpm_clean_time(T: int) -> float:
+    r"""The time of the clean state :math:`\bar\alpha = 1` below timestep 0 of a ``T``-step discrete path."""
+    return -1.0 / (T - 1)
+
+
+def ddpm_timesteps(T: int, steps: int, spacing: str, *, steps_offset: int = 0, solver: str = "ddim") -> list[int]:
+    """The descending integer timesteps diffusers' ``set_timesteps(steps)`` picks on a ``T``-step schedule (0.42).
+
+    ``solver="ddim"`` (``DDIMScheduler``): ``linspace`` rounds ``steps`` points from 0 to ``T - 1``; ``leading``
+    takes the multiples of ``T // steps`` plus ``steps_offset``; ``trailing`` rounds ``T, T - T/steps, ...`` (down
+    to above 0) and subtracts 1. ``solver="dpm"`` (``DPMSolverMultistepScheduler``): the same on ``steps + 1``
+    points with the smallest dropped (``leading``: multiples of ``T // (steps + 1)``); ``trailing`` is the same.
+    Rounding is numpy's (half to even), as in diffusers.
+    """
+    import numpy as np
+
+    m = steps if solver == "ddim" else steps + 1
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, m).round()[::-1][:steps]
+    elif spacing == "leading":
+        ts = (np.arange(0, m) * (T // m)).round()[::-1][:steps] + steps_offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / steps)) - 1
+    else:
+        raise ValueError(f"unknown discrete spacing {spacing!r}; expected linspace, leading or trailing")
+    return [int(v) for v in ts.astype(np.int64)]

@@ -249,8 +249,8 @@ class Corrector(_Configurable, abc.ABC):
 
 # -- grids ------------------------------------------------------------------------------------
 
-Spacing = Literal["uniform_t", "uniform_lambda", "karras", "trailing", "leading"]
-SPACINGS: tuple[str, ...] = ("uniform_t", "uniform_lambda", "karras", "trailing", "leading")
+Spacing = Literal["uniform_t", "uniform_lambda", "karras", "trailing", "leading", "linspace"]
+SPACINGS: tuple[str, ...] = ("uniform_t", "uniform_lambda", "karras", "trailing", "leading", "linspace")
 
 
 def time_grid(path: AffinePath, steps: int, spacing: str = "uniform_t", *, t_max: float | None = None,
@@ -258,7 +258,9 @@ def time_grid(path: AffinePath, steps: int, spacing: str = "uniform_t", *, t_max
               lambda_min: float | None = None) -> Tensor:
     r"""``steps + 1`` float64 times from ``t_max`` down to ``t_min``.
 
-    ``uniform_t`` (= ``trailing``) is uniform in t; ``leading`` starts one step below ``t_max``;
+    ``uniform_t`` (= ``trailing`` = ``linspace``) is uniform in t; ``leading`` starts one step below ``t_max``
+    (on a discrete DDPM path ``ddim``/``dpmpp-2m`` take diffusers' integer grids of these names instead,
+    :func:`restoreflow.core.paths.ddpm_timesteps`);
     ``uniform_lambda`` is uniform in :math:`\lambda = \log(a/\sigma)`; ``karras`` uses
     :math:`\rho`-spacing on :math:`\sigma/a`. When :math:`\sigma(t_{min}) = 0` the last log-SNR/karras
     point is ``nsr_min`` and the final step goes to ``t_min``. ``lambda_min`` cuts the noisiest end.
@@ -268,7 +270,7 @@ def time_grid(path: AffinePath, steps: int, spacing: str = "uniform_t", *, t_max
     t_lo = path.t_min if t_min is None else t_min
     if lambda_min is not None:
         t_hi = min(t_hi, float(path.t_from_log_snr(lambda_min)))
-    if spacing in ("uniform_t", "trailing"):
+    if spacing in ("uniform_t", "trailing", "linspace"):
         return torch.linspace(t_hi, t_lo, steps + 1, dtype=torch.float64)
     if spacing == "leading":  # diffusers' "leading": the first point sits one step below t_max
         return torch.linspace(t_hi - (t_hi - t_lo) / steps, t_lo, steps + 1, dtype=torch.float64)
