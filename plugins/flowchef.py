@@ -188,7 +188,9 @@ class FlowChef(Sampler):
     uses_measurement = True
     #: exact bench: a steered flow, not a posterior sampler; its error is reported. The bench problem has only
     #: 8 measurements, so the code's mean-reduced step of 500 is 60x too large for it: ``step_size=0.5``.
-    certification = Report(samples=256, steps=100, options={"step_size": 0.5, "reference_side": None, "clip": False})
+    #: Bounded: measured mean error 0.0434 on the bench (2026-12-07), bound 1.5x.
+    certification = Report(samples=256, steps=100, options={"step_size": 0.5, "reference_side": None, "clip": False},
+                           max_error=1.5 * 0.0434)
 
     @dataclass(frozen=True)
     class Config(Options):

@@ -87,7 +87,6 @@ def _emit(callback, x: Tensor) -> None:
 class _Peer(Sampler):
     requires = frozenset()
     uses_measurement = True
-    certification = Report()
 
     def nfe(self) -> int:
         return 0
@@ -137,7 +136,9 @@ class NLMeans(_Peer):
     @dataclass(frozen=True)
     class Config(Options):
         h: Positive = 0.6  #: filtering strength, in units of the noise standard deviation
+        #: side in pixels of the square patches whose similarity weights the average (scikit-image's patch_size)
         patch_size: Annotated[int, Range(1)] = 5
+        #: search radius in pixels: patches up to this far from a pixel are averaged (scikit-image's patch_distance)
         patch_distance: Annotated[int, Range(1)] = 6
 
     def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
@@ -210,6 +211,9 @@ class TV(_Peer):
 
     name = "tv"
     requires = frozenset({"linear_operator"})
+    #: exact bench: a TV-regularised estimate under a Gaussian prior; its error to the posterior mean is reported and
+    #: bounded (measured mean error 0.4375 on the bench (2026-12-07), bound 1.5x)
+    certification = Report(max_error=1.5 * 0.4375)
 
     @dataclass(frozen=True)
     class Config(Options):

@@ -118,7 +118,9 @@ class DPIR(Sampler):
     name = "dpir"
     requires = frozenset({"denoiser", "unconditional", "linear_operator"})
     uses_measurement = True
-    certification = Report()
+    #: exact bench: HQS with a decreasing denoiser level has no exact target here; its error to the posterior mean
+    #: is reported and bounded (measured mean error 0.1012 on the bench (2026-12-07), bound 1.5x)
+    certification = Report(max_error=1.5 * 0.1012)
 
     @dataclass(frozen=True)
     class Config(Options):
@@ -129,6 +131,7 @@ class DPIR(Sampler):
         sigma_end: NonNegative = 0.0
         lam: Positive = 0.23  #: data-step weight lambda (alpha_k = lam s^2 / sigma_k^2)
         cg_iters: Iterations = 50  #: conjugate-gradient iterations per data step (non-circulant operators)
+        #: conjugate gradients stop once the relative residual ||b - A x|| / ||b|| of a data step is below this
         cg_tol: Positive = 1e-5
         #: starting estimate z_0: ``anchor`` (y, or A^+ y) or ``wiener`` (the exact Wiener estimate: fills large
         #: holes of inpainting masks with the Gaussian prior's mean instead of zeros)

@@ -99,20 +99,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from restoreflow.plugin_api import (
-    AffinePath, PointEstimate, Problem, Sampler, TeleportOption, Teleporting, as_time, check, check_finite, from_x0,
-    hookimpl, make_anchor, randn,
+    AffinePath, NonNegative, PointEstimate, Positive, Problem, Range, Sampler, TeleportOption, Teleporting, as_time,
+    check, check_finite, from_x0, hookimpl, make_anchor, randn,
 )
 
 __all__ = ["RedDiff", "WEIGHTINGS", "snr_weight", "red_diff_grid", "official_nsr", "official_timesteps", "data_damping",
            "OFFICIAL_UNITS"]
 
-WEIGHTINGS: tuple[str, ...] = ("linear", "sqrt", "square", "log", "clip", "two_thirds", "const", "inverse")
+#: the ``weighting`` option's values (:func:`snr_weight`)
+Weighting = Literal["linear", "sqrt", "square", "log", "clip", "two_thirds", "const", "inverse"]
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 
 
 def snr_weight(nsr: float, kind: str) -> float:
@@ -180,10 +182,12 @@ def red_diff_grid(path: AffinePath, steps: int, nsr_min: float = 0.01, kind: str
     return t_lo + (t_hi - t_lo) * k / steps
 
 
-INITS = ("anchor", "pinv", "zeros", "wiener")
-GRIDS = ("uniform", "official")
-OUTPUTS = ("mu", "x0_pred")
-PRESETS = ("restoreflow", "official")
+Init = Literal["anchor", "pinv", "zeros", "wiener"]
+Grid = Literal["uniform", "official"]
+Output = Literal["mu", "x0_pred"]
+Preset = Literal["restoreflow", "official"]
+#: an Adam moment decay rate: ``float in [0, 1)``
+AdamBeta = Annotated[float, Range(0, 1, hi_open=True)]
 #: What ``preset`` fills in for the options left unset (``None``); an option given explicitly always wins.
 PRESET_OPTIONS: dict[str, dict[str, Any]] = {
     "restoreflow": {"grid": "uniform", "output": "mu", "reduction": "sum", "init": "anchor", "noise_aware": True},
@@ -210,65 +214,56 @@ class RedDiff(Teleporting, Sampler):
 
     @dataclass(frozen=True)
     class Config(TeleportOption):
-        steps: int = 100
+        #: Adam iterations, one per diffusion time (network calls; twice as many with ``antithetic``); the
+        #: ``official`` grid visits the code's ``range(0, 1000, 1000 // steps)``, more times where ``steps`` does not
+        #: divide 1000
+        steps: Annotated[int, Range(1, 100000)] = 100
         #: ``restoreflow`` (default) or ``official`` (the code's algorithm: grid, output, reduction, init, no noise
         #: damping); fills in the options below that are left unset (None)
-        preset: str = "restoreflow"
+        preset: Preset = "restoreflow"
         #: Adam step size in [0, 1] units (official ``_configs/algo/reddiff.yaml``: 0.1 in [-1, 1] units)
-        lr: float = 0.05
+        lr: Positive = 0.05
         #: regulariser weight lambda = the official ``grad_term_weight`` (the regulariser is weighted by
         #: ``lam * weighting(nsr)`` with the noise-to-signal ratio in the official [-1, 1] units, for any network)
-        lam: float = 0.25
+        lam: NonNegative = 0.25
         #: data weight in [0, 1] units (official ``obs_weight`` 1.0 x 2, see the module docstring);
         #: ``None``: 1/(2 sigma_y^2), the official-unit 1/sigma_y'^2 (the posterior-mode variant below)
-        obs_weight: float | None = 2.0
+        obs_weight: NonNegative | None = 2.0
         #: SNR weighting lambda_t of the regulariser
-        weighting: str = "linear"
+        weighting: Weighting = "linear"
         #: ``sum``: both terms normalised by dim(x); ``mean``: each by its own size (official code); None: the
         #: preset's (restoreflow: sum, official: mean)
-        reduction: str | None = None
+        reduction: Literal["sum", "mean"] | None = None
         #: ``anchor`` (degraded image / A^+ y), ``pinv`` (A^+ y, the paper), ``zeros``, ``wiener``; None: the
         #: preset's (restoreflow: anchor, official: pinv)
-        init: str | None = None
+        init: Init | None = None
         #: ``uniform`` (``steps`` times down to ``nsr_min``) or ``official`` (the code's integer timesteps); None:
         #: the preset's (restoreflow: uniform, official: official)
-        grid: str | None = None
+        grid: Grid | None = None
         #: ``mu``: the estimate after the last Adam step; ``x0_pred``: the one before it (the code's return value);
         #: None: the preset's (restoreflow: mu, official: x0_pred)
-        output: str | None = None
+        output: Output | None = None
         #: drop the data term where the denoiser's noise level is below the measurement's (not in the paper;
         #: without it an identity operator hands back the noisy input, see the module docstring); None: the
         #: preset's (restoreflow: true, official: false)
         noise_aware: bool | None = None
         #: noise of the variational sample x0 = mu + sigma_x0 * z (official default 0)
-        sigma_x0: float = 0.0
+        sigma_x0: NonNegative = 0.0
         #: evaluate +eps and -eps in one batched call (2 NFE per step; not in the paper): cancels the
         #: regulariser's Monte-Carlo noise exactly for a Gaussian prior, to first order otherwise
         antithetic: bool = False
         #: the smallest noise-to-signal ratio of the ``uniform`` grid, in the official [-1, 1] units (0.01 =
         #: DDPM's first step, where the official grid ends)
-        nsr_min: float = 0.01
-        beta1: float = 0.9
-        beta2: float = 0.99
+        nsr_min: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.01
+        #: Adam's first-moment (mean) decay rate (official 0.9)
+        beta1: AdamBeta = 0.9
+        #: Adam's second-moment (squared gradient) decay rate (official 0.99)
+        beta2: AdamBeta = 0.99
         #: clamp the output to [0, 1]
         clip: bool = True
 
         def __post_init__(self):
             super().__post_init__()
-            check(1 <= self.steps <= 100000, f"steps must be in [1, 100000]; got {self.steps}")
-            check(self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
-            check(self.lr > 0, f"lr must be > 0; got {self.lr}")
-            check(self.lam >= 0, f"lam must be >= 0; got {self.lam}")
-            check(self.obs_weight is None or self.obs_weight >= 0, f"obs_weight must be >= 0 or None; got {self.obs_weight}")
-            check(self.weighting in WEIGHTINGS, f"weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
-            check(self.reduction in (None, "sum", "mean"), f"reduction must be sum or mean; got {self.reduction!r}")
-            check(self.init is None or self.init in INITS, f"init must be one of {', '.join(INITS)}; got {self.init!r}")
-            check(self.grid is None or self.grid in GRIDS, f"grid must be one of {', '.join(GRIDS)}; got {self.grid!r}")
-            check(self.output is None or self.output in OUTPUTS,
-                  f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
-            check(self.sigma_x0 >= 0, f"sigma_x0 must be >= 0; got {self.sigma_x0}")
-            check(0 < self.nsr_min < 1, f"nsr_min must be in (0, 1); got {self.nsr_min}")
-            check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "Adam betas must be in [0, 1)")
             if (self.grid or PRESET_OPTIONS[self.preset]["grid"]) == "official":
                 check(self.steps <= OFFICIAL_T, f"the official grid has at most {OFFICIAL_T} steps; got {self.steps}")
 

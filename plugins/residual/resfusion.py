@@ -250,8 +250,9 @@ class ResfusionSampler(Sampler):
     default_priors: ClassVar[dict[str, str]] = {"deblur": "resfusion-deblur"}
     #: biased by design at its native 5 steps: DDPM steps drop Var[x0 | x_t], so with the exact oracle the mean
     #: is exact but the variance is ~0.3x the posterior's. The plugin's tests pin the exact law of the chain
-    #: and its convergence to the posterior as T grows (T = 1000, 368 steps: within 4%)
-    certification = Report(path=lambda: ResfusionSchedule("linear_pro", 12).image_path())
+    #: and its convergence to the posterior as T grows (T = 1000, 368 steps: within 4%). Bounded: measured mean
+    #: error 0.0087 on the bench (2026-12-07; the Monte-Carlo error of 256 samples), bound 1.5x
+    certification = Report(path=lambda: ResfusionSchedule("linear_pro", 12).image_path(), max_error=1.5 * 0.0087)
 
     @dataclass(frozen=True)
     class Config(Options):

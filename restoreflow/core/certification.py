@@ -34,7 +34,8 @@ from typing import Any, ClassVar
 
 from restoreflow.core.errors import ConfigError
 
-__all__ = ["Certification", "FlowMap", "Posterior", "PointEstimate", "Report", "OperatorOnly", "certification_of"]
+__all__ = ["Certification", "FlowMap", "Posterior", "PointEstimate", "Report", "OperatorOnly", "certification_of",
+           "check_report_bounded"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,12 +84,19 @@ class PointEstimate(Certification):
 @dataclass(frozen=True, kw_only=True)
 class Report(Certification):
     """No exact target on the bench problem: finite output, the error of the sample mean to the posterior mean
-    is reported and must stay <= ``max_error`` (``None``: reported only -- first-party samplers all set it)."""
+    (largest over the coordinates) is reported and must stay <= ``max_error``, the measured value with a margin
+    written beside it (``None``: reported only, bounding nothing -- first-party samplers must set it,
+    :func:`check_report_bounded`)."""
 
     kind: ClassVar[str] = "report"
     samples: int = 256
     steps: int | None = None
     max_error: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or (self.max_error is not None and not self.max_error > 0):
+            raise ConfigError(f"Report needs samples >= 1 and max_error > 0 (or None); got {self.samples}, "
+                              f"{self.max_error}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,3 +134,15 @@ def certification_of(sampler_cls: type) -> Certification | None:
     if "steps" in spec and isinstance(spec["steps"], list):
         spec["steps"] = tuple(spec["steps"])
     return cls(**spec)
+
+
+def check_report_bounded(sampler_cls: type) -> None:
+    """Refuse a :class:`Report` certification that bounds nothing (``max_error`` unset) with a :class:`ConfigError`,
+    so :func:`restoreflow.testing.certify_sampler` fails when a change makes the sampler worse on the bench. Other
+    kinds pass (their checks are exact). Every first-party sampler is held to this (tests/core/test_certification.py);
+    a plugin author can hold theirs to it too."""
+    cert = certification_of(sampler_cls)
+    if isinstance(cert, Report) and cert.max_error is None:
+        raise ConfigError(f"sampler {getattr(sampler_cls, 'name', sampler_cls)!r}: its Report certification bounds "
+                          "nothing; set Report(max_error=...) to the measured error (certify_sampler(cls)['mean_err']) "
+                          "times a margin, with the measured value and its date in a comment")

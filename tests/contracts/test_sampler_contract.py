@@ -295,13 +295,11 @@ class TestDPMSolverPP2M(TakesGuidance, SamplerContract):
 class TestDPS(IgnoresNoiseLevel, SamplerContract):
     name = "dps"
     bad_options = {"steps": "0", "eta": "2", "zeta": "-1", "spacing": "sideways"}
-    known_failures = _no_help("plugins/dps.py:DPS.Config", "steps")
 
 
 class TestRedDiff(SamplerContract):
     name = "red_diff"
     bad_options = {"steps": "0", "lr": "-1"}
-    known_failures = _no_help("plugins/red_diff.py:RedDiff.Config", "steps, beta1, beta2")
 
 
 class TestFlowChef(SamplerContract):
@@ -312,7 +310,6 @@ class TestFlowChef(SamplerContract):
 class TestDPIR(SamplerContract):
     name = "dpir"
     bad_options = {"steps": "0", "cg_iters": "0"}
-    known_failures = _no_help("plugins/pnp.py:DPIR.Config", "cg_tol")
 
 
 class TestMMSE(SamplerContract):
@@ -357,14 +354,13 @@ class TestResfusion(TakesGuidance, SamplerContract):
     bad_options = {"preset": "paper"}
 
 
-class TestPseudoInverse(SamplerContract):
+class TestPseudoInverse(IgnoresNoiseLevel, SamplerContract):
     name = "pinv"
 
 
 class TestWiener(SamplerContract):
     name = "wiener"
     bad_options = {"iters": "0", "tol": "-1"}
-    known_failures = _no_help("plugins/classical.py:Wiener.Config", "tol")
 
 
 class TestTV(SamplerContract):
@@ -391,7 +387,6 @@ class TestBM3D(SamplerContract):
 class TestNLMeans(SamplerContract):
     name = "nlm"
     bad_options = {"h": "-1", "patch_size": "0"}
-    known_failures = _no_help("plugins/peers.py:NLMeans.Config", "patch_size, patch_distance")
 
 
 class TestBicubic(IgnoresNoiseLevel, SamplerContract):
