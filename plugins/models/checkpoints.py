@@ -6,13 +6,13 @@ r"""Published checkpoints as priors (``--prior PATH``), weights read with safete
   ``beta_max``/``learn_sigma`` override what is inferred from the weights or a sidecar ``.yaml``/``.json``),
   or EDM's ADM (deepinv's ``ADMUNet``) on its VE path;
 * :class:`DiffusersPrior`: a diffusers ``UNet2DModel`` folder (``config.json`` + safetensors weights, scheduler
-  config), when diffusers is installed.
+  config), when diffusers is installed, on the scheduler's own discrete table (:func:`diffusers_schedule`); its
+  ``ddim``/``dpmpp-2m`` settings (``steps_offset``, ``set_alpha_to_one``...) become those samplers' defaults.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -27,36 +27,82 @@ _GD_KEYS = ("input_blocks.0.0.weight", "time_embed.0.weight", "out.2.weight")  #
 _EDM_ADM_KEYS = ("map_layer0.weight", "out_conv.weight")  # EDM's ADM (deepinv ADMUNet)
 
 
-def _ddpm_log_abar(schedule: str, beta_min: float, beta_max: float, steps: int) -> Tensor:
-    r""":math:`\log\bar\alpha_i`, ``i = 0..steps-1``, of a discrete DDPM schedule (float64)."""
-    if schedule == "linear":
-        betas = torch.linspace(beta_min / steps, beta_max / steps, steps, dtype=torch.float64)
-    elif schedule == "cosine":  # Nichol & Dhariwal: abar(t) = cos^2(((t/T + s)/(1 + s)) pi/2), betas clipped at 0.999
-        s_ = 0.008
-        f = lambda i: torch.cos((torch.as_tensor(i, dtype=torch.float64) / steps + s_) / (1 + s_) * math.pi / 2) ** 2
-        i = torch.arange(steps, dtype=torch.float64)
-        betas = torch.clamp(1 - f(i + 1) / f(i), max=0.999)
-    else:
-        raise ConfigError(f"noise_schedule must be linear or cosine; got {schedule!r}")
-    return torch.cumsum(torch.log1p(-betas), 0)
-
-
 def ddpm_path(schedule: str = "linear", beta_min: float = 0.1, beta_max: float = 20.0, steps: int = 1000) -> Any:
-    r"""The discrete DDPM schedule as a continuous VP path: ``t = i / (steps - 1)``, :math:`a^2 = \bar\alpha_i`
-    interpolated linearly in :math:`\log\bar\alpha` between the integer steps (exact at them)."""
-    from restoreflow.plugin_api import AffinePath, tabulated
+    r"""guided-diffusion's discrete DDPM schedule (float64, as its numpy code): ``linear`` betas from
+    ``beta_min / steps`` to ``beta_max / steps`` or the ``cosine`` one, on the core's discrete path
+    (:func:`restoreflow.core.paths.ddpm`: timestep ``n`` at ``t = n / (steps - 1)``, :math:`a^2 = \bar\alpha_n`
+    exactly there, :math:`\log\bar\alpha` linear between)."""
+    from restoreflow.plugin_api import ddpm, ddpm_betas
 
-    log_abar = tabulated(_ddpm_log_abar(schedule, beta_min, beta_max, steps))
+    if schedule not in ("linear", "cosine"):
+        raise ConfigError(f"noise_schedule must be linear or cosine; got {schedule!r}")
+    betas = ddpm_betas(schedule, beta_start=beta_min / steps, beta_end=beta_max / steps, num_train_timesteps=steps)
+    return ddpm(betas, schedule=schedule, beta_min=beta_min, beta_max=beta_max)
 
-    def a(t: Tensor) -> Tensor:
-        return torch.exp(0.5 * log_abar(t))
 
-    def sigma(t: Tensor) -> Tensor:
-        return torch.sqrt(-torch.expm1(log_abar(t)))
+#: diffusers' ``prediction_type`` -> :class:`PredictionAdapter`'s ``prediction``
+DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 
-    return AffinePath("vp", a=a, b=lambda t: torch.zeros_like(t), sigma=sigma, t_min=0.0, t_max=1.0,
-                      params={"discrete": True, "schedule": schedule, "beta_min": beta_min, "beta_max": beta_max,
-                              "steps": steps})
+
+def diffusers_schedule(config: dict[str, Any]) -> tuple[Any, str]:
+    """The discrete DDPM path (in the network's [-1, 1] units) and the prediction of a diffusers scheduler config
+    (``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule``, ``trained_betas``,
+    ``prediction_type``). The table is diffusers' own: betas and their cumulative product in float32, the table the
+    network was trained with (up to 1.3e-5 relative from the float64 one at the noisy end of squaredcos_cap_v2)."""
+    from restoreflow.plugin_api import BETA_SCHEDULES, ddpm, ddpm_betas, parse_bool, parse_float, parse_int
+
+    pred = DIFFUSERS_PREDICTIONS.get(str(config.get("prediction_type", "epsilon")))
+    if pred is None:
+        raise CheckpointError(f"unsupported diffusers prediction_type {config.get('prediction_type')!r}; expected "
+                              f"one of {', '.join(DIFFUSERS_PREDICTIONS)}")
+    if parse_bool(config.get("rescale_betas_zero_snr", False), "rescale_betas_zero_snr"):
+        raise CheckpointError("diffusers' rescale_betas_zero_snr (alpha-bar 0 at the last timestep) is not supported")
+    T = parse_int(config.get("num_train_timesteps", 1000), "num_train_timesteps")
+    sched = str(config.get("beta_schedule", "linear"))
+    start = parse_float(config.get("beta_start", 1e-4), "beta_start")
+    end = parse_float(config.get("beta_end", 0.02), "beta_end")
+    trained = config.get("trained_betas")
+    try:
+        if trained is not None:
+            betas = torch.tensor([float(b) for b in trained], dtype=torch.float32)
+        elif sched in BETA_SCHEDULES:
+            betas = ddpm_betas(sched, beta_start=start, beta_end=end, num_train_timesteps=T, dtype=torch.float32)
+        else:
+            raise ValueError(f"unsupported diffusers beta_schedule {sched!r}; expected linear, scaled_linear, "
+                             "squaredcos_cap_v2 or trained_betas")
+        path = ddpm(betas, schedule="trained" if trained is not None else sched, beta_start=start, beta_end=end,
+                    source="diffusers")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"diffusers scheduler config: {e}") from None
+    return path, pred
+
+
+def diffusers_sampler_options(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``ddim`` / ``dpmpp-2m`` options a diffusers scheduler config sets (those it has): ``steps_offset``,
+    ``set_alpha_to_one`` (DDIM), ``final_sigmas_type`` and ``lower_order_final`` (DPM-Solver). They act on
+    diffusers' integer grids only (``-o spacing=leading|trailing|linspace`` or ``timesteps=``)."""
+    from restoreflow.plugin_api import parse_bool, parse_int
+
+    ddim: dict[str, Any] = {}
+    dpm: dict[str, Any] = {}
+    if "steps_offset" in config:
+        ddim["steps_offset"] = dpm["steps_offset"] = parse_int(config["steps_offset"], "steps_offset")
+    if "set_alpha_to_one" in config:
+        ddim["set_alpha_to_one"] = parse_bool(config["set_alpha_to_one"], "set_alpha_to_one")
+    if "lower_order_final" in config:
+        dpm["lower_order_final"] = parse_bool(config["lower_order_final"], "lower_order_final")
+    if config.get("final_sigmas_type") in ("zero", "sigma_min"):
+        dpm["final_sigmas_type"] = config["final_sigmas_type"]
+    return {k: v for k, v in (("ddim", ddim), ("dpmpp-2m", dpm)) if v}
+
+
+def diffusers_denoiser(fn: Any, config: dict[str, Any], *, dtype: torch.dtype | None = None) -> PredictionAdapter:
+    """``fn(x, timestep)`` (a diffusers network in [-1, 1] units) as a [0, 1] x0-denoiser on its scheduler config's
+    discrete path: timestep ``n`` at ``t = n / (T - 1)``."""
+    path, pred = diffusers_schedule(config)
+    T = int(path.params["steps"])
+    return PredictionAdapter(fn, prediction=pred, path=path, value_range=(-1.0, 1.0),
+                             time_fn=lambda t: t * (T - 1), dtype=dtype)
 
 
 def _read_sidecar(path: Path) -> dict[str, Any]:
@@ -318,7 +364,11 @@ class DiffusersPrior(Prior):
     def _scheduler_config(self) -> dict[str, Any]:
         for cand in (self.folder / "scheduler" / "scheduler_config.json", self.folder / "scheduler_config.json"):
             if cand.exists():
-                return json.loads(cand.read_text())
+                try:
+                    data = json.loads(cand.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise CheckpointError(f"cannot read the scheduler config {cand}: {e}") from None
+                return data if isinstance(data, dict) else {}
         return {}
 
     def load(self, *, device: torch.device | str = "cpu", x_shape: tuple[int, ...] | None = None) -> Any:
@@ -335,22 +385,17 @@ class DiffusersPrior(Prior):
             net = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True)
         except Exception as e:
             raise CheckpointError(f"diffusers could not load {unet_dir}: {' '.join(str(e).split())[:200]}") from None
-        sc = {**self._scheduler_config(), **self.options}
-        pred = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}.get(str(sc.get("prediction_type", "epsilon")))
-        if pred is None:
-            raise CheckpointError(f"unsupported diffusers prediction_type {sc.get('prediction_type')!r}")
-        steps = int(sc.get("num_train_timesteps", 1000))
-        sched = str(sc.get("beta_schedule", "linear"))
-        sched = {"squaredcos_cap_v2": "cosine"}.get(sched, sched)
-        path = ddpm_path(sched, float(sc.get("beta_start", 1e-4)) * steps, float(sc.get("beta_end", 0.02)) * steps, steps)
 
         def fn(x: Tensor, t: Tensor) -> Tensor:
             return net(x, t).sample
 
-        den = PredictionAdapter(fn, prediction=pred, path=path, value_range=(-1.0, 1.0),
-                                time_fn=lambda t: t * (steps - 1), dtype=torch.float32)
+        den = diffusers_denoiser(fn, {**self._scheduler_config(), **self.options}, dtype=torch.float32)
         den.net_module = for_inference(net, device)
         return den
+
+    def tuned_options(self) -> dict[str, dict[str, Any]]:
+        """The scheduler config's ``ddim``/``dpmpp-2m`` settings (:func:`diffusers_sampler_options`)."""
+        return diffusers_sampler_options({**self._scheduler_config(), **self.options})
 
 
 def _is_diffusers_folder(p: Path) -> bool:

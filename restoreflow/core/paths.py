@@ -321,8 +321,8 @@ def ddpm(betas: Any, **params: Any) -> AffinePath:
     (``set_alpha_to_one``) and DPM-Solver's (``final_sigmas_type="zero"``) land. ``params`` are recorded with
     ``discrete=True`` and ``steps=T`` (the convention samplers read, :func:`ddpm_steps`).
     """
-    b = betas if isinstance(betas, Tensor) and betas.is_floating_point() else torch.as_tensor(betas, dtype=torch.float64)
-    b = b.detach().cpu().reshape(-1)
+    floating = isinstance(betas, Tensor) and betas.is_floating_point()
+    b = (betas if floating else torch.as_tensor(betas, dtype=torch.float64)).detach().cpu().reshape(-1)
     T = b.numel()
     if T < 2 or not bool(((b > 0) & (b < 1)).all()):
         raise ValueError(f"a DDPM path needs at least 2 betas, each in (0, 1); got {T} values in "
