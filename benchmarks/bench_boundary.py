@@ -102,7 +102,7 @@ def restore(y, mode: str):
     gauss.conjugate_gradient = counting
     try:
         t0 = time.perf_counter()
-        x = wiener.sample(Problem(y=yt, operator=op, x_shape=x_shape), None, generator=torch.Generator().manual_seed(0))
+        x = wiener.sample(Problem(y=yt, operator=op, x_shape=x_shape, registries=regs), None, generator=torch.Generator().manual_seed(0))
         secs = time.perf_counter() - t0
     finally:
         gauss.conjugate_gradient = inner
@@ -115,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
-    import numpy as np
     import torch
 
     from restoreflow.models.data import EVAL_IMAGES, held_out_images

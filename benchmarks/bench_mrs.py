@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     regs = collect(get_plugin_manager())
     op = regs.operators.get("gaussian_blur")(x_shape=tuple(x0.shape), sigma=2.0, noise_sigma=0.01)
     y = op.forward(x0, generator=torch.Generator().manual_seed(0))
-    problem = Problem(y=y, operator=op, x_shape=tuple(x0.shape))
+    problem = Problem(y=y, operator=op, x_shape=tuple(x0.shape), registries=regs)
     prior = default_spectrum(3).model(size, size)
     sch = mrs.IRSDESchedule()
     den = ConditionalOracle(prior, op, sch.path)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         net_den = mrs.IRSDEDenoiser(build_network("irsde_unet", in_nc=3, out_nc=3, nf=16, depth=3).eval(), sch, "eps")
         net_label = "IR-SDE ConditionalUNet (nf 16, depth 3, random weights)"
     xb = problem.anchor[:1, :, :unet_size, :unet_size].float().contiguous()
-    prob_net = Problem(y=xb, operator=None, x_shape=tuple(xb.shape), anchor=xb)
+    prob_net = Problem(y=xb, operator=None, x_shape=tuple(xb.shape), anchor=xb, registries=regs)
     timing = []
     unet_runs = [("mrs-ode-data-2 NFE 20", mrs.MRS(steps=20)), ("mrs-ode-data-2 NFE 10", mrs.MRS(steps=10)),
                  ("mrs-ode-data-2 NFE 5", mrs.MRS(steps=5)), ("posterior-100", mrs.MRPosterior())]

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             smp = regs.samplers.get(sampler)(**{**tuned, **sopts})
             for i, seed, x, op, y in measurements:
                 den = prior(prior_name)
-                problem = anchored_for(Problem(y=y, operator=op, x_shape=tuple(op.x_shape)), den)
+                problem = anchored_for(Problem(y=y, operator=op, x_shape=tuple(op.x_shape), registries=regs), den)
                 t0 = time.time()
                 out = smp.sample(problem, den, generator=torch.Generator().manual_seed(seed))
                 add(label, "ours", psnr(out, x, op), ssim(out, x, op), time.time() - t0)
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             grid = GRIDS[peer + popts[4:]] if isinstance(popts, str) else [popts]
             label = peer + (" (oracle-tuned)" if isinstance(popts, str) else "")
             for i, seed, x, op, y in measurements:
-                problem = Problem(y=y, operator=op, x_shape=tuple(op.x_shape))
+                problem = Problem(y=y, operator=op, x_shape=tuple(op.x_shape), registries=regs)
                 best = None
                 t0 = time.time()
                 for o in grid:

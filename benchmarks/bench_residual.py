@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     y = op.forward(clean, generator=torch.Generator().manual_seed(0))
     prior = default_spectrum(3).model(size, size)
     post = prior.posterior(op, y)
-    problem = Problem(y=y, operator=op, x_shape=tuple(clean.shape))
+    problem = Problem(y=y, operator=op, x_shape=tuple(clean.shape), registries=regs)
     mu = problem.anchor
 
     def metrics(x: torch.Tensor) -> tuple[list[float], list[float]]:

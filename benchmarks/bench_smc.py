@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     def run(pb, den, guidance, corrector, seed):
-        prob = Problem(y=pb["y"].expand(M, *pb["y"].shape[1:]).clone(), operator=pb["op"], x_shape=(M, *pb["x_shape"]))
+        prob = Problem(y=pb["y"].expand(M, *pb["y"].shape[1:]).clone(), operator=pb["op"], x_shape=(M, *pb["x_shape"]), registries=regs)
         t0 = time.perf_counter()
         x = integrate(pb["kernel"], den, prob, pb["ts"], generator=torch.Generator().manual_seed(1000 + seed),
                       guidance=guidance, corrector=corrector)

@@ -14,15 +14,20 @@ Crops: the held-out images (:func:`restoreflow.models.data.held_out_images`, nev
 anything here) by default; ``--crops train`` runs the same on training-domain crops (scikit-image training images and
 dead leaves, :func:`restoreflow.models.data.builtin_pool`), where ``auto``'s tolerance (0.05, set beforehand) was checked.
 
-``--fit`` (re)writes the ``default`` prior's Gaussian cache, ``restoreflow/models/weights/default.gaussian.safetensors``:
-a stationary power-law Gaussian fitted on every training image (the scikit-image training set at its training scales
-and the dead leaves; no held-out image) and the ``auto`` noise level: the lowest noise-to-signal ratio down to which
-the network's relative score departure from that Gaussian (:func:`restoreflow.exact.teleport.departure`, 32 training
-crops of 64 px) stays within the tolerance.
+``--fit NAMES`` (re)writes a bundled prior's Gaussian cache, ``restoreflow/models/weights/NAME.gaussian.safetensors``,
+and records it in its card (``"teleport"``): a stationary power-law Gaussian fitted on every image of the card's
+training set (the scikit-image training set at its training scales and the card's dead leaves; no held-out image) and
+the ``auto`` noise level: the lowest noise-to-signal ratio down to which the network's relative score departure
+(:func:`restoreflow.exact.teleport.departure`, 32 training crops of 64 px) stays within the tolerance. The departure
+of the unconditional ``default`` is from that Gaussian; of the conditional ``mr-deblur`` (which predicts
+E[x0 | x_t, mu]) from the Gaussian posterior of that prior given a deblurring measurement -- the Gaussian
+a teleported MRS run jumps along -- for each blur it was trained on (task defaults), keeping the highest level.
+(``default.gaussian.safetensors`` was fitted before the fit read the card: on dead leaves of seed 0, its card's are
+seed 1.)
 
     python benchmarks/bench_teleport.py --quick    # 4 held-out crops, 1 seed, deblur, 0.2 and auto (3.5 min, 1 core)
     python benchmarks/bench_teleport.py            # 8 held-out crops, 2 seeds, deblur + SR x4 (~50 min, 1 core)
-    python benchmarks/bench_teleport.py --fit      # refit the default prior's Gaussian cache first
+    python benchmarks/bench_teleport.py --fit mr-deblur --fit-only   # refit a prior's Gaussian cache (6 min)
     python benchmarks/bench_teleport.py --samplers mrs-20 --merge   # rerun some rows into the existing results
     python benchmarks/bench_teleport.py --report   # rewrite the markdown from the JSON
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -58,39 +64,84 @@ TASK_OPTIONS = {"deblur": {}, "sr": {"factor": 4}}
 NSRS = [float(v) for v in torch.logspace(math.log10(80.0), -2, 25)]
 
 
-def fit_default(tolerance: float, out: Path | None = None) -> dict:
-    """Fit and write the ``default`` prior's :class:`~restoreflow.exact.teleport.PriorGaussian` (see the docstring)."""
+def _training_pool(card: dict):
+    """The card's built-in training set (its dead-leaves count, size, weight and seed; no held-out image)."""
+    from restoreflow.models.data import builtin_pool
+
+    train = card.get("data", {}).get("train", {})
+    if train.get("source") != "builtin":
+        raise SystemExit(f"--fit: the card's training data is {train.get('source')!r}; only 'builtin' is known here")
+    dl = train.get("dead_leaves", {})
+    return builtin_pool(3, dead_leaves_count=int(dl.get("count", 64)), dead_leaves_size=int(dl.get("size", 128)),
+                        dead_leaves_weight=float(dl.get("weight", 0.35)), seed=int(dl.get("seed", 0)))
+
+
+def _conditional_departures(regs, den, card: dict, model, crops: torch.Tensor) -> dict:
+    """A conditional model against the Gaussian posterior given a measurement: one deblurring operator per operator
+    the card trained on (task defaults; measurement seed 7, anchor as the card says), the same noise draws."""
+    from restoreflow.core.sampling import Problem, anchored_for
+    from restoreflow.exact.teleport import departure, posterior_target
+
+    task = regs.tasks.get(card["task"])
+    out = {}
+    for spec in card["operator_options"]["operators"]:
+        op = regs.operators.get(spec["name"])(x_shape=tuple(crops.shape), **{**dict(task.defaults), **spec["options"]})
+        y = op.forward(crops, generator=torch.Generator().manual_seed(7))
+        problem = anchored_for(Problem(y=y, operator=op, x_shape=tuple(crops.shape), registries=regs), den)
+        out[spec["name"]] = departure(den, posterior_target(model, op, y).flow, crops, NSRS,
+                                      generator=torch.Generator().manual_seed(1), anchor=problem.anchor)
+    return out
+
+
+def fit_prior(name: str, tolerance: float) -> dict:
+    """Fit and write a bundled prior's :class:`~restoreflow.exact.teleport.PriorGaussian` beside its weights and
+    record it in its card (see the module docstring)."""
+    from restoreflow.core.modelcard import read_card, write_card
     from restoreflow.exact.gaussian import PowerLawSpectrum
     from restoreflow.exact.teleport import PriorGaussian, auto_nsr, departure, gaussian_path
-    from restoreflow.models.data import builtin_pool
+    from restoreflow.host.manager import default_registries
     from restoreflow.models.weights import WEIGHTS_DIR
-    from restoreflow_plugins.models.bundled import DefaultPrior
 
-    prior = DefaultPrior()
-    den = prior.load()
-    pool = builtin_pool(3)  # the training set of the card: TRAIN_IMAGES at its scales + 64 dead leaves (seed 0)
+    regs = default_registries()
+    weights = WEIGHTS_DIR / f"{name}.safetensors"
+    card = read_card(weights.with_suffix(".json"))
+    den = regs.priors.get(name)().load()
+    pool = _training_pool(card)
     spectrum = PowerLawSpectrum.fit([im.to(torch.float64) for group in pool.groups.values() for im in group])
     crops = pool.batch(32, 64, generator=torch.Generator().manual_seed(0))
-    dep = departure(den, spectrum.model(64, 64), crops, NSRS, generator=torch.Generator().manual_seed(1))
-    nsr = auto_nsr(NSRS, dep, tolerance)
-    info = {"data": "restoreflow.models.data.builtin_pool(3): TRAIN_IMAGES at scales 1, 1/2 (1/4 >= 800 px) + 64 "
-                    "dead leaves (seed 0); no held-out image",
+    if getattr(den, "conditional", False):
+        deps = _conditional_departures(regs, den, card, spectrum.model(64, 64), crops)
+        against = "the Gaussian posterior given a deblurring measurement of each training operator"
+    else:
+        g = torch.Generator().manual_seed(1)
+        deps = {"prior": departure(den, spectrum.model(64, 64), crops, NSRS, generator=g)}
+        against = "the Gaussian"
+    levels = {k: auto_nsr(NSRS, d, tolerance) for k, d in deps.items()}
+    nsr = max(levels.values())  # auto must hold for every operator measured
+    dl = pool.description["dead_leaves"]
+    info = {"data": f"restoreflow.models.data.builtin_pool(3) as the card: TRAIN_IMAGES at scales "
+                    f"{pool.description['scales']} + {dl['count']} dead leaves (seed {dl['seed']}); no held-out image",
             "fit": "PowerLawSpectrum.fit (64-px patches)", "tolerance": tolerance,
-            "departure": {"crops": "32 x 64 px from the training pool, seed 0; noise seed 1",
-                          "nsr": [round(r, 5) for r in NSRS], "relative_score_error": [round(d, 5) for d in dep]}}
+            "departure": {"crops": "32 x 64 px from the training pool, seed 0; noise seed 1", "against": against,
+                          "nsr": [round(r, 5) for r in NSRS],
+                          "relative_score_error": {k: [round(v, 5) for v in d] for k, d in deps.items()}}}
     pg = PriorGaussian(spectrum, nsr if math.isfinite(nsr) else None, info)
-    target = out or gaussian_path(WEIGHTS_DIR / "default.safetensors")
+    target = gaussian_path(weights)
     pg.save(target)
-    print(f"wrote {target}: nsr_auto {pg.nsr_auto} (tolerance {tolerance})")
-    return {"file": str(target.name), "nsr_auto": pg.nsr_auto, **info}
+    card["teleport"] = {"gaussian": target.name, "nsr_auto": pg.nsr_auto, "tolerance": tolerance,
+                        "made_by": f"python benchmarks/bench_teleport.py --fit {name}", "data": info["data"],
+                        "nsr_auto_per_measurement": {k: None if math.isinf(v) else round(v, 5)
+                                                     for k, v in levels.items()}}
+    write_card(weights.with_suffix(".json"), card)
+    print(f"wrote {target}: nsr_auto {pg.nsr_auto} (tolerance {tolerance}); recorded in {name}.json")
+    return {"file": target.name, "nsr_auto": pg.nsr_auto, **info}
 
 
 def departures(regs) -> dict:
     """Relative score departure from the Gaussian(-posterior) on training crops: the ``default`` prior against its
-    cached Gaussian (as stored by ``--fit``) and the conditional ``mr-deblur`` against the Gaussian posterior given
-    its deblurring measurement (its anchor: the Wiener estimate)."""
+    cached Gaussian (as stored by ``--fit``) and the conditional ``mr-deblur`` against the Gaussian posterior of its
+    cached Gaussian given its deblurring measurement (its anchor: the Wiener estimate)."""
     from restoreflow.core.sampling import Problem, anchored_for
-    from restoreflow.exact.gaussian import default_spectrum
     from restoreflow.exact.teleport import departure, posterior_target
     from restoreflow.models.data import builtin_pool
 
@@ -104,10 +155,15 @@ def departures(regs) -> dict:
     op = regs.operators.get(t.operator)(x_shape=tuple(crops.shape), **dict(t.defaults))
     y = op.forward(crops, generator=torch.Generator().manual_seed(7))
     problem = anchored_for(Problem(y=y, operator=op, x_shape=tuple(crops.shape), registries=regs), mr)
-    post = posterior_target(default_spectrum(3).model(64, 64), op, y).flow
+    post = posterior_target(mr.gaussian.model(64, 64), op, y).flow
     out["mr-deblur"] = departure(mr, post, crops, nsrs, generator=torch.Generator().manual_seed(6),
                                  anchor=problem.anchor)
     return out
+
+
+def nsr_levels(regs) -> dict:
+    """The noise-to-signal ratio ``auto`` teleports down to, per bundled prior (its Gaussian cache)."""
+    return {name: regs.priors.get(name)().load().gaussian.nsr_auto for name in ("default", "mr-deblur")}
 
 
 def _crops(kind: str, n_images: int, per_image: int, size: int) -> torch.Tensor:
@@ -172,7 +228,7 @@ def benchmark(args) -> dict:
             p = regs.priors.get(name)()
             priors[name] = (p, p.load())
     rows = []
-    t_all = time.time()
+    t_all, cpu_all = time.time(), time.process_time()
     for sampler in samplers:
         tasks = [t for t in METHODS[sampler][3] if t in args.tasks.split(",")]
         for task in tasks:
@@ -196,7 +252,9 @@ def benchmark(args) -> dict:
     return {"machine": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)", "crops": args.crops,
             "size": args.size, "images": n_images, "per_image": per_image, "seeds": len(seeds),
             "n": n_images * per_image * len(seeds), "settings": [str(s) for s in settings], "rows": rows,
-            "seconds_total": round(time.time() - t_all, 1)}
+            "seconds_total": round(time.time() - t_all, 1),
+            "cpu_seconds_total": round(time.process_time() - cpu_all, 1),
+            "load_average": [round(v, 2) for v in os.getloadavg()]}
 
 
 def verdict(out: dict) -> list[str]:
@@ -228,8 +286,9 @@ def markdown(out: dict) -> str:
     md = [f"# Analytical teleportation ({out['crops']} crops: {out['n']} paired runs per cell, {out['size']} px; "
           f"{out['machine']})", "",
           "PSNR difference to teleport off (paired, same measurement and seed; mean +- standard error) and network "
-          "calls per image. `auto` teleports down to the noise level stored in the prior's Gaussian cache (none for "
-          "`mr-deblur`: auto does not teleport).", "",
+          "calls per image. `auto` teleports down to the noise level stored in the prior's Gaussian cache ("
+          + "; ".join(f"`{k}`: noise-to-signal {v:.3g}" for k, v in out.get("nsr_auto", {}).items())
+          + "; `mr-deblur`'s measured against the Gaussian posterior given the measurement).", "",
           "| sampler | task | off: PSNR / calls | " + " | ".join(f"teleport={s}" for s in settings) + " |",
           "|---|---|---|" + "---|" * len(settings)]
     for r in out["rows"]:
@@ -253,11 +312,14 @@ def markdown(out: dict) -> str:
            "form Gaussian denoiser instead of the network).",
            "* mrs with mr-deblur runs the card's 2 steps: a teleport can only replace the first of them (0.3 -> 1 "
            "call), and a conditional model's prediction at high noise is already its restoration E[x0 | mu], which the "
-           "Gaussian posterior (the Wiener estimate) is not; mrs-20 is MRS at its own default of 20 steps.",
+           "Gaussian posterior (the Wiener estimate) is not; `auto` keeps both calls there (the second sits at "
+           "noise-to-signal 0.002, far below the cache's level). mrs-20 is MRS at its own default of 20 steps.",
            "", "## Against the goal (>= 20 % fewer calls at <= 0.05 dB loss; auto within 0.05 dB)", "",
-           *verdict(out), "", f"Total {out['seconds_total']} s."]
-    if "fit" in out:
-        md += ["", f"Gaussian cache refitted: {out['fit']['file']}, nsr_auto {out['fit']['nsr_auto']}."]
+           *verdict(out), "", f"Total {out['seconds_total']} s wall"
+           + (f", {out['cpu_seconds_total']} s CPU (load average {out['load_average'][0]} at the end)."
+              if "cpu_seconds_total" in out else ".")]
+    for f in out.get("fit", {}).values():
+        md += ["", f"Gaussian cache refitted: {f['file']}, nsr_auto {f['nsr_auto']}."]
     return "\n".join(md) + "\n"
 
 
@@ -268,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--samplers", default=None, help="comma list (default: all; quick: all on deblur)")
     ap.add_argument("--tasks", default=None, help="comma list (default deblur,sr; quick deblur)")
-    ap.add_argument("--fit", action="store_true", help="refit the default prior's Gaussian cache first")
+    ap.add_argument("--fit", default=None, help="comma list of bundled priors whose Gaussian cache to refit first "
+                                                "(default, mr-deblur)")
+    ap.add_argument("--fit-only", action="store_true", help="only refit (--fit), no benchmark")
     ap.add_argument("--tolerance", type=float, default=None, help="auto's departure tolerance (fit)")
     ap.add_argument("--settings", default=None, help="teleport settings (default 0.1,0.2,0.3,auto; quick 0.2,auto)")
     ap.add_argument("--per-image", type=int, default=None, help="crops per image (default 2; quick 1)")
@@ -293,10 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"{stem}.md").write_text(markdown(out))
         print(markdown(out))
         return 0
-    fit = fit_default(args.tolerance or DEFAULT_TOLERANCE) if args.fit else None
+    fit = {n: fit_prior(n, args.tolerance or DEFAULT_TOLERANCE) for n in (args.fit or "").split(",") if n}
+    if args.fit_only:
+        return 0
     out = benchmark(args)
     out["departure"] = departures(default_registries())
-    if fit is not None:
+    out["nsr_auto"] = nsr_levels(default_registries())
+    if fit:
         out["fit"] = fit
     args.out.mkdir(parents=True, exist_ok=True)
     old_file = args.out / f"{stem}.json"
@@ -308,8 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         new = {(r["sampler"], r["task"]) for r in out["rows"]}
         out["rows"] = [r for r in old["rows"] if (r["sampler"], r["task"]) not in new] + out["rows"]
         out["seconds_total"] = round(old.get("seconds_total", 0) + out["seconds_total"], 1)
-        if old.get("fit") and "fit" not in out:
-            out["fit"] = old["fit"]
+        if "cpu_seconds_total" not in old:  # the earlier rows' CPU time was not recorded
+            out.pop("cpu_seconds_total", None)
+        else:
+            out["cpu_seconds_total"] = round(old["cpu_seconds_total"] + out["cpu_seconds_total"], 1)
+        if old.get("fit"):
+            out["fit"] = {**old["fit"], **out.get("fit", {})}
     out["verdict"] = verdict(out)
     (args.out / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(out))

@@ -203,7 +203,7 @@ def head_to_head(quick: bool, nfe: int, size: int) -> dict:
             den = prior.load(x_shape=tuple(clean.shape))
             for seed in range(seeds):
                 y = op.forward(clean, generator=torch.Generator().manual_seed(100 + seed))
-                yield prior, name, clean, physics, den, seed, y, Problem(y=y, operator=op, x_shape=tuple(clean.shape))
+                yield prior, name, clean, physics, den, seed, y, Problem(y=y, operator=op, x_shape=tuple(clean.shape), registries=regs)
 
     def record(prior_name, name, seed, clean, wrap, method, fn, nfe_expected, **extra):
         wrap.calls = 0

@@ -62,8 +62,6 @@ TASKS = ("deblur", "denoise", "sr", "inpaint")
 def _sync(dev) -> None:
     import torch
 
-from restoreflow.core.certification import certification_of
-
     if dev.type == "cuda":
         torch.cuda.synchronize()
 
@@ -181,6 +179,7 @@ def item_exact(args) -> dict:
     import torch
 
     import restoreflow as rf
+    from restoreflow.core.certification import certification_of
 
     _threads()
     dev = torch.device(args.device)

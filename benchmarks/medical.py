@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             ps, ss, ts = [], [], []
             for seed in range(seeds):
                 y = op.forward(x, generator=torch.Generator().manual_seed(seed))
-                pb = Problem(y=y, operator=op, x_shape=shape)
+                pb = Problem(y=y, operator=op, x_shape=shape, registries=regs)
                 t0 = time.perf_counter()
                 if sname is None:
                     out = pb.anchor

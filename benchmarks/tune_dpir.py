@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 x = xs[i:i + 1]
                 op = regs.operators.get(op_name)(x_shape=tuple(x.shape), **opts)
                 y = op.forward(x, generator=torch.Generator().manual_seed(100 * j + i))
-                problems.append((j, x, Problem(y=y, operator=op, x_shape=tuple(x.shape))))
+                problems.append((j, x, Problem(y=y, operator=op, x_shape=tuple(x.shape), registries=regs)))
         scores = {}
         for steps, lam, s0 in itertools.product(*grid.values()):
             sampler = regs.samplers.get("dpir")(steps=steps, lam=lam, sigma_start=s0, init=INIT.get(task, "anchor"))

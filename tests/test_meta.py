@@ -73,3 +73,12 @@ def test_every_package_ships_in_the_wheel():
     on_disk |= {".".join(("restoreflow_plugins", *p.parent.relative_to(ROOT / "plugins").parts)).rstrip(".")
                 for p in (ROOT / "plugins").rglob("__init__.py")}
     assert on_disk <= listed, f"packages missing from pyproject.toml: {sorted(on_disk - listed)}"
+
+
+def test_every_benchmark_and_script_compiles():
+    """Benchmarks are not imported by the suite, so a broken one (a stray import pasted into a function body) would
+    only show on the day it is needed -- the GPU check, for instance."""
+    files = sorted((ROOT / "benchmarks").glob("*.py")) + sorted((ROOT / "examples").rglob("*.py"))
+    assert len(files) > 10
+    for f in files:
+        compile(f.read_text(), str(f), "exec")
