@@ -10,9 +10,11 @@ term cancels exactly because :math:`b = 1 - a`, see ``tests/plugins/test_mrs.py`
 
 Modules, one concern each:
 
-* :mod:`.schedule` -- :class:`IRSDESchedule`, the discrete :math:`\theta_i` schedules and the path.
+* :mod:`.schedule` -- :class:`IRSDESchedule`, the discrete :math:`\theta_i` schedules and the path;
+  :class:`MRSTables`, MRS' own coefficient tables and time grids.
 * :mod:`.samplers` -- ``mrs`` (ODE/SDE, data/noise space, orders 1-3, MRS time schedules, ``denoise_last``,
-  dynamic thresholding), and the 100-step baselines ``mr-posterior``, ``mr-sde`` and ``mr-ode``.
+  dynamic thresholding; ``preset=official``: MRS' code, :class:`MRSCodeStep`), and the 100-step baselines
+  ``mr-posterior``, ``mr-sde`` and ``mr-ode`` (IR-SDE's own samplers).
 * :mod:`.denoiser` -- :class:`IRSDEDenoiser`, the model adapter for nets trained to predict noise, data or MRS'
   velocity.
 * :mod:`.training` -- the ``mr`` training method (IR-SDE maximum-likelihood L1 loss, or plain
@@ -33,16 +35,18 @@ from restoreflow.plugin_api import card_path, hookimpl
 from .bundled import MRDeblur, MRModel, bundled_weights
 from .checkpoints import IRSDECheckpoint, convert_checkpoint, find_prior
 from .denoiser import IRSDEDenoiser, dynamic_threshold, mr_velocity
-from .samplers import MRS, IRSDEEuler, MREulerODE, MREulerSDE, MRPosterior
-from .schedule import IRSDESchedule
+from .samplers import MRS, IRSDEEuler, MREulerODE, MREulerSDE, MRPosterior, MRSCodeStep
+from .schedule import IRSDESchedule, MRSTables
 from .training import MRTraining
 
 
 __all__ = [
     "IRSDESchedule",
+    "MRSTables",
     "IRSDEDenoiser",
     "IRSDEEuler",
     "MRS",
+    "MRSCodeStep",
     "MRPosterior",
     "MREulerSDE",
     "MREulerODE",

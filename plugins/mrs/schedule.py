@@ -4,6 +4,8 @@ r"""The IR-SDE schedule and its mean-reverting path.
 with or without the :math:`\theta_0` offset, the ``dt`` with :math:`e^{-\bar\theta_T dt} = \varepsilon`, and the
 path (index :math:`i \in [0, T]` is path time :math:`t = i/T`; the network sees :math:`tT`). The path inverts
 its noise level exactly (:class:`_IRSDEPath`) and remembers its coefficients at scalar times (:class:`_MemoScalar`).
+:class:`MRSTables` is MRS' own view of a path (``preset=official`` of ``mrs``): its coefficient tables on the
+integer steps, its time grids and its linear interpolation between steps.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import AffinePath, as_time, build_config, check, mean_reverting, tabulated
+from restoreflow.plugin_api import (
+    AffinePath, IncompatibleError, as_time, build_config, check, mean_reverting, tabulated,
+)
 
 
 THETA_SCHEDULES = ("cosine", "linear", "constant")
@@ -170,3 +174,80 @@ class _MemoScalar:
                 self.memo.clear()
             out = self.memo[key] = self.fn(t)
         return out
+
+
+#: restoreflow's schedule names and the MRS ``time_schedule`` each selects under ``preset=official``
+MRS_TIME_SCHEDULES = {"uniform_t": "linspace", "uniform_lambda": "linear-lambda", "karras": "karras-n",
+                      "karras_t": "karras-t", "leading": "leading", "trailing": "trailing"}
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear ``f(x)`` through ``(xp, fp)`` (``xp`` increasing), continued linearly past both ends by
+    the end segments (as DPM-Solver's ``interpolate_fn``); exact at the knots."""
+    k = xp.numel()
+    i = (torch.searchsorted(xp, x.contiguous(), right=True) - 1).clamp(0, k - 2)
+    x0, x1, f0, f1 = xp[i], xp[i + 1], fp[i], fp[i + 1]
+    return torch.where(x == x0, f0, f0 + (x - x0) * (f1 - f0) / (x1 - x0))
+
+
+class MRSTables:
+    r"""A mean-reverting path as MRS' code sees it: :math:`\alpha_i, \sigma_i, \lambda_i = \log\alpha_i -
+    \log\sigma_i` tabulated at the integer steps :math:`i = 0..N` (``N`` = the schedule's ``T``; 100 where the
+    path does not say), each **linearly interpolated in i on its own** between steps -- so between steps
+    :math:`\lambda \ne \log(\alpha/\sigma)`, unlike the path's exact coefficients -- and the code's time grids
+    (``set_timesteps``, in index units :math:`i`; path time is :math:`i/N`).
+    """
+
+    def __init__(self, path: AffinePath):
+        self.N = int(dict(path.params).get("T", 100))
+        self.steps_index = torch.arange(self.N + 1, dtype=torch.float64)
+        t = path.t_min + (path.t_max - path.t_min) * self.steps_index / self.N
+        self.t_min, self.t_max = path.t_min, path.t_max
+        self.alpha = path.a(t).to(torch.float64)
+        self.sigma = path.sigma(t).to(torch.float64)
+        self.lam = torch.log(self.alpha) - torch.log(self.sigma)
+
+    def times(self, idx: Tensor) -> Tensor:
+        """Path times of step indices."""
+        return self.t_min + (self.t_max - self.t_min) * idx / self.N
+
+    def at(self, idx: Tensor) -> Tensor:
+        r"""``(len(idx), 3)``: :math:`\alpha, \sigma, \lambda` at the (fractional) step indices, each interpolated."""
+        return torch.stack([_interp(idx, self.steps_index, v) for v in (self.alpha, self.sigma, self.lam)], 1)
+
+    def timesteps(self, steps: int, schedule: str, lambda_min: float = -math.inf, rho: float = 7.0) -> Tensor:
+        r"""MRS' ``steps + 1`` step indices, descending, for a restoreflow ``schedule`` name
+        (:data:`MRS_TIME_SCHEDULES`). ``lambda_min`` cuts ``linspace``/``leading``/``trailing`` at the integer
+        :math:`N - \#\{i: \lambda_i < \lambda_{min}\}` and bounds ``linear-lambda`` below; the karras grids ignore
+        it. ``leading`` is ``k * (i_max // (steps + 1))``, ``k = steps..0``; ``trailing`` steps down from
+        :math:`i_{max}` by :math:`N/(steps + 1)` and stops above 0; ``karras-t`` ends at :math:`i = 1`."""
+        N, M, f64 = self.N, steps, torch.float64
+        i_max = N - int((self.lam < lambda_min).sum())
+        ramp = torch.linspace(0, 1, M + 1, dtype=f64)
+        if schedule == "uniform_t":
+            return torch.linspace(0, i_max, M + 1, dtype=f64).flip(0)
+        if schedule == "leading":
+            if i_max // (M + 1) < 1:
+                raise IncompatibleError(f"MRS' leading grid needs steps + 1 <= {i_max} (its step is "
+                                        f"{i_max} // (steps + 1)); got steps={M}")
+            return (torch.arange(M + 1, dtype=f64) * (i_max // (M + 1))).flip(0)
+        if schedule == "trailing":
+            idx = torch.arange(float(i_max), 0, -N / (M + 1), dtype=f64)
+            if len(idx) != M + 1:
+                raise IncompatibleError(f"MRS' trailing grid makes {len(idx) - 1} calls here, not {M} (it steps by "
+                                        f"{N}/(steps + 1) from i = {i_max}, where lambda_min cuts it); lower "
+                                        f"lambda_min or use another schedule")
+            return idx
+        if schedule == "karras":
+            so = self.sigma / self.alpha
+            hi, lo = float(so.max()) ** (1 / rho), float(so.min()) ** (1 / rho)
+            return _interp((hi + ramp * (lo - hi)) ** rho, so, self.steps_index)
+        if schedule == "karras_t":
+            return (N ** (1 / rho) + ramp * (1 - N ** (1 / rho))) ** rho
+        if schedule == "uniform_lambda":
+            lo, hi = max(float(self.lam.min()), lambda_min), float(self.lam.max())
+            if not math.isfinite(hi):
+                raise IncompatibleError("MRS' linear-lambda grid needs a finite log-SNR at t = 0 (MRS' schedule, "
+                                        "offset=false); this model's ends at sigma = 0: use schedule=uniform_t")
+            return _interp(torch.linspace(lo, hi, M + 1, dtype=f64), self.lam.flip(0), self.steps_index.flip(0))
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(MRS_TIME_SCHEDULES)}")

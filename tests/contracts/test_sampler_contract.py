@@ -325,8 +325,6 @@ class TestTV3D(IgnoresNoiseLevel, SamplerContract):
 class TestMRS(TakesGuidance, SamplerContract):
     name = "mrs"
     bad_options = {"steps": "0", "order": "7", "solver": "rk4"}
-    known_failures = _no_help("plugins/mrs/samplers.py:MRS.Config",
-                              "order, rho, lower_order_final, threshold_ratio, threshold_max")
 
 
 class TestMRODE(TakesGuidance, SamplerContract):
