@@ -25,7 +25,7 @@ a teleported MRS run jumps along -- for each blur it was trained on (task defaul
 (``default.gaussian.safetensors`` was fitted before the fit read the card: on dead leaves of seed 0, its card's are
 seed 1.)
 
-    python benchmarks/bench_teleport.py --quick    # 4 held-out crops, 1 seed, deblur, 0.2 and auto (3.5 min, 1 core)
+    python benchmarks/bench_teleport.py --quick    # 4 held-out crops, 1 seed, deblur, 0.2, auto (3.8 min CPU, 1 core)
     python benchmarks/bench_teleport.py            # 8 held-out crops, 2 seeds, deblur + SR x4 (~50 min, 1 core)
     python benchmarks/bench_teleport.py --fit mr-deblur --fit-only   # refit a prior's Gaussian cache (6 min)
     python benchmarks/bench_teleport.py --samplers mrs-20 --merge   # rerun some rows into the existing results

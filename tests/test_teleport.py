@@ -117,14 +117,25 @@ def test_off_with_a_network_prior_is_bit_identical():
 
 
 def test_flow_map_dense_and_fourier():
-    setup = bench_setup(sampler("ddim"), batch=3)
+    """The flow map solves the probability-flow ODE of its Gaussian (central differences in t against the velocity
+    from the exact denoiser), composes, and its Fourier form equals the dense one."""
+    setup = bench_setup(sampler("mrs"), batch=3)  # an anchored path: the b(t) mu shift is exercised too
+    path, model, mu = setup.path, setup.target, setup.problem.anchor
     x = torch.randn(3, *setup.problem.x_shape[1:], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    a = flow_map(setup.target, setup.path, x, 1.0, 0.4)
-    assert torch.allclose(a, exact_flow_map(setup.target, setup.path, x, 1.0, 0.4), rtol=0, atol=1e-12)
+    t, h = 0.613, 1e-5  # between the knots of the discrete IR-SDE schedule (T = 100: a kink every 0.01)
+    xt = flow_map(model, path, x, 0.9, t, mu)
+    slope = (flow_map(model, path, x, 0.9, t + h, mu) - flow_map(model, path, x, 0.9, t - h, mu)) / (2 * h)
+    (a, b, s), (da, db, ds) = path.coefficients(t), path.derivatives(t)
+    x0 = GaussianDenoiser(model, path)(xt, torch.tensor(t, dtype=torch.float64), anchor=mu)
+    eps = (xt - a * x0 - b * mu) / s
+    assert torch.allclose(slope, da * x0 + db * mu + ds * eps, rtol=0, atol=1e-6)
+    two = flow_map(model, path, flow_map(model, path, x, 0.9, 0.5, mu), 0.5, 0.2, mu)
+    assert torch.allclose(two, flow_map(model, path, x, 0.9, 0.2, mu), rtol=0, atol=1e-12)
+    assert exact_flow_map(model, path, x.float(), 0.9, 0.2, mu).dtype == torch.float64  # testing's reference form
     fg = default_spectrum(1).model(4, 4)
     xf = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref = exact_flow_map(fg.to_dense(), setup.path, xf, 0.9, 0.3)
-    assert torch.allclose(flow_map(fg, setup.path, xf, 0.9, 0.3), ref, rtol=0, atol=1e-10)
+    ref = flow_map(fg.to_dense(), bench_setup(sampler("ddim")).path, xf, 0.9, 0.3)
+    assert torch.allclose(flow_map(fg, bench_setup(sampler("ddim")).path, xf, 0.9, 0.3), ref, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", ["ddim", "dpmpp-2m", "heun", "euler", "mrs", "mr-ode"])
@@ -327,3 +338,102 @@ def test_departure_of_the_gaussian_from_itself_is_zero():
     d = departure(GaussianDenoiser(model, ve()), model, x0, [10.0, 1.0, 0.1], generator=torch.Generator().manual_seed(1))
     assert max(d) < 1e-7  # float64 rounding
     assert auto_nsr([10.0, 1.0, 0.1], d) == 0.1
+
+
+# -- network calls counted as run (Sampler.nfe) -----------------------------------------------------------------
+
+
+class _Counting:
+    """A denoiser that counts the images it is called on (rows / batch), forwarding everything else to ``base``
+    (teleport finds the prior's Gaussian through ``base``)."""
+
+    def __init__(self, base, batch):
+        self.base, self.batch, self.rows = base, batch, 0
+
+    def __call__(self, x, t, *, anchor=None):
+        self.rows += x.shape[0]
+        return self.base(x, t, anchor=anchor)
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    @property
+    def calls(self):
+        return self.rows // self.batch
+
+
+_NFE_CASES = {  # sampler -> (prior, guidance)
+    "ddim": ("default", "dps"), "dpmpp-2m": ("default", "dps"), "dps": ("default", None),
+    "red_diff": ("default", None), "mrs": ("mr-deblur", None),
+}
+#: RedDiff.nfe() overrides Sampler.nfe: it takes no denoiser and does not subtract ``self.teleported(denoiser,
+#: calls=n)`` yet (a change in plugins/red_diff.py); strict, so the fix shows up as XPASS and this mark goes
+_PENDING = pytest.mark.xfail(strict=True, reason="plugins/red_diff.py RedDiff.nfe() does not count teleport yet")
+
+
+@pytest.mark.parametrize("teleport", [0.0, 0.3, "auto"])
+@pytest.mark.parametrize("name", [n if n != "red_diff" else pytest.param(n, marks=_PENDING) for n in _NFE_CASES])
+def test_nfe_is_the_network_calls_a_run_makes(name, teleport):
+    """nfe(denoiser) equals the calls a counting wrapper sees, with the bundled priors' Gaussian caches (auto jumps to
+    their measured noise level); without the prior, auto counts as off and a fraction needs none."""
+    prior, guidance = _NFE_CASES[name]
+    den = REGS.priors.get(prior)().load()
+    op = REGS.operators.get("gaussian_blur")(x_shape=(2, 3, 24, 24), sigma=1.0, noise_sigma=0.02)
+    x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    pb = Problem(y=op.forward(x, generator=torch.Generator().manual_seed(1)), operator=op, x_shape=(2, 3, 24, 24),
+                 registries=REGS)
+    smp = sampler(name)(steps=10, teleport=teleport)
+    counted = _Counting(den, batch=2)
+    smp.sample(pb, counted, generator=torch.Generator().manual_seed(2),
+               guidance=REGS.guidance.get(guidance)() if guidance else None)
+    assert smp.nfe(den) == counted.calls
+    if teleport != "auto":
+        assert counted.calls == {0.0: 10, 0.3: 7}[teleport]
+        assert smp.nfe() == counted.calls
+    else:
+        assert counted.calls < 10  # both caches reach below the grid's second noise level at 10 steps
+        assert smp.nfe() == 10  # an upper bound without the prior
+
+
+def test_nfe_on_the_exact_bench_auto_keeps_one_step():
+    """An exact Gaussian prior is its own Gaussian: auto teleports to the last step, and nfe says so."""
+    for name in ("ddim", "dpmpp-2m", "dps", "mrs"):
+        cls = sampler(name)
+        setup = bench_setup(cls, batch=1)
+        smp = cls(steps=8, teleport="auto")
+        counted = _Counting(setup.denoiser, batch=1)
+        smp.sample(setup.problem, counted, generator=torch.Generator().manual_seed(0))
+        assert counted.calls == smp.nfe(setup.denoiser) == 1, name
+
+
+# -- mr-deblur's Gaussian cache ------------------------------------------------------------------------------------
+
+
+def test_mr_deblur_loads_its_gaussian_recorded_in_the_card():
+    import json
+
+    from restoreflow.models.weights import WEIGHTS_DIR
+
+    den = REGS.priors.get("mr-deblur")().load()
+    pg = den.gaussian
+    assert isinstance(pg, PriorGaussian) and pg.nsr_auto is not None and math.isfinite(pg.nsr_auto)
+    assert "no held-out image" in pg.info["data"]
+    rec = json.loads((WEIGHTS_DIR / "mr-deblur.json").read_text())["teleport"]
+    assert rec["gaussian"] == gaussian_path(WEIGHTS_DIR / "mr-deblur.safetensors").name
+    assert rec["nsr_auto"] == pg.nsr_auto and rec["tolerance"] == pg.info["tolerance"]
+    assert set(rec["nsr_auto_per_measurement"]) == {"gaussian_blur", "motion_blur"}  # the operators it trained on
+
+
+def test_mr_deblur_auto_keeps_the_cards_two_steps():
+    """At the card's 2 MRS steps the second call sits far below the measured noise level: auto teleports nothing
+    (teleporting the first call costs 1.9 dB, benchmarks/results/teleport.md); at 20 steps it skips the noisy ones."""
+    den = REGS.priors.get("mr-deblur")().load()
+    for steps, skipped in ((2, 0), (20, None)):
+        smp = sampler("mrs")(steps=steps, teleport="auto")
+        ts = smp.grid(den.path)
+        k = smp.teleported(den)
+        nsr = den.path.nsr(ts[:steps])
+        if skipped is not None:
+            assert k == skipped
+        else:
+            assert k > 0 and bool(nsr[k] >= den.gaussian.nsr_auto) and bool(nsr[k + 1] < den.gaussian.nsr_auto)

@@ -1,5 +1,13 @@
-"""The project's own MR models: any ``restoreflow train --method mr`` output (``.safetensors`` + JSON card with
-``"method": "mr"``, :class:`MRModel`) and the bundled ``mr-deblur``."""
+r"""The project's own MR models: any ``restoreflow train --method mr`` output (``.safetensors`` + JSON card with
+``"method": "mr"``, :class:`MRModel`) and the bundled ``mr-deblur``.
+
+A ``NAME.gaussian.safetensors`` beside the weights is loaded with the card as ``denoiser.gaussian``: the stationary
+Gaussian of the clean images the model was trained on and the noise level ``teleport=auto`` jumps to
+(:mod:`restoreflow.exact.teleport`). A conditional model predicts :math:`E[x_0 \mid x_t, \mu]`; teleporting it
+needs the Gaussian of :math:`x_0` given the measurement, which is the posterior of that prior Gaussian given
+:math:`y` (closed form for a linear operator with Gaussian noise, formed per run from the operator the user gives), so
+the cache holds the prior and the run conditions it. ``mr-deblur``'s was fitted by ``benchmarks/bench_teleport.py
+--fit mr-deblur`` and is recorded in its card (``"teleport"``)."""
 
 from __future__ import annotations
 
@@ -8,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from restoreflow.plugin_api import (
-    CheckpointError, ConfigError, build_network, card_path, for_inference, load_into, load_state_dict, read_card,
-    strip_module_prefix,
+    CheckpointError, ConfigError, build_network, card_path, for_inference, load_into, load_prior_gaussian,
+    load_state_dict, read_card, strip_module_prefix,
 )
 
 from .denoiser import IRSDEDenoiser, _MRPrior
@@ -33,6 +41,7 @@ def _load_mr_card(weights: Path, options: Mapping[str, Any]) -> IRSDEDenoiser:
     load_into(net, strip_module_prefix(load_state_dict(weights)), source=str(weights))
     den = for_inference(IRSDEDenoiser(net, sch, pred))
     den.anchor_estimator = card.get("anchor") or "measurement"
+    den.gaussian = load_prior_gaussian(weights)  # None without a cache: teleport falls back to default_spectrum
     return den
 
 

@@ -201,9 +201,13 @@ class Sampler(_Configurable, abc.ABC):
                callback: Callable[[dict], None] | None = None) -> Tensor:
         """Restore ``problem``; every random draw comes from ``generator``."""
 
-    def nfe(self) -> int:
-        """Network evaluations per image (0 for classical solvers)."""
-        return int(getattr(self.config, "steps", 0))
+    def nfe(self, denoiser: Denoiser | None = None) -> int:
+        """Network calls per image as run: steps (0 for classical solvers) less :meth:`teleported` (auto: denoiser)."""
+        return int(getattr(self.config, "steps", 0)) - self.teleported(denoiser)
+
+    def teleported(self, denoiser: Denoiser | None = None, *, calls: int | None = None) -> int:
+        """The first network-call times a teleport replaces (``restoreflow.exact.teleport.Teleporting``): none here."""
+        return 0
 
 
 class Guidance(_Configurable, abc.ABC):

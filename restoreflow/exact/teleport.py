@@ -47,13 +47,18 @@ Gaussian score, which on a Gaussian prior is the plain run itself.
 time. A network prior carries a :class:`PriorGaussian` (``denoiser.gaussian``): a stationary Gaussian (mean,
 colour transform, power-law spectrum) fitted once on its training-domain images and cached beside the weights as
 ``NAME.gaussian.safetensors`` (:func:`gaussian_path`); without one, :func:`~restoreflow.exact.gaussian.default_spectrum`.
+A conditional model (``mr-deblur``) predicts :math:`E[x_0 \mid x_t, \mu]`, so its jump needs the Gaussian of
+:math:`x_0` given the measurement: the posterior of its training images' Gaussian given ``y``, formed per run from
+the operator given (the same cache, conditioned; the MR marginal given :math:`x_0` is Gaussian around :math:`\mu`).
 
 **auto** teleports down to the noise level where the network's denoiser departs from the Gaussian's by more than
 a tolerance: :func:`departure` measures :math:`\lVert\hat\varepsilon_{net} - \hat\varepsilon_{G}\rVert /
 \lVert\hat\varepsilon_G\rVert` (the relative score error, the paper's criterion) on training crops, once per
 prior, and the cache stores the lowest noise-to-signal ratio :math:`\sigma/a` above which it stays below the
-tolerance (:func:`auto_nsr`). Exact priors teleport to the last step; a prior without a measurement does not
-teleport under ``auto``.
+tolerance (:func:`auto_nsr`); a conditional model's departure is from that Gaussian posterior, for each blur it was
+trained on, keeping the highest level (``default``: 2.75; ``mr-deblur``: 0.42). Exact priors teleport to the last
+step; a prior without a measurement does not teleport under ``auto``. :meth:`Teleporting.teleported` counts the calls
+replaced, which :meth:`~restoreflow.core.sampling.Sampler.nfe` subtracts.
 
 **Measured** (benchmarks/results/teleport.md: 8 held-out 64-px crops x 2 seeds = 16 paired runs per cell, each
 sampler at its default steps and the prior card's options, task defaults; PSNR change against teleport off, mean +-
@@ -63,14 +68,16 @@ standard error, at 10 / 20 / 30 % fewer network calls):
   0.041 / +0.146 +- 0.064; ``auto`` (41 % fewer) +0.080 +- 0.032 / +0.216 +- 0.111.
 * RED-Diff (100): deblur -0.012 +- 0.006 / +0.001 +- 0.009 / -0.008 +- 0.009, SR x4 +0.034 +- 0.019 / +0.048 +- 0.024
   / +0.023 +- 0.028; ``auto`` (33 %) -0.008 +- 0.010 / +0.021 +- 0.031.
-* MRS on ``mr-deblur`` at 20 steps: +0.002 +- 0.001 / +0.008 +- 0.004 / +0.023 +- 0.011. At the card's 2 steps only the
-  first call can go, and that costs 1.88 +- 0.28 dB: a conditional model's prediction at high noise is already its
-  restoration, which the Gaussian posterior (the Wiener estimate) is not. ``auto`` does not teleport it (no cache).
+* MRS on ``mr-deblur`` (its cached Gaussian) at 20 steps: +0.003 +- 0.001 / +0.012 +- 0.003 / +0.033 +- 0.010;
+  ``auto`` (40 % fewer) +0.076 +- 0.028. At the card's 2 steps only the first call can go, and that costs 2.99 +- 0.37
+  dB: a conditional model's prediction at high noise is already its restoration, which a Gaussian posterior draw is
+  not. ``auto`` keeps both calls there (the second is at noise-to-signal 0.002).
 * DDIM (20) and DPM-Solver++(2M) (10) with DPS guidance: not resolved -- deblur -0.10 +- 0.12 / -0.14 +- 0.26 / +0.27
   +- 0.22 (DDIM), SR x4 +0.07 +- 0.04 / +0.08 +- 0.09 / -0.06 +- 0.11; DPM-Solver++ deblur gains +2.3 +- 0.4 dB at 30 %
   (its plain guided 10-step run lands at 16 dB). Guided few-step ODE runs are sensitive to their state.
 
-So >= 20 % fewer calls within 0.05 dB holds, resolved at two standard errors, for DPS, RED-Diff and 20-step MRS (30 %);
+So >= 20 % fewer calls within 0.05 dB holds, resolved at two standard errors, for DPS, RED-Diff and 20-step MRS (30 %,
+40 % with ``auto``);
 for guided DDIM / DPM-Solver++ the standard errors (0.04-0.38 dB) are too wide to say; for 2-step MRS it fails.
 ``auto`` is within 0.05 dB of off everywhere except guided DDIM on SR x4 (-0.057 +- 0.106, unresolved).
 """
@@ -92,14 +99,14 @@ from restoreflow.core.errors import CheckpointError, ConfigError
 from restoreflow.core.linalg import fft2, ifft2
 from restoreflow.core.options import Options, Range, validate_value
 from restoreflow.core.paths import AffinePath, as_time
-from restoreflow.core.sampling import Context, randn
+from restoreflow.core.sampling import Context, randn, time_grid
 from restoreflow.exact.gaussian import (
     ConditionalOracle, DenseGaussian, FourierGaussian, GaussianDenoiser, GaussianModel, PowerLawSpectrum,
     default_spectrum,
 )
 
 __all__ = ["TeleportOption", "Teleporting", "Teleport", "GaussianTarget", "PriorGaussian", "parse_teleport",
-           "steps_to_skip", "flow_map", "gaussian_path", "load_prior_gaussian", "departure", "auto_nsr",
+           "steps_to_skip", "auto_level", "flow_map", "gaussian_path", "load_prior_gaussian", "departure", "auto_nsr",
            "DEFAULT_TOLERANCE", "MEASURED"]
 
 #: the relative score departure ``auto`` tolerates (:func:`departure`)
@@ -107,8 +114,8 @@ DEFAULT_TOLERANCE = 0.05
 #: the cache file's suffix beside a prior's weights: ``default.safetensors`` -> ``default.gaussian.safetensors``
 SUFFIX = ".gaussian.safetensors"
 #: one-line summary of benchmarks/results/teleport.md (held-out crops, 16 pairs per cell)
-MEASURED = ("30 % fewer network calls within 0.05 dB (2 standard errors) for DPS, RED-Diff and 20-step MRS; guided DDIM "
-            "and DPM-Solver++(2M) unresolved (+-0.1-0.4 dB); 2-step MRS loses 1.9 dB")
+MEASURED = ("30 % fewer network calls within 0.05 dB (2 standard errors) for DPS, RED-Diff and 20-step MRS (auto: "
+            "41, 33, 40 %); guided DDIM and DPM-Solver++(2M) unresolved (+-0.1-0.4 dB); 2-step MRS: auto skips none")
 
 
 # -- the option --------------------------------------------------------------------------------------------
@@ -142,11 +149,11 @@ class TeleportOption(Options):
     teleport: TeleportValue = 0.0
 
 
-def steps_to_skip(value: Any, path: AffinePath, ts: Tensor, steps: int, nsr_auto: float | None) -> int:
+def steps_to_skip(value: Any, path: AffinePath | None, ts: Tensor | None, steps: int, nsr_auto: float | None) -> int:
     """How many of ``steps`` (the network calls at ``ts[0 .. steps-1]``) a teleport replaces; at least one stays.
 
     A fraction ``f``: ``round(f * steps)``. ``auto``: the last grid time whose noise-to-signal ratio is at least
-    ``nsr_auto`` (``None``: not measured, no skip)."""
+    ``nsr_auto`` (``None``: not measured, no skip); only ``auto`` reads ``path`` and ``ts``."""
     v = parse_teleport(value)
     if v == "auto":
         if nsr_auto is None:
@@ -270,17 +277,26 @@ def _exact_model(denoiser: Any) -> Any:
     return None
 
 
-def target_for(denoiser: Any, problem: Any, *, condition: bool) -> tuple[Callable[[], GaussianTarget], float | None]:
-    """The run's Gaussian (built on first use) and the ``auto`` noise-to-signal ratio (0: exact at every time)."""
+def auto_level(denoiser: Any) -> float | None:
+    """The noise-to-signal ratio ``auto`` teleports down to: 0 for an exact Gaussian model (exact at every time), the
+    cached one of a network prior (:class:`PriorGaussian`), ``None`` without a cache (``auto`` does not teleport)."""
     found = _exact_model(denoiser)
+    if isinstance(found, (ConditionalOracle, GaussianDenoiser)):
+        return 0.0
+    pg = getattr(found, "gaussian", None)
+    return None if pg is None else pg.nsr_auto
+
+
+def target_for(denoiser: Any, problem: Any, *, condition: bool) -> tuple[Callable[[], GaussianTarget], float | None]:
+    """The run's Gaussian (built on first use) and the ``auto`` noise-to-signal ratio (:func:`auto_level`)."""
+    found, nsr = _exact_model(denoiser), auto_level(denoiser)
     if isinstance(found, ConditionalOracle):
-        return (lambda: GaussianTarget(found.posterior_for(problem.anchor))), 0.0
+        return (lambda: GaussianTarget(found.posterior_for(problem.anchor))), nsr
     if isinstance(found, GaussianDenoiser):
-        model, nsr = found.model, 0.0
+        model = found.model
         prior = lambda: model
     else:
         pg = getattr(found, "gaussian", None) or PriorGaussian(default_spectrum(int(problem.x_shape[1])))
-        nsr = pg.nsr_auto
         dev = problem.y.device
 
         def prior() -> FourierGaussian:
@@ -328,7 +344,9 @@ class Teleport:
 
 
 class Teleporting:
-    """Sampler mixin: the jump its ``config.teleport`` asks for (None when off: the run is unchanged, bit for bit).
+    """Sampler mixin: the jump its ``config.teleport`` asks for (None when off: the run is unchanged, bit for bit),
+    and the count of the network calls it replaces (:meth:`teleported`, which
+    :meth:`~restoreflow.core.sampling.Sampler.nfe` subtracts).
 
     ``condition``: the run sees the measurement (guidance, a sampler that uses ``y``, a conditional model), so the
     Gaussian is the posterior given ``y``."""
@@ -336,6 +354,23 @@ class Teleporting:
     def _condition(self, denoiser: Any, guidance: Any) -> bool:
         return guidance is not None or bool(getattr(self, "uses_measurement", False)) or bool(
             getattr(denoiser, "conditional", False))
+
+    def teleported(self, denoiser: Any = None, *, calls: int | None = None) -> int:
+        """How many of the run's first network-call times a teleport replaces (0 when off), as the run decides it.
+
+        ``calls``: the run's network-call times (default ``config.steps``: one per step). ``denoiser``: the run's
+        prior, which ``auto`` needs (its :func:`auto_level` and the grid on its path: the sampler's ``grid(path)``,
+        or ``calls`` uniform-t steps for a sampler without one); without it ``auto`` counts as off (an upper bound)."""
+        value = parse_teleport(getattr(self.config, "teleport", 0.0))
+        n = int(calls if calls is not None else self.config.steps)
+        if value == 0.0 or (value == "auto" and denoiser is None):
+            return 0
+        if value != "auto":
+            return steps_to_skip(value, None, None, n, None)  # a fraction needs neither grid nor prior
+        grid = getattr(self, "grid", None)
+        g = grid(denoiser.path) if grid is not None else time_grid(denoiser.path, n)
+        ts, path = g if isinstance(g, tuple) else (g, None)  # DPS: (times, the path it integrates on or None)
+        return steps_to_skip(value, path or denoiser.path, ts, n, auto_level(denoiser))
 
     def teleport_jump(self, problem: Any, denoiser: Any, ts: Tensor, *, deterministic: bool, guidance: Any = None,
                       path: AffinePath | None = None) -> Teleport | None:
