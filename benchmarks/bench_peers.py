@@ -188,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             label = f"restoreflow {sampler}" + (" (default)" if sampler == default_sampler else "")
             # as users get it: the options the prior's card tunes for this sampler and task, then the row's own
-            tuned = {} if args.weights else regs.priors.get(prior_name)().sampler_defaults(sampler, fam)
+            prior_obj = regs.priors.get(prior_name)()
+            if args.weights and prior_name == "default":  # the card beside the given weights tunes them
+                prior_obj.weights = Path(args.weights).resolve()
+            tuned = {} if args.weights and prior_name != "default" else prior_obj.sampler_defaults(sampler, fam)
             smp = regs.samplers.get(sampler)(**{**tuned, **sopts})
             for i, seed, x, op, y in measurements:
                 den = prior(prior_name)

@@ -73,7 +73,17 @@ class GrayPrior(Prior):
                 return base.load(device=device, x_shape=x_shape)
             except ConfigError:
                 ch = 3
-        if ch in (None, 1):
+        if ch == 1:
             return base.load(device=device, x_shape=x_shape)
+        if ch is None:  # a checkpoint of unknown channels and no image shape: ask the loaded network
+            den = base.load(device=device, x_shape=None)
+            ch = _channels_of(den)
+            return den if ch in (None, 1) else GrayDenoiser(den, ch)
         shape = None if x_shape is None else (x_shape[0], ch, *x_shape[2:])
         return GrayDenoiser(base.load(device=device, x_shape=shape), ch)
+
+
+def _channels_of(den: Any) -> int | None:
+    """The image channels a loaded denoiser takes: its ``channels``, else its network's ``in_channels``."""
+    ch = getattr(den, "channels", None) or getattr(getattr(den, "net", None), "in_channels", None)
+    return None if ch is None else int(ch)

@@ -167,6 +167,16 @@ def test_gray_prior_passes_single_channel_priors_through():
     assert den(torch.rand(1, 1, 16, 16), torch.tensor(0.5)).shape == (1, 1, 16, 16)
 
 
+def test_gray_prior_on_an_rgb_checkpoint_path_wraps_it_without_an_image_shape():
+    # a checkpoint path gives no channel count up front; without x_shape the loaded network says it (3): wrapped,
+    # not handed a 1-channel state it cannot take (bench_peers --weights crashed in the first conv)
+    from restoreflow.models.weights import WEIGHTS_DIR
+
+    den = GrayPrior(base=str(WEIGHTS_DIR / "default.safetensors")).load()
+    assert isinstance(den, GrayDenoiser) and den.channels == 3
+    assert den(torch.rand(1, 1, 16, 16), torch.tensor(0.3)).shape == (1, 1, 16, 16)
+
+
 def test_dz_adjoint():
     g = torch.Generator().manual_seed(0)
     x, v = torch.rand(5, 1, 3, 3, generator=g, dtype=torch.float64), torch.rand(4, 1, 3, 3, generator=g, dtype=torch.float64)
