@@ -9,7 +9,8 @@ for one test), ``registries`` (all installed plugins), ``gaussian_problem`` (a s
 inverse problem with its exact posterior). Checks: :func:`check_operator`, :func:`check_path`,
 :func:`check_sampler_reproducible`, :func:`check_posterior_moments`, :func:`measure_order`, and
 :func:`certify_sampler`, which runs the exact-answer check a sampler declares in its ``certification``
-(docs/samplers.md). Third-party authors certify their plugins with the same checks the first-party plugins use.
+(docs/samplers.md), and :func:`check_report_bounded` (a ``Report`` certification must set ``max_error``).
+Third-party authors certify their plugins with the same checks the first-party plugins use.
 
 Monte-Carlo tolerances. With ``N`` independent samples of a ``d``-dimensional target with covariance
 ``C``, the sample mean's error in coordinate ``i`` has standard deviation ``sqrt(C_ii / N)``; we accept
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from restoreflow.exact.gaussian import DenseGaussian, GaussianDenoiser, operator_matrix
-from restoreflow.core.certification import certification_of
+from restoreflow.core.certification import certification_of, check_report_bounded
 from restoreflow.core.operators import GaussianNoise, LinearOperator, Operator, OperatorConfig
 from restoreflow.core.parameterization import PREDICTIONS, from_x0, to_x0
 from restoreflow.core.paths import AffinePath
@@ -52,6 +53,7 @@ __all__ = [
     "exact_flow_map",
     "Z_BOUND",
     "certify_sampler",
+    "check_report_bounded",
     "bench_setup",
     "generic_anchored_path",
 ]
@@ -201,21 +203,13 @@ def make_gaussian_problem(d_shape: tuple[int, ...] = (1, 3, 4), m: int = 8, *, n
 
 
 def exact_flow_map(model: DenseGaussian, path: AffinePath, x: Tensor, t0: Any, t1: Any, anchor: Tensor | None = None) -> Tensor:
-    r"""The exact probability-flow ODE map from ``t0`` to ``t1`` for a Gaussian (prior or posterior) model.
-
-    In :math:`z = x - b\mu = a x_0 + \sigma\varepsilon` the marginal is :math:`N(am, a^2C + \sigma^2)`, and the flow
-    maps each eigen-coordinate affinely: :math:`z_1 - a_1 m = \sqrt{(a_1^2 C + \sigma_1^2)/(a_0^2 C + \sigma_0^2)}\,(z_0 - a_0 m)`
-    (also from pure noise, :math:`a_0 = 0`).
+    r"""The exact probability-flow ODE map from ``t0`` to ``t1`` for a Gaussian (prior or posterior) model, in float64:
+    :func:`restoreflow.exact.teleport.flow_map` (each eigen-coordinate of :math:`z = x - b\mu` moves affinely,
+    :math:`z_1 - a_1 m = \sqrt{(a_1^2 C + \sigma_1^2)/(a_0^2 C + \sigma_0^2)}\,(z_0 - a_0 m)`, also from pure noise).
     """
-    a0, _, s0 = (float(v) for v in path.coefficients(t0))
-    a1, _, s1 = (float(v) for v in path.coefficients(t1))
-    z = (x - path.shift(t0, x, anchor)).to(torch.float64)
-    m = model.mean_like(z).reshape(z.shape[0], -1)
-    w = (z.reshape(z.shape[0], -1) - a0 * m) @ model.evecs
-    lam = model.evals
-    w = w * torch.sqrt((a1 * a1 * lam + s1 * s1) / (a0 * a0 * lam + s0 * s0))
-    out = (w @ model.evecs.T + a1 * m).reshape(x.shape)
-    return out + path.shift(t1, out, anchor)
+    from restoreflow.exact.teleport import flow_map
+
+    return flow_map(model, path, x.to(torch.float64), t0, t1, anchor)
 
 
 # -- samplers ---------------------------------------------------------------------------------
@@ -371,10 +365,11 @@ def certify_sampler(sampler_cls: type, *, report: dict | None = None) -> dict[st
     Every sampler: same generator -> bit-identical output; dtype kept (float32 and float64). Then by kind:
     :class:`FlowMap` (error to the exact flow map falls with measured order >= nominal - 0.35), :class:`Posterior`
     (moments within the 5-sigma Monte-Carlo bound of the module docstring, N = 2000 samples),
-    :class:`PointEstimate` (relative error to the posterior mean <= tol), :class:`Report` (finite; the error is
-    returned), :class:`OperatorOnly` (a method for one operator only, run on that operator instead of the dense
-    Gaussian problem: reproducible, dtype kept, finite; its accuracy is tested against closed forms in its own
-    tests).
+    :class:`PointEstimate` (relative error to the posterior mean <= tol), :class:`Report` (finite; the error of
+    the sample mean to the posterior mean is returned and must be <= ``max_error`` where declared --
+    :func:`check_report_bounded` requires the declaration), :class:`OperatorOnly` (a method for one operator only,
+    run on that operator instead of the dense Gaussian problem: reproducible, dtype kept, finite; its accuracy is
+    tested against closed forms in its own tests).
     """
     from restoreflow.core.sampling import time_grid
 
