@@ -272,8 +272,8 @@ class HeunSampler(Teleporting, KernelSampler):
     def kernel(self):
         return Heun()
 
-    def nfe(self) -> int:
-        return 2 * self.config.steps - 1
+    def nfe(self, denoiser=None) -> int:
+        return 2 * (self.config.steps - self.teleported(denoiser)) - 1
 
 
 class _DPMStep(Kernel):

@@ -88,7 +88,7 @@ class _Peer(Sampler):
     requires = frozenset()
     uses_measurement = True
 
-    def nfe(self) -> int:
+    def nfe(self, denoiser=None) -> int:
         return 0
 
 

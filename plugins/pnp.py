@@ -93,7 +93,7 @@ class MMSE(Sampler):
         #: network call); the average of equally good estimates whose errors differ has a lower error
         ensemble: Literal[1, 2, 4, 8] = 1
 
-    def nfe(self) -> int:
+    def nfe(self, denoiser=None) -> int:
         return self.config.ensemble
 
     def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):

@@ -295,10 +295,10 @@ class RedDiff(Teleporting, Sampler):
         """The descending times of a run on ``path`` (:func:`red_diff_grid`)."""
         return red_diff_grid(path, self.config.steps, self.config.nsr_min, self.config.option("grid"))
 
-    def nfe(self) -> int:
+    def nfe(self, denoiser=None) -> int:
         c = self.config
         n = len(official_timesteps(c.steps)) if c.option("grid") == "official" else c.steps
-        return n * (2 if c.antithetic else 1)
+        return (n - self.teleported(denoiser, calls=n)) * (2 if c.antithetic else 1)
 
     def sample(self, problem: Problem, denoiser: Any, *, generator: torch.Generator, guidance: Any = None,
                corrector: Any = None, callback: Callable[[dict], None] | None = None) -> Tensor:

@@ -368,11 +368,10 @@ _NFE_CASES = {  # sampler -> (prior, guidance)
 }
 #: RedDiff.nfe() overrides Sampler.nfe: it takes no denoiser and does not subtract ``self.teleported(denoiser,
 #: calls=n)`` yet (a change in plugins/red_diff.py); strict, so the fix shows up as XPASS and this mark goes
-_PENDING = pytest.mark.xfail(strict=True, reason="plugins/red_diff.py RedDiff.nfe() does not count teleport yet")
 
 
 @pytest.mark.parametrize("teleport", [0.0, 0.3, "auto"])
-@pytest.mark.parametrize("name", [n if n != "red_diff" else pytest.param(n, marks=_PENDING) for n in _NFE_CASES])
+@pytest.mark.parametrize("name", _NFE_CASES)
 def test_nfe_is_the_network_calls_a_run_makes(name, teleport):
     """nfe(denoiser) equals the calls a counting wrapper sees, with the bundled priors' Gaussian caches (auto jumps to
     their measured noise level); without the prior, auto counts as off and a fraction needs none."""

@@ -421,8 +421,9 @@ class _Baseline(Teleporting, _MRSampler):
     def kernel(self) -> Kernel:
         """The step kernel, run once per training step."""
 
-    def nfe(self) -> int:
-        return int(self.config.steps or 100)
+    def nfe(self, denoiser=None) -> int:
+        n = int(self.config.steps or 100)
+        return n - self.teleported(denoiser, calls=n)
 
     def sample(self, problem, denoiser, *, generator, guidance=None, corrector=None, callback=None):
         path = _mr_path(denoiser, self.name)

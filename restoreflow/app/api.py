@@ -410,7 +410,7 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
         extras["variance"] = pl.corrector.variance
     if noise_estimate is not None:
         extras["noise_sigma_estimated"] = noise_estimate
-    return Result(out, y.detach(), degraded, clean, metrics, nfe["n"] or pl.sampler.nfe(), seconds,
+    return Result(out, y.detach(), degraded, clean, metrics, nfe["n"] or pl.sampler.nfe(denoiser), seconds,
                   pl.sampler.name, pl.prior_label, extras, meas)
 
 
