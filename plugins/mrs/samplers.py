@@ -6,9 +6,11 @@ All start from IR-SDE's prior :math:`x_T = \mu + \lambda z` and clamp the output
 ``teleport`` (:mod:`restoreflow.exact.teleport`) replaces the first steps by the state of the exact Gaussian
 posterior given the measurement on the mean-reverting path (:math:`z = x - b\mu` is a plain path, so the jump is
 the same algebra): the flow map from :math:`x_T` for the ODE solvers, a marginal draw for the SDE ones. Measured on
-held-out deblurring crops (benchmarks/results/teleport.md): with ``mr-deblur`` at 20 steps 30 % fewer calls cost
-nothing (+0.023 +- 0.011 dB); at its card's 2 steps, teleporting the first call costs 1.9 dB -- a conditional model's
-prediction at high noise is already its restoration, which the Gaussian posterior (the Wiener estimate) is not.
+held-out deblurring crops (benchmarks/results/teleport.md, 16 paired runs, with ``mr-deblur``'s fitted Gaussian
+cache): at 20 steps 30 % fewer calls cost nothing (+0.033 +- 0.010 dB) and ``auto`` makes 40 % fewer (+0.076 +-
+0.028 dB); at the card's 2 steps ``auto`` keeps both calls, while forcing 0.3 costs 2.99 +- 0.37 dB -- a conditional
+model's prediction at high noise is already its restoration, which the Gaussian posterior (the Wiener estimate) is
+not.
 
 **Official code.** ``mr-posterior``, ``mr-sde`` and ``mr-ode`` *are* IR-SDE's samplers (Algolzw/image-restoration-sde
 ``reverse_posterior``/``reverse_sde``/``reverse_ode``; tests/plugins/test_mrs_official.py runs a restatement beside
