@@ -23,6 +23,8 @@ modules), module by module:
   operators that cannot be differentiated.
 * :mod:`.composed`: :class:`ComposedDenoiser` (products of experts, annealed priors and guidance mixtures,
   whose Feynman–Kac weights :class:`SMC` adds automatically) and :class:`ChunkedDenoiser`.
+* :mod:`.official`: the ``official`` preset (``-o preset=official`` on ``smc`` and ``tds``): the TDS code's
+  algorithm, its timesteps for ``ddim`` (:func:`official_timesteps`) and its inpainting replacement.
 * :mod:`.resampling`: :func:`systematic`, :func:`stratified`, :func:`residual`, :func:`multinomial` and
   :func:`ess`, standalone.
 * :mod:`.particles`: the ``B * N``-row particle layout the correctors share.
@@ -36,6 +38,7 @@ from restoreflow.plugin_api import hookimpl
 
 from .composed import ChunkedDenoiser, ComposedDenoiser, path_g2
 from .corrector import SMC
+from .official import official_grid, official_timesteps, replace_observed, respaced_timesteps
 from .resampling import RESAMPLERS, ess, multinomial, residual, stratified, systematic
 from .svdd import SVDD
 from .tds import TDSState
@@ -46,6 +49,10 @@ __all__ = [
     "SVDD",
     "TDSGuidance",
     "TDSState",
+    "official_grid",
+    "official_timesteps",
+    "respaced_timesteps",
+    "replace_observed",
     "ComposedDenoiser",
     "ChunkedDenoiser",
     "path_g2",

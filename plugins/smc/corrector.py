@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import Corrector, Fraction, NonNegative, Options, Positive, Range
+from restoreflow.plugin_api import Corrector, Fraction, IncompatibleError, NonNegative, Options, Positive, Range
 
+from .official import SMC_PRESETS, Preset, fill_preset, observed_mask, replace_observed
 from .particles import expand
 from .resampling import RESAMPLERS, ess
 from .tds import (
@@ -46,20 +47,26 @@ class SMC(Corrector):
       potential and no FK terms, whose dropped constants shift it),
     * :attr:`ess_history` (ESS/N after each reweighting, ``(B,)`` each), :attr:`resample_steps` and
       :attr:`ess_final`.
+
+    ``preset="official"`` (with the ``tds`` guidance's, on ``ddim`` with ``eta=1`` over the respaced timesteps of
+    a discrete DDPM prior) is the TDS code's algorithm (:mod:`.official`); the default's departures from it are
+    measured in :mod:`.tds`.
     """
 
     name = "smc"
 
     @dataclass(frozen=True)
     class Config(Options):
-        #: particles per image (N network evaluations per step)
-        particles: Annotated[int, Range(1, 100000)] = 16
-        #: resample an image's particles when ESS/N drops below this; 1 or "always": every step, 0: never
-        ess_threshold: Fraction | Literal["always"] = 0.5
+        #: particles per image (N network evaluations per step); None: the preset's (16; official: 4)
+        particles: Annotated[int, Range(1, 100000)] | None = None
+        #: resample an image's particles when ESS/N drops below this; 1 or "always": every step, 0: never;
+        #: None: the preset's (0.5; official: 1.0, the TDS code's ess_threshold null)
+        ess_threshold: Fraction | Literal["always"] | None = None
         #: systematic, stratified, residual or multinomial
         resampling: Resampler = "systematic"
-        #: sample (one particle drawn by weight), best (highest weight) or mean (weighted mean)
-        output: Literal["sample", "best", "mean"] = "sample"
+        #: sample (one particle drawn by weight), best (highest weight: the TDS code's most likely sample) or mean
+        #: (weighted mean); None: the preset's ('sample'; official: 'best')
+        output: Literal["sample", "best", "mean"] | None = None
         #: evaluate the denoiser on at most this many particles at once (None: all)
         chunk: Annotated[int, Range(1)] | None = None
         #: tds (twisting potential from the likelihood at x0_hat) or none (terminal weights only)
@@ -68,18 +75,31 @@ class SMC(Corrector):
         twist_scale: NonNegative = 1.0
         #: None: TDS' r_t^2; a prior variance tau^2: the bounded PiGDM form (see twist_variance)
         twist_tau2: Positive | None = None
-        #: isotropic: N(y; A x0_hat, (v + r_t^2) I) (TDS); operator: N(y; A x0_hat, v I + r_t^2 A A^T) (PiGDM's,
-        #: linear operators with Gaussian noise; others fall back to isotropic). See twisted_log_potential
-        twist_form: TwistForm = "operator"
+        #: isotropic: N(y; A x0_hat, (v + r_t^2) I); operator: N(y; A x0_hat, v I + r_t^2 A A^T) (PiGDM's, linear
+        #: operators with Gaussian noise; others fall back to isotropic); official: the TDS code's -||y - A x0_hat||^2
+        #: / (2 r_t^2) (noise ignored). See twisted_log_potential. None: the preset's ('operator'; official:
+        #: 'official')
+        twist_form: TwistForm | None = None
         #: deterministic final step: model (exact, unguided final mean) or proposal (keep the guided move)
         terminal: Literal["model", "proposal"] = "model"
         #: FKC stabiliser (biased): subtract the particles' mean increment before clipping
         center_increments: bool = False
         #: FKC stabiliser (biased): clip each step's increments to [-c, c]
         increment_clip: Positive | None = None
+        #: the particles' start: sampler (particle 0 is the sampler's own draw, the others drawn like it) or noise
+        #: (every particle a fresh N(0, I) draw in the network's units, the TDS code's; unanchored priors, x_init
+        #: ignored); None: the preset's ('sampler'; official: 'noise')
+        start: Literal["sampler", "noise"] | None = None
+        #: overwrite the observed pixels of an inpainting mask with y in the output, after the final weighting (the
+        #: TDS code's last step); None: the preset's (official: where the operator is a pixel mask, else never)
+        replace_observed: bool | None = None
+        #: restoreflow, or official: the TDS code's algorithm (blt2114/twisted_diffusion_sampler @ 5b6af53, see
+        #: restoreflow_plugins.smc.official); fills in the options left unset (None)
+        preset: Preset = "restoreflow"
 
         def __post_init__(self):
             super().__post_init__()
+            fill_preset(self, SMC_PRESETS)
             if self.ess_threshold == "always":
                 object.__setattr__(self, "ess_threshold", 1.0)
 
@@ -100,11 +120,21 @@ class SMC(Corrector):
     def resample_steps(self) -> list[int] | None:
         return None if self.state is None else self.state.resample_steps
 
+    def _replaces(self, x: Tensor) -> bool:
+        """Whether the output's observed pixels are overwritten by y (``replace_observed``)."""
+        c, L = self.config, self.state.layout
+        if c.replace_observed is None:
+            return c.preset == "official" and L.has_likelihood and observed_mask(L.operator, L.y, x) is not None
+        return c.replace_observed
+
     # -- the driver's hooks --------------------------------------------------------------------
     def setup(self, x: Tensor, ctx: Any) -> Tensor:
         c = self.config
         composed = hasattr(ctx.denoiser, "log_weight_rate")
-        x, layout = expand(x, ctx, c.particles, c.chunk)
+        x, layout = expand(x, ctx, c.particles, c.chunk, start=c.start)
+        if c.replace_observed and (not layout.has_likelihood or observed_mask(layout.operator, layout.y, x) is None):
+            raise IncompatibleError("replace_observed needs an inpainting operator (a 0/1 pixel mask, the measurement "
+                                    "the image's shape)")
         self._fk = ctx.denoiser if composed else None  # the composition as the driver calls it (maybe chunked)
         self._twist = layout.has_likelihood and c.potential == "tds"
         self.state = start(layout, x.device)
@@ -142,6 +172,8 @@ class SMC(Corrector):
                     fk_tail = st.fk_rate * (st.t_prev - float(ctx.ts[-1]))
             L = st.layout
             terminal(st, log_likelihood(L.operator, L.y, x_out) if L.has_likelihood else None, fk_tail)
+            if self._replaces(x_out):
+                x_out = replace_observed(L.operator, L.y, x_out)
             out, self.weights, mean, var = estimate(st, x_out, c.output, ctx.generator)
         self.ess_final = ess(st.log_w) / L.N
         self.particles = L.groups(x_out.detach())

@@ -2,8 +2,8 @@
 
 ``B`` images with ``N`` particles each are stored as ``B * N`` rows, image ``b`` owning rows
 ``b*N .. b*N + N - 1`` (``repeat_interleave`` layout); particle 0 of each image is the driver's own start
-draw, so ``particles=1`` consumes the random stream exactly like the plain guided sampler and reproduces
-it bit for bit (a problem with ``x_init`` starts every particle from it). ``chunk`` evaluates the denoiser
+draw (``start="sampler"``), so ``particles=1`` consumes the random stream exactly like the plain guided sampler
+and reproduces it bit for bit (a problem with ``x_init`` starts every particle from it). ``chunk`` evaluates the denoiser
 on at most ``chunk`` rows at a time, and the driver runs gradient guidance (DPS, TDS) chunk by chunk too --
 forward, backward and free before the next chunk -- so peak activation memory is that of ``chunk`` rows
 whatever ``N`` (for an operator shared by all rows; per-image operators with ``B > 1`` keep one graph for all
@@ -21,6 +21,7 @@ from torch import Tensor
 from restoreflow.plugin_api import as_time, start_state
 
 from .composed import ChunkedDenoiser
+from .official import noise_start
 
 __all__ = ["Particles", "expand"]
 
@@ -45,16 +46,20 @@ class Particles:
         return v.reshape(self.B, self.N, *v.shape[1:])
 
 
-def expand(x: Tensor, ctx: Any, N: int, chunk: int | None) -> tuple[Tensor, Particles]:
+def expand(x: Tensor, ctx: Any, N: int, chunk: int | None, *, start: str = "sampler") -> tuple[Tensor, Particles]:
     """The driver's start draw ``x`` (``B`` rows) expanded to ``B * N`` particles; ``ctx`` is set up for them.
 
-    Particles ``1 .. N-1`` of each image are fresh prior draws (or copies of ``x_init``); the problem in ``ctx``
-    gets one measurement and anchor row per particle (guidance sees them), and with ``chunk`` the denoiser is
-    evaluated on at most ``chunk`` rows at a time (:class:`ChunkedDenoiser`, or the denoiser's own ``chunked``).
+    ``start="sampler"``: particles ``1 .. N-1`` of each image are fresh prior draws (or copies of ``x_init``);
+    ``"noise"``: all ``B * N`` are one fresh :math:`N(0, I)` draw in the network's units
+    (:func:`.official.noise_start`, the TDS code's start; ``x`` is not used). The problem in ``ctx`` gets one
+    measurement and anchor row per particle (guidance sees them), and with ``chunk`` the denoiser is evaluated on
+    at most ``chunk`` rows at a time (:class:`ChunkedDenoiser`, or the denoiser's own ``chunked``).
     """
     problem = ctx.problem
     B = x.shape[0]
-    if N > 1:
+    if start == "noise":
+        x = noise_start((B * N, *x.shape[1:]), ctx, x)
+    elif N > 1:
         shape = (B * (N - 1), *x.shape[1:])
         if problem.x_init is not None:
             extra = x.repeat_interleave(N - 1, dim=0)
@@ -64,6 +69,7 @@ def expand(x: Tensor, ctx: Any, N: int, chunk: int | None) -> tuple[Tensor, Part
             extra = start_state(ctx.path, t0, problem.replace(x_shape=shape, anchor=anchor, x_init=None),
                                 generator=ctx.generator, dtype=x.dtype)
         x = torch.cat([x[:, None], extra.reshape(B, N - 1, *x.shape[1:])], dim=1).reshape(B * N, *x.shape[1:])
+    if N > 1:
         rep = {"x_shape": tuple(x.shape), "x_init": None}
         if problem.y is not None:
             rep["y"] = problem.y.repeat_interleave(N, dim=0)

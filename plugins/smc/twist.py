@@ -10,7 +10,9 @@ r"""The twisting potential :math:`\psi_t(x_t) \approx p(y \mid x_t)` of TDS and 
 The potential is :math:`\psi_t = N(y;\ A\hat x_0(x_t),\ \sigma_y^2 I + r_t^2 AA^\top)` (``twist_form="operator"``,
 the default for linear operators with Gaussian noise: PiGDM's likelihood, solved by a Fourier division for
 circulant operators and CG otherwise) or TDS' own :math:`N(y;\ A\hat x_0,\ (\sigma_y^2 + r_t^2) I)`
-(``twist_form="isotropic"``, and the fallback), with :math:`r_t^2 = \kappa\,\sigma_t^2/a_t^2` (TDS'
+(``twist_form="isotropic"``, and the fallback) or the TDS code's
+:math:`\exp(-\lVert y - A\hat x_0\rVert^2/(2r_t^2))` (``twist_form="official"``, ``preset="official"``: the
+measurement taken as noise-free), with :math:`r_t^2 = \kappa\,\sigma_t^2/a_t^2` (TDS'
 ``var_type 1``: :math:`(1-\bar\alpha)/\bar\alpha` on VP; :math:`\kappa` = ``twist_scale``) or the bounded PiGDM
 form with ``twist_tau2`` (:func:`twist_variance`); for non-Gaussian noise the noise model's variance at
 :math:`A\hat x_0` replaces :math:`\sigma_y^2`. Why the operator form is the default, a deliberate departure
@@ -34,6 +36,8 @@ from torch import Tensor
 from restoreflow.plugin_api import (
     AffinePath, Clip, Guidance, IncompatibleError, NonNegative, Options, Positive, as_time, conjugate_gradient,
 )
+
+from .official import GUIDANCE_PRESETS, Preset, fill_preset
 
 __all__ = [
     "TDSGuidance", "TWIST_FORMS", "twisted_log_potential", "twist_variance", "gram_solve", "apply_operator",
@@ -87,7 +91,7 @@ def gram_solve(operator: Any, res: Tensor, v: float, r2: float, *, iters: int = 
     return conjugate_gradient(apply, res, iters=iters, tol=tol)
 
 
-TWIST_FORMS = ("isotropic", "operator")
+TWIST_FORMS = ("isotropic", "operator", "official")
 #: the ``twist_form`` option's values
 TwistForm = Literal[TWIST_FORMS]
 
@@ -96,6 +100,8 @@ def twisted_log_potential(x0_hat: Tensor, y: Tensor, operator: Any, r2: float, *
     r"""The twisting potential :math:`\log\psi` per sample (float64), differentiable in ``x0_hat``.
 
     ``form="isotropic"`` (TDS): :math:`\log N(y;\ A\hat x_0,\ (v + r^2) I)`, :math:`v` the noise model's variance.
+    ``form="official"`` (the TDS code's): :math:`-\lVert y - A\hat x_0\rVert^2/(2 r^2)`, the measurement taken as
+    noise-free and no normalising constant (``r2`` must be > 0).
     ``form="operator"`` (PiGDM's likelihood, linear operators with Gaussian noise):
     :math:`\log N(y;\ A\hat x_0,\ v I + r^2 A A^\top)` without its normalising constant, which depends on
     :math:`t` but not on the particle: it cancels in self-normalised weights and telescopes out of the evidence
@@ -108,6 +114,10 @@ def twisted_log_potential(x0_hat: Tensor, y: Tensor, operator: Any, r2: float, *
     z = apply_operator(operator, x0_hat).to(torch.float64)
     r = _match(y, z.shape[0]).to(torch.float64) - z
     n = z.shape[0]
+    if form == "official":
+        if not float(r2) > 0:
+            raise IncompatibleError("twist_form=official divides by r_t^2; it needs twist_scale > 0")
+        return -0.5 * (r * r).reshape(n, -1).sum(-1) / float(r2)
     if form == "operator" and operator_twist_applies(operator):
         v = max(float(operator.noise.variance()), 1e-12)
         with torch.no_grad():
@@ -174,13 +184,21 @@ class TDSGuidance(Guidance):
         twist_scale: NonNegative = 1.0
         #: None: TDS' r_t^2; a prior variance tau^2: the bounded PiGDM form (see twist_variance)
         twist_tau2: Positive | None = None
-        #: isotropic: N(y; A x0_hat, (v + r_t^2) I) (TDS); operator: N(y; A x0_hat, v I + r_t^2 A A^T) (PiGDM's,
-        #: linear operators with Gaussian noise; others fall back to isotropic). See twisted_log_potential
-        twist_form: TwistForm = "operator"
+        #: isotropic: N(y; A x0_hat, (v + r_t^2) I); operator: N(y; A x0_hat, v I + r_t^2 A A^T) (PiGDM's, linear
+        #: operators with Gaussian noise; others fall back to isotropic); official: the TDS code's -||y - A x0_hat||^2
+        #: / (2 r_t^2) (noise ignored). None: the preset's ('operator'; official: 'official')
+        twist_form: TwistForm | None = None
         #: multiplies the shift (1 = TDS)
         scale: NonNegative = 1.0
         #: clamp the twisted x0_hat to the image range [0, 1] (the TDS code's clamp; keeps strong twists stable)
         clip_x0: Clip = True
+        #: restoreflow (the operator-form twist) or official (the TDS code's twist, blt2114/twisted_diffusion_sampler
+        #: @ 5b6af53; see restoreflow_plugins.smc.official); fills in the options left unset (None)
+        preset: Preset = "restoreflow"
+
+        def __post_init__(self):
+            super().__post_init__()
+            fill_preset(self, GUIDANCE_PRESETS)
 
     def delta(self, x: Tensor, x0_hat: Tensor, t: Tensor, t_next: Tensor, ctx: Any) -> Tensor:
         problem = ctx.problem
