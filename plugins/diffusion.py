@@ -64,7 +64,7 @@ from torch import Tensor
 from restoreflow.plugin_api import (
     AffinePath, Context, Eta, EulerMaruyama, EulerODE, ExpIntegrator, FlowMap, Heun, IncompatibleError, Kernel,
     KernelSampler, Posterior, Range, Spacing, TeleportOption, Teleporting, Transition, check, ddpm_steps,
-    ddpm_timesteps, hookimpl, randn,
+    ddpm_timesteps, hookimpl, network_units, randn,
 )
 
 #: network calls of a run (the grid has steps + 1 times)
@@ -144,7 +144,7 @@ class _DiffusersGrid:
         if problem.x_init is None and self.discrete_steps(denoiser.path) is not None:
             # diffusers' pipelines start from N(0, I) in the network's units (one draw, as start_state's)
             like = torch.empty(problem.x_shape, dtype=problem.y.dtype, device=problem.y.device)
-            zero, scale = _net_units(denoiser)
+            zero, scale = network_units(denoiser)
             a = float(denoiser.path.a(self.grid(denoiser.path)[0]))
             x = zero * a + randn(problem.x_shape, generator=generator, like=like) / scale
             problem = problem.replace(x_init=x)
@@ -183,23 +183,8 @@ class _DDIMStep(Kernel):
             mean = mean + (k * a_s / s_s) * (c - x0_hat)
         if float(land) != float(t_next):  # relabelled as t_next with the sample unchanged in the network's units
             a_land, a_next = (float(ctx.path.a(v.to(torch.float64))) for v in (land, t_next))
-            mean = mean + _net_units(ctx.denoiser)[0] * (a_next - a_land)
+            mean = mean + network_units(ctx.denoiser)[0] * (a_next - a_land)
         return Transition(mean, tr.std), state
-
-
-def _net_units(denoiser: Any) -> tuple[float, float]:
-    """``(zero, scale)`` of the network's units: the [0, 1] image value that is 0 for the network (0.5 for a [-1, 1]
-    network, else 0) and the network's unit in image units (2 for [-1, 1]). In [0, 1] units a state is
-    :math:`x = \text{zero}\cdot a + x_{net}/\text{scale}`: keeping :math:`x_{net}` while :math:`a` changes moves
-    :math:`x` by ``zero`` times the change of :math:`a`."""
-    for _ in range(4):  # through wrappers (tiling, particle chunking) to the adapter
-        r = getattr(denoiser, "range", None)
-        if r is not None and hasattr(r, "low"):
-            return -r.low / (r.high - r.low), r.high - r.low
-        denoiser = next((getattr(denoiser, k) for k in ("base", "denoiser", "inner") if hasattr(denoiser, k)), None)
-        if denoiser is None:
-            break
-    return 0.0, 1.0
 
 
 class DDIM(_DiffusersGrid, Teleporting, KernelSampler):

@@ -43,7 +43,9 @@ from restoreflow.core.options import (
 from restoreflow.core.paths import AffinePath, as_time, bcast, mean_reverting, rectified_flow, tabulated, ve, vp
 from restoreflow.core.paths import BETA_SCHEDULES, ddpm, ddpm_betas, ddpm_clean_time, ddpm_steps, ddpm_timesteps
 from restoreflow.core.parameterization import from_x0, to_x0
-from restoreflow.core.denoiser import Denoiser, PredictionAdapter, Prior, ValueRange, for_inference, reparameterize
+from restoreflow.core.denoiser import (
+    Denoiser, PredictionAdapter, Prior, ValueRange, for_inference, network_units, reparameterize,
+)
 from restoreflow.core.tiling import TiledDenoiser
 
 # -- operators and noise ----------------------------------------------------------------------------------
@@ -100,7 +102,7 @@ __all__ = [
     "AffinePath", "as_time", "bcast", "mean_reverting", "rectified_flow", "tabulated", "ve", "vp",
     "BETA_SCHEDULES", "ddpm", "ddpm_betas", "ddpm_clean_time", "ddpm_steps", "ddpm_timesteps",
     "from_x0", "to_x0",
-    "Denoiser", "PredictionAdapter", "Prior", "ValueRange", "for_inference", "reparameterize", "TiledDenoiser",
+    "Denoiser", "PredictionAdapter", "Prior", "ValueRange", "for_inference", "network_units", "reparameterize", "TiledDenoiser",
     "BOUNDARIES", "GaussianNoise", "LinearOperator", "Operator", "OperatorConfig", "PoissonNoise",
     "conjugate_gradient", "kernel_to_symbol", "pad", "pad_adjoint",
     "Certification", "FlowMap", "OperatorOnly", "PointEstimate", "Posterior", "Report", "certification_of",

@@ -44,7 +44,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import AffinePath, IncompatibleError, check, ddpm_clean_time, ddpm_steps, randn
+from restoreflow.plugin_api import (
+    AffinePath, IncompatibleError, check, ddpm_clean_time, ddpm_steps, network_units, randn,
+)
 
 __all__ = ["Preset", "SMC_PRESETS", "GUIDANCE_PRESETS", "fill_preset", "respaced_timesteps", "official_timesteps",
            "official_grid", "network_units", "noise_start", "observed_mask", "replace_observed"]
@@ -98,19 +100,6 @@ def official_grid(path: AffinePath, steps: int) -> Tensor:
                                 "continuous")
     n = official_timesteps(T, steps)
     return torch.tensor([v / (T - 1) for v in n] + [ddpm_clean_time(T)], dtype=torch.float64)
-
-
-def network_units(denoiser: Any) -> tuple[float, float]:
-    """``(zero, scale)``: the [0, 1] image value the network reads as 0 (0.5 for a [-1, 1] network) and the
-    network's unit in image units (2 for [-1, 1]), found through wrappers (tiling, chunking) to the adapter."""
-    for _ in range(4):
-        r = getattr(denoiser, "range", None)
-        if r is not None and hasattr(r, "low"):
-            return -r.low / (r.high - r.low), r.high - r.low
-        denoiser = next((getattr(denoiser, k) for k in ("base", "denoiser", "inner") if hasattr(denoiser, k)), None)
-        if denoiser is None:
-            break
-    return 0.0, 1.0
 
 
 def noise_start(shape: tuple[int, ...], ctx: Any, like: Tensor) -> Tensor:

@@ -45,6 +45,21 @@ class Denoiser(Protocol):
     def __call__(self, x_t: Tensor, t: Any, *, anchor: Tensor | None = None) -> Tensor: ...
 
 
+def network_units(denoiser: Any) -> tuple[float, float]:
+    r"""``(zero, scale)`` of a denoiser's network units: the [0, 1] image value the network reads as 0 (0.5 for a
+    [-1, 1] network, else 0) and the network's unit in image units (2 for [-1, 1]). In [0, 1] units a state is
+    :math:`x = \text{zero}\cdot a + x_{net}/\text{scale}`. Found through wrappers (tiling, particle chunking, gray)
+    to the :class:`PredictionAdapter`'s :class:`ValueRange`; ``(0, 1)`` when there is none."""
+    for _ in range(4):
+        r = getattr(denoiser, "range", None)
+        if r is not None and hasattr(r, "low"):
+            return -r.low / (r.high - r.low), r.high - r.low
+        denoiser = next((getattr(denoiser, k) for k in ("base", "denoiser", "inner") if hasattr(denoiser, k)), None)
+        if denoiser is None:
+            break
+    return 0.0, 1.0
+
+
 class ValueRange:
     """An affine map between [0, 1] image units and a network's units: ``net = scale * img + offset``."""
 

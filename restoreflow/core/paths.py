@@ -332,6 +332,10 @@ def ddpm(betas: Any, **params: Any) -> AffinePath:
 
     def la(t: Tensor) -> Tensor:
         u = (t * (T - 1) + 1).clamp(0, T)
+        # snap to the timestep where t * (T - 1) rounds off one by ~1e-16 (T = 50, 999: the clean state had sigma
+        # 1e-10, so a last DDIM step drew noise and SMC weighed it as a move); the value moves, the gradient stays
+        near = ((u - u.round()).abs() < 1e-9).to(u.dtype)
+        u = u + ((u.round() - u) * near).detach()
         i = torch.clamp(torch.floor(u.detach()).long(), max=T - 1)
         w = u - i.to(u.dtype)
         v = log_abar.to(t.device)

@@ -114,3 +114,21 @@ def test_time_grids():
         assert bool((ts[:-1] > ts[1:]).all()), spacing
     with pytest.raises(rf.ConfigError):
         rf.time_grid(p, 0)
+
+
+@pytest.mark.parametrize("T", [50, 100, 999, 1000])
+def test_ddpm_timesteps_sit_exactly_on_the_table(T):
+    # t * (T - 1) + 1 is off an integer by ~1e-16 for some T (50, 999): the clean state below timestep 0 then had
+    # sigma 1e-10, so a last DDIM step drew noise and SMC weighed it as a move (log p - log q ~ -1e17)
+    from restoreflow.core.paths import ddpm, ddpm_betas, ddpm_clean_time
+
+    betas = ddpm_betas("linear", num_train_timesteps=T)
+    path = ddpm(betas)
+    assert float(path.coefficients(torch.tensor(ddpm_clean_time(T), dtype=torch.float64))[2]) == 0.0
+    abar = torch.cumprod(1 - betas, 0)
+    n = torch.arange(T, dtype=torch.float64)
+    a, _, s = path.coefficients(n / (T - 1))
+    assert torch.allclose(s * s, 1 - abar, rtol=0, atol=1e-15) and torch.allclose(a * a, abar, rtol=0, atol=1e-15)
+    t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)  # snapping keeps the gradient off the grid
+    path.coefficients(t)[0].backward()
+    assert t.grad is not None and float(t.grad) != 0.0
