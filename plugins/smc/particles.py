@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import as_time, start_state
+from restoreflow.plugin_api import as_time, ddpm_steps, start_state
 
 from .composed import ChunkedDenoiser
 from .official import noise_start
@@ -49,7 +49,8 @@ class Particles:
 def expand(x: Tensor, ctx: Any, N: int, chunk: int | None, *, start: str = "sampler") -> tuple[Tensor, Particles]:
     """The driver's start draw ``x`` (``B`` rows) expanded to ``B * N`` particles; ``ctx`` is set up for them.
 
-    ``start="sampler"``: particles ``1 .. N-1`` of each image are fresh prior draws (or copies of ``x_init``);
+    ``start="sampler"``: particles ``1 .. N-1`` of each image are fresh prior draws (or copies of ``x_init``, except on a
+    discrete DDPM path, where ``ddim`` draws ``x_init`` itself and the others are fresh draws of the same law);
     ``"noise"``: all ``B * N`` are one fresh :math:`N(0, I)` draw in the network's units
     (:func:`.official.noise_start`, the TDS code's start; ``x`` is not used). The problem in ``ctx`` gets one
     measurement and anchor row per particle (guidance sees them), and with ``chunk`` the denoiser is evaluated on
@@ -61,7 +62,11 @@ def expand(x: Tensor, ctx: Any, N: int, chunk: int | None, *, start: str = "samp
         x = noise_start((B * N, *x.shape[1:]), ctx, x)
     elif N > 1:
         shape = (B * (N - 1), *x.shape[1:])
-        if problem.x_init is not None:
+        if problem.x_init is not None and ddpm_steps(ctx.path) is not None:
+            # a discrete (diffusers-style) prior: ddim drew x_init itself from N(0, I) in the network's units;
+            # the other particles are independent draws from the same law, not copies of the first
+            extra = noise_start(shape, ctx, x)
+        elif problem.x_init is not None:
             extra = x.repeat_interleave(N - 1, dim=0)
         else:
             anchor = problem.anchor.repeat_interleave(N - 1, dim=0) if problem.anchor is not None else None

@@ -331,3 +331,26 @@ def test_the_default_twist_is_the_departure_that_matters():
     operator = {"preset": "official", "twist_form": "operator"}
     default, code, fixed = w2({}, {}), w2(official, official), w2(operator, operator)
     assert default < 0.01 and fixed < 0.02 and code > 0.2, (default, code, fixed)
+
+
+
+def test_default_preset_particles_start_from_independent_draws_on_a_discrete_prior():
+    # ddim on a discrete prior draws its own x_init (diffusers' N(0, I) start); the smc particles used to be N copies
+    # of it. Now particle 0 is ddim's draw and the others are fresh draws of the same law.
+    from types import SimpleNamespace
+
+    from restoreflow_plugins.smc.particles import expand
+
+    den = _prior(_EpsNet().to(F64))
+    problem = _matrix_problem()
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=F64)
+    ctx = SimpleNamespace(problem=problem.replace(x_init=x), ts=torch.tensor([1.0, 0.5, 0.0], dtype=F64),
+                          path=den.path, generator=torch.Generator().manual_seed(0), denoiser=den)
+    xs, _ = expand(x, ctx, 4, None)
+    rows = xs.reshape(4, -1)
+    assert torch.equal(rows[0], x.reshape(-1))
+    assert all(not torch.allclose(rows[0], rows[k]) for k in (1, 2, 3))
+    zero, scale = 0.5, 2.0  # the [-1, 1] network's N(0, I): mean zero * a_T, std 1 / scale
+    a = float(den.path.a(ctx.ts[0]))
+    z = (rows[1:] - zero * a) * scale
+    assert abs(float(z.mean())) < 0.3 and abs(float(z.std()) - 1) < 0.3
