@@ -66,6 +66,10 @@ class GrayPrior(Prior):
             raise IncompatibleError(f"the gray prior wraps unconditional priors; {base} is conditional")
         return prior, cls.channels
 
+    def tuned_options(self):
+        """The wrapped prior's tuned sampler options (its card's ``sampler_defaults``, e.g. ``dpir:mri``)."""
+        return self._base()[0].tuned_options()
+
     def load(self, *, device="cpu", x_shape=None):
         base, ch = self._base()
         if ch is None and x_shape is not None:  # unknown: try the image's single channel, then RGB

@@ -177,6 +177,15 @@ def test_gray_prior_on_an_rgb_checkpoint_path_wraps_it_without_an_image_shape():
     assert den(torch.rand(1, 1, 16, 16), torch.tensor(0.3)).shape == (1, 1, 16, 16)
 
 
+def test_gray_prior_uses_the_tuned_options_of_the_prior_it_wraps():
+    import restoreflow as rf
+
+    default = rf.default_registries().priors.get("default")()
+    assert GrayPrior().tuned_options() == default.tuned_options()
+    assert GrayPrior().sampler_defaults("dpir", "mri") == default.sampler_defaults("dpir", "mri") != {}
+    assert GrayPrior(base="gaussian").tuned_options() == {}
+
+
 def test_dz_adjoint():
     g = torch.Generator().manual_seed(0)
     x, v = torch.rand(5, 1, 3, 3, generator=g, dtype=torch.float64), torch.rand(4, 1, 3, 3, generator=g, dtype=torch.float64)
