@@ -1,8 +1,11 @@
 """Checks added by the mutation run over ``restoreflow/exact/gaussian.py`` (docs/mutation.md, issue 19)."""
 
+import math
+
+import pytest
 import torch
 
-from restoreflow.exact.gaussian import DenseGaussian, operator_matrix
+from restoreflow.exact.gaussian import DenseGaussian, gaussian_w2, operator_matrix
 from restoreflow.host.manager import collect, get_plugin_manager
 
 REGS = collect(get_plugin_manager())
@@ -36,3 +39,17 @@ def test_denoise_on_an_anchored_path_is_tweedie():
     want = m + (0.7 * C @ torch.linalg.solve(0.49 * C + 0.25 * torch.eye(d, dtype=torch.float64), r.T)).T
     got = model.denoise(x_t, a, b_mu, s)
     assert torch.allclose(got.reshape(2, d), want, atol=1e-12)
+
+
+def test_w2_between_gaussians_with_commuting_covariances():
+    """W2^2 = |m1 - m2|^2 + sum (sqrt(c1) - sqrt(c2))^2 for covariances Q diag(c) Q^T sharing eigenvectors (Q a
+    random rotation, so the matrices are full), and 0 between a Gaussian and itself."""
+    g = torch.Generator().manual_seed(5)
+    d = 5
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    c1, c2 = torch.rand(d, generator=g, dtype=torch.float64) + 0.1, torch.rand(d, generator=g, dtype=torch.float64) + 0.1
+    m1, m2 = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    C1, C2 = Q @ torch.diag(c1) @ Q.T, Q @ torch.diag(c2) @ Q.T
+    want = math.sqrt(float(((m1 - m2) ** 2).sum() + ((c1.sqrt() - c2.sqrt()) ** 2).sum()))
+    assert gaussian_w2(m1, C1, m2, C2) == pytest.approx(want, rel=1e-10)
+    assert gaussian_w2(m1, C1, m1, C1) == pytest.approx(0.0, abs=1e-6)
