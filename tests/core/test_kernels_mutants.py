@@ -3,7 +3,8 @@
 Each test kills mutants that survived the targeted kernel tests (test_mrs, test_residual, the exact bench): the
 ``deterministic`` flag a teleport reads, the option checks of :class:`ExpIntegrator`, and one-step means written
 out here from the DPM-Solver++ equations (Lu et al. 2022, data and noise prediction, ODE and SDE) for the branches
-the convergence tests do not pin down; Euler-Maruyama and Heun on an anchored path; the history and step count a
+the first pass left unchecked (plus order-2 SDE and noise-space order 3 steps, already covered by convergence tests, pinned
+here one step at a time); Euler-Maruyama and Heun on an anchored path; the history and step count a
 multistep kernel carries; KernelSampler's ``denoise_last`` default. Notably the exact bench's FlowMap certification
 (order and falling error only) passes Heun with a broken second evaluation (errors 4580 -> 1.7 instead of
 1.3 -> 0.013, measured order 3.6); :func:`test_heun_step_on_an_anchored_path` pins the step itself.
