@@ -38,6 +38,7 @@ HOSTILE = {
     "imports_missing": "import restoreflow_no_such_module_xyz\n",
     "exits_at_import": "import sys\nsys.exit(3)\n",
     "raises_at_import": "raise RuntimeError('broken on purpose')\n",
+    "interrupts_at_import": "raise KeyboardInterrupt\n",  # the plugin's own, not the user's Ctrl-C
     # hooks that do not fit the specification
     "misspelt_hook": "@hookimpl\ndef register_sampler(register):\n    pass\n",
     "wrong_hook_args": "@hookimpl\ndef register_samplers(reg, extra):\n    pass\n",
@@ -64,6 +65,7 @@ HOSTILE = {
     "task_named_batch": "@hookimpl\ndef register_tasks(register):\n    register(rf.Task('batch', 'gaussian_blur', 'Hijack.'))\n",
     "registers_junk": "@hookimpl\ndef register_operators(register):\n    register(42)\n",
     "exits_in_register": "import sys\n@hookimpl\ndef register_tasks(register):\n    sys.exit(0)\n",
+    "interrupts_in_register": "@hookimpl\ndef register_samplers(register):\n    raise KeyboardInterrupt\n",
     # a name that is taken, a command that is taken
     "shadows_wiener": textwrap.dedent("""
         class FakeWiener(rf.Sampler):
@@ -168,6 +170,8 @@ def _one_problem(problems: list[str], plugin: str) -> str:
     ("returns_list", "register_samplers returned list"),
     ("registers_junk", "register_operators registered int 42, which is not a restoreflow.Operator subclass"),
     ("exits_in_register", "failed in register_tasks: called sys.exit(0)"),
+    ("interrupts_at_import", "failed to import: KeyboardInterrupt"),
+    ("interrupts_in_register", "failed in register_samplers: KeyboardInterrupt"),
 ])
 def test_a_broken_plugin_is_one_warning_and_skipped(hostile_path, name, expect):
     install(hostile_path, {name: HOSTILE[name]})
@@ -180,6 +184,34 @@ def test_a_broken_plugin_is_one_warning_and_skipped(hostile_path, name, expect):
     assert {"wiener", "pinv", "ddim"} <= set(regs.samplers.names())
     assert {"deblur", "inpaint", "sr", "denoise"} <= set(regs.tasks.names())
     assert "gaussian_blur" in regs.operators
+
+
+def test_a_real_ctrl_c_while_plugins_load_still_interrupts(hostile_path):
+    """A SIGINT that arrives while a plugin imports is the user's: it interrupts (the plugin is not blamed)."""
+    install(hostile_path, {"slow": "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(5)\n"})
+    with pytest.raises(KeyboardInterrupt):
+        get_plugin_manager()
+
+
+def test_what_a_plugin_prints_goes_to_stderr(hostile_path, capsys):
+    chatty = 'print("HELLO at import")\n@hookimpl\ndef register_samplers(register):\n    print("HELLO in a hook")\n'
+    install(hostile_path, {"chatty": chatty})
+    capsys.readouterr()
+    collect(get_plugin_manager())
+    out, err = capsys.readouterr()
+    assert out == "" and "HELLO at import" in err and "HELLO in a hook" in err  # stdout stays parseable (--json)
+
+
+def test_a_task_naming_parts_nobody_registered_is_ignored(hostile_path):
+    bad = ("@hookimpl\ndef register_tasks(register):\n"
+           "    register(rf.Task('smear', 'no_such_operator', 'Missing operator.'))\n"
+           "    register(rf.Task('smudge', 'gaussian_blur', 'Missing sampler.', default_sampler='no_such_sampler'))\n")
+    install(hostile_path, {"bad_tasks": bad})
+    regs = collect(get_plugin_manager())
+    assert "smear" not in regs.tasks and "smudge" not in regs.tasks and "deblur" in regs.tasks
+    lines = [p for p in regs.problems if "'bad_tasks'" in p]
+    assert len(lines) == 2 and "the operator 'no_such_operator', which is not registered" in lines[0]
+    assert "the default sampler 'no_such_sampler'" in lines[1] and all("task is ignored" in ln for ln in lines)
 
 
 def test_a_taken_name_is_refused_with_a_warning(hostile_path):
@@ -258,6 +290,36 @@ def test_misbehaving_io_hooks_are_switched_off_and_the_built_in_io_answers(hosti
     for e in expect:
         assert res.output.count(e) == 1, res.output  # once, not once per image
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["im0.png", "im1.png", "im2.png"]
+
+
+LYING_IO = textwrap.dedent("""
+    import torch
+    from restoreflow.io import Measurement
+    @hookimpl
+    def load_measurement(path, task):
+        return Measurement(torch.full((3,), float("nan")), path)
+    @hookimpl
+    def save_result(path, image, like):
+        return True  # claims to have written, writes nothing
+""")
+
+
+def test_io_hooks_that_lie_are_switched_off_and_the_built_in_io_answers(hostile_path, tmp_path):
+    install(hostile_path, {"lying_io": LYING_IO})
+    cli = build_cli(get_plugin_manager())
+    d = tmp_path / "in"
+    for i in range(2):
+        _png(d / f"im{i}.png", seed=i)
+    res = CliRunner().invoke(cli, ["batch", str(d), "--out", str(tmp_path / "out"), "-t", "deblur", "-s", "wiener",
+                                   "-q", "--op", "boundary=circular"])
+    assert res.exit_code == 0 and "2 restored" in res.output and "Traceback" not in res.output, res.output
+    for e in ("returned a Measurement from load_measurement whose data is a float32 tensor of shape (3,)",
+              "returned True from save_result (written) but"):
+        assert res.output.count(e) == 1, res.output
+    rows = [json.loads(x) for x in (tmp_path / "out" / rb.MANIFEST).read_text().splitlines()]
+    assert len(rows) == 2
+    for r in rows:  # every recorded output is really there, with the recorded hash
+        assert hashlib.sha256((tmp_path / "out" / r["output"]).read_bytes()).hexdigest() == r["sha256"]
 
 
 def test_every_hostile_plugin_at_once_harms_no_command(tmp_path):
@@ -583,3 +645,54 @@ def test_an_error_raised_by_plugin_code_during_a_run_names_the_plugin(hostile_pa
     line = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
     assert len(line) == 1 and "plugin 'fragile' failed (RuntimeError" in line[0] and ".py:" in line[0], res.output
     assert "Traceback" not in res.output and not (tmp_path / "o.png").exists()
+
+
+JUNK_SAMPLER = textwrap.dedent("""
+    import torch
+    import click
+    class Junk(rf.Sampler):
+        '''Returns the wrong thing (fixture).'''
+        name = "hostile-junk"
+        requires = frozenset()
+        uses_measurement = True
+        def sample(self, problem, denoiser=None, *, generator, guidance=None, corrector=None, callback=None):
+            return "not a tensor" if problem.y.shape[-1] % 2 else torch.zeros(1, 7, 3, 3)
+    @hookimpl
+    def register_samplers(register):
+        register(Junk)
+    @hookimpl
+    def register_commands(cli):
+        @click.command(name="hostile-crash")
+        @click.option("--user-error", is_flag=True)
+        def crash(user_error):
+            if user_error:
+                raise rf.InputError("a user mistake the plugin found")
+            raise RuntimeError("plugin command bug")
+        cli.add_command(crash)
+""")
+
+
+@pytest.mark.parametrize("size, got", [(17, "a str"), (16, "a tensor of shape (1, 7, 3, 3)")])
+def test_a_sampler_returning_the_wrong_thing_is_named(hostile_path, tmp_path, size, got):
+    from skimage import io
+
+    install(hostile_path, {"junk": JUNK_SAMPLER})
+    img = tmp_path / "in.png"
+    io.imsave(img, np.zeros((size, size, 3), np.uint8), check_contrast=False)
+    res = CliRunner().invoke(build_cli(get_plugin_manager()), ["deblur", str(img), "-s", "hostile-junk", "--op",
+                                                               "boundary=circular", "-O", str(tmp_path / "o.png")])
+    assert res.exit_code == 6 and "Traceback" not in res.output, res.output
+    assert (f"error: sampler hostile-junk (plugin 'junk') returned {got}; it must return a tensor of shape "
+            f"(1, 3, {size}, {size})") in res.output
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_a_plugin_command_without_error_handling_still_fails_in_one_line(hostile_path):
+    """A command a plugin adds has no @handle_errors: the group still turns its failure into one line."""
+    install(hostile_path, {"junk": JUNK_SAMPLER})
+    cli = build_cli(get_plugin_manager())
+    res = CliRunner().invoke(cli, ["hostile-crash"])
+    assert res.exit_code == 6 and "Traceback" not in res.output, res.output
+    assert "error: plugin 'junk' failed (RuntimeError: plugin command bug) at hostile_junk_" in res.output
+    res = CliRunner().invoke(cli, ["hostile-crash", "--user-error"])
+    assert res.exit_code == 3 and "error: a user mistake the plugin found" in res.output, res.output

@@ -107,6 +107,10 @@ def work(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(3)}, str(d / "nocard.safetensors"))
+    from PIL import Image
+
+    frames = [Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)) for _ in range(3)]
+    frames[0].save(d / "anim.png", save_all=True, append_images=frames[1:])  # APNG: 3 frames
     return d
 
 
@@ -153,6 +157,19 @@ CASES = {
     "unknown device": (["deblur", I, "--sampler", "wiener", "--device", "tpu"], "device"),
     "missing argument": (["deblur"], "Missing argument"),
     "unknown flag": (["deblur", I, "--bogus"], "--bogus"),
+    "animated PNG": (["deblur", "{w}/anim.png", "--sampler", "wiener"], "animated PNG (3 frames)"),
+    "mr-convert of a garbage file": (["mr-convert", "{w}/random.pt", "{w}/o.safetensors"], "refused"),
+    "batch suffix nobody writes": (["batch", "{w}", "-t", "deblur", "-s", "wiener", "-O", "{w}/o", "--suffix", ".xyz"],
+                                   "no writer"),
+    "batch threads crash OpenMP": (["batch", "{w}", "-t", "deblur", "-s", "wiener", "-O", "{w}/o", "--threads",
+                                    "100000"], "--threads must be between 1 and"),
+    "batch seed 2^64": (["batch", "{w}", "-t", "deblur", "-s", "wiener", "-O", "{w}/o", "--seed", str(2**64)], "--seed"),
+    "train seed -1": (["train", "--method", "denoiser", "--out", "{w}/t", "--seed", "-1"], "seed must be in [0, 2^63)"),
+    "train crop bomb": (["train", "--method", "denoiser", "--out", "{w}/t", "--crop", "100000"], "MP limit"),
+    "train no eval crops": (["train", "--method", "denoiser", "--out", "{w}/t", "--eval-crops", "0"], "eval_crops"),
+    "train threads": (["train", "--method", "denoiser", "--out", "{w}/t", "--threads", "100000"], "threads"),
+    "bench seed 2^64": (["bench", "-s", "wiener", "--seeds", str(2**64), "-O", "{w}/o"], "--seeds must be in [0, 2^63)"),
+    "bench threads": (["bench", "-s", "wiener", "--threads", "100000", "-O", "{w}/o"], "--threads must be between"),
 }
 
 
@@ -175,6 +192,7 @@ def test_bad_input(case, cli, work, monkeypatch):
     assert len(errors) == 1, f"{case}: expected one error line\n{res.output}"
     assert needle.lower() in errors[0].lower(), f"{case}: {errors[0]!r} lacks {needle!r}"
     assert _snapshot(work) == before, f"{case}: files changed or were left behind"
+    assert not (work / "o").exists() and not (work / "t").exists(), f"{case}: an output folder was created"
     assert not (work / PAYLOAD_MARK).exists(), "the pickle payload ran"
 
 
@@ -219,3 +237,172 @@ def test_api_raises_typed_errors_with_cli_messages(work):
     with pytest.raises(rf.ConfigError):
         rf.restore(work / "img.png", "deblur", sampler="wiener", op_options={"sigma": -1})
     assert issubclass(rf.NumericalError, rf.RestoreflowError)
+
+
+# -- model cards, weights and torch files --------------------------------------------------------------------
+
+
+def _card_case(tmp_path, name, change=None, weights=None):
+    """A copy of the bundled ``default`` prior (card + weights) with ``change(card)`` applied and, if given, other
+    ``weights``; returns the weights path."""
+    import copy
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from restoreflow.models.weights import WEIGHTS_DIR
+
+    card = json.loads((WEIGHTS_DIR / "default.json").read_text())
+    sd = load_file(str(WEIGHTS_DIR / "default.safetensors"))
+    card = copy.deepcopy(card)
+    if change is not None:
+        change(card)
+    w = tmp_path / f"{name}.safetensors"
+    save_file(weights(sd) if weights is not None else sd, str(w))
+    (tmp_path / f"{name}.json").write_text(json.dumps(card))
+    return w
+
+
+def _kw(**kw):
+    return lambda c: c["architecture"]["kwargs"].update(kw)
+
+
+CARDS = {  # name: (card change, weights change, what the one line says)
+    "architecture a string": (lambda c: c.update(architecture="unet"), None, "field 'architecture' must be an object"),
+    "kwargs a list": (lambda c: c["architecture"].update(kwargs=[1, 2]), None, "architecture.kwargs must be an object"),
+    "class a list": (lambda c: c["architecture"].update({"class": ["unet"]}), None, "architecture.class must be"),
+    "channels a word": (lambda c: c.update(channels="three"), None, "field 'channels' must be a whole number"),
+    "method options a list": (lambda c: c.update(method_options=[1]), None, "field 'method_options' must be an object"),
+    "sampler defaults a string": (lambda c: c.update(sampler_defaults="x"), None, "'sampler_defaults' must be"),
+    "anchor a number": (lambda c: c.update(anchor=5), None, "field 'anchor' must be a string"),
+    "NaN architecture argument": (_kw(time_scale=float("nan")), None, "must be a finite number"),
+    "method an object": (lambda c: c.update(method={"a": 1}), None, "field 'method' must be a string"),
+    # 6.3 G parameters described by a 3 KB card beside one stored number: refused from the header
+    "huge network, tiny weights": (_kw(channels=[1536, 3072, 6144, 6144]), lambda sd: {"x": torch.zeros(1)},
+                                   "more parameters than its weights file holds (1 values)"),
+    "10^30 blocks": (_kw(blocks=10**30), None, "more parameters than its weights file holds"),
+    "int8 weights": (None, lambda sd: {k: v.to(torch.int8) for k, v in sd.items()}, "is I8 but the architecture expects"),
+    "renamed weights": (None, lambda sd: {"x" + k: v for k, v in sd.items()}, "missing (e.g."),
+}
+
+
+@pytest.mark.parametrize("case", list(CARDS))
+def test_model_cards_and_weights_are_checked_before_any_weight_exists(tmp_path, monkeypatch, case):
+    from restoreflow.models import nets
+
+    change, weights, needle = CARDS[case]
+    w = _card_case(tmp_path, "m", change, weights)
+
+    def never(*a, **k):
+        raise AssertionError("the real network was built")
+
+    monkeypatch.setattr(nets, "build_network", never)
+    img = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
+    with pytest.raises(rf.CheckpointError, match=needle.replace("(", r"\(").replace(")", r"\)")) as e:
+        rf.restore(img, "denoise", sampler="mmse", prior=str(w), sampler_options={"ensemble": 1})
+    assert "\n" not in str(e.value)
+
+
+def test_cards_that_fit_their_weights_still_load_in_any_float_dtype(tmp_path):
+    img = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
+    for name, weights in (("same", None), ("half", lambda sd: {k: v.half() for k, v in sd.items()})):
+        w = _card_case(tmp_path, name, None, weights)
+        res = rf.restore(img, "denoise", sampler="mmse", prior=str(w), sampler_options={"ensemble": 1})
+        assert res.image.shape == (1, 3, 16, 16) and torch.isfinite(res.image).all()
+
+
+def test_a_network_with_too_many_levels_for_the_pixel_limit_is_refused(tmp_path, monkeypatch):
+    w = _card_case(tmp_path, "m")  # the bundled network (4 levels) pads inputs to a multiple of 8 px
+    monkeypatch.setenv("RESTOREFLOW_MAX_PIXELS", "50")
+    with pytest.raises(rf.CheckpointError, match="pads every input to a multiple of 8 px"):
+        rf.restore(np.zeros((4, 4, 3), np.uint8), "denoise", sampler="mmse", prior=str(w))
+
+
+def test_torch_files_that_are_not_plain_weights_get_a_plain_message(work):
+    from restoreflow.core.modelcard import safe_torch_load
+
+    with pytest.raises(rf.CheckpointError) as e:
+        safe_torch_load(work / "random.pt")
+    assert "not a PyTorch checkpoint of plain weights" in str(e.value) and "weights_only" not in str(e.value)
+    with pytest.raises(rf.CheckpointError) as e:
+        safe_torch_load(work / "evil.pth")
+    assert "unsafe pickle" in str(e.value) and "nothing in it was run" in str(e.value)
+    assert "weights_only" not in str(e.value)  # torch's advice to load it unsafely is not passed on
+    assert not (work / PAYLOAD_MARK).exists()
+
+
+# -- odd but valid inputs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["deblur", "denoise", "inpaint"])
+def test_grey_images_restore_with_every_tasks_defaults(task):
+    """The default prior is RGB; a grey photo runs through the ``gray`` wrapper instead of being refused."""
+    grey = (np.random.default_rng(1).random((16, 16)) * 255).astype(np.uint8)
+    res = rf.restore(grey, task, simulate=True, steps=2 if task == "inpaint" else None)
+    assert res.prior == "gray(base=default)" and res.to_numpy().shape == tuple(res.image.shape[-2:])
+    assert res.to_numpy().dtype == np.uint8 and torch.isfinite(res.image).all()
+
+
+def test_the_default_output_name_too_long_is_named_as_the_default(cli, tmp_path):
+    img = tmp_path / ("n" * 251 + ".png")
+    _write_png(img, np.zeros((8, 8, 3), np.uint8))
+    res = CliRunner().invoke(cli, ["deblur", str(img), "--sampler", "wiener"])
+    assert res.exit_code == 4 and "Traceback" not in res.output
+    assert "error: the default output name is 269 bytes" in res.output and "with --out" in res.output
+
+
+def test_a_mask_file_bomb_names_the_mask(tmp_path, monkeypatch):
+    from restoreflow.io import read_array
+
+    _write_png(tmp_path / "m.png", np.zeros((20, 30), np.uint8))
+    monkeypatch.setenv("RESTOREFLOW_MAX_PIXELS", "100")
+    with pytest.raises(rf.InputError, match="^mask file .*m.png is 30x20"):
+        read_array(tmp_path / "m.png", "mask")
+
+
+# -- train: refused before building, allocating or writing ----------------------------------------------
+
+
+def test_train_refuses_huge_or_deep_networks_before_building_them(cli, tmp_path, monkeypatch):
+    from restoreflow.models import training
+
+    base = ["train", "--method", "denoiser", "--out", str(tmp_path / "t"), "--width", "8", "--crop", "16",
+            "--eval-size", "16"]
+    for extra, needle, code in ((["-m", "mult=1,2,4,4,4,4,4,4,4,4,4,4"], "multiple of 2048 px", 2),
+                                (["--width", "100000"], "more than 2,000,000,000 parameters", 5),
+                                (["-m", "blocks=1000000000"], "more than 300 parameter tensors", 5)):
+        if "blocks" in extra[-1]:  # the default ceiling of 10,000 tensors takes seconds to reach
+            monkeypatch.setattr(training, "MAX_PARAMETER_TENSORS", 300)
+        t0 = time.monotonic()
+        res = CliRunner().invoke(cli, base + extra)
+        assert res.exit_code == code and needle in res.output and "Traceback" not in res.output, res.output
+        assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "t").exists()
+
+
+# -- batch --------------------------------------------------------------------------------------------------
+
+
+def test_batch_into_a_folder_that_holds_the_input_folder(cli, tmp_path, monkeypatch):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(2):
+        _write_png(src / f"p{i}.png", (np.random.default_rng(i).random((12, 12)) * 255).astype(np.uint8))
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli, ["batch", "photos", "--out", ".", "-t", "deblur", "-s", "wiener", "-q",
+                                   "--op", "boundary=circular"])
+    assert res.exit_code == 0 and "2 restored" in res.output, res.output
+    assert (tmp_path / "p0.png").exists() and (tmp_path / "p1.png").exists()
+
+
+def test_batch_progress_lines_escape_newlines_and_bad_limits_stop_it_at_once(cli, tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    src.mkdir()
+    _write_png(src / "a\nb.png", np.zeros((8, 8), np.uint8))
+    res = CliRunner().invoke(cli, ["batch", str(src), "--out", str(tmp_path / "o"), "-t", "deblur", "-s", "wiener",
+                                   "--op", "boundary=circular"])
+    assert res.exit_code == 0 and "1/1 a\\nb.png: ok" in res.output, res.output
+    monkeypatch.setenv("RESTOREFLOW_MAX_PIXELS", "abc")
+    res = CliRunner().invoke(cli, ["batch", str(src), "--out", str(tmp_path / "o2"), "-t", "deblur", "-s", "wiener"])
+    assert res.exit_code == 2 and "RESTOREFLOW_MAX_PIXELS must be" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o2").exists()

@@ -356,8 +356,7 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
     data = meas.data.to(dev)
     gen = torch.Generator().manual_seed(int(seed))
     if pl.prior is not None and type(pl.prior).channels not in (None, data.shape[1]):
-        raise InputError(f"prior {pl.prior_label} handles {type(pl.prior).channels}-channel images; the input has "
-                         f"{data.shape[1]} (convert it first)")
+        pl = _grey_prior(pl, int(data.shape[1]), registries or default_registries())
     if simulate:
         # the operator degrades the clean image as a camera would (non-circular blurs: beyond the measurement's
         # edge, so y is smaller and `clean` is the part under it); y is then restored like a real input
@@ -392,6 +391,8 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    if not isinstance(out, Tensor) or tuple(out.shape) != tuple(op.x_shape):
+        _bad_result(pl.sampler, out, tuple(op.x_shape), registries or default_registries())
     if not torch.isfinite(out).all():
         from restoreflow.core.errors import NumericalError
 
@@ -412,6 +413,34 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
         extras["noise_sigma_estimated"] = noise_estimate
     return Result(out, y.detach(), degraded, clean, metrics, nfe["n"] or pl.sampler.nfe(denoiser), seconds,
                   pl.sampler.name, pl.prior_label, extras, meas)
+
+
+def _grey_prior(pl: Plan, channels: int, regs: Registries) -> Plan:
+    """A grey image with a colour prior: an unconditional learned prior runs through the registered ``gray``
+    prior (the channel replicated in, the outputs averaged; what MRI and CT use), so grey photos restore with
+    every task's defaults. Anything else is refused in one line."""
+    pc = type(pl.prior)
+    if (channels == 1 and pc.channels == 3 and not pc.conditional and not getattr(pl.prior, "exact_posterior", False)
+            and not pl.condition_on_y and pl.prior_label and "gray" in regs.priors and pc is not regs.priors.get("gray")):
+        options = dict(getattr(pl.prior, "options", None) or {})
+        gray = regs.priors.get("gray")(base=pl.prior_label, **options)
+        return dataclasses.replace(pl, prior=gray, prior_label=f"gray(base={pl.prior_label})")
+    raise InputError(f"prior {pl.prior_label} handles {pc.channels}-channel images; the input has {channels} "
+                     f"(convert it first)")
+
+
+def _bad_result(sampler: Any, out: Any, x_shape: tuple[int, ...], regs: Registries) -> None:
+    """A sampler that returned something other than the ``x_shape`` tensor it must: one line naming it and its
+    plugin (a :class:`PluginError`), not a failure further on."""
+    from restoreflow.core.errors import PluginError
+
+    try:
+        owner = regs.samplers.owner(sampler.name)
+    except Exception:  # noqa: BLE001 - a sampler object made outside the registry
+        owner = type(sampler).__module__
+    got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+    raise PluginError(f"sampler {sampler.name} (plugin {owner!r}) returned {got}; it must return a tensor of shape "
+                      f"{x_shape}")
 
 
 def replace_config(obj: Any, **changes: Any) -> Any:

@@ -34,7 +34,7 @@ from restoreflow.core.errors import RestoreflowError
 from restoreflow.host.registry import Registries
 from restoreflow.core.options import canonical_name
 from restoreflow.app.commands import _task_command
-from restoreflow.app.console import EXIT_INTERRUPTED, err, handle_errors
+from restoreflow.app.console import EXIT_INTERRUPTED, err, handle_errors, report_exception
 from restoreflow.app.listings import _LISTINGS, _listing, _plugin_rows, _plugins_command, registry_entries
 
 __all__ = ["build_cli", "main", "handle_errors", "err"]
@@ -74,6 +74,10 @@ class RestoreflowGroup(click.Group):
         except (click.exceptions.Abort, KeyboardInterrupt):
             err("interrupted; no output was written")
             sys.exit(EXIT_INTERRUPTED)
+        except Exception as e:  # a command without @handle_errors (e.g. one a plugin added): still one line
+            if os.environ.get("RESTOREFLOW_DEBUG"):
+                raise
+            sys.exit(report_exception(e))
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

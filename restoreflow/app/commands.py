@@ -167,8 +167,8 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
             raise ConfigError("--uncertainty needs a corrector that estimates the posterior variance (e.g. "
                               "--corrector smc --particles 16)")
         out_path = out or default_output(image, task.name, pl.sampler.name)
-        check_outputs(image, [("--out", out_path), ("--save-degraded", save_degraded), ("--uncertainty", uncertainty)],
-                      force=force)
+        check_outputs(image, [("--out" if out else "the default output", out_path),
+                              ("--save-degraded", save_degraded), ("--uncertainty", uncertainty)], force=force)
         from restoreflow.app.api import _load_input, resolve_device
 
         dev = resolve_device(device)
@@ -229,7 +229,8 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
         if progress is not None:
             progress.start()
         try:
-            res = restore(meas, task.name, seed=seed, device=device, simulate=simulate, callback=callback, planned=pl)
+            res = restore(meas, task.name, seed=seed, device=device, simulate=simulate, callback=callback, planned=pl,
+                          registries=regs)
         finally:
             if progress is not None:
                 progress.stop()

@@ -33,33 +33,37 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except RestoreflowError as e:
-            if os.environ.get("RESTOREFLOW_DEBUG"):
-                raise
-            err(str(e))
-            raise click.exceptions.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            err("interrupted; no output was written")
-            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
-        except MemoryError:
-            err("out of memory; try a smaller image, --op tile options, or --device cuda")
-            raise click.exceptions.Exit(EXIT_INTERNAL) from None
         except Exception as e:
             if os.environ.get("RESTOREFLOW_DEBUG"):
                 raise
-            msg = " ".join(str(e).split())[:300]
-            fault = plugin_at_fault(e)
-            if "out of memory" in msg.lower():
-                err("out of memory; try a smaller image or another device")
-            elif fault is not None:
-                err(f"plugin {fault[0]!r} failed ({type(e).__name__}: {msg}) at {fault[1]}; report it to the plugin's "
-                    f"authors, or run without it (RESTOREFLOW_DISABLE_PLUGINS={fault[0]})")
-                raise click.exceptions.Exit(PluginError.exit_code) from None
-            else:
-                err(f"internal error ({type(e).__name__}: {msg}); rerun with RESTOREFLOW_DEBUG=1 for a traceback")
-            raise click.exceptions.Exit(EXIT_INTERNAL) from None
+            raise click.exceptions.Exit(report_exception(e)) from None
+        except KeyboardInterrupt:
+            err("interrupted; no output was written")
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
+
+
+def report_exception(e: Exception) -> int:
+    """Print ``e`` as one ``error:`` line and return the exit code: a :class:`RestoreflowError` as it is, an
+    exception raised from a third-party plugin's code naming the plugin, anything else an internal error."""
+    if isinstance(e, RestoreflowError):
+        err(str(e))
+        return e.exit_code
+    if isinstance(e, MemoryError):
+        err("out of memory; try a smaller image, --op tile options, or --device cuda")
+        return EXIT_INTERNAL
+    msg = " ".join(str(e).split())[:300]
+    fault = plugin_at_fault(e)
+    if "out of memory" in msg.lower():
+        err("out of memory; try a smaller image or another device")
+    elif fault is not None:
+        err(f"plugin {fault[0]!r} failed ({type(e).__name__}: {msg}) at {fault[1]}; report it to the plugin's "
+            f"authors, or run without it (RESTOREFLOW_DISABLE_PLUGINS={fault[0]})")
+        return PluginError.exit_code
+    else:
+        err(f"internal error ({type(e).__name__}: {msg}); rerun with RESTOREFLOW_DEBUG=1 for a traceback")
+    return EXIT_INTERNAL
 
 
 def plugin_at_fault(exc: BaseException) -> tuple[str, str] | None:
@@ -151,13 +155,14 @@ def check_outputs(image: Path, outputs: list[tuple[str, Path | None]], *, force:
             limit = _name_max(parent)  # atomic_write shortens its temporary name to fit whatever fits here
             length = len(os.fsencode(path.name))
             if length > limit:
-                raise OutputError(f"{label} name is {length} bytes; the file system allows at most {limit}")
+                raise OutputError(f"{label} name is {length} bytes; the file system allows at most {limit}"
+                                  + ("" if label.startswith("--") else " (give a shorter name with --out)"))
             if path.is_dir():
                 raise OutputError(f"{label} {path} is a directory; give a file name")
         except OSError as e:  # a path the OS refuses outright (too long in all, a loop...)
             raise OutputError(f"cannot use {label} {path}: {e.strerror or e}") from None
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError(f"cannot write to {parent} (permission denied) for {label}")
+            raise OutputError(f"cannot write to {parent} (permission denied or a read-only file system) for {label}")
         sfx = _full_suffix(path)
         if sfx not in known and path.suffix.lower() not in known:
             raise OutputError(f"cannot write {sfx or 'extension-less'} files ({label} {path.name}); use one of "

@@ -7,15 +7,19 @@ Fault isolation. A third-party plugin (one outside the ``restoreflow`` distribut
 each is named in *one* warning line and only that plugin is skipped -- every command, ``restoreflow plugins``
 included, keeps working:
 
-* it raises (anything, ``SystemExit`` included) while its entry point is imported;
+* it raises (anything, ``SystemExit`` included, and a ``KeyboardInterrupt`` it raises itself -- a real Ctrl-C still
+  interrupts) while its entry point is imported; what it prints goes to stderr, never into a command's stdout;
 * it implements a hook that does not exist (the warning suggests the closest hook name) or whose arguments do
   not match the specification;
 * one of its ``register_*`` hooks raises, returns something (hooks must call ``register`` and return
   ``None``), or registers an object of the wrong kind -- then *none* of its registrations is kept;
+* it registers a task whose operator, default sampler or default prior nobody registered (the task is ignored);
 * a run-time hook (``load_measurement``, ``save_result``, ``load_prior``, ``register_commands``) raises
-  something other than a :class:`restoreflow.RestoreflowError`, or returns the wrong type -- then that hook of
-  the plugin is switched off for the rest of the process and the next implementation answers. A
-  ``RestoreflowError`` it raises (a user mistake it detected) propagates with the plugin's name prepended.
+  something other than a :class:`restoreflow.RestoreflowError`, or returns the wrong type, a measurement that is
+  not a finite ``N x C x H x W`` tensor, or "written" for a file that does not exist -- then that hook of the
+  plugin is switched off for the rest of the process and the next implementation answers
+  (:mod:`restoreflow.host.guards`). A ``RestoreflowError`` it raises (a user mistake it detected) propagates
+  with the plugin's name prepended.
 
 A plugin cannot take a name already in use: an entry point named like an earlier one (first-party ones load
 first), a registered operator/sampler/... name that is taken, or a built-in command replaced through
@@ -39,13 +43,13 @@ import importlib.metadata as md
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 
 from restoreflow.host import hookspecs
-from restoreflow.core.errors import PluginError, RestoreflowError, suggest
+from restoreflow.host.guards import LoadReport, _one_line, guard_plugin, plugin_code, plugin_interrupt
+from restoreflow.core.errors import PluginError, suggest
 from restoreflow.host.registry import Registries
 
 __all__ = ["get_plugin_manager", "default_plugin_manager", "collect", "default_registries", "LoadReport",
@@ -55,22 +59,10 @@ ENTRYPOINT_GROUP = hookspecs.PROJECT
 FIRST_PARTY_DIST = "restoreflow"
 _SPEC_MARK = f"{hookspecs.PROJECT}_spec"
 HOOK_NAMES = frozenset(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), _SPEC_MARK))
-_GUARD_MARK = "_restoreflow_guarded"
 #: command names of the host and the first-party plugins: a third-party task (each task is a command) may not
 #: take one (the built-in would silently hide it)
 BUILTIN_COMMANDS = frozenset({"batch", "bench", "plugins", "samplers", "operators", "priors", "tasks", "guidance",
                               "correctors", "trainers", "train", "mr-convert", "help"})
-
-
-@dataclass
-class LoadReport:
-    """What went wrong while loading plugins: ``failed`` maps a skipped plugin to its one-line reason;
-    ``blocked`` lists the names the environment blocked; ``warnings`` holds the other one-line notices
-    (a refused duplicate entry point, a hook function without ``@hookimpl``, a run-time hook switched off)."""
-
-    failed: dict[str, str] = field(default_factory=dict)
-    blocked: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
 
 
 class PluginHost(pluggy.PluginManager):
@@ -105,13 +97,6 @@ def _env_list(name: str) -> list[str] | None:
     if raw is None:
         return None
     return [p.strip() for p in raw.split(",") if p.strip()]
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, SystemExit):
-        return f"called sys.exit({e.code!r})"
-    msg = " ".join(str(e).split())[:300]
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def _is_first_party(plugin: Any) -> bool:
@@ -220,10 +205,11 @@ def get_plugin_manager(*, entrypoints: bool = True) -> PluginHost:
                 report.blocked.append(ep.name)
                 continue
             try:
-                module = ep.load()
-            except (KeyboardInterrupt, GeneratorExit):
-                raise
+                with plugin_code() as sig:
+                    module = ep.load()
             except BaseException as e:  # noqa: BLE001 - a broken plugin (SystemExit included) must not end the host
+                if plugin_interrupt(e, sig):
+                    raise
                 report.failed[ep.name] = f"failed to import: {_one_line(e)}"
                 continue
             if register_plugin(pm, module, ep.name, report) and getattr(ep, "dist", None) is not None:
@@ -239,118 +225,6 @@ def get_plugin_manager(*, entrypoints: bool = True) -> PluginHost:
 def default_plugin_manager() -> PluginHost:
     """The process-wide manager (cached :func:`get_plugin_manager`)."""
     return get_plugin_manager()
-
-
-# -- run-time guards --------------------------------------------------------------------------------
-
-
-def _warn(report: LoadReport | None, message: str) -> None:
-    line = " ".join(message.split())
-    if report is not None:
-        report.warnings.append(line)
-    print(f"warning: {line}", file=sys.stderr)
-
-
-def _expected_type(hook: str) -> tuple[str, Callable[[Any], bool]] | None:
-    if hook == "load_measurement":
-        from restoreflow.io import Measurement
-
-        return "a restoreflow.io.Measurement or None", lambda r: isinstance(r, Measurement)
-    if hook == "save_result":
-        return "True or None", lambda r: isinstance(r, bool)
-    if hook == "load_prior":
-        from restoreflow.core.denoiser import Prior
-
-        return "a restoreflow.Prior or None", lambda r: isinstance(r, Prior)
-    return None
-
-
-def _guard_call(fn: Callable, plugin_name: str, hook: str, report: LoadReport | None) -> Callable:
-    state = {"off": False}
-
-    @functools.wraps(fn)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        if state["off"]:
-            return None
-        try:
-            result = fn(*args, **kwargs)
-        except RestoreflowError as e:  # a user mistake the plugin detected: keep it, say whose message it is
-            if not str(e).startswith(f"plugin {plugin_name!r}"):
-                e.args = (f"plugin {plugin_name!r}: {e}",)
-            raise
-        except (KeyboardInterrupt, GeneratorExit, MemoryError):
-            raise
-        except BaseException as e:  # noqa: BLE001 - SystemExit included: a plugin must not end the run
-            state["off"] = True
-            _warn(report, f"plugin {plugin_name!r} failed in {hook}: {_one_line(e)}; this hook of the plugin is "
-                          f"skipped from now on")
-            return None
-        if result is not None:
-            expected = _expected_type(hook)
-            if expected is not None and not expected[1](result):
-                state["off"] = True
-                _warn(report, f"plugin {plugin_name!r} returned {type(result).__name__} from {hook} instead of "
-                              f"{expected[0]}; this hook of the plugin is skipped from now on")
-                return None
-        return result
-
-    return guarded
-
-
-def _guard_commands(fn: Callable, argnames: tuple[str, ...], plugin_name: str, report: LoadReport | None,
-                    pm: pluggy.PluginManager) -> Callable:
-    """``register_commands`` of a third-party plugin: it may add commands, never replace or remove one; if it
-    raises, whatever it added is taken out again. The warning joins the problems of the latest :func:`collect`
-    (which the CLI prints once per command and keeps in its listing index); without one it is printed."""
-
-    def note(message: str) -> None:
-        problems = getattr(pm, "problems", None) if isinstance(pm, PluginHost) else None
-        if problems is None:
-            _warn(report, message)
-        else:
-            problems.append(" ".join(message.split()))
-
-    @functools.wraps(fn)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        group = kwargs.get("cli", args[argnames.index("cli")] if "cli" in argnames[: len(args)] else None)
-        before = dict(getattr(group, "commands", {}) or {})
-        try:
-            fn(*args, **kwargs)
-        except (KeyboardInterrupt, GeneratorExit, MemoryError):
-            raise
-        except BaseException as e:  # noqa: BLE001
-            if group is not None:
-                group.commands.clear()
-                group.commands.update(before)
-            note(f"plugin {plugin_name!r} failed in register_commands: {_one_line(e)}; its commands are skipped")
-            return None
-        if group is not None:
-            for name, cmd in before.items():
-                now = group.commands.get(name)
-                if now is not cmd:
-                    group.commands[name] = cmd
-                    note(f"plugin {plugin_name!r} tried to {'replace' if now is not None else 'remove'} the command "
-                         f"{name!r}; the existing command is kept")
-        return None
-
-    return guarded
-
-
-def guard_plugin(pm: pluggy.PluginManager, plugin: Any, report: LoadReport | None = None) -> None:
-    """Wrap the run-time hook implementations of ``plugin`` (see the module docstring); idempotent."""
-    report = report if report is not None else _report_of(pm)
-    for caller in pm.get_hookcallers(plugin) or []:
-        for impl in caller.get_hookimpls():
-            if impl.plugin is not plugin or impl.hookwrapper or impl.wrapper or getattr(impl.function, _GUARD_MARK, False):
-                continue
-            if caller.name == "register_commands":
-                wrapped = _guard_commands(impl.function, tuple(impl.argnames), impl.plugin_name, report, pm)
-            elif caller.name in ("load_measurement", "save_result", "load_prior"):
-                wrapped = _guard_call(impl.function, impl.plugin_name, caller.name, report)
-            else:
-                continue  # register_* hooks are isolated by collect()
-            setattr(wrapped, _GUARD_MARK, True)
-            impl.function = wrapped  # type: ignore[misc]
 
 
 # -- registries -------------------------------------------------------------------------------------
@@ -436,10 +310,11 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
                 _items.append((_attr, obj))
 
             try:
-                returned = _call_one(pm, hook_name, impl.plugin, register)
-            except (KeyboardInterrupt, GeneratorExit):
-                raise
+                with plugin_code() as sig:
+                    returned = _call_one(pm, hook_name, impl.plugin, register)
             except BaseException as e:  # noqa: BLE001 - SystemExit included
+                if plugin_interrupt(e, sig):
+                    raise
                 if isinstance(e, PluginError):
                     bad.append(f"{hook_name} failed: {e}")
                 else:
@@ -450,28 +325,36 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
                                f"and return None)")
             if bad:
                 skipped[pname] = bad[0]
+    def problem(msg: str, cause: BaseException | None = None) -> None:
+        if strict:
+            raise PluginError(msg) from cause
+        regs.problems.append(" ".join(msg.split()))
+
+    tasks: list[tuple[str, Any]] = []  # registered last: a task may name an operator a later plugin registers
     for pname in sorted(staged, key=lambda n: order[n]):
         if pname in skipped:
-            msg = f"plugin {pname!r} {skipped[pname]}; the plugin is skipped"
-            if strict:
-                raise PluginError(msg)
-            regs.problems.append(" ".join(msg.split()))
+            problem(f"plugin {pname!r} {skipped[pname]}; the plugin is skipped")
             continue
         for attr, obj in staged[pname]:
-            if attr == "tasks" and order[pname][0] and getattr(obj, "name", None) in BUILTIN_COMMANDS:
-                msg = (f"plugin {pname!r} registers the task {obj.name!r}, which is a built-in command; "
-                       f"the task is ignored")
-                if strict:
-                    raise PluginError(msg)
-                regs.problems.append(msg)
+            if attr == "tasks":
+                tasks.append((pname, obj))
                 continue
             try:
                 getattr(regs, attr).register(obj, plugin=pname)
             except PluginError as e:
-                msg = f"{e}; kept the first, ignored the one from plugin {pname!r}"
-                if strict:
-                    raise PluginError(msg) from e
-                regs.problems.append(" ".join(msg.split()))
+                problem(f"{e}; kept the first, ignored the one from plugin {pname!r}", e)
+    for pname, obj in tasks:
+        if order[pname][0] and getattr(obj, "name", None) in BUILTIN_COMMANDS:
+            problem(f"plugin {pname!r} registers the task {obj.name!r}, which is a built-in command; the task is ignored")
+            continue
+        missing = _task_missing(obj, regs) if order[pname][0] else None
+        if missing:
+            problem(f"plugin {pname!r} registers the task {obj.name!r} with {missing}; the task is ignored")
+            continue
+        try:
+            regs.tasks.register(obj, plugin=pname)
+        except PluginError as e:
+            problem(f"{e}; kept the first, ignored the one from plugin {pname!r}", e)
     if isinstance(pm, PluginHost):
         pm.problems = regs.problems  # see _guard_commands
     if report is not None:
@@ -479,6 +362,19 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
             regs.problems.insert(0, f"plugin {name!r} {why}; the plugin is skipped")
         regs.problems.extend(report.warnings)
     return regs
+
+
+def _task_missing(task: Any, regs: Registries) -> str | None:
+    """What a third-party task names that nobody registered (its operator, default sampler or prior), or None."""
+    if not isinstance(getattr(task, "operator", None), str) or task.operator not in regs.operators:
+        return f"the operator {getattr(task, 'operator', None)!r}, which is not registered"
+    sampler = getattr(task, "default_sampler", None)
+    if sampler and sampler not in regs.samplers:
+        return f"the default sampler {sampler!r}, which is not registered"
+    prior = getattr(task, "default_prior", None)
+    if prior and prior not in regs.priors and not any(c in str(prior) for c in "/\\."):
+        return f"the default prior {prior!r}, which is not registered"
+    return None
 
 
 @functools.cache

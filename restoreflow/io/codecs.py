@@ -133,16 +133,38 @@ def _read_pil(p: Path, what: str) -> tuple[np.ndarray, bool | None, dict[str, An
     return arr, has_alpha, meta
 
 
-def _read_png(path: Path) -> np.ndarray:
+def _apng_frames(path: Path) -> int:
+    """The frame count of an animated PNG's ``acTL`` chunk (it precedes the first ``IDAT``), 1 for a still PNG;
+    only chunk headers are read."""
+    with open(path, "rb") as f:
+        f.seek(8)  # the signature
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return 1
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind in (b"IDAT", b"IEND"):
+                return 1
+            if kind == b"acTL":
+                return int.from_bytes(f.read(4), "big")
+            f.seek(length + 4, 1)  # the data and its CRC
+
+
+def _read_png(path: Path, what: str | None = None) -> np.ndarray:
     """PNG through pypng: every bit depth (1-16), palette and transparency expanded exactly; the size is
-    checked from the header before any row is decoded.
+    checked from the header before any row is decoded; an animated PNG is refused (as animated WebP is).
 
     (Pillow silently reduces 16-bit colour PNGs to 8 bits.)"""
     import png
 
+    what = what or f"input {path}"
     reader = png.Reader(filename=str(path))
     reader.preamble()
-    check_size(reader.height, reader.width, f"input {path}")
+    check_size(reader.height, reader.width, what)
+    frames = _apng_frames(path)
+    if frames > 1:
+        raise InputError(f"{what} is an animated PNG ({frames} frames); restoreflow restores one still image per file "
+                         f"(export the frame you want)")
     w, h, rows, info = reader.asDirect()
     planes = info["planes"]
     dtype = np.uint16 if info["bitdepth"] > 8 else np.uint8
@@ -246,7 +268,7 @@ def _decode(p: Path, what: str) -> tuple[np.ndarray, bool | None, dict[str, Any]
     """Raw pixels in the file's own dtype, upright, size-checked from the header first."""
     suffix = p.suffix.lower()
     if suffix == ".png":
-        arr = _read_png(p)
+        arr = _read_png(p, what)
         o = _png_orientation(p)
         return (_orient(arr, o), None, {"orientation": o}) if o != 1 else (arr, None, {})
     if suffix in TIFF_SUFFIXES:
@@ -273,7 +295,9 @@ def read_image(path: str | Path) -> Measurement:
     except MemoryError:
         raise InputError(f"{what} does not fit in memory once decoded") from None
     except Exception as e:  # truncated/corrupt/wrong-format files surface as many exception types
-        raise InputError(f"{what} cannot be read as an image ({type(e).__name__}: {_oneline(e)})") from None
+        msg = _oneline(e)
+        kind = type(e).__name__
+        raise InputError(f"{what} cannot be read as an image ({msg if msg.startswith(kind) else f'{kind}: {msg}'})") from None
     return from_array(arr, what, path=p, has_alpha=has_alpha, meta={"suffix": p.suffix.lower(), **meta})
 
 
@@ -346,7 +370,7 @@ def read_array(path: str | Path, what: str) -> np.ndarray:
         elif p.suffix in (".txt", ".csv"):
             a = np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
         else:
-            raw, _, _ = _decode(p, what)
+            raw, _, _ = _decode(p, f"{what} file {p}")
             a = raw.astype(np.float64)
             if a.ndim == 3:
                 a = a[..., :3].mean(-1)

@@ -58,6 +58,18 @@ def check_size(h: int, w: int, what: str, depth: int = 1) -> None:
                          f"downscale or crop it, or raise RESTOREFLOW_MAX_PIXELS")
 
 
+def max_threads() -> int:
+    """The most torch CPU threads a process may ask for: 4 per CPU (at least 16). More only slows torch down, and
+    tens of thousands make OpenMP fail to create them and crash the process."""
+    return max(16, 4 * (os.cpu_count() or 1))
+
+
+def check_threads(n: int, what: str = "threads") -> None:
+    """One-line :class:`ConfigError` for a thread count outside 1 .. :func:`max_threads`."""
+    if not 1 <= int(n) <= max_threads():
+        raise ConfigError(f"{what} must be between 1 and {max_threads()} (4 per CPU of this machine); got {n}")
+
+
 def npy_header(path: str | Path, what: str = "input") -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of a ``.npy`` file from its header alone (nothing is loaded); one-line
     :class:`InputError` for a file that is not a valid ``.npy`` or holds Python objects."""

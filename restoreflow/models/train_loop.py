@@ -38,13 +38,16 @@ from torch import nn
 
 from restoreflow.models import data as rfdata
 from restoreflow.core.denoiser import for_inference
-from restoreflow.core.errors import CheckpointError, ConfigError, IncompatibleError
+from restoreflow.core.errors import CheckpointError, ConfigError, IncompatibleError, OutputError
 from restoreflow.models.degrade import Degrader, _jsonable
 from restoreflow.models.evaluation import evaluate_conditional, evaluate_denoiser
+from restoreflow.models.training import probe_network
 from restoreflow.core.modelcard import (
-    card_path, load_into, load_state_dict, read_card, safe_torch_load, save_weights, write_card,
+    card_path, check_weights_fit, load_into, load_state_dict, read_card, safe_torch_load, save_weights,
+    validate_card, weights_header, write_card,
 )
 from restoreflow.core.options import check
+from restoreflow.io.limits import check_threads, max_pixels
 
 __all__ = ["TrainOptions", "train", "load_model", "LoadedModel"]
 
@@ -105,6 +108,23 @@ class TrainOptions:
               f"scales must be factors in (0, 1]; got {self.scales}")
         check(0 < self.lr_min_ratio <= 1, f"lr_min_ratio must be in (0, 1]; got {self.lr_min_ratio}")
         check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1; got {self.checkpoint_every}")
+        check(0 <= self.seed < 2**63, f"seed must be in [0, 2^63); got {self.seed}")
+        check(self.warmup >= 0, f"warmup must be >= 0; got {self.warmup}")
+        check(self.dead_leaves >= 0, f"dead_leaves must be >= 0; got {self.dead_leaves}")
+        check(self.eval_size >= 8, f"eval_size must be >= 8 pixels; got {self.eval_size}")
+        check(self.eval_crops >= 1, f"eval_crops must be >= 1; got {self.eval_crops}")
+        check(self.eval_steps is None or self.eval_steps >= 1, f"eval_steps must be >= 1; got {self.eval_steps}")
+        check(math.isfinite(self.grad_clip) and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+              f"grad_clip and weight_decay must be finite (weight_decay >= 0); got {self.grad_clip}, {self.weight_decay}")
+        if self.threads is not None:
+            check_threads(self.threads)
+        # what the crops and the dead-leaves images take before the first step, against the pixel limit
+        for pixels, what in ((self.batch * self.crop ** 2, f"--batch {self.batch} x --crop {self.crop}^2"),
+                             (self.eval_size ** 2, f"--eval-size {self.eval_size}^2"),
+                             (max(self.dead_leaves, 1) * self.dead_leaves_size ** 2,
+                              f"--dead-leaves {self.dead_leaves} x --dead-leaves-size {self.dead_leaves_size}^2")):
+            check(pixels <= max_pixels(), f"{what} = {pixels / 1e6:.1f} MP per step, above the "
+                                          f"{max_pixels() / 1e6:.0f} MP limit (RESTOREFLOW_MAX_PIXELS)")
         if self.noise_range is not None:
             lo, hi = self.noise_range
             check(0 <= lo <= hi <= 1, f"noise_range must satisfy 0 <= lo <= hi <= 1; got {self.noise_range}")
@@ -148,6 +168,32 @@ def _lr_at(step: int, o: TrainOptions) -> float:
     return o.lr * (o.lr_min_ratio + (1 - o.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def _construct(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The architecture's constructor called once (``build_network`` builds twice: a meta probe, then the net),
+    with ``build_network``'s one-line errors."""
+    from restoreflow.models import nets
+    from restoreflow.models.nets import build_network
+
+    nets._load_all()
+    if name not in nets._ARCH or not all(nets._plain(v) for v in kwargs.values()):
+        return build_network(name, **kwargs)  # raises its one-line error before building anything
+    try:
+        return nets._ARCH[name](**kwargs)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:
+        raise CheckpointError(f"cannot build {name} with {kwargs}: {' '.join(str(e).split())[:300]}") from None
+
+
+def _check_padding(net: nn.Module, what: str) -> None:
+    """A network that pads its input to a multiple of ``net.factor`` pixels (a UNet with L levels: 2^(L-1)) must
+    leave a padded tile within the pixel limit: one with many levels would turn any image into a huge one."""
+    from restoreflow.io.limits import max_pixels
+
+    f = getattr(net, "factor", None)
+    if isinstance(f, int) and f * f > max_pixels():
+        raise CheckpointError(f"{what} pads every input to a multiple of {f} px ({f}x{f} = {f * f / 1e6:.0f} MP, above "
+                              f"the {max_pixels() / 1e6:.0f} MP limit); it has too many levels")
+
+
 def _architecture(net: nn.Module, method_card: Mapping[str, Any]) -> dict[str, Any]:
     if "architecture" in method_card:
         return dict(method_card["architecture"])
@@ -170,13 +216,21 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any, resume: bo
     regs = registries
     log = log or (lambda s: None)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if o.threads:
         torch.set_num_threads(o.threads)
     device = torch.device(o.device)
     method_cls = regs.trainers.get(o.method)
     method = method_cls(**dict(o.method_options))
     name = o.name or (f"{o.method}-{o.task}" if o.task else o.method)
+
+    # on the meta device first: a width or block count that would build billions of parameters stops here
+    probe = probe_network(lambda: method.build_network(channels=o.channels, width=o.width),
+                          f"the {o.method} network (--width {o.width}, -m options {dict(o.method_options)})")
+    factor = getattr(probe, "factor", None)
+    if isinstance(factor, int) and factor > min(o.crop, o.eval_size):
+        raise ConfigError(f"the {o.method} network pads its input to a multiple of {factor} px (its number of "
+                          f"levels) but --crop is {o.crop} and --eval-size {o.eval_size}: use fewer levels or "
+                          f"crops of at least {factor} px")
 
     degrader = None
     if method_cls.conditional:
@@ -186,6 +240,12 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any, resume: bo
     elif o.extra_operators or o.op_options or o.anchor != "measurement":
         raise IncompatibleError(f"method {o.method} is unconditional: --op / --extra-operator / --anchor do not apply")
 
+    if o.data != "builtin" and Path(o.data).exists() and not Path(o.data).is_dir():
+        raise ConfigError(f"--data {o.data} is a file; give a folder of training images (or 'builtin')")
+    try:  # only now that the options are checked
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create --out {out}: {e.strerror or e}") from None
     pool = (rfdata.builtin_pool(o.channels, dead_leaves_count=o.dead_leaves, dead_leaves_size=o.dead_leaves_size,
                                 dead_leaves_texture=o.dead_leaves_texture, scales=o.scales, seed=o.seed)
             if o.data == "builtin" else rfdata.folder_pool(o.data, o.channels))
@@ -214,6 +274,9 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any, resume: bo
         if not ckpt.exists():
             raise CheckpointError(f"nothing to resume: {ckpt} does not exist")
         state = safe_torch_load(ckpt)
+        keys = ("net", "ema", "optimizer", "step", "generator", "options", "losses")
+        if not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["options"], str):
+            raise CheckpointError(f"{ckpt} is not a restoreflow training checkpoint (it needs {', '.join(keys)})")
         diff = _same_run(state["options"], o)
         if diff:
             raise ConfigError(f"cannot resume {ckpt}: options changed ({', '.join(diff)})")
@@ -341,14 +404,24 @@ def load_model(weights: Path | str, *, registries: Any, device: torch.device | s
     from restoreflow.models.nets import build_network
 
     weights = Path(weights)
-    card = dict(card) if card is not None else read_card(card_path(weights))
+    card = validate_card(dict(card), card_path(weights)) if card is not None else read_card(card_path(weights))
     for key in ("method", "architecture"):
         if key not in card:
             raise CheckpointError(f"model card {card_path(weights)} has no {key!r} field")
     regs = registries
     method = regs.trainers.get(card["method"])(**dict(card.get("method_options") or {}))
     arch = card["architecture"]
-    net = build_network(arch["class"], **dict(arch.get("kwargs") or {}))
+    kwargs = dict(arch.get("kwargs") or {})
+    # names, shapes and dtypes against the weights file's header on a meta-device build: a card describing a huge
+    # network (or one that does not match its weights) is refused before any weight memory exists
+    header = weights_header(weights) if weights.suffix == ".safetensors" else None
+    hold = sum(math.prod(shape) for shape, _ in header.values()) if header is not None else None
+    probe = probe_network(lambda: _construct(arch["class"], kwargs), f"architecture {arch['class']} of "
+                          f"{card_path(weights)}", weights_hold=hold)
+    _check_padding(probe, f"architecture {arch['class']} of {card_path(weights)}")
+    if header is not None:
+        check_weights_fit(probe.state_dict(), header, source=str(weights))
+    net = build_network(arch["class"], **kwargs)
     load_into(net, load_state_dict(weights), source=str(weights))
     net = for_inference(net, device)
     den = method.denoiser(net)

@@ -9,7 +9,6 @@ from typing import Any
 
 import click
 
-from restoreflow.core.errors import ConfigError
 from restoreflow.app.batch.engine import run_batch
 
 
@@ -33,7 +32,8 @@ def batch_command(regs: Any, pm: Any) -> click.Command:
     @click.option("--corrector", "-c", help="Corrector name (e.g. smc).")
     @click.option("--operator", help="Operator (default: the task's).")
     @click.option("--steps", "-n", type=int, help="Sampler steps.")
-    @click.option("--seed", type=int, default=0, show_default=True, help="Base seed; each input gets its own from it.")
+    @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+                  help="Base seed, 0 to 2^63-1; each input gets its own from it.")
     @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (under torchrun: one GPU per rank).")
     @click.option("--op", "op_opts", multiple=True, metavar="KEY=VALUE", help="Operator option (repeatable).")
     @click.option("-o", "--option", "s_opts", multiple=True, metavar="KEY=VALUE", help="Sampler option (repeatable).")
@@ -51,8 +51,9 @@ def batch_command(regs: Any, pm: Any) -> click.Command:
     def batch(in_dir, task, out, sampler, prior, guidance, corrector, operator, steps, seed, device, op_opts, s_opts,
               g_opts, c_opts, p_opts, simulate, pattern, suffix, redo, threads, as_json, quiet):
         if threads is not None:
-            if threads < 1:
-                raise ConfigError(f"--threads must be >= 1; got {threads}")
+            from restoreflow.io.limits import check_threads
+
+            check_threads(threads, "--threads")
             import torch
 
             torch.set_num_threads(threads)

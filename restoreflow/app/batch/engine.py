@@ -18,6 +18,7 @@ from typing import Any
 
 from restoreflow.core.atomic import clean_temporaries
 from restoreflow.core.errors import ConfigError, InputError, OutputError, RestoreflowError
+from restoreflow.io.limits import max_pixels
 from restoreflow.app.batch.files import (
     DEFAULT_SUFFIXES, MANIFEST, PART_PREFIX, SETTINGS, _resolve, check_pattern, check_suffix, image_seed, list_inputs,
     plan_outputs,
@@ -182,6 +183,11 @@ def _describe_diff(old: dict, new: dict) -> str:
                      for k in keys[:3]) or "unknown differences"
 
 
+def _shown(rel: str) -> str:
+    """A relative path for a progress line: control characters (a newline in a file name) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in rel)
+
+
 def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registries: Any = None,
               sampler: str | None = None, prior: str | None = None, guidance: str | None = None,
               corrector: str | None = None, operator: str | None = None, steps: int | None = None, seed: int = 0,
@@ -200,12 +206,13 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
     import torch
 
     from restoreflow.app.api import _load_input, plan, restore
-    from restoreflow.app.console import _write
+    from restoreflow.app.console import _write, plugin_at_fault
     from restoreflow.host.manager import collect, default_plugin_manager
 
     pm = pm if pm is not None else default_plugin_manager()
     regs = registries if registries is not None else collect(pm)
     in_dir, out_dir = Path(in_dir), Path(out_dir)
+    max_pixels()  # a malformed RESTOREFLOW_MAX_PIXELS is one error now, not one per input
     if steps is not None and steps < 1:
         raise ConfigError(f"--steps must be >= 1; got {steps}")
     # noise_sigma=auto as for one image (the default for real inputs with Gaussian noise): estimated per image
@@ -302,7 +309,8 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
                     pl_i = dataclasses.replace(pl, operator_config=dataclasses.replace(pl.operator_config,
                                                                                        noise_sigma=est))
                     rec["noise_sigma_estimated"] = round(est, 6)
-                res = restore(meas, pl.task.name, seed=s, device=device, simulate=simulate, planned=pl_i)
+                res = restore(meas, pl.task.name, seed=s, device=device, simulate=simulate, planned=pl_i,
+                              registries=regs)
                 _write(pm, dst, res.image, meas)
                 rec.update(status="ok", nfe=res.nfe, seconds=round(res.seconds, 4),
                            metrics={k: round(float(v), 6) for k, v in res.metrics.items()}, sha256=_sha256(dst),
@@ -315,12 +323,14 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
                 failed += 1
             except Exception as e:  # noqa: BLE001 - one bad input must not stop the batch
                 msg = " ".join(str(e).split())[:300]
-                rec.update(status="error", error=f"internal error ({type(e).__name__}: {msg})",
+                fault = plugin_at_fault(e)
+                what = f"plugin {fault[0]!r} failed at {fault[1]}" if fault else "internal error"
+                rec.update(status="error", error=f"{what} ({type(e).__name__}: {msg})",
                            seconds=round(time.perf_counter() - t0, 4))
                 failed += 1
             rec["finished"] = _now()
             _append_line(part, rec)
-            say(f"{tag}{n}/{len(mine)} {rel}: {rec['status']}"
+            say(f"{tag}{n}/{len(mine)} {_shown(rel)}: {rec['status']}"
                 + (f" ({rec['error']})" if rec["status"] == "error" else f" ({rec['seconds']:.2f} s)"))
         failed_all = dist.sum(failed, device)
         ok_all = dist.sum(ok, device)

@@ -78,6 +78,8 @@ def check_suffix(suffix: str | None) -> str | None:
         return None
     if len(suffix) > 32 or not _SUFFIX.fullmatch(suffix):
         raise ConfigError(f"--suffix {suffix!r} is not a file extension; give one like .png, .tif or .nii.gz")
+    if ("." + suffix.lstrip(".")).lower() not in DEFAULT_SUFFIXES:  # checked before any input is restored
+        raise ConfigError(f"--suffix {suffix!r}: no writer for that format; use one of {' '.join(DEFAULT_SUFFIXES)}")
     return suffix
 
 
@@ -88,6 +90,9 @@ def list_inputs(in_dir: Path, pattern: str | None, out_dir: Path | None = None) 
     in_dir = Path(in_dir)
     check_pattern(pattern)
     out_res = _resolve(out_dir, "--out", OutputError) if out_dir is not None else None
+    in_res = _resolve(in_dir, "input folder", InputError)
+    if out_res is not None and (out_res == in_res or out_res in in_res.parents):
+        out_res = None  # --out holds IN_DIR: every input is "under --out", none is an output (plan_outputs checks those)
     rels = []
     try:
         paths = list(in_dir.glob(pattern) if pattern else in_dir.iterdir())

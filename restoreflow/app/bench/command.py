@@ -60,6 +60,8 @@ def bench(task: str = "deblur", methods: str | Sequence[str] | None = None, *, p
                                 options=options, regs=regs, pm=pm)
     if len(set(seeds)) != len(seeds):
         raise ConfigError("--seeds has duplicates")
+    if any(not 0 <= int(s) < 2**63 for s in seeds):
+        raise ConfigError(f"--seeds must be in [0, 2^63); got {', '.join(str(s) for s in seeds)}")
     dev = resolve_device(device)
     imgs = load_images(images, size=size, limit=max_images)
     out = Path(out)
@@ -116,8 +118,9 @@ def bench_command(regs: Registries, pm: Any) -> click.Command:
     def cmd(task, methods, priors, nfe, seeds, images, size, max_images, operator, op_opts, s_opts, device, threads,
             out, figures, lpips, warmup, as_json, quiet):
         if threads is not None:
-            if threads < 1:
-                raise ConfigError(f"--threads must be >= 1; got {threads}")
+            from restoreflow.io.limits import check_threads
+
+            check_threads(threads, "--threads")
             torch.set_num_threads(threads)
         if size is not None and size < 0:
             raise ConfigError(f"--size must be >= 0; got {size}")
@@ -189,7 +192,7 @@ def compare_samplers(image: Any, task: str, methods: str, out: Path, *, prior: s
     results, imgs, mets = {}, {}, {}
     clean = degraded = None
     for m, pl in zip(ms, plans):
-        res = restore(meas, task, seed=seed, device=dev, simulate=simulate, planned=pl)
+        res = restore(meas, task, seed=seed, device=dev, simulate=simulate, planned=pl, registries=regs)
         clean = res.clean if res.clean is not None else clean
         if degraded is None and res.degraded is not None:
             degraded = res.degraded

@@ -234,7 +234,7 @@ def run_bench(task: str, cells: Sequence[Cell], images: Sequence[tuple[str, Tens
                 def once() -> dict[str, Any]:
                     if cell.method.peer:
                         return _run_peer(cell, clean, seed, dev, task, operator, op_options, regs)
-                    res = restore(clean, task, seed=seed, device=dev, simulate=True, planned=cell.plan)
+                    res = restore(clean, task, seed=seed, device=dev, simulate=True, planned=cell.plan, registries=regs)
                     return {"image": res.image, "degraded": res.degraded, "metrics": res.metrics, "nfe": res.nfe,
                             "seconds": res.seconds}
 
