@@ -406,3 +406,18 @@ def test_batch_progress_lines_escape_newlines_and_bad_limits_stop_it_at_once(cli
     res = CliRunner().invoke(cli, ["batch", str(src), "--out", str(tmp_path / "o2"), "-t", "deblur", "-s", "wiener"])
     assert res.exit_code == 2 and "RESTOREFLOW_MAX_PIXELS must be" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_one_pixel_tall_image_restores_and_its_json_stays_json(cli, tmp_path):
+    """64x1: restored with the task's defaults; SSIM is undefined under 3 px and is null, not NaN, in --json."""
+    import json
+
+    img = tmp_path / "thin.png"
+    _write_png(img, (np.random.default_rng(2).random((1, 64)) * 255).astype(np.uint8))
+    res = CliRunner().invoke(cli, ["deblur", str(img), "-q", "--out", str(tmp_path / "a.png")])
+    assert res.exit_code == 0 and (tmp_path / "a.png").exists(), res.output
+    res = CliRunner().invoke(cli, ["inpaint", str(img), "-s", "pinv", "--simulate", "--json", "--out",
+                                   str(tmp_path / "b.png")])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"{c} in --json"))
+    assert report["ssim"] is None and report["psnr"] > 0

@@ -4,6 +4,7 @@ and what is written."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -260,15 +261,16 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
                                   "sampler_options": _jsonable(sampler_settings), "simulate": bool(simulate),
                                   **({"noise_sigma_estimated": round(notes["noise_sigma_estimated"], 6)}
                                      if "noise_sigma_estimated" in notes else {}),
-                                  **{k: round(v, 4) for k, v in res.metrics.items()}}
+                                  **{k: round(v, 4) if math.isfinite(v) else None for k, v in res.metrics.items()}}
         if as_json:
             click.echo(json.dumps(report))
             return
         click.echo(f"wrote {', '.join(written)}  ({res.sampler}, prior {res.prior or '-'}, {res.nfe} NFE, {res.seconds:.2f} s)")
         if res.metrics:
-            line = f"PSNR {res.metrics['psnr']:.2f} dB, SSIM {res.metrics['ssim']:.4f}"
+            m = {k: f"{v:.4f}" if math.isfinite(v) else "n/a (under 3 px)" for k, v in res.metrics.items()}
+            line = f"PSNR {res.metrics['psnr']:.2f} dB, SSIM {m['ssim']}"
             if "psnr_degraded" in res.metrics:
-                line += f"  (degraded input: PSNR {res.metrics['psnr_degraded']:.2f} dB, SSIM {res.metrics['ssim_degraded']:.4f})"
+                line += f"  (degraded input: PSNR {res.metrics['psnr_degraded']:.2f} dB, SSIM {m['ssim_degraded']})"
             click.echo(line)
 
     return run

@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -313,7 +314,8 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
                               registries=regs)
                 _write(pm, dst, res.image, meas)
                 rec.update(status="ok", nfe=res.nfe, seconds=round(res.seconds, 4),
-                           metrics={k: round(float(v), 6) for k, v in res.metrics.items()}, sha256=_sha256(dst),
+                           metrics={k: round(float(v), 6) if math.isfinite(v) else None for k, v in res.metrics.items()},
+                           sha256=_sha256(dst),
                            input_sha256=in_hash)
                 ok += 1
             except KeyboardInterrupt:
