@@ -147,8 +147,12 @@ def test_float64_problem_is_solved_in_float64(task, device):
     a, b = op.crop_to_measurement(out), op.crop_to_measurement(out32)
     if sampler.name in ("dpir", "mmse"):  # deterministic given y: equal to float32 rounding of the outer loop
         assert float((a - b.double()).abs().max()) <= 1e-3
-    else:  # red_diff, dps draw noise, and torch draws other normals in float32 than in float64
-        assert abs(_psnr(a, clean) - _psnr(b, clean)) <= 1.5
+    else:  # red_diff, dps draw noise, and torch draws other normals in float32 than in float64: one draw's PSNR
+        # spreads by ~2 dB over seeds here (dps at 4 steps on inpainting: 17.5-19.7), so compare means over 3 seeds
+        def mean_psnr(yy):
+            outs = [_solve(sampler, op, yy, den, torch.Generator().manual_seed(s)) for s in (1234, 1, 2)]
+            return sum(_psnr(op.crop_to_measurement(o), clean) for o in outs) / 3
+        assert abs(mean_psnr(y) - mean_psnr(y.float())) <= 1.5
     assert torch.get_default_dtype() == default
 
 
