@@ -15,11 +15,14 @@ from restoreflow.testing import certify_sampler, check_operator, check_posterior
 pytest_plugins = ["restoreflow.testing"]
 
 
-def test_registers(registered):
+def test_registers(registered, registries):
     with registered(restoreflow_lowlight) as regs:
         assert "gain" in regs.operators
-        assert "brighten" in regs.tasks
         assert "gain-sde" in regs.samplers
+        # alone, its task names a default sampler (wiener) nobody registered: the host ignores it and says why
+        assert "brighten" not in regs.tasks
+        assert any("brighten" in p and "wiener" in p for p in regs.problems)
+    assert registries.tasks.get("brighten").default_sampler == "wiener"  # installed beside the first-party plugins
 
 
 def test_operator_contract():
