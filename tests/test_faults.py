@@ -696,3 +696,14 @@ def test_a_plugin_command_without_error_handling_still_fails_in_one_line(hostile
     assert "error: plugin 'junk' failed (RuntimeError: plugin command bug) at hostile_junk_" in res.output
     res = CliRunner().invoke(cli, ["hostile-crash", "--user-error"])
     assert res.exit_code == 3 and "error: a user mistake the plugin found" in res.output, res.output
+
+
+def test_a_plugin_failing_on_one_batch_input_is_named_in_the_manifest(hostile_path, tmp_path):
+    install(hostile_path, {"fragile": RAISES_IN_SAMPLE})
+    src = tmp_path / "in"
+    _png(src / "a.png", size=16)
+    res = CliRunner().invoke(build_cli(get_plugin_manager()), ["batch", str(src), "--out", str(tmp_path / "o"), "-t",
+                                                               "deblur", "-s", "hostile-fragile", "-q"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    row = json.loads((tmp_path / "o" / rb.MANIFEST).read_text().splitlines()[0])
+    assert row["status"] == "error" and row["error"].startswith("plugin 'fragile' failed at hostile_fragile_"), row

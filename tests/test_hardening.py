@@ -168,6 +168,10 @@ CASES = {
     "train crop bomb": (["train", "--method", "denoiser", "--out", "{w}/t", "--crop", "100000"], "MP limit"),
     "train no eval crops": (["train", "--method", "denoiser", "--out", "{w}/t", "--eval-crops", "0"], "eval_crops"),
     "train threads": (["train", "--method", "denoiser", "--out", "{w}/t", "--threads", "100000"], "threads"),
+    "train warmup -5": (["train", "--method", "denoiser", "--out", "{w}/t", "--warmup", "-5"], "warmup must be >= 0"),
+    "train dead leaves -3": (["train", "--method", "denoiser", "--out", "{w}/t", "--dead-leaves", "-3"], "dead_leaves"),
+    "train eval steps 0": (["train", "--method", "denoiser", "--out", "{w}/t", "--eval-steps", "0"], "eval_steps"),
+    "train data is a file": (["train", "--method", "denoiser", "--out", "{w}/t", "--data", "{w}/afile"], "is a file"),
     "bench seed 2^64": (["bench", "-s", "wiener", "--seeds", str(2**64), "-O", "{w}/o"], "--seeds must be in [0, 2^63)"),
     "bench threads": (["bench", "-s", "wiener", "--threads", "100000", "-O", "{w}/o"], "--threads must be between"),
 }
@@ -421,3 +425,21 @@ def test_a_one_pixel_tall_image_restores_and_its_json_stays_json(cli, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads(res.output.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"{c} in --json"))
     assert report["ssim"] is None and report["psnr"] > 0
+
+
+def test_cards_too_big_or_too_deep_and_foreign_training_checkpoints_are_one_line(cli, tmp_path):
+    from restoreflow.core.modelcard import read_card
+
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    with pytest.raises(rf.CheckpointError, match="is not valid JSON"):
+        read_card(tmp_path / "deep.json")
+    (tmp_path / "big.json").write_text('{"pad": "' + "x" * (5 * 2**20) + '"}')
+    with pytest.raises(rf.CheckpointError, match="a card is a small JSON record"):
+        read_card(tmp_path / "big.json")
+    (tmp_path / "t").mkdir()
+    torch.save({"a": 1}, tmp_path / "t" / "checkpoint.pt")
+    res = CliRunner().invoke(cli, ["train", "--method", "denoiser", "--out", str(tmp_path / "t"), "--resume",
+                                   "--steps", "1", "--crop", "16", "--eval-size", "16", "--width", "8",
+                                   "--dead-leaves", "1", "--quiet"])
+    assert res.exit_code == 5 and "is not a restoreflow training checkpoint" in res.output, res.output
+    assert "Traceback" not in res.output

@@ -242,6 +242,18 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any, resume: bo
 
     if o.data != "builtin" and Path(o.data).exists() and not Path(o.data).is_dir():
         raise ConfigError(f"--data {o.data} is a file; give a folder of training images (or 'builtin')")
+    ckpt = out / CHECKPOINT
+    state: dict[str, Any] = {}
+    if resume:  # checked before the data and the network are made
+        if not ckpt.exists():
+            raise CheckpointError(f"nothing to resume: {ckpt} does not exist")
+        state = safe_torch_load(ckpt)
+        keys = ("net", "ema", "optimizer", "step", "generator", "options", "losses")
+        if not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["options"], str):
+            raise CheckpointError(f"{ckpt} is not a restoreflow training checkpoint (it needs {', '.join(keys)})")
+        diff = _same_run(state["options"], o)
+        if diff:
+            raise ConfigError(f"cannot resume {ckpt}: options changed ({', '.join(diff)})")
     try:  # only now that the options are checked
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -269,17 +281,7 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any, resume: bo
         init_card = read_card(card_path(init_w)) if card_path(init_w).exists() else {}
         init_from = {"weights": init_w.name, "steps": init_card.get("steps"), "command": init_card.get("command"),
                      "init_from": init_card.get("init_from"), "method_options": init_card.get("method_options")}
-    ckpt = out / CHECKPOINT
     if resume:
-        if not ckpt.exists():
-            raise CheckpointError(f"nothing to resume: {ckpt} does not exist")
-        state = safe_torch_load(ckpt)
-        keys = ("net", "ema", "optimizer", "step", "generator", "options", "losses")
-        if not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["options"], str):
-            raise CheckpointError(f"{ckpt} is not a restoreflow training checkpoint (it needs {', '.join(keys)})")
-        diff = _same_run(state["options"], o)
-        if diff:
-            raise ConfigError(f"cannot resume {ckpt}: options changed ({', '.join(diff)})")
         load_into(net, state["net"], source=str(ckpt))
         load_into(ema, state["ema"], source=str(ckpt))
         opt.load_state_dict(state["optimizer"])
