@@ -53,6 +53,7 @@ the SDE variants, ``use_clipped_model_output``; ``rescale_betas_zero_snr`` is re
 
 from __future__ import annotations
 
+import abc
 import math
 import numbers
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ class _Discrete(_Steps):
             object.__setattr__(self, "steps", len(ts))
 
 
-class _DiffusersGrid:
+class _DiffusersGrid(abc.ABC):
     """ddim / dpmpp-2m on a discrete DDPM prior (``path.params["discrete"]``): with ``spacing`` leading, trailing or
     linspace, or explicit ``timesteps``, the grid is diffusers' integer timesteps (timestep ``n`` at ``t = n/(T-1)``)
     followed by the last step's target, timestep 0 or the clean state one step below it."""
@@ -110,9 +111,9 @@ class _DiffusersGrid:
     #: whose ``set_timesteps`` (:func:`restoreflow.core.paths.ddpm_timesteps`): ``ddim`` or ``dpm``
     solver: ClassVar[str]
 
+    @abc.abstractmethod
     def clean_end(self) -> bool:
         """Whether the last step lands on the clean state (alpha-bar 1) rather than on timestep 0."""
-        raise NotImplementedError
 
     def discrete_steps(self, path: AffinePath) -> int | None:
         """``T`` when this run takes diffusers' integer grid on ``path``, else ``None`` (a continuous grid)."""
