@@ -179,31 +179,14 @@ def load_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def load_into(net: nn.Module, state_dict: dict[str, Tensor], *, source: str = "checkpoint", strict: bool = True) -> nn.Module:
-    """Load weights, turning shape/key mismatches into one-line :class:`CheckpointError` messages."""
+    """Load weights, turning dtype/shape/key mismatches and non-finite values into one-line :class:`CheckpointError`
+    messages."""
     own = net.state_dict()
-    bad_dtype = [k for k, v in state_dict.items()
-                 if k in own and own[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())]
-    if bad_dtype:
-        k = bad_dtype[0]
-        raise CheckpointError(f"{source}: weight {k!r} is {str(state_dict[k].dtype).replace('torch.', '')} but the "
-                              f"architecture expects floating-point weights ({len(bad_dtype)} such tensors)")
+    _check_entries(own, {k: (tuple(v.shape), str(v.dtype).replace("torch.", ""), v.is_floating_point() or v.is_complex())
+                         for k, v in state_dict.items()}, source=source, strict=strict)
     nonfinite = [k for k, v in state_dict.items() if k in own and v.is_floating_point() and not torch.isfinite(v).all()]
     if nonfinite:
         raise CheckpointError(f"{source}: weight {nonfinite[0]!r} holds NaN or Inf ({len(nonfinite)} such tensors)")
-    wrong = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointError(f"{source}: weight {k!r} has shape {tuple(state_dict[k].shape)} but the architecture "
-                              f"expects {tuple(own[k].shape)} ({len(wrong)} mismatched tensors)")
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    if strict and (missing or unexpected):
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
-        raise CheckpointError(f"{source} does not match the architecture: {', '.join(parts)} keys")
     net.load_state_dict(state_dict, strict=False)
     return net
 
@@ -234,19 +217,25 @@ def check_weights_fit(own: dict[str, Tensor], header: dict[str, tuple[tuple[int,
     """Names, shapes and dtypes of a weights file (``header``, :func:`weights_header`) against an architecture's
     state dict ``own`` -- tensors on the ``meta`` device will do, so this runs before any weight memory exists.
     The same one-line :class:`CheckpointError` messages as :func:`load_into`."""
-    bad_dtype = [k for k, (_, dt) in header.items() if k in own and own[k].is_floating_point() and dt not in _FLOAT_DTYPES]
+    _check_entries(own, {k: (shape, dt, dt in _FLOAT_DTYPES) for k, (shape, dt) in header.items()}, source=source)
+
+
+def _check_entries(own: dict[str, Tensor], entries: dict[str, tuple[tuple[int, ...], str, bool]], *,
+                   source: str, strict: bool = True) -> None:
+    """``entries``: ``name -> (shape, dtype as shown, floating)``; dtype, then shape, then (``strict``) key checks."""
+    bad_dtype = [k for k, (_, _, fl) in entries.items() if k in own and own[k].is_floating_point() and not fl]
     if bad_dtype:
         k = bad_dtype[0]
-        raise CheckpointError(f"{source}: weight {k!r} is {header[k][1]} but the architecture expects floating-point "
+        raise CheckpointError(f"{source}: weight {k!r} is {entries[k][1]} but the architecture expects floating-point "
                               f"weights ({len(bad_dtype)} such tensors)")
-    wrong = [k for k, (shape, _) in header.items() if k in own and tuple(own[k].shape) != shape]
+    wrong = [k for k, (shape, _, _) in entries.items() if k in own and tuple(own[k].shape) != shape]
     if wrong:
         k = wrong[0]
-        raise CheckpointError(f"{source}: weight {k!r} has shape {header[k][0]} but the architecture expects "
+        raise CheckpointError(f"{source}: weight {k!r} has shape {entries[k][0]} but the architecture expects "
                               f"{tuple(own[k].shape)} ({len(wrong)} mismatched tensors)")
-    missing = [k for k in own if k not in header]
-    unexpected = [k for k in header if k not in own]
-    if missing or unexpected:
+    missing = [k for k in own if k not in entries]
+    unexpected = [k for k in entries if k not in own]
+    if strict and (missing or unexpected):
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
