@@ -78,7 +78,7 @@ from restoreflow.io import (
 from restoreflow.core.modelcard import (
     card_path, load_into, load_state_dict, read_card, safe_torch_load, save_weights, write_card,
 )
-from restoreflow.models.nets import build_network, register_architecture
+from restoreflow.models.nets import build_for_weights, build_network, register_architecture
 from restoreflow.models.nets.irsde import infer_architecture, strip_module_prefix
 from restoreflow.models.nets.rddm import RDDMUnet, UnetRes
 from restoreflow.models.nets.resunet import ResUNet
@@ -114,7 +114,8 @@ __all__ = [
     "IMAGE_SUFFIXES", "Measurement", "check_size", "npy_header", "read_array", "read_image", "write_file",
     "write_image",
     "card_path", "load_into", "load_state_dict", "read_card", "safe_torch_load", "save_weights", "write_card",
-    "build_network", "register_architecture", "infer_architecture", "strip_module_prefix", "RDDMUnet", "UnetRes",
+    "build_network", "build_for_weights", "register_architecture", "infer_architecture", "strip_module_prefix",
+    "RDDMUnet", "UnetRes",
     "ResUNet", "EDMDenoiser", "UNet", "TrainOptions", "load_model", "train", "TrainingMethod", "WEIGHTS_DIR",
     "load_input", "looks_like_path", "resolve_device", "handle_errors",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from restoreflow.plugin_api import (
-    CheckpointError, ConfigError, build_network, card_path, for_inference, load_into, load_prior_gaussian,
+    CheckpointError, ConfigError, build_for_weights, card_path, for_inference, load_into, load_prior_gaussian,
     load_state_dict, read_card, strip_module_prefix,
 )
 
@@ -31,7 +31,7 @@ def _load_mr_card(weights: Path, options: Mapping[str, Any]) -> IRSDEDenoiser:
     try:
         sch = IRSDESchedule.from_options(card["sde"])
         arch = card["architecture"]
-        net = build_network(arch["class"], **arch.get("kwargs", {}))
+        net = build_for_weights(arch["class"], dict(arch.get("kwargs") or {}), weights)
         pred = card.get("prediction", "eps")
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{weights.name}: the model card lacks {e}") from None

@@ -9,8 +9,7 @@ registered method, so ``restoreflow train --method mr`` works for plugin-defined
 from __future__ import annotations
 
 import abc
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,54 +17,21 @@ import torch
 from torch import Tensor, nn
 
 from restoreflow.core.denoiser import Denoiser
-from restoreflow.core.errors import CheckpointError
 from restoreflow.core.options import build_config
+from restoreflow.models import nets
 
 __all__ = ["MAX_PARAMETER_TENSORS", "TrainingMethod", "probe_network"]
 
-#: the most parameter tensors a network may register (the bundled ones have 130-400, large published UNets and
-#: transformers under 2,000): a huge ``blocks`` or level count in a card or ``-m`` option would otherwise build
-#: modules for minutes before any other check
-MAX_PARAMETER_TENSORS = 10_000
-
-
-@contextlib.contextmanager
-def _bounded_registration(what: str, max_parameters: int, *, weights_hold: int | None = None) -> Iterator[None]:
-    """Stop a network's construction as soon as it registers more than ``max_parameters`` parameters (or
-    ``weights_hold``, the number a weights file holds) or :data:`MAX_PARAMETER_TENSORS` parameter tensors."""
-    from torch.nn.modules.module import register_module_parameter_registration_hook
-
-    count = {"numel": 0, "tensors": 0}
-
-    def hook(module: nn.Module, name: str, param: Any) -> None:
-        if param is None:
-            return
-        count["numel"] += int(param.numel())
-        count["tensors"] += 1
-        if count["tensors"] > MAX_PARAMETER_TENSORS:
-            raise CheckpointError(f"{what} has more than {MAX_PARAMETER_TENSORS:,} parameter tensors; refusing to "
-                                  f"build it (check its block/level counts)")
-        if count["numel"] > max_parameters:
-            raise CheckpointError(f"{what} has more than {max_parameters:,} parameters, over the limit "
-                                  f"(RESTOREFLOW_MAX_PARAMETERS)")
-        if weights_hold is not None and count["numel"] > weights_hold:
-            raise CheckpointError(f"{what} has more parameters than its weights file holds ({weights_hold:,} "
-                                  f"values): the card does not describe these weights")
-
-    handle = register_module_parameter_registration_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+#: the most parameter tensors a network may register (see :data:`restoreflow.models.nets.MAX_PARAMETER_TENSORS`,
+#: where the bounded probe lives so that ``build_network`` itself is bounded); read when :func:`probe_network` runs
+MAX_PARAMETER_TENSORS = nets.MAX_PARAMETER_TENSORS
 
 
 def probe_network(build: Callable[[], nn.Module], what: str, *, weights_hold: int | None = None) -> nn.Module:
     """``build()`` on the ``meta`` device (no memory), stopped early by the parameter ceilings of
-    :func:`_bounded_registration`: the shapes a real build would have, before any weight exists."""
-    from restoreflow.models.nets import _max_parameters
-
-    with _bounded_registration(what, _max_parameters(), weights_hold=weights_hold), torch.device("meta"):
-        return build()
+    :func:`restoreflow.models.nets.bounded_registration`: the shapes a real build would have, before any weight
+    exists."""
+    return nets.probe_network(build, what, weights_hold=weights_hold, max_tensors=MAX_PARAMETER_TENSORS)
 
 
 class TrainingMethod(abc.ABC):

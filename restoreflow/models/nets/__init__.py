@@ -7,15 +7,18 @@ checkpoints keep those checkpoints' exact state-dict key layouts.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from restoreflow.core.errors import CheckpointError, UnknownNameError
 
-__all__ = ["register_architecture", "build_network", "architectures"]
+__all__ = ["MAX_PARAMETERS", "MAX_PARAMETER_TENSORS", "architectures", "bounded_registration", "build_for_weights",
+           "build_network", "probe_network", "register_architecture"]
 
 _ARCH: dict[str, Callable[..., nn.Module]] = {}
 # modules that define architectures; imported on first use so that `import restoreflow` stays light
@@ -72,15 +75,71 @@ def _plain(v: Any) -> bool:
     return False
 
 
+#: the most parameter tensors a network may register (the bundled ones have 130-400, large published UNets and
+#: transformers under 2,000): a huge ``blocks`` or level count in a card or ``-m`` option would otherwise build
+#: modules for minutes before any other check
+MAX_PARAMETER_TENSORS = 10_000
+
+_probing = 0  # depth of active bounded probes: a build inside one is already bounded (and on the meta device)
+
+
+@contextlib.contextmanager
+def bounded_registration(what: str, max_parameters: int, *, weights_hold: int | None = None,
+                         max_tensors: int | None = None) -> Iterator[None]:
+    """Stop a network's construction as soon as it registers more than ``max_parameters`` parameters (or
+    ``weights_hold``, the number a weights file holds) or ``max_tensors`` (:data:`MAX_PARAMETER_TENSORS`) parameter
+    tensors: a parameter-registration hook, so a card with 10^9 blocks is refused after 10,000 tensors, not after
+    building all of them."""
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+
+    global _probing
+    tensors_limit = MAX_PARAMETER_TENSORS if max_tensors is None else max_tensors
+    count = {"numel": 0, "tensors": 0}
+
+    def hook(module: nn.Module, name: str, param: Any) -> None:
+        if param is None:
+            return
+        count["numel"] += int(param.numel())
+        count["tensors"] += 1
+        if count["tensors"] > tensors_limit:
+            raise CheckpointError(f"{what} has more than {tensors_limit:,} parameter tensors; refusing to "
+                                  f"build it (check its block/level counts)")
+        if count["numel"] > max_parameters:
+            raise CheckpointError(f"{what} has more than {max_parameters:,} parameters, over the limit "
+                                  f"(RESTOREFLOW_MAX_PARAMETERS)")
+        if weights_hold is not None and count["numel"] > weights_hold:
+            raise CheckpointError(f"{what} has more parameters than its weights file holds ({weights_hold:,} "
+                                  f"values): the card does not describe these weights")
+
+    handle = register_module_parameter_registration_hook(hook)
+    _probing += 1
+    try:
+        yield
+    finally:
+        _probing -= 1
+        handle.remove()
+
+
+def probe_network(build: Callable[[], nn.Module], what: str, *, weights_hold: int | None = None,
+                  max_tensors: int | None = None) -> nn.Module:
+    """``build()`` on the ``meta`` device (no memory), stopped early by the ceilings of
+    :func:`bounded_registration`: the shapes a real build would have, before any weight exists."""
+    import torch
+
+    with bounded_registration(what, _max_parameters(), weights_hold=weights_hold, max_tensors=max_tensors), \
+            torch.device("meta"):
+        return build()
+
+
 def build_network(name: str, **kwargs: Any) -> nn.Module:
     """Build architecture ``name`` with ``kwargs`` (raises :class:`UnknownNameError` with suggestions).
 
     The arguments come from model cards, so they are checked before any weight exists: plain JSON values
-    only, and the network is first built on the ``meta`` device (no memory) to count its parameters against
-    :data:`MAX_PARAMETERS`.
+    only, and the network is first built on the ``meta`` device (no memory) under :func:`bounded_registration`,
+    which stops the build at :data:`MAX_PARAMETERS` (``RESTOREFLOW_MAX_PARAMETERS``) parameters or
+    :data:`MAX_PARAMETER_TENSORS` tensors -- every caller (model cards, converted checkpoints, plugins) gets the
+    bound. Called inside an active probe, it builds once: the outer probe bounds it.
     """
-    import torch
-
     _load_all()
     if name not in _ARCH:
         raise UnknownNameError("architecture", name, _ARCH)
@@ -88,13 +147,39 @@ def build_network(name: str, **kwargs: Any) -> nn.Module:
     if bad:
         raise CheckpointError(f"architecture {name}: argument {bad[0]!r} must be a number, string or list of them")
     try:
-        with torch.device("meta"):
-            probe = _ARCH[name](**kwargs)
-        n = sum(p.numel() for p in probe.parameters())
-        limit = _max_parameters()
-        if n > limit:
-            raise CheckpointError(f"architecture {name} with {kwargs} has {n:,} parameters, over the limit of "
-                                  f"{limit:,} (RESTOREFLOW_MAX_PARAMETERS)")
+        if not _probing:
+            probe_network(lambda: _ARCH[name](**kwargs), f"architecture {name} with {_brief(kwargs)}")
         return _ARCH[name](**kwargs)
     except (TypeError, ValueError, OverflowError, RuntimeError) as e:
         raise CheckpointError(f"cannot build {name} with {kwargs}: {' '.join(str(e).split())[:300]}") from None
+
+
+def build_for_weights(name: str, kwargs: dict[str, Any], weights: Path | str) -> nn.Module:
+    """:func:`build_network` for a model card beside its ``.safetensors`` weights: on the meta device first, stopped
+    once it registers more parameters than the file holds, its names, shapes and dtypes checked against the file's
+    header -- so a card describing a far larger network than its weights is refused before any weight memory
+    exists (a 3.7 KB card once drove a multi-GB allocation). Other weight formats get :func:`build_network`."""
+    import math
+
+    from restoreflow.core.modelcard import check_weights_fit, weights_header
+
+    weights = Path(weights)
+    if weights.suffix != ".safetensors":
+        return build_network(name, **kwargs)
+    _load_all()
+    if name not in _ARCH or not all(_plain(v) for v in kwargs.values()):
+        return build_network(name, **kwargs)  # its one-line error
+    header = weights_header(weights)
+    hold = sum(math.prod(shape) for shape, _ in header.values())
+    try:
+        probe = probe_network(lambda: _ARCH[name](**kwargs), f"architecture {name} of {weights.name}", weights_hold=hold)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:
+        raise CheckpointError(f"cannot build {name} with {kwargs}: {' '.join(str(e).split())[:300]}") from None
+    check_weights_fit(probe.state_dict(), header, source=str(weights))
+    return build_network(name, **kwargs)
+
+
+def _brief(kwargs: dict[str, Any]) -> str:
+    """``kwargs`` for a one-line message (a card may hold long lists)."""
+    text = repr(kwargs)
+    return text if len(text) <= 200 else text[:197] + "..."
