@@ -1,5 +1,5 @@
-"""Image files: decoding PNG (pypng, every bit depth), JPEG/WebP/BMP (Pillow), TIFF (tifffile) into a
-:class:`~restoreflow.io.measurement.Measurement`, and writing results back like the input."""
+"""Image files: decoding PNG (pypng's reading of it, Pillow's decoder; every bit depth), JPEG/WebP/BMP (Pillow),
+TIFF (tifffile) into a :class:`~restoreflow.io.measurement.Measurement`, and writing results back like the input."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 from restoreflow.core.errors import ConfigError, InputError, OutputError
 from restoreflow.io.limits import IMAGE_SUFFIXES, TIFF_SUFFIXES, _check_npy, _oneline, check_size, write_file
 from restoreflow.io.measurement import Measurement, _data_range, _native, from_array, from_tensor
+from restoreflow.io.pngfast import direct_pixels
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so listing plugins does not load it
     from torch import Tensor
@@ -151,10 +152,12 @@ def _apng_frames(path: Path) -> int:
 
 
 def _read_png(path: Path, what: str | None = None) -> np.ndarray:
-    """PNG through pypng: every bit depth (1-16), palette and transparency expanded exactly; the size is
-    checked from the header before any row is decoded; an animated PNG is refused (as animated WebP is).
+    """PNG as pypng's ``asDirect`` reads it: every bit depth (1-16), palette and transparency expanded exactly;
+    the size is checked from pypng's reading of the header before any row is decoded; an animated PNG is
+    refused (as animated WebP is). The rows are decoded by Pillow where the file is well formed
+    (:mod:`restoreflow.io.pngfast`, the same values), else by pypng.
 
-    (Pillow silently reduces 16-bit colour PNGs to 8 bits.)"""
+    (Pillow alone reduces 16-bit colour PNGs to 8 bits; pngfast decodes their low bytes too.)"""
     import png
 
     what = what or f"input {path}"
@@ -165,13 +168,17 @@ def _read_png(path: Path, what: str | None = None) -> np.ndarray:
     if frames > 1:
         raise InputError(f"{what} is an animated PNG ({frames} frames); restoreflow restores one still image per file "
                          f"(export the frame you want)")
-    w, h, rows, info = reader.asDirect()
-    planes = info["planes"]
-    dtype = np.uint16 if info["bitdepth"] > 8 else np.uint8
-    arr = np.vstack([np.asarray(r, dtype=dtype) for r in rows]).reshape(h, w, planes)
-    if info["bitdepth"] not in (8, 16):  # 1/2/4-bit greyscale: rescale to 8 bits
-        arr = (arr.astype(np.uint32) * 255 // (2 ** info["bitdepth"] - 1)).astype(np.uint8)
-    return arr[..., 0] if planes == 1 else arr
+    fast = direct_pixels(path, reader, _pil_open)  # Pillow's C decoder, the same values; None: pypng decodes
+    if fast is not None:
+        arr, depth = fast
+    else:
+        w, h, rows, info = reader.asDirect()
+        depth = info["bitdepth"]
+        dtype = np.uint16 if depth > 8 else np.uint8
+        arr = np.vstack([np.asarray(r, dtype=dtype) for r in rows]).reshape(h, w, info["planes"])
+    if depth not in (8, 16):  # 1/2/4-bit greyscale (or an sBIT depth): rescale to 8 bits
+        arr = (arr.astype(np.uint32) * 255 // (2 ** depth - 1)).astype(np.uint8)
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
 
 
 def _png_orientation(p: Path) -> int:
