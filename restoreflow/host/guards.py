@@ -7,15 +7,23 @@
   ``register_commands``. A hook that raises, returns the wrong type, hands back a measurement that is not a
   finite ``N x C x H x W`` tensor, or reports a file written that does not exist is switched off with one
   warning naming the plugin, and the next implementation answers.
+* Slow plugins. Python code cannot be timed out in its own process, but it can be timed: a third-party plugin
+  whose import and registration (``register_*`` hooks, ``register_commands``) take more than
+  :func:`slow_plugin_seconds` (1 s; ``RESTOREFLOW_SLOW_PLUGIN_S``) is named in one warning with its time and
+  ``RESTOREFLOW_DISABLE_PLUGINS=<name>``, since every command waits for it. A run-time hook that takes that long
+  and then declines (returns ``None``) is warned about once per hook the same way; one that answers did real work
+  (reading a large file, loading weights) and is not.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +33,8 @@ import pluggy
 
 from restoreflow.core.errors import RestoreflowError
 
-__all__ = ["LoadReport", "guard_plugin", "plugin_code", "plugin_interrupt"]
+__all__ = ["SLOW_PLUGIN_S", "LoadReport", "guard_plugin", "plugin_code", "plugin_interrupt", "slow_plugin_seconds",
+           "slow_plugin_warning"]
 
 _GUARD_MARK = "_restoreflow_guarded"
 
@@ -39,6 +48,33 @@ class LoadReport:
     failed: dict[str, str] = field(default_factory=dict)
     blocked: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: seconds each third-party plugin spent being imported and registered, by phase (``import``, a hook name)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: the plugins already named as slow (each is named once)
+    slow: set[str] = field(default_factory=set)
+
+
+#: a third-party plugin slower than this (seconds) to import and register is named in a warning
+SLOW_PLUGIN_S = 1.0
+
+
+def slow_plugin_seconds() -> float:
+    """The slow-plugin threshold: ``RESTOREFLOW_SLOW_PLUGIN_S`` (seconds, positive) or :data:`SLOW_PLUGIN_S`; an
+    unusable value falls back to the default (it only decides when to warn)."""
+    try:
+        v = float(os.environ.get("RESTOREFLOW_SLOW_PLUGIN_S", SLOW_PLUGIN_S))
+    except ValueError:
+        return SLOW_PLUGIN_S
+    return v if 0 < v < float("inf") else SLOW_PLUGIN_S
+
+
+def slow_plugin_warning(name: str, phases: dict[str, float], what: str) -> str:
+    """The one line naming slow plugin ``name``: its total time, the slowest phase and how to switch it off."""
+    total = sum(phases.values())
+    worst = max(phases, key=phases.__getitem__)
+    detail = f" ({worst} {phases[worst]:.1f} s)" if len(phases) > 1 else ""
+    return (f"plugin {name!r} took {total:.1f} s {what}{detail}; every command waits for it "
+            f"(RESTOREFLOW_DISABLE_PLUGINS={name} switches it off)")
 
 
 def _report_of(pm: Any) -> LoadReport | None:
@@ -132,12 +168,13 @@ def _result_problem(hook: str, result: Any, kwargs: dict[str, Any]) -> str | Non
 
 def _guard_call(fn: Callable, plugin_name: str, hook: str, argnames: tuple[str, ...],
                 report: LoadReport | None) -> Callable:
-    state = {"off": False}
+    state = {"off": False, "slow": False}
 
     @functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         if state["off"]:
             return None
+        t0 = time.monotonic()
         try:
             with plugin_code() as sig:
                 result = fn(*args, **kwargs)
@@ -161,6 +198,11 @@ def _guard_call(fn: Callable, plugin_name: str, hook: str, argnames: tuple[str, 
                 _warn(report, f"plugin {plugin_name!r} returned {problem}; this hook of the plugin is skipped from "
                               f"now on")
                 return None
+        spent = time.monotonic() - t0
+        if result is None and not state["slow"] and spent > slow_plugin_seconds():
+            state["slow"] = True  # it took its time and then declined: pure delay, on every call
+            _warn(report, f"plugin {plugin_name!r} took {spent:.1f} s in {hook} and then declined (returned None); "
+                          f"every call waits for it (RESTOREFLOW_DISABLE_PLUGINS={plugin_name} switches it off)")
         return result
 
     return guarded
@@ -183,6 +225,7 @@ def _guard_commands(fn: Callable, argnames: tuple[str, ...], plugin_name: str, r
     def guarded(*args: Any, **kwargs: Any) -> Any:
         group = kwargs.get("cli", args[argnames.index("cli")] if "cli" in argnames[: len(args)] else None)
         before = dict(getattr(group, "commands", {}) or {})
+        t0 = time.monotonic()
         try:
             with plugin_code() as sig:
                 fn(*args, **kwargs)
@@ -203,6 +246,12 @@ def _guard_commands(fn: Callable, argnames: tuple[str, ...], plugin_name: str, r
                     group.commands[name] = cmd
                     note(f"plugin {plugin_name!r} tried to {'replace' if now is not None else 'remove'} the command "
                          f"{name!r}; the existing command is kept")
+        spent = time.monotonic() - t0
+        phases = {**(report.timings.get(plugin_name, {}) if report is not None else {}), "register_commands": spent}
+        if (report is None or plugin_name not in report.slow) and sum(phases.values()) > slow_plugin_seconds():
+            if report is not None:
+                report.slow.add(plugin_name)
+            note(slow_plugin_warning(plugin_name, phases, "to import and register"))
         return None
 
     return guarded

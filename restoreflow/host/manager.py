@@ -42,13 +42,16 @@ import functools
 import importlib.metadata as md
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pluggy
 
 from restoreflow.host import hookspecs
-from restoreflow.host.guards import LoadReport, _one_line, guard_plugin, plugin_code, plugin_interrupt
+from restoreflow.host.guards import (
+    LoadReport, _one_line, guard_plugin, plugin_code, plugin_interrupt, slow_plugin_seconds, slow_plugin_warning,
+)
 from restoreflow.core.errors import PluginError, suggest
 from restoreflow.host.registry import Registries
 
@@ -204,6 +207,7 @@ def get_plugin_manager(*, entrypoints: bool = True) -> PluginHost:
                 pm.set_blocked(ep.name)
                 report.blocked.append(ep.name)
                 continue
+            t0 = time.monotonic()
             try:
                 with plugin_code() as sig:
                     module = ep.load()
@@ -214,6 +218,8 @@ def get_plugin_manager(*, entrypoints: bool = True) -> PluginHost:
                 continue
             if register_plugin(pm, module, ep.name, report) and getattr(ep, "dist", None) is not None:
                 pm.distributions[ep.name] = ep.dist
+            if not _is_first_party(module):  # import + vetting (which reads every attribute of the module)
+                report.timings[ep.name] = {"import": time.monotonic() - t0}
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as e:  # only reachable for plugins registered around register_plugin
@@ -309,6 +315,7 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
                     return
                 _items.append((_attr, obj))
 
+            t0 = time.monotonic()
             try:
                 with plugin_code() as sig:
                     returned = _call_one(pm, hook_name, impl.plugin, register)
@@ -323,6 +330,8 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
                 if returned:
                     bad.append(f"{hook_name} returned {type(returned[0]).__name__} (hooks must call register(...) "
                                f"and return None)")
+            if report is not None and not _is_first_party(impl.plugin):
+                report.timings.setdefault(pname, {})[hook_name] = time.monotonic() - t0
             if bad:
                 skipped[pname] = bad[0]
     def problem(msg: str, cause: BaseException | None = None) -> None:
@@ -361,7 +370,19 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
         for name, why in reversed(list(report.failed.items())):
             regs.problems.insert(0, f"plugin {name!r} {why}; the plugin is skipped")
         regs.problems.extend(report.warnings)
+        regs.problems.extend(_slow_plugins(report))
     return regs
+
+
+def _slow_plugins(report: LoadReport) -> list[str]:
+    """One line for each third-party plugin whose import and ``register_*`` hooks took longer than the threshold
+    (a plugin cannot be timed out in-process; it can be named)."""
+    lines = []
+    for name, phases in report.timings.items():
+        if name not in report.failed and phases and sum(phases.values()) > slow_plugin_seconds():
+            report.slow.add(name)
+            lines.append(slow_plugin_warning(name, phases, "to import and register"))
+    return lines
 
 
 def _task_missing(task: Any, regs: Registries) -> str | None:
