@@ -225,18 +225,23 @@ class FourierGaussian(GaussianModel):
         m = self.mean_like(torch.empty(y.shape[0], *self.shape, dtype=dtype, device=y.device)) if prior_draw is None \
             else prior_draw
         # solve in the whitened variable u = C^{-1/2}(x - m): (C^{1/2} A^T A C^{1/2}/s2 + I) u = C^{1/2}A^T(y - Am)/s2
-        sq = self.spectrum.sqrt().to(y.device, dtype)[None]
-
-        def half(v):
-            return self._filter(v, sq)
-
+        half = self._real_filter(self.spectrum.sqrt().to(y.device, dtype)[None])
         rhs = half(operator.A_adjoint(y - operator.A(m))) / s2
 
         def normal(u):
-            return half(operator.A_adjoint(operator.A(half(u)))) / s2 + u
+            return half(operator.normal(half(u))) / s2 + u
 
         u = conjugate_gradient(normal, rhs, iters=iters, tol=tol, precond=self._circulant_precond(operator, s2, y))
         return m + half(u)
+
+    def _real_filter(self, response: Tensor):
+        r"""``v -> self._filter(v, response)`` with half-spectrum real FFTs (half the work; the same up to rounding):
+        ``response`` is made even in frequency first, :math:`(R(k) + R(-k))/2`, which is what the real part of the
+        full-spectrum filter applies."""
+        H, W = response.shape[-2:]
+        even = 0.5 * (response + torch.roll(torch.flip(response, (-2, -1)), (1, 1), (-2, -1)))
+        kept = even[..., : W // 2 + 1]
+        return lambda v: self.from_dec(torch.fft.irfft2(torch.fft.rfft2(self.to_dec(v)) * kept, s=(H, W)))
 
     def _circulant_precond(self, operator: LinearOperator, s2: float, like: Tensor):
         r"""The exact inverse of the whitened normal operator :math:`P|\hat h|^2/s^2 + 1` of the circulant operator
@@ -252,8 +257,7 @@ class FourierGaussian(GaussianModel):
                 return None  # a colour-dependent blur does not commute with the colour transform
             H = H[0]
         P = self.spectrum.to(like.device, like.dtype)[None]
-        response = 1.0 / (P * (H.abs() ** 2).to(like.dtype) / s2 + 1.0)
-        return lambda r: self._filter(r, response)
+        return self._real_filter(1.0 / (P * (H.abs() ** 2).to(like.dtype) / s2 + 1.0))
 
     def posterior_sample_cg(self, operator: LinearOperator, y: Tensor, *, generator: torch.Generator, **kw) -> Tensor:
         """An exact posterior sample for any linear operator (perturb-and-optimise)."""
