@@ -12,11 +12,12 @@ shared, so the ratios use CPU seconds (this process's own work); wall seconds ar
   --op boundary=circular`` at 256 and 1024 px (no network: the whole run is fixed cost), the README main job
   (``--simulate``: ``dpir`` on ``default``, ``boundary=valid``) and the MRS job (``--sampler mrs``, the
   ConditionalNAFNet) with the CPU time before the first network call, inside the calls, between them and after
-  the last one, read by forward hooks in the process (:func:`_drive`).
+  the last one, read by forward hooks in the process (:func:`_drive`); the README job at 1024 px up to its first
+  network call only (the process ends there).
 * **components** -- one process per tree: the first Gaussian blur operator (kernel: kornia before), the first
-  PSNR + SSIM (imports), DPIR's 8 valid-boundary data steps (CG), one call of every bundled network, and both
-  jobs through ``restoreflow.restore`` (full-precision PSNR), with the largest difference of every output
-  between the trees.
+  PSNR + SSIM (imports), reading the PNG at 256 and 1024 px, the first noise estimate, the MRS job's Wiener
+  anchor, DPIR's 8 valid-boundary data steps (CG), one call of every bundled network, and both jobs through
+  ``restoreflow.restore`` (full-precision PSNR), with the largest difference of every output between the trees.
 
     python benchmarks/bench_speed.py                  # 3 repeats, 5 calls per network (about 40 min here)
     python benchmarks/bench_speed.py --quick          # 1 repeat, 2 calls -> results/speed_quick.*
@@ -41,11 +42,15 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_report import NOTES, markdown  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 IMAGE = ROOT / "restoreflow" / "data" / "astronaut.png"
-#: the main just before #21 item 2's first commit (9e557c4)
-DEFAULT_BASELINE = "4ecc157"
+#: the main before the second round of #21 item 2 (PNG rows by Pillow, kept noise calibration, real-FFT Wiener CG;
+#: the first round's baseline was 4ecc157)
+DEFAULT_BASELINE = "c602e82"
 
 PINV = ["deblur", str(IMAGE), "--sampler", "pinv", "--op", "boundary=circular"]
 MAIN_JOB = ["deblur", str(IMAGE), "--simulate"]
@@ -53,9 +58,10 @@ MAIN_JOB = ["deblur", str(IMAGE), "--simulate"]
 
 # -- the in-process driver: one CLI run with its events timed --------------------------------------------
 
-def _drive(out_json: str, cli_args: list[str]) -> None:
+def _drive(out_json: str, cli_args: list[str], stop_first: bool = False) -> None:
     """Run ``restoreflow CLI_ARGS`` in this process and write when its phases happened (seconds from the start
-    of this function; ``torch`` is imported first so its share is separate)."""
+    of this function; ``torch`` is imported first so its share is separate). ``stop_first``: end the process
+    at the first network call (the fixed cost of a run whose network calls would take minutes)."""
     t0, c0 = time.perf_counter(), time.process_time()
     ev: dict = {"net_calls": []}
 
@@ -71,6 +77,10 @@ def _drive(out_json: str, cli_args: list[str]) -> None:
     def pre(module, args):
         if depth[0] == 0:
             start[0] = now()
+            if stop_first:
+                ev.update(end=start[0], exit=0, stdout="", stopped=True)
+                Path(out_json).write_text(json.dumps(ev))
+                os._exit(0)
         depth[0] += 1
 
     def post(module, args, output):
@@ -139,10 +149,12 @@ def _job(kind: str, env: dict, cwd: Path) -> dict:
         return _timed([py, "-c", "pass"], env, cwd)
     if kind == "torch":
         return _timed([py, "-c", "import torch"], env, cwd)
-    args = {"pinv": PINV, "pinv1024": [PINV[0], str(cwd / "astronaut1024.png"), *PINV[2:]], "main": MAIN_JOB,
-            "mrs": [*MAIN_JOB, "--sampler", "mrs"]}[kind] + ["--out", str(out), "--force"]
+    big = str(cwd / "astronaut1024.png")
+    args = {"pinv": PINV, "pinv1024": [PINV[0], big, *PINV[2:]], "main": MAIN_JOB, "main1024": [MAIN_JOB[0], big,
+            *MAIN_JOB[2:]], "mrs": [*MAIN_JOB, "--sampler", "mrs"]}[kind] + ["--out", str(out), "--force"]
     ev_path = cwd / "events.json"
-    r = _timed([py, __file__, "_drive", str(ev_path), "--", *args], env, cwd)
+    stop = ["--stop-first"] if kind.endswith("1024") and kind != "pinv1024" else []  # fixed cost only
+    r = _timed([py, __file__, "_drive", str(ev_path), *stop, "--", *args], env, cwd)
     ev = json.loads(ev_path.read_text())
     calls = ev["net_calls"]
     r["nfe"] = len(calls)
@@ -182,8 +194,7 @@ def _summary(rows: list[dict]) -> dict:
 
 
 def warm(tmp: Path, trees: dict) -> None:
-    """Fill each tree's byte cache (``PYTHONPYCACHEPREFIX``: every module a timed run imports, torch's and
-    scikit-image's included) and the OS page cache, untimed: a user's install has compiled modules."""
+    """Fill each tree's byte cache (``PYTHONPYCACHEPREFIX``, torch's included) and the page cache, untimed."""
     code = ("import torch, restoreflow, restoreflow.app.cli, restoreflow.app.api, restoreflow.app.metrics\n"
             "import kornia, skimage.metrics, scipy.stats, scipy.ndimage\n"
             "from restoreflow.host.manager import default_registries\n"
@@ -207,7 +218,7 @@ def run_cli(repeats: int, tmp: Path, trees: dict) -> dict:
 
     Image.open(IMAGE).convert("RGB").resize((1024, 1024), Image.BICUBIC).save(work / "astronaut1024.png")
     envs = {name: _env(d, tmp / f"pyc-{name}") for name, d in trees.items()}
-    kinds = ["python", "torch", "pinv", "pinv1024", "main", "mrs"]
+    kinds = ["python", "torch", "pinv", "pinv1024", "main", "main1024", "mrs"]
     rows: dict[str, dict[str, list]] = {n: {k: [] for k in kinds} for n in trees}
     for rep in range(repeats):
         for kind in kinds:
@@ -241,7 +252,7 @@ def _cpu(f, n: int) -> tuple[float, float, object]:
     return min(times), statistics.median(times), out
 
 
-PARTS = ("first", "dpir", *(f"net:{name}" for name in PRIORS), "jobs")
+PARTS = ("first", "read", "noise", "anchor", "dpir", *(f"net:{name}" for name in PRIORS), "jobs")
 
 
 def _components(out_json: str, out_dir: str, part: str, calls: int, size: int) -> None:
@@ -267,6 +278,48 @@ def _components(out_json: str, out_dir: str, part: str, calls: int, size: int) -
         c = time.process_time()  # the first PSNR/SSIM of a --simulate run: scikit-image (and scipy.stats) imports
         res["quality_values"] = quality(noisy, ref)
         res["first_quality"] = time.process_time() - c
+    elif part == "read":  # reading the PNG input: the first read of a process pays for the decoder's imports
+        from restoreflow.io import read_image
+
+        for label, path in (("256", IMAGE), ("1024", Path.cwd() / "astronaut1024.png")):
+            c = time.process_time()
+            read_image(path)
+            first = time.process_time() - c
+            lo, med, m = _cpu(lambda: read_image(path), calls)
+            res[f"read_png_{label}"] = {"first_call": first, "min": lo, "median": med}
+            np.save(outs / f"read-{label}.npy", m.data.numpy())
+    elif part == "noise":  # the first noise_sigma=auto estimate of a run (a real input without noise_sigma)
+        from PIL import Image
+
+        from restoreflow.core.noiselevel import estimate_noise_sigma
+
+        rng = np.random.default_rng(0)
+        img = np.asarray(Image.open(IMAGE).convert("RGB"), dtype=np.float64) / 255
+        noisy = np.clip(img + 0.03 * rng.standard_normal(img.shape), 0, 1)
+        c = time.process_time()
+        est = estimate_noise_sigma(noisy, bit_depth=8)
+        first = time.process_time() - c
+        lo, med, _ = _cpu(lambda: estimate_noise_sigma(noisy, bit_depth=8), calls)
+        res["noise_estimate"] = {"first_call": first, "min": lo, "median": med, "value": est}
+        np.save(outs / "noise-estimate.npy", np.array([est]))
+    elif part == "anchor":  # the MRS job's Wiener anchor: the default prior fitted on first use, then the CG
+        from PIL import Image
+
+        from restoreflow.core.sampling import make_anchor
+        from restoreflow.host.manager import default_registries
+        from restoreflow_plugins.operators import GaussianBlur
+
+        regs = default_registries()
+        x = torch.from_numpy(np.asarray(Image.open(IMAGE).convert("RGB"), dtype=np.float64) / 255)
+        x = x.permute(2, 0, 1)[None].contiguous()
+        op = GaussianBlur(x_shape=tuple(x.shape), sigma=2.0, boundary="valid", noise_sigma=0.01)
+        y = op.A(x) + 0.01 * torch.randn(op.y_shape, generator=g, dtype=torch.float64)
+        c = time.process_time()
+        make_anchor(op, y, "wiener", registries=regs)
+        first = time.process_time() - c
+        lo, med, a = _cpu(lambda: make_anchor(op, y, "wiener", registries=regs), max(1, calls // 2))
+        res["wiener_anchor"] = {"first_call": first, "min": lo, "median": med}
+        np.save(outs / "wiener-anchor.npy", a.numpy())
     elif part == "dpir":  # DPIR's data steps on the valid-boundary blur (the README job's non-network work)
         from restoreflow_plugins.operators import GaussianBlur
         from restoreflow_plugins.pnp import DPIR
@@ -331,7 +384,10 @@ def _merge_min(into: dict, new: dict) -> None:
 def run_components(repeats: int, calls: int, size: int, tmp: Path, trees: dict) -> dict:
     """Every part in a fresh process per tree, the trees alternating, ``repeats`` times; the minimum kept."""
     import numpy as np
+    from PIL import Image
 
+    if not (tmp / "astronaut1024.png").exists():
+        Image.open(IMAGE).convert("RGB").resize((1024, 1024), Image.BICUBIC).save(tmp / "astronaut1024.png")
     got: dict = {name: {} for name in trees}
     for rep in range(repeats):
         for part in PARTS:
@@ -354,124 +410,6 @@ def run_components(repeats: int, calls: int, size: int, tmp: Path, trees: dict) 
             diffs[f.stem] = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
         got["max_abs_diff"] = diffs
     return got
-
-
-# -- report ---------------------------------------------------------------------------------------------
-
-def _fmt(v: float | None, nd: int = 2) -> str:
-    return "-" if v is None else f"{v:.{nd}f}"
-
-
-def _ratio(new: float | None, old: float | None) -> str:
-    return "-" if not new or not old else f"{new / old:.2f}x"
-
-
-def markdown(res: dict) -> str:
-    md = ["# CPU speed of a CLI run (#21 item 2)", "",
-          f"{res['machine']}; load average {res['load_average_at_start'][0]:.1f} at the start and "
-          f"{res['load_average_at_end'][0]:.1f} at the end"
-          + (f" ({res['cli_load_average'][0]:.1f} at the start of the CLI runs, kept from an earlier run)"
-             if res.get("cli_load_average") else "") + " (the machine is shared: wall seconds are inflated by the "
-          "other jobs, CPU seconds are this process's own work and are what the ratios use). Baseline: "
-          f"`{res['baseline']}` (git archive, same interpreter and packages), run interleaved with "
-          f"{'the working tree' if res.get('current', 'working tree') == 'working tree' else '`' + res['current'] + '`'}; "
-          f"{res['repeats']} repeat(s), the minimum shown. `benchmarks/bench_speed.py` wrote this file.", ""]
-    cli = res.get("cli")
-    if cli:
-        cur, base = cli["current"], cli.get("baseline", {})
-
-        def val(tree, kind, key):
-            try:
-                return tree[kind]["summary"][key]["min"]
-            except KeyError:
-                return None
-
-        md += ["## CLI runs (fresh processes, 256 px astronaut)", "",
-               "| what | baseline CPU s | now CPU s | ratio | baseline wall s | now wall s |", "|---|---|---|---|---|---|"]
-        rows = [("`python -c pass`", "python", "cpu"), ("`import torch` (not removable)", "torch", "cpu"),
-                ("pinv, boundary=circular: whole run", "pinv", "cpu"),
-                ("pinv, 1024 px: whole run", "pinv1024", "cpu"),
-                ("README job: whole run", "main", "cpu"),
-                ("README job: fixed cost before the first network call", "main", "cpu_first_net"),
-                ("  of which after `import torch`", "main", "cpu_fixed_after_torch"),
-                ("README job: inside the 8 network calls", "main", "cpu_in_net"),
-                ("README job: between them (DPIR data steps)", "main", "cpu_between_nets"),
-                ("README job: after the last call (metrics, writing)", "main", "cpu_after_last_net"),
-                ("MRS job (`--sampler mrs`, NAFNet): whole run", "mrs", "cpu"),
-                ("MRS job: fixed cost before the first network call", "mrs", "cpu_first_net")]
-        wall_of = {"cpu": "wall", "cpu_first_net": "first_net", "cpu_fixed_after_torch": "fixed_after_torch",
-                   "cpu_in_net": "in_net", "cpu_between_nets": "between_nets", "cpu_after_last_net": "after_last_net"}
-        for label, kind, key in rows:
-            b, n = val(base, kind, key), val(cur, kind, key)
-            if n is None:
-                continue
-            md.append(f"| {label} | {_fmt(b)} | {_fmt(n)} | {_ratio(n, b)} | {_fmt(val(base, kind, wall_of[key]))} | "
-                      f"{_fmt(val(cur, kind, wall_of[key]))} |")
-        md.append("")
-    comp = res.get("components")
-    if comp:
-        cur, base = comp["current"], comp.get("baseline", {})
-        diffs = comp.get("max_abs_diff", {})
-        md += [f"## Components ({res['size']} px, CPU seconds: each part in a fresh process per tree, the trees "
-               f"alternating, the minimum over {res['repeats']} repeat(s) of {res['calls']} calls)", "",
-               "| component | baseline | now | ratio | max abs output difference |", "|---|---|---|---|---|"]
-
-        def row(label, b, n, diff=None):
-            md.append(f"| {label} | {_fmt(b, 3)} | {_fmt(n, 3)} | {_ratio(n, b)} | "
-                      f"{'-' if diff is None else f'{diff:.1e}'} |")
-
-        row("first Gaussian blur operator (kernel)", base.get("first_gaussian_blur"), cur["first_gaussian_blur"],
-            diffs.get("kernel"))
-        row("first PSNR + SSIM", base.get("first_quality"), cur["first_quality"])
-        row("DPIR's 8 valid-boundary data steps (CG)", base.get("dpir_data_steps", {}).get("min"),
-            cur["dpir_data_steps"]["min"], diffs.get("dpir_data_steps"))
-        for name, v in cur["network_call"].items():
-            row(f"one network call: `{name}` ({v['net']})", base.get("network_call", {}).get(name, {}).get("min"),
-                v["min"], diffs.get(f"net-{name}"))
-        for label, v in cur["jobs"].items():
-            b = base.get("jobs", {}).get(label, {})
-            row(f"{'README' if label == 'main' else 'MRS'} job via `restoreflow.restore` (a second run in a process)",
-                b.get("cpu"), v["cpu"], diffs.get(f"job-{label}"))
-        md += ["", "| job | baseline PSNR / SSIM | now PSNR / SSIM |", "|---|---|---|"]
-        for label, v in cur["jobs"].items():
-            b = base.get("jobs", {}).get(label, {})
-            md.append(f"| {label} | {_fmt(b.get('psnr'), 4)} / {_fmt(b.get('ssim'), 4)} | {v['psnr']:.4f} / "
-                      f"{v['ssim']:.4f} |")
-        md.append("")
-    if res.get("compile"):
-        c = res["compile"]
-        md += ["## torch.compile of the `default` UNet (inductor)", "",
-               f"{c['compile_wall']:.0f} s wall to compile; {c['compiled_cpu']:.3f} s CPU per call against "
-               f"{c['eager_cpu']:.3f} s eager ({_ratio(c['compiled_cpu'], c['eager_cpu'])}); largest output "
-               f"difference {c['max_abs_diff']:.1e}.", ""]
-    if res.get("notes"):
-        md += ["## Notes", ""] + [f"* {n}" for n in res["notes"]] + [""]
-    return "\n".join(md)
-
-
-NOTES = [
-    "`import torch` is most of the fixed cost and cannot be removed from a restoration; the rest is measured "
-    "separately (\"of which after `import torch`\").",
-    "Noise: the machine is shared, and code that did not change (`import torch`, the `default` UNet, "
-    "`python -c pass`) moved by up to 16 % between the trees: ratios within about 0.85-1.15x are no change. Each "
-    "CLI row is the minimum over the repeats of that row alone.",
-    "torch.compile (inductor, gcc present) of the `default` UNet, measured once on this machine at 256 px, 1 thread: "
-    "329 s wall to compile and 0.57 s CPU per call against 0.40 s eager -- slower per call and never repaid by a "
-    "CLI run, so it is not used (`--compile` measures it again).",
-    "TorchScript (trace, freeze, optimize_for_inference) of the `default` UNet, measured once here: 2.7 s CPU to "
-    "prepare, 0.61 s per call against 0.65 s eager (no gain beyond the noise) and outputs off by 1.4e-5: not used. "
-    "Eager fusions in its residual blocks (GroupNorm with the time modulation as its affine, in-place SiLU and "
-    "residual add) measured within the noise (under 5 %): the UNet's time is its convolutions (about 70 %).",
-    "What remains after `import torch`, outside the files of this change (measured separately, in-process CPU): "
-    "reading a PNG through pypng (`restoreflow/io/codecs.py`, pure Python) 0.11 s at 256 px and 1.1-1.2 s at "
-    "1024 px, where Pillow decodes the same 8-bit file in 0.004 / 0.035 s; the noise estimator's calibration "
-    "(`core/noiselevel.py`, real inputs without `noise_sigma`) 0.3 s on first use; and for the MRS job the exact "
-    "Wiener anchor (`exact/gaussian.py` `posterior_mean_cg`: float64, about 100 CG iterations of a colour filter "
-    "(FFT pair) before and after `A^T A` and a preconditioner pair) 4.5-6.5 s, most of that job's fixed cost.",
-    "Tiles stacked into one network call (`TiledDenoiser(batch=...)`) measured no faster on CPU (4 tiles of 128 px: "
-    "`default` 0.42 s batched vs 0.38 s one by one, `mr-deblur` 0.12 vs 0.13), so CPU keeps one tile per call and "
-    "accelerators batch 4.",
-]
 
 
 def measure_compile(size: int) -> dict:
@@ -497,7 +435,7 @@ def measure_compile(size: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_drive":
-        _drive(argv[1], argv[argv.index("--") + 1:])
+        _drive(argv[1], argv[argv.index("--") + 1:], stop_first="--stop-first" in argv[: argv.index("--")])
         return 0
     if argv and argv[0] == "_components":
         _components(argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]))
