@@ -1,6 +1,7 @@
 """#21: ``FourierGaussian.posterior_mean_cg`` with half-spectrum real FFTs and the operator's ``normal`` gives the
 answer of the full-spectrum formulation it replaced (restated here: complex FFT filters, ``A_adjoint(A(.))``)."""
 
+import pytest
 import torch
 
 from restoreflow.core.linalg import conjugate_gradient, fft2, ifft2
@@ -68,9 +69,10 @@ def test_non_circulant_mask_without_preconditioner_matches():
     assert (new - _old_mean(model, op, y, 400, 1e-10)).abs().max() < 1e-9
 
 
-def test_real_filter_is_the_real_part_of_the_full_filter():
-    model = _model(H=17, W=22)
+@pytest.mark.parametrize("H,W", [(17, 22), (16, 23), (9, 9)])
+def test_real_filter_is_the_real_part_of_the_full_filter(H, W):
+    model = _model(H=H, W=W)
     g = torch.Generator().manual_seed(4)
-    resp = torch.rand(1, 3, 17, 22, generator=g, dtype=torch.float64)  # not even: symmetrised like .real does
-    v = torch.randn(2, 3, 17, 22, generator=g, dtype=torch.float64)
+    resp = torch.rand(1, 3, H, W, generator=g, dtype=torch.float64)  # not even: symmetrised like .real does
+    v = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64)
     assert (model._real_filter(resp)(v) - model._filter(v, resp)).abs().max() < 1e-12
