@@ -340,6 +340,8 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
                          guidance_options=guidance_options, corrector_options=corrector_options,
                          prior_options=prior_options, registries=registries)
     meas = _load_input(image, pl.task.name, dev)
+    if not simulate:
+        check_reconstruction_size(pl, meas)
     if planned is None and not simulate and pl.operator_cls.name == "inpaint" and "mask" not in dict(op_options or {}) \
             and "mask" not in dict(pl.task.defaults):
         raise InputError(f"{pl.task.name} of a real image needs to know which pixels are missing: pass "
@@ -427,6 +429,22 @@ def _grey_prior(pl: Plan, channels: int, regs: Registries) -> Plan:
         return dataclasses.replace(pl, prior=gray, prior_label=f"gray(base={pl.prior_label})")
     raise InputError(f"prior {pl.prior_label} handles {pc.channels}-channel images; the input has {channels} "
                      f"(convert it first)")
+
+
+def check_reconstruction_size(pl: Any, meas: Measurement) -> None:
+    """The pixel limit applies to the image being reconstructed too, checked right after reading (before the noise
+    estimate and the operator): ``sr`` makes it ``factor``^2 times the input, a ``boundary=valid`` blur adds the
+    kernel's width on each side (a 1-pixel-tall image becomes 13 rows), so a file far under the limit could
+    otherwise allocate tens of GB."""
+    from restoreflow.io import check_size
+
+    y_shape = tuple(meas.data.shape)
+    x_shape = tuple(pl.operator_cls.x_shape_for(y_shape, pl.operator_config))
+    if len(x_shape) < 2 or tuple(x_shape[-2:]) == tuple(y_shape[-2:]):
+        return
+    name = getattr(getattr(meas, "path", None), "name", None) or "the input"
+    check_size(int(x_shape[-2]), int(x_shape[-1]), f"the image to reconstruct from {name} "
+               f"({y_shape[-1]}x{y_shape[-2]} measured)")
 
 
 def _bad_result(sampler: Any, out: Any, x_shape: tuple[int, ...], regs: Registries) -> None:

@@ -170,10 +170,12 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
         out_path = out or default_output(image, task.name, pl.sampler.name)
         check_outputs(image, [("--out" if out else "the default output", out_path),
                               ("--save-degraded", save_degraded), ("--uncertainty", uncertainty)], force=force)
-        from restoreflow.app.api import _load_input, resolve_device
+        from restoreflow.app.api import _load_input, check_reconstruction_size, resolve_device
 
         dev = resolve_device(device)
         meas = _load_input(image, task.name, dev, pm)
+        if not simulate:
+            check_reconstruction_size(pl, meas)
         notes: dict[str, Any] = {}
         mask_dir = None
         cfg_fields = {f.name for f in dataclasses.fields(pl.operator_config)} \

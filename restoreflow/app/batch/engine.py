@@ -206,7 +206,7 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
     """
     import torch
 
-    from restoreflow.app.api import _load_input, plan, restore
+    from restoreflow.app.api import _load_input, check_reconstruction_size, plan, restore
     from restoreflow.app.console import _write, plugin_at_fault
     from restoreflow.host.manager import collect, default_plugin_manager
 
@@ -304,6 +304,8 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 in_hash = _sha256(src)
                 meas = _load_input(src, pl.task.name, torch.device("cpu"), pm)
+                if not simulate:
+                    check_reconstruction_size(pl, meas)  # before the noise estimate, like the single-image commands
                 pl_i = pl
                 if auto and (explicit_auto or estimable(meas)):
                     est = estimate_sigma_of(meas)
