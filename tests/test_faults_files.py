@@ -64,3 +64,50 @@ def test_a_simulated_run_is_checked_on_the_file_only(cli, tmp_path, monkeypatch)
     res = CliRunner().invoke(cli, ["deblur", str(src), "-s", "wiener", "--simulate", "-O", str(tmp_path / "o.png"),
                                    "-q"])
     assert res.exit_code == 0, res.output
+
+
+def test_mri_k_space_restores_with_the_task_defaults(cli, tmp_path):
+    """Before: every ``restoreflow mri K.npy`` with the default sampler failed with "prior gray handles 1-channel
+    images; the input has 2": the prior was matched to the measurement's channels (k-space: real and imaginary
+    planes), not the image's."""
+    from PIL import Image
+
+    img = np.random.default_rng(0).random((32, 32))
+    k = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(img), norm="ortho")).astype(np.complex64)
+    for name, arr in (("k.npy", k), ("k2.npy", np.stack([k.real, k.imag]).astype(np.float32))):
+        np.save(tmp_path / name, arr)
+        out = tmp_path / f"{name}.png"
+        res = CliRunner().invoke(cli, ["mri", str(tmp_path / name), "-n", "2", "-O", str(out), "-q"])
+        assert res.exit_code == 0, res.output
+        assert Image.open(out).size == (32, 32) and Image.open(out).mode in ("L", "I;16")
+
+
+@pytest.mark.parametrize("array, needle", [
+    (np.float32(3), "holds a single-value (0-d) array"),  # was an internal error (IndexError)
+    (np.ones((32, 32, 3), np.float32), "holds a 32x32x3 array"),  # was "mask is 32x32 but the image is 32x32"
+    (np.where(np.eye(32) > 0, np.nan, 1.0), "holds NaN or infinite values"),  # NaN pixels silently "missing"
+    (np.full((32, 32), np.inf), "holds NaN or infinite values"),
+    (np.ones((32, 32), np.complex64), "holds complex numbers"),  # was a ComplexWarning, imaginary part dropped
+    (np.zeros(4, dtype=[("x", "f4")]), "not numbers"),
+])
+def test_odd_mask_arrays_are_one_line(cli, tmp_path, array, needle):
+    np.save(tmp_path / "m.npy", array)
+    src = _png(tmp_path / "in.png", size=32)
+    res = CliRunner().invoke(cli, ["inpaint", str(src), "--op", f"mask={tmp_path / 'm.npy'}", "-s", "pinv", "-O",
+                                   str(tmp_path / "o.png"), "-q"])
+    assert res.exit_code == 3 and "Traceback" not in res.output, res.output
+    (line,) = _errors(res.output)
+    assert line.startswith("error: mask file ") and needle in line and not (tmp_path / "o.png").exists(), line
+
+
+def test_odd_but_valid_mask_arrays_work(cli, tmp_path):
+    """Fortran order, big-endian, bool, float16 and a leading length-1 axis are all plain masks."""
+    m = np.ones((32, 32), np.float32)
+    m[8:16, 8:16] = 0
+    src = _png(tmp_path / "in.png", size=32)
+    for i, arr in enumerate((np.asfortranarray(m), m.astype(">f4"), m > 0.5, m.astype(np.float16), m[None, None])):
+        np.save(tmp_path / f"m{i}.npy", arr)
+        res = CliRunner().invoke(cli, ["inpaint", str(src), "--op", f"mask={tmp_path / f'm{i}.npy'}", "-s", "pinv",
+                                       "-O", str(tmp_path / f"o{i}.png"), "-q"])
+        assert res.exit_code == 0, (i, res.output)
+    assert len({(tmp_path / f"o{i}.png").read_bytes() for i in range(5)}) == 1

@@ -357,8 +357,11 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
                                                                              noise_sigma=noise_estimate))
     data = meas.data.to(dev)
     gen = torch.Generator().manual_seed(int(seed))
-    if pl.prior is not None and type(pl.prior).channels not in (None, data.shape[1]):
-        pl = _grey_prior(pl, int(data.shape[1]), registries or default_registries())
+    # the prior sees the image to reconstruct, whose channels are not the measurement's (MRI k-space: real and
+    # imaginary planes of one grey image)
+    x_channels = int(data.shape[1] if simulate else pl.operator_cls.x_shape_for(tuple(data.shape), pl.operator_config)[1])
+    if pl.prior is not None and type(pl.prior).channels not in (None, x_channels):
+        pl = _grey_prior(pl, x_channels, registries or default_registries())
     if simulate:
         # the operator degrades the clean image as a camera would (non-circular blurs: beyond the measurement's
         # edge, so y is smaller and `clean` is the part under it); y is then restored like a real input

@@ -363,6 +363,24 @@ def _write_other(path: Path, out: np.ndarray) -> None:
 
 
 
+def _plain_array(a: np.ndarray, what: str) -> np.ndarray:
+    """``a`` as a 1-D or 2-D float64 array of finite real numbers (leading length-1 axes dropped), or a one-line
+    :class:`InputError`: a 0-d, 3-D, complex, NaN/Inf or non-numeric array is the user's file, not our bug."""
+    while a.ndim > 2 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim not in (1, 2) or a.size == 0:
+        raise InputError(f"{what} holds a {'x'.join(map(str, a.shape)) or 'single-value (0-d)'} array; a 1-D or 2-D "
+                         f"array is needed")
+    if np.iscomplexobj(a):
+        raise InputError(f"{what} holds complex numbers; a real array is needed")
+    if a.dtype.kind not in "biuf":
+        raise InputError(f"{what} holds {a.dtype} values, not numbers")
+    a = np.asarray(a, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise InputError(f"{what} holds NaN or infinite values")
+    return a
+
+
 def read_array(path: str | Path, what: str) -> np.ndarray:
     """A small 2-D float64 array (kernel, mask) from ``.npy``, ``.txt``/``.csv`` or an image file (colour
     images are averaged to grey and divided by their maximum when it exceeds 1). Unreadable files raise one-line
@@ -382,7 +400,7 @@ def read_array(path: str | Path, what: str) -> np.ndarray:
             if a.ndim == 3:
                 a = a[..., :3].mean(-1)
             a = a / max(float(a.max()), 1.0)  # 0/255, 0/65535 and 0/1 masks all map to 0/1
-        return np.asarray(a, dtype=np.float64)
+        return _plain_array(np.asarray(a), f"{what} file {p}")
     except (InputError, ConfigError):
         raise
     except Exception as e:  # any parse failure is the user's file, not our bug
