@@ -126,13 +126,22 @@ def looks_like_path(name: str) -> bool:
         ".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".json", ".yml", ".yaml") or Path(name).exists()
 
 
+#: the most steps any sampler declares (``Range(1, 100000)``); the ceiling for samplers that declare none, whose
+#: step tables would otherwise be allocated whole (``dpir -n 1000000000`` asked for an 8 GB schedule)
+MAX_STEPS = 100_000
+
+
 def _with_steps(cls: type, options: dict[str, Any], steps: int | None, owner: str) -> Any:
     opts = dict(options)
     if steps is not None:
         if "steps" not in config_fields(cls.Config):
             raise ConfigError(f"{owner} has no steps option")
         opts["steps"] = steps
-    return cls(build_config(cls.Config, opts, owner=owner))
+    config = build_config(cls.Config, opts, owner=owner)  # the sampler's own ranges speak first
+    n = getattr(config, "steps", None)
+    if isinstance(n, int) and n > MAX_STEPS:
+        raise ConfigError(f"steps must be at most {MAX_STEPS:,} for {owner}; got {n:,}")
+    return cls(config)
 
 
 def _task_prior(regs: Registries, task_obj: Any, s_cls: type, guidance: Any) -> str:
