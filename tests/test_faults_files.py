@@ -111,3 +111,45 @@ def test_odd_but_valid_mask_arrays_work(cli, tmp_path):
                                        "-O", str(tmp_path / f"o{i}.png"), "-q"])
         assert res.exit_code == 0, (i, res.output)
     assert len({(tmp_path / f"o{i}.png").read_bytes() for i in range(5)}) == 1
+
+
+@pytest.fixture
+def alarm():
+    """Fail (instead of hanging) when a call blocks: opening a FIFO for reading waits for a writer forever."""
+    import signal
+
+    def boom(signum, frame):
+        raise TimeoutError("blocked on a FIFO")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("task, name, extra, needle", [
+    ("deblur", "in.png", [], "input in.png is not a regular file"),  # was "is empty (0 bytes)"
+    ("mri", "k.npy", [], "input k.npy is not a regular file"),  # was a hang
+    ("denoise", "v.dcm", [], "input v.dcm is not a regular file"),  # was a hang
+    ("inpaint", "m.npy", ["--op", "mask=FIFO"], "mask file m.npy is not a regular file"),  # was "does not exist"
+    ("denoise", "p.safetensors", ["--prior", "FIFO"], "prior p.safetensors is not a regular file"),  # was a hang
+    ("deblur", "p.pth", ["-s", "mrs", "--prior", "FIFO"], "prior p.pth is not a regular file"),  # was a hang
+])
+def test_fifos_and_devices_are_refused_not_opened(cli, tmp_path, monkeypatch, alarm, task, name, extra, needle):
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo(name)
+    src = name if not extra else str(_png(tmp_path / "ok.png", size=16))
+    args = [task, src, *[a.replace("FIFO", name) for a in extra], "-O", "o.png", "-q"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 3 and "Traceback" not in res.output, res.output
+    (line,) = _errors(res.output)
+    assert needle in line, line
+
+
+def test_a_link_to_a_device_is_refused(cli, tmp_path, alarm):
+    (tmp_path / "z.png").symlink_to("/dev/zero")
+    res = CliRunner().invoke(cli, ["deblur", str(tmp_path / "z.png"), "-s", "wiener", "-q"])
+    assert res.exit_code == 3 and "is not a regular file (a FIFO, socket or device)" in res.output, res.output

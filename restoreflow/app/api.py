@@ -214,6 +214,8 @@ def plan(task: str, *, sampler: str | None = None, prior: str | None = None, gui
             p = Path(name)
             if not p.exists():
                 raise InputError(f"prior {p} does not exist")
+            if not p.is_dir() and not p.is_file():  # a FIFO would block the reader forever
+                raise InputError(f"prior {p} is not a regular file (a FIFO, socket or device)")
             prior_obj = pm.hook.load_prior(path=p, options=dict(prior_options or {}))
             if prior_obj is None:
                 raise InputError(f"no plugin recognises the checkpoint format of {p}")
@@ -307,6 +309,8 @@ def _load_input(image: Any, task: str, device: torch.device, pm: Any = None) -> 
     p = Path(image)
     if not p.exists():
         raise InputError(f"input {p} does not exist")
+    if not p.is_dir() and not p.is_file():  # opening a FIFO blocks forever; a device never ends
+        raise InputError(f"input {p} is not a regular file (a FIFO, socket or device); give an image file")
     pm = pm if pm is not None else default_plugin_manager()
     m = pm.hook.load_measurement(path=p, task=task)
     if m is None:

@@ -293,6 +293,8 @@ def read_image(path: str | Path) -> Measurement:
         raise InputError(f"{what} does not exist")
     if p.is_dir():
         raise InputError(f"{what} is a directory, not an image")
+    if not p.is_file():
+        raise InputError(f"{what} is not a regular file (a FIFO, socket or device); give an image file")
     if p.stat().st_size == 0:
         raise InputError(f"{what} is empty (0 bytes)")
     try:
@@ -387,7 +389,8 @@ def read_array(path: str | Path, what: str) -> np.ndarray:
     :class:`InputError` messages naming ``what``; arrays above :func:`max_pixels` are refused from the header."""
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"{what} file {p} does not exist")
+        raise InputError(f"{what} file {p} " + ("is not a regular file (a folder, FIFO or device)" if p.exists()
+                                                 else "does not exist"))
     try:
         if p.suffix == ".npy":
             _check_npy(p, what)
