@@ -429,10 +429,32 @@ def _skimage_float(name: str) -> Tensor:
     return t.permute(2, 0, 1)[:3] if t.ndim == 3 else t[None]
 
 
+#: :func:`_fit_default_spectrum`'s parameters (mean, colour transform, amplitudes, exponents; f0 = 1/64) for 1 and
+#: 3 channels, the fit's float64 values kept here: refitting costs about 1 s CPU in every process (#21).
+#: ``tests/core/test_speed_default_spectrum.py`` refits and compares (relative 1e-12; colour columns up to sign).
+_DEFAULT_SPECTRUM: dict[int, tuple[list, list, list, list]] = {
+    1: ([0.34829958163494534], [[1.0]], [6.571820995304734e-05], [2.9796364307403564]),
+    3: ([0.4550912916982457, 0.23356732208662467, 0.19464852311761097],
+        [[-0.8512910396583585, -0.50575431485036, 0.13970017468719828],
+         [-0.4161754810791807, 0.4887079668335338, -0.7667871230673775],
+         [-0.31953330772535027, 0.7108987945999601, 0.6265152584657616]],
+        [4.906248796032742e-05, 2.550632052589208e-05, 9.290298294217791e-06],
+        [3.257110834121704, 3.181226968765259, 2.3306071758270264]),
+}
+
+
 @functools.cache
 def default_spectrum(channels: int = 3) -> PowerLawSpectrum:
     """The default stationary image prior (a :class:`PowerLawSpectrum`) fitted on :data:`SPECTRUM_IMAGES`
-    (colour images for 3 channels; luminance of all for 1). Deterministic; about a second, cached."""
+    (colour images for 3 channels; luminance of all for 1). Deterministic; kept constants, cached."""
+    kept = _DEFAULT_SPECTRUM.get(channels)
+    if kept is not None:
+        return PowerLawSpectrum(*(torch.tensor(v, dtype=torch.float64) for v in kept))
+    return _fit_default_spectrum(channels)
+
+
+def _fit_default_spectrum(channels: int) -> PowerLawSpectrum:
+    """:func:`default_spectrum` fitted afresh (about a second)."""
     ims = []
     for name in SPECTRUM_IMAGES:
         im = _skimage_float(name)
