@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata as md
+import inspect
 import os
 import sys
 import time
@@ -117,8 +118,6 @@ def _dist_name(ep: Any) -> str | None:
 
 def _required_args(fn: Any) -> list[str]:
     """The positional parameters without defaults (what pluggy passes by name), ``self`` excluded."""
-    import inspect
-
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -206,6 +205,10 @@ def get_plugin_manager(*, entrypoints: bool = True) -> PluginHost:
             if ep.name in deny or (allow is not None and ep.name not in allow):
                 pm.set_blocked(ep.name)
                 report.blocked.append(ep.name)
+                continue
+            if not md.EntryPoint.pattern.match(ep.value or ""):  # else importlib fails with a bare AttributeError
+                report.failed[ep.name] = (f"has a malformed entry point {ep.value!r} (expected module or "
+                                          f"module:attribute)")
                 continue
             t0 = time.monotonic()
             try:
@@ -313,6 +316,10 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
                 if not _ok(obj):
                     _bad.append(f"{_hook} registered {_what(obj)}, which is not {_what_kind}")
                     return
+                if inspect.isabstract(obj):  # it would fail only when used, as an internal error
+                    _bad.append(f"{_hook} registered {_what(obj)}, which is abstract (it does not implement "
+                                f"{', '.join(sorted(getattr(obj, '__abstractmethods__', ())))})")
+                    return
                 _items.append((_attr, obj))
 
             t0 = time.monotonic()
@@ -351,7 +358,8 @@ def collect(pm: pluggy.PluginManager, *, strict: bool = False) -> Registries:
             try:
                 getattr(regs, attr).register(obj, plugin=pname)
             except PluginError as e:
-                problem(f"{e}; kept the first, ignored the one from plugin {pname!r}", e)
+                problem(f"{e}; kept the first, ignored the one from plugin {pname!r}" if "registered twice" in str(e)
+                        else f"{e}; ignored (plugin {pname!r})", e)
     for pname, obj in tasks:
         if order[pname][0] and getattr(obj, "name", None) in BUILTIN_COMMANDS:
             problem(f"plugin {pname!r} registers the task {obj.name!r}, which is a built-in command; the task is ignored")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -12,6 +13,8 @@ from restoreflow.core.options import canonical_name
 T = TypeVar("T")
 
 __all__ = ["Registry", "Registries"]
+
+_USABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\Z")
 
 
 def _qualname(obj: Any) -> str:
@@ -39,6 +42,9 @@ class Registry(Generic[T]):
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name:
             raise PluginError(f"{_qualname(cls)} has no `name` and cannot be registered as a {self.kind}")
+        if not _USABLE_NAME.match(name):  # typed after --sampler, split on , + @ by --compare, shown in tables
+            raise PluginError(f"{_qualname(cls)} has the name {name!r}, which cannot be typed as a {self.kind} name "
+                              f"(letters, digits, '-', '_' and '.', starting with a letter or digit)")
         taken = self._canon.get(canonical_name(name))
         if taken is not None and self._items[taken] is not cls:
             old = self._items[taken]
