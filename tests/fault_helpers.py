@@ -129,6 +129,15 @@ def install(root: Path, plugins: dict[str, str], *, entry_names: dict[str, str] 
     return eps
 
 
+def site_on_path(tmp_path: Path, monkeypatch) -> Path:
+    """A fresh folder on ``sys.path`` for :func:`install` (a fixture body: ``pytest.fixture(site_on_path, name=...)``);
+    ``monkeypatch`` takes it off again."""
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    return root
+
+
 def _problems(pm) -> list[str]:
     return collect(pm).problems
 

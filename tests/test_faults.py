@@ -17,19 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from fault_helpers import HOSTILE, ROOT, _one_problem, _png, install
+from fault_helpers import HOSTILE, ROOT, _one_problem, _png, install, site_on_path
 
 from restoreflow.app import batch as rb
 from restoreflow.app.cli import build_cli
 from restoreflow.host.manager import collect, get_plugin_manager
 
-
-@pytest.fixture
-def hostile_path(tmp_path, monkeypatch):
-    root = tmp_path / "site"
-    root.mkdir()
-    monkeypatch.syspath_prepend(str(root))
-    return root
+hostile_path = pytest.fixture(site_on_path, name="hostile_path")
 
 
 @pytest.mark.parametrize("name, expect", [

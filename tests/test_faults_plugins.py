@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-from fault_helpers import install
+from fault_helpers import install, site_on_path
 
 from restoreflow.app.cli import build_cli
 from restoreflow.host.manager import collect, get_plugin_manager
@@ -19,12 +19,7 @@ def _sampler_plugin(name_line: str, body: str = SAMPLE) -> str:
             "@hookimpl\ndef register_samplers(register):\n    register(S)\n")
 
 
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    root = tmp_path / "site"
-    root.mkdir()
-    monkeypatch.syspath_prepend(str(root))
-    return root
+site = pytest.fixture(site_on_path, name="site")
 
 
 def _lines(problems, plugin):

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
-from fault_helpers import _png, install
+from fault_helpers import _png, install, site_on_path
 
 from restoreflow.app.cli import build_cli
 from restoreflow.host.manager import collect, get_plugin_manager
@@ -27,11 +27,8 @@ SLEEPY = {
 
 @pytest.fixture
 def site(tmp_path, monkeypatch):
-    root = tmp_path / "site"
-    root.mkdir()
-    monkeypatch.syspath_prepend(str(root))
     monkeypatch.setenv("RESTOREFLOW_SLOW_PLUGIN_S", "0.25")  # the 0.5 s sleeps below are "slow"; quick tests
-    return root
+    return site_on_path(tmp_path, monkeypatch)
 
 
 def _slow_lines(lines, name):
