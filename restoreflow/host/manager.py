@@ -34,6 +34,9 @@ Environment:
     comma-separated entry-point names that never load.
 ``RESTOREFLOW_TRACE_PLUGINS=1``
     print every hook call.
+``RESTOREFLOW_SLOW_PLUGIN_S``
+    seconds (default 1) above which a third-party plugin's import and registration is named in a warning
+    (:mod:`restoreflow.host.guards`).
 """
 
 from __future__ import annotations
