@@ -403,7 +403,7 @@ def load_model(weights: Path | str, *, registries: Any, device: torch.device | s
                card: Mapping[str, Any] | None = None) -> LoadedModel:
     """Rebuild a model written by :func:`train` (``NAME.safetensors`` + ``NAME.json``) for any method; its
     training method is looked up in ``registries``."""
-    from restoreflow.models.nets import build_network
+    from restoreflow.models.nets import build_network, materialize
 
     weights = Path(weights)
     card = validate_card(dict(card), card_path(weights)) if card is not None else read_card(card_path(weights))
@@ -423,8 +423,12 @@ def load_model(weights: Path | str, *, registries: Any, device: torch.device | s
     _check_padding(probe, f"architecture {arch['class']} of {card_path(weights)}")
     if header is not None:
         check_weights_fit(probe.state_dict(), header, source=str(weights))
-    net = build_network(arch["class"], **kwargs)
-    load_into(net, load_state_dict(weights), source=str(weights))
+    state = load_state_dict(weights)
+    # the probe made real and given the weights: no random initialisation to overwrite (#21); a network holding
+    # tensors the weights do not restore is built normally
+    net = materialize(probe, state, source=str(weights))
+    if net is None:
+        net = load_into(build_network(arch["class"], **kwargs), state, source=str(weights))
     net = for_inference(net, device)
     den = method.denoiser(net)
     if isinstance(den, torch.nn.Module):

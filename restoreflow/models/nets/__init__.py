@@ -18,7 +18,7 @@ from torch import nn
 from restoreflow.core.errors import CheckpointError, UnknownNameError
 
 __all__ = ["MAX_PARAMETERS", "MAX_PARAMETER_TENSORS", "architectures", "bounded_registration", "build_for_weights",
-           "build_network", "probe_network", "register_architecture"]
+           "build_network", "materialize", "probe_network", "register_architecture"]
 
 _ARCH: dict[str, Callable[..., nn.Module]] = {}
 # modules that define architectures; imported on first use so that `import restoreflow` stays light
@@ -127,8 +127,66 @@ def probe_network(build: Callable[[], nn.Module], what: str, *, weights_hold: in
     import torch
 
     with bounded_registration(what, _max_parameters(), weights_hold=weights_hold, max_tensors=max_tensors), \
-            torch.device("meta"):
+            torch.device("meta"), _skip_meta_init():
         return build()
+
+
+#: in-place initialisation ops (``torch.nn.init``'s functions, and the tensor methods they and ``reset_parameters``
+#: end in): on a ``meta`` tensor they compute nothing, yet torch runs each through Python decompositions (about half
+#: of a meta build's time, #21)
+_INIT_OPS = ("uniform_", "normal_", "zero_", "fill_")
+_NN_INIT = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
+            "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+def _skip_meta_init() -> Any:
+    """A torch-function mode that returns a ``meta`` tensor's in-place initialisation op's input unchanged (there are
+    no values to fill); every other call, and these ops on real tensors, run as usual."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    skip = {getattr(torch.Tensor, n) for n in _INIT_OPS} | {getattr(torch.nn.init, n) for n in _NN_INIT}
+
+    class SkipMetaInit(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in skip:
+                t = args[0] if args else kwargs.get("tensor")  # nn.init passes it by keyword
+                if isinstance(t, torch.Tensor) and t.is_meta:
+                    return t
+            return func(*args, **kwargs)
+
+    return SkipMetaInit()
+
+
+def _unsaved_tensors(net: nn.Module) -> bool:
+    """Whether ``net`` holds tensors a state dict does not restore: non-persistent buffers, tensors kept as plain
+    attributes (also in a list, tuple or dict), or parameters shared between modules."""
+    import torch
+
+    for m in net.modules():
+        if m._non_persistent_buffers_set:
+            return True
+        for k, v in vars(m).items():
+            if k in ("_parameters", "_buffers"):
+                continue
+            items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
+            if any(isinstance(x, torch.Tensor) for x in items):
+                return True
+    return len(list(net.named_parameters(remove_duplicate=False))) != len(list(net.parameters()))
+
+
+def materialize(probe: nn.Module, state_dict: dict[str, Any], *, source: str = "checkpoint") -> nn.Module | None:
+    """A ``meta``-device build (:func:`probe_network`) made real on the CPU and given ``state_dict``'s values
+    (:func:`restoreflow.core.modelcard.load_into`, its checks and one-line errors), without the random
+    initialisation a normal build spends its time on (#21): the same network a build plus ``load_into`` gives, value
+    for value. ``None`` when the network holds tensors a state dict does not restore (:func:`_unsaved_tensors`):
+    build it normally then."""
+    from restoreflow.core.modelcard import load_into
+
+    if _unsaved_tensors(probe):
+        return None
+    return load_into(probe.to_empty(device="cpu"), state_dict, source=source)
 
 
 def build_network(name: str, **kwargs: Any) -> nn.Module:
@@ -158,10 +216,12 @@ def build_for_weights(name: str, kwargs: dict[str, Any], weights: Path | str) ->
     """:func:`build_network` for a model card beside its ``.safetensors`` weights: on the meta device first, stopped
     once it registers more parameters than the file holds, its names, shapes and dtypes checked against the file's
     header -- so a card describing a far larger network than its weights is refused before any weight memory
-    exists (a 3.7 KB card once drove a multi-GB allocation). Other weight formats get :func:`build_network`."""
+    exists (a 3.7 KB card once drove a multi-GB allocation). The network comes back holding the file's weights
+    (:func:`materialize`: no random initialisation; loading them again is harmless). Other weight formats get
+    :func:`build_network`."""
     import math
 
-    from restoreflow.core.modelcard import check_weights_fit, weights_header
+    from restoreflow.core.modelcard import check_weights_fit, load_state_dict, weights_header
 
     weights = Path(weights)
     if weights.suffix != ".safetensors":
@@ -176,7 +236,8 @@ def build_for_weights(name: str, kwargs: dict[str, Any], weights: Path | str) ->
     except (TypeError, ValueError, OverflowError, RuntimeError) as e:
         raise CheckpointError(f"cannot build {name} with {kwargs}: {' '.join(str(e).split())[:300]}") from None
     check_weights_fit(probe.state_dict(), header, source=str(weights))
-    return build_network(name, **kwargs)
+    net = materialize(probe, load_state_dict(weights), source=str(weights))
+    return net if net is not None else build_network(name, **kwargs)
 
 
 def _brief(kwargs: dict[str, Any]) -> str:
