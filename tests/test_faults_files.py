@@ -153,3 +153,21 @@ def test_a_link_to_a_device_is_refused(cli, tmp_path, alarm):
     (tmp_path / "z.png").symlink_to("/dev/zero")
     res = CliRunner().invoke(cli, ["deblur", str(tmp_path / "z.png"), "-s", "wiener", "-q"])
     assert res.exit_code == 3 and "is not a regular file (a FIFO, socket or device)" in res.output, res.output
+
+
+def test_names_differing_only_in_case_collide_where_the_file_system_ignores_case(cli, tmp_path, monkeypatch):
+    """``X.png`` and ``x.png`` are one file on macOS/Windows defaults: the collision check must see it there (this
+    machine's file system is case-sensitive, so the probe is forced here; a real probe is checked below)."""
+    from restoreflow.app.batch import files
+
+    src = tmp_path / "in"
+    _png(src / "X.png", size=16)
+    _png(src / "x.png", size=16, seed=1)
+    assert files.ignores_case(tmp_path) is False and not list(tmp_path.glob(".rf-case-probe-*"))
+    monkeypatch.setattr(files, "ignores_case", lambda folder: True)
+    res = CliRunner().invoke(cli, ["batch", str(src), "--out", str(tmp_path / "out"), "-t", "deblur", "-s", "wiener",
+                                   "-q"])
+    assert res.exit_code == 4 and "Traceback" not in res.output, res.output
+    (line,) = _errors(res.output)
+    assert "inputs X.png and x.png both map to the output x.png (this file system ignores case)" in line, line
+    assert not list((tmp_path / "out").glob("*.png"))

@@ -115,6 +115,26 @@ def list_inputs(in_dir: Path, pattern: str | None, out_dir: Path | None = None) 
     return sorted(rels)
 
 
+def ignores_case(folder: Path) -> bool:
+    """Whether file names in ``folder`` (or its nearest existing parent) ignore case, as on macOS and Windows by
+    default: probed with a temporary file, removed at once. ``X.png`` and ``x.png`` are one file there."""
+    import tempfile
+
+    d = Path(folder)
+    while not d.is_dir() and d != d.parent:
+        d = d.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=".rf-case-probe-a", dir=d)
+    except OSError:
+        return False  # not writable: nothing will be written there either, and that is reported elsewhere
+    try:
+        os.close(fd)
+        p = Path(name)
+        return p.with_name(p.name.swapcase()).exists()
+    finally:
+        os.unlink(name)
+
+
 def plan_outputs(in_dir: Path, out_dir: Path, rels: list[str], suffix: str | None) -> dict[str, str]:
     """``input -> output`` relative paths, checked before anything runs: every output resolves inside
     ``out_dir``, is no input (nor a hard link to one) and none of the folder's own files, and no two inputs
@@ -132,7 +152,8 @@ def plan_outputs(in_dir: Path, out_dir: Path, rels: list[str], suffix: str | Non
         except OSError:
             pass
     own = {out_res / name: name for name in (MANIFEST, SETTINGS, LOCK)}
-    taken: dict[Path, str] = {}
+    fold = ignores_case(out_dir)
+    taken: dict[Path | str, str] = {}
     outs: dict[str, str] = {}
     how = f" with --suffix {suffix}" if suffix else ""
     for rel in rels:
@@ -153,9 +174,11 @@ def plan_outputs(in_dir: Path, out_dir: Path, rels: list[str], suffix: str | Non
         if dst in own:
             raise OutputError(f"the output of {rel} would be {own[dst]}, the batch's own record in --out; "
                               f"rename the input or narrow --pattern")
-        if dst in taken:
-            raise OutputError(f"inputs {taken[dst]} and {rel} both map to the output {out_rel}{how}; "
+        key = str(dst).casefold() if fold else dst
+        if key in taken:
+            raise OutputError(f"inputs {taken[key]} and {rel} both map to the output {out_rel}{how}"
+                              f"{' (this file system ignores case)' if fold else ''}; "
                               f"rename one, narrow --pattern, or restore them into separate folders")
-        taken[dst] = rel
+        taken[key] = rel
         outs[rel] = out_rel
     return outs
