@@ -112,3 +112,17 @@ def test_probe_skips_initialisation_only_on_meta():
         nn.init.ones_(w)
         w.uniform_(2.0, 3.0)
     assert bool((w >= 2).all())
+
+
+def test_loading_imports_no_sympy():
+    """``Module.to_empty`` on meta tensors imports sympy through torch._refs (1-1.5 s CPU in a fresh process):
+    loading a bundled model must not."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom restoreflow.host.manager import default_registries\n"
+            "default_registries().priors.get('default')().load(x_shape=(1, 3, 32, 32))\n"
+            "print('sympy' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert out.stdout.strip() == "False"

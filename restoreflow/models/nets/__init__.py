@@ -184,9 +184,20 @@ def materialize(probe: nn.Module, state_dict: dict[str, Any], *, source: str = "
     build it normally then."""
     from restoreflow.core.modelcard import load_into
 
+    import torch
+
     if _unsaved_tensors(probe):
         return None
-    return load_into(probe.to_empty(device="cpu"), state_dict, source=source)
+    # not Module.to_empty: its empty_like on meta tensors goes through torch._refs, which imports sympy (1-1.5 s CPU
+    # in a fresh process)
+    for m in probe.modules():
+        for k, p in m._parameters.items():
+            if p is not None:
+                m._parameters[k] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+        for k, b in m._buffers.items():
+            if b is not None:
+                m._buffers[k] = torch.empty(b.shape, dtype=b.dtype)
+    return load_into(probe, state_dict, source=source)
 
 
 def build_network(name: str, **kwargs: Any) -> nn.Module:
