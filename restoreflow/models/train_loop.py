@@ -38,7 +38,7 @@ from torch import nn
 
 from restoreflow.models import data as rfdata
 from restoreflow.core.denoiser import for_inference
-from restoreflow.core.errors import CheckpointError, ConfigError, IncompatibleError, OutputError
+from restoreflow.core.errors import CheckpointError, ConfigError, IncompatibleError, NumericalError, OutputError
 from restoreflow.models.degrade import Degrader, _jsonable
 from restoreflow.models.evaluation import evaluate_conditional, evaluate_denoiser
 from restoreflow.models.training import probe_network
@@ -98,7 +98,10 @@ class TrainOptions:
         check(self.steps >= 1, f"steps must be >= 1; got {self.steps}")
         check(self.batch >= 1, f"batch must be >= 1; got {self.batch}")
         check(self.crop >= 8, f"crop must be >= 8 pixels; got {self.crop}")
-        check(self.lr > 0, f"lr must be > 0; got {self.lr}")
+        check(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0; got {self.lr}")
+        check(self.name is None or (self.name not in ("", ".", "..") and not set(self.name) & {"/", "\\", "\0"}
+                                    and os.sep not in self.name and "\n" not in self.name),
+              f"name must be a plain file stem (no folder separators, not '.' or '..'); got {self.name!r}")
         check(0 <= self.ema < 1, f"ema must be in [0, 1); got {self.ema}")
         check(self.width >= 4, f"width must be >= 4; got {self.width}")
         check(self.channels in (1, 3), f"channels must be 1 or 3; got {self.channels}")
@@ -298,7 +301,8 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any, resume: bo
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
             loss = method.loss(net, x0, mu, generator=dgen)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {float(loss)} at step {step}")
+            raise NumericalError(f"training diverged: the loss became {float(loss)} at step {step} (try a smaller "
+                                 f"--lr); no weights or card were written")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if o.grad_clip > 0:
@@ -330,6 +334,10 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any, resume: bo
                 log(f"step {step}/{o.steps} loss {sum(recent) / len(recent):.4f} ({rate:.2f} s/step)")
     train_seconds = time.time() - t0
     log(f"{step - start} steps in {train_seconds:.1f} s")
+
+    if not all(bool(torch.isfinite(t).all()) for t in ema.state_dict().values() if t.is_floating_point()):
+        raise NumericalError(f"training diverged: the weights hold NaN or infinite values after step {step} (try a "
+                             f"smaller --lr); no weights or card were written")
 
     # final weights (EMA) and evaluation on held-out images
     ema.eval()
