@@ -24,6 +24,16 @@ F64 = torch.float64
 MR = mean_reverting(lambda t: 3.0 * t, 0.5)
 
 
+def _bench(batch=1, start=False):
+    """The dense Gaussian bench problem with ``batch`` copies of its measurement, the prior's denoiser on VP, and
+    (``start``) a fixed standard normal start ``x_init``."""
+    gp = make_gaussian_problem(seed=0)
+    x = torch.randn(batch, *gp.prior.shape, generator=torch.Generator().manual_seed(1), dtype=F64) if start else None
+    problem = Problem(y=gp.y.expand(batch, *gp.y.shape[1:]), operator=gp.operator, x_shape=(batch, *gp.prior.shape),
+                      x_init=x)
+    return gp, GaussianDenoiser(gp.prior, vp()), problem
+
+
 @pytest.mark.parametrize("spacing", ["uniform_lambda", "karras"])
 @pytest.mark.parametrize("path", [rf.rectified_flow(), MR], ids=["rf", "mr"])
 def test_log_snr_and_karras_grids_start_and_end_exactly_on_the_given_times(path, spacing):
@@ -70,11 +80,7 @@ class _Permute(Corrector):
 def test_resampling_reindexes_a_multistep_kernels_history():
     """A resampling corrector moves every particle's carried state (DPM-Solver++(2M)'s history list) with it: a
     permutation at step 2 of a deterministic per-row run permutes the output, bit for bit."""
-    gp = make_gaussian_problem(seed=0)
-    den = GaussianDenoiser(gp.prior, vp())
-    x0 = torch.randn(4, *gp.prior.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
-    problem = Problem(y=gp.y.expand(4, *gp.y.shape[1:]), operator=gp.operator, x_shape=(4, *gp.prior.shape),
-                      x_init=x0)
+    gp, den, problem = _bench(4, start=True)
     ts = time_grid(vp(), 6, "uniform_lambda")
     kernel = ExpIntegrator(order=2)
     plain = integrate(kernel, den, problem, ts, generator=torch.Generator())
@@ -263,9 +269,7 @@ def test_particles_see_the_anchor_of_their_own_image():
 def test_the_last_step_moves_unless_final_denoise():
     """Without ``final_denoise`` the last step is a move to ``ts[-1]`` (here sigma > 0: not the prediction);
     with it, the output is the last prediction."""
-    gp = make_gaussian_problem(seed=0)
-    den = GaussianDenoiser(gp.prior, vp())
-    problem = Problem(y=gp.y, operator=gp.operator, x_shape=(1, *gp.prior.shape))
+    gp, den, problem = _bench()
     ts = time_grid(vp(), 3, t_min=0.3)
     for final in (False, True):
         seen = []
@@ -291,10 +295,7 @@ class _Shift(rf.Guidance):
 
 def test_guidance_shifts_the_transition_mean_by_its_delta():
     """One deterministic step: the guided move is the unguided one plus the guidance's delta."""
-    gp = make_gaussian_problem(seed=0)
-    den = GaussianDenoiser(gp.prior, vp())
-    x = torch.randn(1, *gp.prior.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
-    problem = Problem(y=gp.y, operator=gp.operator, x_shape=(1, *gp.prior.shape), x_init=x)
+    gp, den, problem = _bench(1, start=True)
     ts = time_grid(vp(), 1, t_max=0.8, t_min=0.4)
     plain = integrate(ExpIntegrator(), den, problem, ts, generator=torch.Generator())
     guided = integrate(ExpIntegrator(), den, problem, ts, generator=torch.Generator(), guidance=_Shift())
@@ -303,11 +304,7 @@ def test_guidance_shifts_the_transition_mean_by_its_delta():
 
 def test_a_deterministic_run_draws_nothing_from_the_generator():
     """Moves with std 0 (a float or a zero tensor) take no draw: the generator's state is untouched."""
-    gp = make_gaussian_problem(seed=0)
-    den = GaussianDenoiser(gp.prior, vp())
-    x = torch.randn(2, *gp.prior.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
-    problem = Problem(y=gp.y.expand(2, *gp.y.shape[1:]), operator=gp.operator, x_shape=(2, *gp.prior.shape),
-                      x_init=x)
+    gp, den, problem = _bench(2, start=True)
     for kernel in (ExpIntegrator(order=2), _ZeroTensorStd()):
         g = torch.Generator().manual_seed(5)
         before = g.get_state()
@@ -333,11 +330,7 @@ class _ZeroTensorStd(ExpIntegrator):
 
 
 def test_resampling_leaves_a_0_dim_tensor_in_the_state_alone():
-    gp = make_gaussian_problem(seed=0)
-    den = GaussianDenoiser(gp.prior, vp())
-    x0 = torch.randn(4, *gp.prior.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
-    problem = Problem(y=gp.y.expand(4, *gp.y.shape[1:]), operator=gp.operator, x_shape=(4, *gp.prior.shape),
-                      x_init=x0)
+    gp, den, problem = _bench(4, start=True)
     ts = time_grid(vp(), 4)
     plain = integrate(_ZeroTensorStd(), den, problem, ts, generator=torch.Generator())
     kernel = _ZeroTensorStd()
@@ -350,11 +343,8 @@ def test_a_stochastic_move_is_mean_plus_std_times_the_generators_draw():
     """``x' = mean + std z``, z the generator's next standard normal draw (the convention official code uses)."""
     from restoreflow.core.sampling import Context
 
-    gp = make_gaussian_problem(seed=0)
-    den = GaussianDenoiser(gp.prior, vp())
-    x = torch.randn(2, *gp.prior.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
-    problem = Problem(y=gp.y.expand(2, *gp.y.shape[1:]), operator=gp.operator, x_shape=(2, *gp.prior.shape),
-                      x_init=x)
+    _, den, problem = _bench(2, start=True)
+    x = problem.x_init
     ts = time_grid(vp(), 1, t_max=0.8, t_min=0.4)
     kernel = rf.EulerMaruyama()
     out = integrate(kernel, den, problem, ts, generator=torch.Generator().manual_seed(9))
@@ -430,9 +420,7 @@ class _Pull(rf.Guidance):
 
 def test_a_guided_run_returns_a_detached_sample():
     """The driver detaches gradient guidance's shift: the sample carries no graph from step to step."""
-    gp = make_gaussian_problem(seed=0)
-    den = GaussianDenoiser(gp.prior, vp())
-    problem = Problem(y=gp.y, operator=gp.operator, x_shape=(1, *gp.prior.shape))
+    gp, den, problem = _bench()
     out = integrate(ExpIntegrator(), den, problem, time_grid(vp(), 3, t_min=0.3),
                     generator=torch.Generator().manual_seed(0), guidance=_Pull())
     assert not out.requires_grad and out.grad_fn is None
@@ -491,9 +479,7 @@ def test_chunked_gradient_guidance_slices_only_per_row_inputs():
 
 
 def test_an_uninitialised_run_starts_from_the_prior_draw_at_the_first_time():
-    gp = make_gaussian_problem(seed=0)
-    den = GaussianDenoiser(gp.prior, vp())
-    problem = Problem(y=gp.y, operator=gp.operator, x_shape=(1, *gp.prior.shape))
+    gp, den, problem = _bench()
     ts = time_grid(vp(), 1, t_max=0.9, t_min=0.3)
     out = integrate(ExpIntegrator(), den, problem, ts, generator=torch.Generator().manual_seed(3))
     x_T = start_state(vp(), ts[0], problem, generator=torch.Generator().manual_seed(3))
