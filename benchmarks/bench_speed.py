@@ -16,16 +16,14 @@ shared, so the ratios use CPU seconds (this process's own work); wall seconds ar
   network call only (the process ends there).
 * **components** -- one process per tree: the first Gaussian blur operator (kernel: kornia before), the first
   PSNR + SSIM (imports), reading the PNG at 256 and 1024 px, the first noise estimate, the MRS job's Wiener
-  anchor, DPIR's 8 valid-boundary data steps (CG), one call of every bundled network, and both jobs through
-  ``restoreflow.restore`` (full-precision PSNR), with the largest difference of every output between the trees.
+  anchor, DPIR's 8 valid-boundary data steps (CG), loading (first in a process, then again) and one call of every
+  bundled network, and both jobs through ``restoreflow.restore``, with every output's largest difference.
 
-    python benchmarks/bench_speed.py                  # 3 repeats, 5 calls per network (about 40 min here)
+    python benchmarks/bench_speed.py                  # 3 repeats, 5 calls per network (about 45 min here)
     python benchmarks/bench_speed.py --quick          # 1 repeat, 2 calls -> results/speed_quick.*
-    python benchmarks/bench_speed.py --baseline none  # the working tree only
-    python benchmarks/bench_speed.py --compile        # also torch.compile of the default UNet (minutes)
+    python benchmarks/bench_speed.py --baseline none --compile  # the working tree only; + torch.compile (minutes)
 
-Writes ``benchmarks/results/speed.{json,md}``. Speed is measured here, never timed in tests; tests check the
-outputs of the changed paths (``tests/test_fast_paths.py``).
+Writes ``benchmarks/results/speed.{json,md}``. Speed is measured here, never timed in tests (they check outputs).
 """
 
 from __future__ import annotations
@@ -188,9 +186,9 @@ def _baseline_tree(rev: str, tmp: Path) -> Path:
 
 
 def _summary(rows: list[dict]) -> dict:
-    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and not isinstance(rows[0][k], bool)]
-    return {k: {"min": min(r[k] for r in rows), "median": statistics.median(r[k] for r in rows)} for k in keys
-            if all(k in r for r in rows)}
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and not isinstance(rows[0][k], bool)
+            and all(k in r for r in rows)]
+    return {k: {"min": min(r[k] for r in rows), "median": statistics.median(r[k] for r in rows)} for k in keys}
 
 
 def warm(tmp: Path, trees: dict) -> None:
@@ -343,15 +341,18 @@ def _components(out_json: str, out_dir: str, part: str, calls: int, size: int) -
     elif part.startswith("net:"):
         from restoreflow.host.manager import default_registries
 
-        name = part[4:]
-        den = default_registries().priors.get(name)().load(x_shape=(1, 3, size, size))
+        name, prior = part[4:], default_registries().priors.get(part[4:])
+        c = time.process_time()  # the first load of a process (the architecture's module imported), then again
+        den = prior().load(x_shape=(1, 3, size, size))
+        first, load = time.process_time() - c, _cpu(lambda: prior().load(x_shape=(1, 3, size, size)), 3)[0]
         t = torch.tensor(0.5 * (den.path.t_min + den.path.t_max))
         gg = torch.Generator().manual_seed(1)
         xt = torch.rand(1, 3, size, size, generator=gg)
         kw = {"anchor": torch.rand(1, 3, size, size, generator=gg)} if getattr(den, "conditional", False) else {}
         with torch.no_grad():
             lo, med, out = _cpu(lambda: den(xt, t, **kw), calls)
-        res["network_call"] = {name: {"min": lo, "median": med, "net": type(getattr(den, "net", den)).__name__}}
+        res["network_call"] = {name: {"min": lo, "median": med, "net": type(getattr(den, "net", den)).__name__,
+                                      "first_load": first, "load": {"min": load}}}
         np.save(outs / f"net-{name}.npy", out.numpy())
     elif part == "jobs":  # the README job and the MRS job through the Python API (full-precision PSNR, outputs)
         import restoreflow as rf
@@ -467,8 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), OMP_NUM_THREADS="
                       f"{os.environ.get('OMP_NUM_THREADS', '1')}",
            "load_average_at_start": os.getloadavg(), "baseline": baseline, "current": args.current or "working tree",
-           "repeats": repeats, "calls": calls,
-           "size": 256, "notes": NOTES}
+           "repeats": repeats, "calls": calls, "size": 256, "notes": NOTES}
     with tempfile.TemporaryDirectory(prefix="rf-speed-") as tmp:
         tmp = Path(tmp)
         trees: dict[str, Path | None] = {"current": _baseline_tree(args.current, tmp) if args.current else None}

@@ -85,8 +85,11 @@ def markdown(res: dict) -> str:
         row("DPIR's 8 valid-boundary data steps (CG)", base.get("dpir_data_steps", {}).get("min"),
             cur["dpir_data_steps"]["min"], diffs.get("dpir_data_steps"))
         for name, v in cur["network_call"].items():
-            row(f"one network call: `{name}` ({v['net']})", base.get("network_call", {}).get(name, {}).get("min"),
-                v["min"], diffs.get(f"net-{name}"))
+            b = base.get("network_call", {}).get(name, {})
+            if "first_load" in v:
+                row(f"loading `{name}`: first in a process", b.get("first_load"), v["first_load"])
+                row(f"loading `{name}`: again", b.get("load", {}).get("min"), v["load"]["min"])
+            row(f"one network call: `{name}` ({v['net']})", b.get("min"), v["min"], diffs.get(f"net-{name}"))
         for label, v in cur["jobs"].items():
             b = base.get("jobs", {}).get(label, {})
             row(f"{'README' if label == 'main' else 'MRS'} job via `restoreflow.restore` (a second run in a process)",
