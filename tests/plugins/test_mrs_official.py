@@ -253,6 +253,9 @@ def test_order_schedules_at_few_steps():
         assert [k.order_at(i, 5, i + 1) for i in range(5)] == [min(i + 1, order) for i in range(5)]
         k = mrs.MRSCodeStep(torch.ones(11, 3, dtype=F64), order=order, space="data", stochastic=False)
         assert [k.order_at(i, 10, i + 1) for i in range(10)] == [min(i + 1, order) for i in range(10)]
+    # 3 steps, order 3: the warm-up runs to the last step, which takes the full order (mutation run, docs/mutation)
+    k = mrs.MRSCodeStep(torch.ones(4, 3, dtype=F64), order=3, space="data", stochastic=False)
+    assert [k.order_at(i, 3, i + 1) for i in range(3)] == [1, 2, 3]
 
 
 def test_official_refusals_are_one_line():
