@@ -9,7 +9,7 @@ hands the same measurement to every method:
 * deblur, Gaussian sigma 2 and a random motion kernel, noise 0.01, blurred as a camera does (the scene beyond the
   measurement's edge; restored with the task's ``boundary=valid``): the task default, ``dpir``, ``red_diff``, ``mrs``
   against TV, Richardson-Lucy, unsupervised Wiener and the Wiener filter;
-* sr x4 (noise 0.01, ``boundary=replicate`` as the task): the task default (``red_diff``) and ``dpir`` against
+* sr x4 (noise 0.01, ``boundary=replicate`` as the task): the task default (``dpir``) and ``red_diff`` against
   phase-aligned bicubic, TV and Wiener;
 * mri (Cartesian, acceleration 4 and 8) and ct (parallel beam, 60 and 30 views), noise 0.01, on the grayscale
   versions of the same crops: the task default (``dpir`` on the ``gray`` prior) against zero-filled / Hann-filtered

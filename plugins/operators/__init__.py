@@ -44,12 +44,13 @@ def register_tasks(register):
     # posterior mean (one denoiser call) rather than a posterior sample.
     # Boundaries (benchmarks/results/boundary.md): a real photo is blurred beyond its edges, so deblurring models the
     # unknown as larger than the measurement (`valid`); the only mode whose border band beats the blurred input's.
-    # SR keeps RED-Diff (its default before) with `replicate`: on 64-px held-out crops x4 (16-px inputs) blurred beyond
-    # their edges, DPIR landed at 21.3-22.6 dB against bicubic 23.69 and RED-Diff 23.57 (benchmarks/results/peers_quick.md)
+    # SR (`replicate`) takes DPIR with its options tuned for SR on training crops under this boundary (the prior's card,
+    # `dpir:sr`: 24 steps, lam 0.1): on 64-px held-out crops x4 (16-px inputs) 24.98 dB against RED-Diff 24.47 (the SR
+    # default before), oracle TV 24.00 and bicubic 23.69, in a seventh of RED-Diff's time (benchmarks/results/peers_quick.md)
     register(Task("deblur", "gaussian_blur", "Remove blur (Gaussian by default; --operator motion_blur for motion).",
                   defaults={"boundary": "valid"}, default_sampler="dpir", default_prior="default"))
     register(Task("sr", "downsample", "Super-resolve by --op factor=2|4 (bicubic antialiasing).",
-                  defaults={"boundary": "replicate"}, default_sampler="red_diff", default_prior="default"))
+                  defaults={"boundary": "replicate"}, default_sampler="dpir", default_prior="default"))
     register(Task("inpaint", "inpaint", "Fill missing pixels (box, random or a mask file).",
                   default_sampler="dps", default_prior="default"))
     register(Task("denoise", "denoise", "Remove Gaussian or Poisson noise.", default_sampler="mmse",
