@@ -78,6 +78,7 @@ from restoreflow.io import (
 from restoreflow.core.modelcard import (
     card_path, load_into, load_state_dict, read_card, safe_torch_load, save_weights, write_card,
 )
+from restoreflow.core.files import require_regular_file
 from restoreflow.models.nets import build_for_weights, build_network, register_architecture
 from restoreflow.models.nets.irsde import infer_architecture, strip_module_prefix
 from restoreflow.models.nets.rddm import RDDMUnet, UnetRes
@@ -114,6 +115,7 @@ __all__ = [
     "IMAGE_SUFFIXES", "Measurement", "check_size", "npy_header", "read_array", "read_image", "write_file",
     "write_image",
     "card_path", "load_into", "load_state_dict", "read_card", "safe_torch_load", "save_weights", "write_card",
+    "require_regular_file",
     "build_network", "build_for_weights", "register_architecture", "infer_architecture", "strip_module_prefix",
     "RDDMUnet", "UnetRes",
     "ResUNet", "EDMDenoiser", "UNet", "TrainOptions", "load_model", "train", "TrainingMethod", "WEIGHTS_DIR",

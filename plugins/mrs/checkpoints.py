@@ -12,7 +12,7 @@ from torch import Tensor
 
 from restoreflow.plugin_api import (
     CheckpointError, ConfigError, Prior, build_network, card_path, for_inference, infer_architecture, load_into,
-    load_state_dict, parse_bool, read_card, save_weights, strip_module_prefix, write_card,
+    load_state_dict, parse_bool, read_card, require_regular_file, save_weights, strip_module_prefix, write_card,
 )
 
 from .bundled import MRModel
@@ -42,6 +42,7 @@ def _find_yaml(weights: Path, explicit: Any) -> Path | None:
 def _read_yaml(p: Path) -> dict[str, Any]:
     import yaml
 
+    require_regular_file(p, "options file", CheckpointError)  # a FIFO named like a YAML would block forever
     try:
         d = yaml.safe_load(p.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:

@@ -10,6 +10,7 @@ Weights are only ever read with safetensors or ``torch.load(weights_only=True)``
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import pickle
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from restoreflow.core.atomic import atomic_write
 from restoreflow.core.errors import CheckpointError
+from restoreflow.core.files import require_regular_file
 
 __all__ = ["read_card", "write_card", "load_state_dict", "save_weights", "safe_torch_load", "load_into", "card_path",
            "validate_card", "weights_header", "check_weights_fit"]
@@ -51,11 +53,35 @@ def card_path(weights: Path) -> Path:
 
 
 def read_card(path: Path) -> dict[str, Any]:
-    """The card at ``path``, checked by :func:`validate_card` (one-line :class:`CheckpointError` otherwise)."""
+    """The card at ``path``, checked by :func:`validate_card` (one-line :class:`CheckpointError` otherwise).
+
+    Reads are cached per (path, modification time, size, inode): a listing asks every prior for its tuned options
+    once per sampler, and a changed card is read again. Each call returns its own copy."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_CARD_BYTES:
-            raise CheckpointError(f"model card {path} is {path.stat().st_size:,} bytes; a card is a small JSON record "
+        st = require_regular_file(path, "model card", CheckpointError)  # a FIFO would block the read forever
+    except CheckpointError as e:
+        if not path.exists() and not path.is_symlink():
+            raise CheckpointError(f"model card {path} is missing") from None
+        raise e from None
+    key = (str(path.absolute()), st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+    card = _CARDS.get(key)
+    if card is None:
+        card = _read_card(path, st.st_size)
+        if len(_CARDS) >= _CARD_CACHE_SIZE:
+            _CARDS.pop(next(iter(_CARDS)))
+        _CARDS[key] = card
+    return copy.deepcopy(card)
+
+
+_CARD_CACHE_SIZE = 256
+_CARDS: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
+def _read_card(path: Path, size: int) -> dict[str, Any]:
+    try:
+        if size > MAX_CARD_BYTES:
+            raise CheckpointError(f"model card {path} is {size:,} bytes; a card is a small JSON record "
                                   f"(at most {MAX_CARD_BYTES:,})")
         card = json.loads(path.read_text())
     except FileNotFoundError:
@@ -140,6 +166,7 @@ def save_weights(path: Path, state_dict: dict[str, Tensor], metadata: dict[str, 
 
 def safe_torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)``: tensors and plain containers only; pickled code is refused."""
+    require_regular_file(path, "checkpoint", CheckpointError)
     try:
         return torch.load(Path(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -160,8 +187,7 @@ def safe_torch_load(path: Path) -> Any:
 def load_state_dict(path: Path) -> dict[str, Tensor]:
     """Weights from ``.safetensors`` or a PyTorch file, safely; a dict nested under ``state_dict`` is unwrapped."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    require_regular_file(path, "checkpoint", CheckpointError)  # a FIFO would block the read forever
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -199,6 +225,7 @@ def weights_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     read); one-line :class:`CheckpointError` for a file that is not safetensors."""
     from safetensors import SafetensorError, safe_open
 
+    require_regular_file(path, "weights file", CheckpointError)
     try:
         with safe_open(str(path), "pt") as f:
             out = {}

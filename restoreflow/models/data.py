@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from restoreflow.core.errors import InputError
+from restoreflow.core.files import require_regular_file
 
 __all__ = [
     "TRAIN_IMAGES", "HELD_OUT", "BUNDLED", "skimage_image", "dead_leaves", "ImagePool", "builtin_pool",
@@ -237,8 +238,10 @@ _SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def folder_pool(folder: Path | str, channels: int = 3, *, min_size: int = 16) -> ImagePool:
-    """Every image file under ``folder`` (recursively), as a training pool."""
-    from skimage import io as skio
+    """Every image file under ``folder`` (recursively), as a training pool. Each is read by
+    :func:`restoreflow.io.read_image` -- size checked from the header before decoding, FIFOs and devices never
+    opened -- and any alpha is composited on white."""
+    from restoreflow.io import read_image
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -246,12 +249,15 @@ def folder_pool(folder: Path | str, channels: int = 3, *, min_size: int = 16) ->
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _SUFFIXES)
     imgs = []
     for p in files:
+        require_regular_file(p, "training image")
         try:
-            arr = _as_float(np.asarray(skio.imread(str(p))))
-        except Exception as e:  # unreadable files are named, not skipped silently
+            m = read_image(p)
+        except InputError as e:  # unreadable files are named, not skipped silently
             raise InputError(f"cannot read training image {p}: {e}") from None
-        if arr.ndim == 3 and arr.shape[2] == 4:
-            arr = arr[..., :3] * arr[..., 3:] + (1 - arr[..., 3:])
+        arr = m.data[0].permute(1, 2, 0).numpy()
+        if m.alpha is not None:
+            a = m.alpha.reshape(arr.shape[:2])[..., None].numpy()
+            arr = arr * a + (1 - a)
         if min(arr.shape[:2]) >= min_size:
             imgs.append(torch.from_numpy(to_channels(arr, channels)))
     if not imgs:

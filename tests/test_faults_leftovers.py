@@ -1,0 +1,147 @@
+"""Fault injection, the defects the second reliability pass left because their files were outside it (see
+docs/reliability.md, "third pass"): FIFOs given to the remaining readers, training images past the pixel limit,
+bounds on options that drive allocations or loops, inputs that cannot be trusted (all-zero masks, zero DICOM
+slopes, NaN NIfTI affines), training that diverges or names its files outside ``--out``, and card reads cached.
+
+Each test here failed on the code before its fix."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from fault_helpers import _png
+
+from restoreflow.app.cli import build_cli
+from restoreflow.core.errors import CheckpointError, InputError
+
+
+@pytest.fixture(scope="module")
+def cli():
+    return build_cli()
+
+
+def _one_error(res) -> str:
+    assert "Traceback" not in res.output, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error")]
+    assert len(lines) == 1, res.output
+    return lines[0]
+
+
+# -- 5. FIFOs are refused before anything opens them -----------------------------------------------------
+
+
+def _in_child(code: str, cwd) -> str:
+    """Run ``code`` in a fresh interpreter and return what it printed. A child, because a native reader
+    (safetensors, torch) blocked on a FIFO holds the GIL: on the old code the child is killed after 60 s and the
+    test fails instead of hanging."""
+    import subprocess
+    import sys
+
+    try:
+        res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        pytest.fail("blocked on a FIFO")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    return res.stdout
+
+
+_CATCH = """
+def caught(call):
+    try:
+        call()
+    except Exception as e:
+        print(type(e).__name__ + ": " + str(e))
+"""
+
+
+def test_a_fifo_card_or_checkpoint_is_refused_not_read(tmp_path):
+    """Before: ``read_card`` opened a FIFO ``NAME.json`` beside real weights, and ``load_state_dict`` /
+    ``safe_torch_load`` (``train --init FIFO``) a FIFO checkpoint, and each waited for a writer forever."""
+    for name in ("w.json", "w.safetensors", "w.pth"):
+        os.mkfifo(tmp_path / name)
+    out = _in_child(_CATCH + """
+        from restoreflow.core.modelcard import load_state_dict, read_card, safe_torch_load
+        caught(lambda: read_card("w.json"))
+        caught(lambda: read_card("none.json"))
+        for name in ("w.safetensors", "w.pth"):
+            caught(lambda: load_state_dict(name))
+            caught(lambda: safe_torch_load(name))
+    """.replace("\n        ", "\n"), tmp_path).splitlines()
+    assert out == [
+        "CheckpointError: model card w.json is not a regular file (a FIFO, socket or device); it was not opened",
+        "CheckpointError: model card none.json is missing",
+        *["CheckpointError: checkpoint w.safetensors is not a regular file (a FIFO, socket or device); it was not "
+          "opened"] * 2,
+        *["CheckpointError: checkpoint w.pth is not a regular file (a FIFO, socket or device); it was not opened"] * 2,
+    ], out
+
+
+def test_mr_convert_of_a_fifo_and_of_weights_beside_a_fifo_yaml_is_one_line(tmp_path):
+    """Before: ``mr-convert FIFO out`` hung (torch.load opened it); a FIFO ``<stem>.yml`` beside real weights hung the
+    YAML read."""
+    import torch
+
+    os.mkfifo(tmp_path / "f.pth")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "g.pth")
+    os.mkfifo(tmp_path / "g.yml")
+    out = _in_child(_CATCH + """
+        import sys
+        from click.testing import CliRunner
+        from restoreflow.app.cli import build_cli
+        from restoreflow_plugins.mrs.checkpoints import IRSDECheckpoint
+        res = CliRunner().invoke(build_cli(), ["mr-convert", "f.pth", "o.safetensors"])
+        print(res.exit_code, res.output.strip())
+        caught(lambda: IRSDECheckpoint("g.pth").schedule())
+    """.replace("\n        ", "\n"), tmp_path).splitlines()
+    assert out == ["5 error: checkpoint f.pth is not a regular file (a FIFO, socket or device); it was not opened",
+                   "CheckpointError: options file g.yml is not a regular file (a FIFO, socket or device); it was not "
+                   "opened"], out
+
+
+def test_a_fifo_in_the_training_folder_is_refused_not_read(tmp_path):
+    """Before: ``train --data FOLDER`` with a FIFO ``b.png`` in it hung in skimage's reader."""
+    _png(tmp_path / "d" / "a.png", size=32)
+    os.mkfifo(tmp_path / "d" / "b.png")
+    out = _in_child(_CATCH + """
+        from restoreflow.models.data import folder_pool
+        caught(lambda: folder_pool("d"))
+    """.replace("\n        ", "\n"), tmp_path)
+    assert out.strip() == ("InputError: training image d/b.png is not a regular file (a FIFO, socket or device); it "
+                           "was not opened"), out
+
+
+# -- 6. training images: the header pixel limit ----------------------------------------------------------
+
+
+def test_training_images_are_checked_against_the_pixel_limit_from_their_header(tmp_path, monkeypatch):
+    """Before: ``folder_pool`` decoded every image with skimage, past ``RESTOREFLOW_MAX_PIXELS`` (a 12000^2 PNG was
+    decoded whole). The reader is now restoreflow's own: the header's size is checked before any pixel is decoded."""
+    from restoreflow.models.data import folder_pool
+
+    _png(tmp_path / "a.png", size=40)
+    monkeypatch.setenv("RESTOREFLOW_MAX_PIXELS", "1000")
+    with pytest.raises(InputError, match=r"training image .*a\.png.*(pixel|MP|limit)"):
+        folder_pool(tmp_path, channels=1)
+    monkeypatch.delenv("RESTOREFLOW_MAX_PIXELS")
+    pool = folder_pool(tmp_path, channels=1)  # under the limit it still reads, grey replicated or kept
+    assert len(pool) == 1
+
+
+def test_training_images_with_alpha_are_composited_on_white(tmp_path):
+    from skimage import io
+
+    from restoreflow.models.data import folder_pool
+
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:10, :, 3] = 255  # top half opaque red, bottom half transparent
+    io.imsave(tmp_path / "a.png", rgba, check_contrast=False)
+    (img,) = folder_pool(tmp_path, channels=3).groups["folder"]
+    assert img.shape == (3, 20, 20)
+    assert np.allclose(img[:, :10].numpy(), np.array([1, 0, 0])[:, None, None])
+    assert np.allclose(img[:, 10:].numpy(), 1.0)
