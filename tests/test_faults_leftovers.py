@@ -145,3 +145,15 @@ def test_training_images_with_alpha_are_composited_on_white(tmp_path):
     assert img.shape == (3, 20, 20)
     assert np.allclose(img[:, :10].numpy(), np.array([1, 0, 0])[:, None, None])
     assert np.allclose(img[:, 10:].numpy(), 1.0)
+
+
+# -- 1. the Gaussian kernel size is bounded -----------------------------------------------------------------
+
+
+def test_a_huge_gaussian_kernel_size_is_one_line_before_any_allocation(cli, tmp_path):
+    """Before: ``deblur --op size=1000000000`` built the kernel (4 GB) and ended in an internal error."""
+    src = _png(tmp_path / "in.png", size=16)
+    res = CliRunner().invoke(cli, ["deblur", str(src), "-s", "wiener", "--op", "size=1000000000", "-O",
+                                   str(tmp_path / "o.png"), "-q"])
+    assert res.exit_code != 0 and "size must be in [0, 1025]" in _one_error(res)
+    assert not (tmp_path / "o.png").exists()

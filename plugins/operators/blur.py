@@ -42,7 +42,7 @@ class GaussianBlur(_Convolution):
     @dataclass(frozen=True)
     class Config(OperatorConfig):
         sigma: Annotated[float, Range(0, 50, lo_open=True, unit="pixels")] = 2.0
-        size: Annotated[int, Range(0)] = 0  # 0: 2*ceil(3 sigma) + 1
+        size: Annotated[int, Range(0, 1025)] = 0  # 0: 2*ceil(3 sigma) + 1 (at most 1025: sigma <= 50 needs 301)
         #: what lies beyond the image edge: circular (wrap-around; exact Fourier fast paths, right for circular
         #: simulations only), reflect (mirrored: no frame on real photos), replicate, or valid (nothing assumed:
         #: the unknown is larger than the input by the kernel's support)
