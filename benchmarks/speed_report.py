@@ -112,33 +112,44 @@ def markdown(res: dict) -> str:
 
 
 NOTES = [
-    "The 1.5 s goal for the fixed cost cannot be met on this machine: `import torch` alone takes 2.89-5.03 s CPU "
-    "(7-11 s wall) over the six fresh processes of this run (2.2-3.5 s inside the driver, where the interpreter "
-    "is already up), more than the whole budget. What restoreflow adds after it is what can be cut: 0.63 s CPU for "
-    "the README job at 256 px, 3.68 s at 1024 px, 5.36 s for the MRS job.",
-    "Noise: the machine is shared (load average 4.8-8.6 on 2 cores during this run), and code that did not change "
-    "(`import torch`, the `rddm-deblur`/`resfusion-deblur` networks, `python -c pass`) moved by up to 16 % between "
-    "the trees: ratios within about 0.85-1.15x are no change. Each CLI row is the minimum over the repeats of that "
-    "row alone. The current tree is the main at `e1b6256`, which also holds other work since `c602e82` (#18).",
-    "This round (c602e82 -> e1b6256): PNG rows decoded by Pillow's C decoder with pypng's conversions "
-    "(`io/pngfast.py`; same arrays, pypng still reads the header first and decodes any file outside the "
-    "well-formed set), the noise estimator's white-noise calibration kept as constants for the default statistic "
-    "(`core/noiselevel.py`), and the Wiener CG's colour filters as half-spectrum real FFTs around the operator's "
-    "fused `normal` (`exact/gaussian.py` `posterior_mean_cg`; same 99 iterations, outputs within 2.7e-12).",
-    "Rejected: the Wiener CG in float32 (0.9-1.3 s instead of 2.1-2.4 s, but 8.4e-3 from the float64 answer, over "
-    "the 1e-4 allowed). Found and left: at the Wiener sampler's tolerance (relative residual 1e-6) the valid-"
-    "boundary anchor is 7.7e-2 from the exact solution in the 12-px border (4.5e-4 inside); 1e-8 brings it to "
-    "1.7e-4 at 240 iterations. A stronger preconditioner for the border would converge faster but moves the "
-    "anchor the MRS model was trained on, so it was not changed here.",
-    "What remains after `import torch`, measured in this run or by cProfile of single runs: the MRS job fits the "
-    "default Wiener prior (`exact/gaussian.py` `default_spectrum`: scikit-image's io and 12 sample images) in every "
-    "process, 1.2 s CPU (anchor first 3.57 s - prior cached 2.35 s), then 2.35 s of CG; the README job at 1024 px "
-    "spends about two thirds of its 3.68 s in DPIR's first valid-boundary data step (CG on the 1024-px grid, "
-    "`plugins/pnp.py`) and the simulated blur; every run loads all plugins (about 0.25 s), builds the network with "
-    "torch's default initialisation before the weights overwrite it, and imports rich for the progress bar (about "
-    "0.1 s). The heavy imports seen in `-X importtime` before the first network call (cuda.bindings, unittest.mock, "
-    "urllib.request, asyncio) all come from inside `import torch`; scipy.ndimage and skimage.metrics load only "
-    "after the last call (PSNR/SSIM).",
+    "The 1.5 s goal for the fixed cost cannot be met on this machine: `import torch` alone takes 4.39-5.40 s CPU "
+    "over the fresh processes of this run (3.0-3.9 s inside the driver, where the interpreter is already up), more "
+    "than the whole budget. What restoreflow adds after it is what can be cut: 0.85 s CPU for the README job at "
+    "256 px, 4.03 s at 1024 px (6.33 s at c602e82), 4.02 s for the MRS job (7.00 s).",
+    "Noise: the machine is shared (load average 3.8 at the start, 2.1 at the end, on 2 cores), and code that did not "
+    "change (`import torch`, `python -c pass`, the four networks' forward) moved by up to 13 % between the trees: "
+    "ratios within about 0.85-1.15x are no change. Each CLI row is the minimum over the repeats of that row alone. "
+    "The current tree is `1a8b36c` (git archive), which also holds other work since `c602e82`: the retrained "
+    "`default` prior (`a8a76ef`, v2 ResUNet weights) is why the `default` network's output, the README job's output "
+    "and its PSNR (27.6549 -> 27.8065) differ from the baseline -- a model change, not a speed change -- and the "
+    "reliability work (#18) added bounded meta-device probes to every model load.",
+    "This round (e31f00e -> 1a8b36c; outputs unchanged, tested): the default Wiener prior's fitted parameters kept "
+    "as constants (`exact/gaussian.py` `default_spectrum`; equal to the fit bit for bit): the MRS anchor's first call "
+    "now costs 0.57 s more than a cached one instead of 1.2 s, and the MRS job's fixed cost after `import torch` is "
+    "0.58x the baseline's; models built for their weights without torch's random initialisation (`models/nets` "
+    "`materialize`: the bounded meta probe made real with empty tensors and given the weights; init ops skipped on "
+    "meta tensors during probes; a network with non-persistent buffers, plain tensor attributes or tied parameters "
+    "is built normally): loading again 0.54-0.70x for `default`, `rddm-deblur`, `resfusion-deblur` against "
+    "c602e82, `mr-deblur` unchanged (against the tree just before, in a warm process: default 0.151 -> 0.082 s, "
+    "mr-deblur 0.150 -> 0.078-0.091 s, rddm-deblur 0.243 -> 0.138 s, resfusion-deblur 0.177 -> 0.117 s); "
+    "`Module.to_empty` was avoided because on meta tensors it imports sympy (1-1.5 s CPU in a fresh process); DPIR's "
+    "CG preconditioner multiplies by the reciprocal (same values; 4.6 vs 10.4 ms per call at 1024 px).",
+    "The 1024-px README job after `import torch` (4.03 s), by cProfile and timers of single runs: DPIR's first "
+    "valid-boundary data step 2.6-3.1 s (12 CG iterations on the 1024 grid, each 6 real FFTs -- about 75 % -- and "
+    "CG's element-wise updates in `core/linalg.py`), the simulated blur 0.23-0.39 s, then plugins and the model "
+    "load. Rejected: half-spectrum real FFTs in the blur operator's `_fft_conv` (0.17 -> 0.09 s per forward/adjoint "
+    "at 1024 px, each within 6e-7) moved the 256-px README job's output by 3.7e-5 and its PSNR in the 5th decimal, "
+    "over the 1e-6 allowed; the CG's FFTs are on a fast size (1024) and the iteration count sets the answer.",
+    "One network call (goal 0.6x of c602e82's) -- measured at 256 px, 1 thread, variants interleaved, outputs "
+    "equal, nothing adopted. `default` (ResUNet): 88 % of its op time is oneDNN convolutions, ReLU 4.7 %, residual "
+    "adds 4.5 % (torch.profiler), and it has no GroupNorm, SiLU or time modulation to fuse (the noise level is an "
+    "input map); no_grad 0.569 s, inference_mode 0.571, channels-last input 0.578, oneDNN disabled 0.555 (min of 5 "
+    "rounds). `mr-deblur` (ConditionalNAFNet): no_grad 0.146 s, inference_mode 0.135, channels-last input 0.144, "
+    "oneDNN disabled 0.140 (min of 15 rounds; all within the noise, under 10 %); in-place residual and attention "
+    "products in its blocks (same values) 0.196 vs 0.187 s; its op time: convolutions 19 %, 1x1 convolutions as "
+    "matrix products 19 %, layer norm 17 %, copies 14 % (10 % is addmm's bias copy into its output), products 12 %, "
+    "sums 8 %. bfloat16 autocast was not tried: this CPU (AMD EPYC under KVM) has avx2 and fma but no avx512_bf16 "
+    "or AMX flags.",
     "torch.compile (inductor, gcc present) of the `default` UNet, measured once on this machine at 256 px, 1 thread "
     "(first round, 4ecc157 vs 9e557c4): 329 s wall to compile and 0.57 s CPU per call against 0.40 s eager -- slower "
     "per call and never repaid by a CLI run, so it is not used (`--compile` measures it again).",
