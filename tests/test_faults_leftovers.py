@@ -157,3 +157,33 @@ def test_a_huge_gaussian_kernel_size_is_one_line_before_any_allocation(cli, tmp_
                                    str(tmp_path / "o.png"), "-q"])
     assert res.exit_code != 0 and "size must be in [0, 1025]" in _one_error(res)
     assert not (tmp_path / "o.png").exists()
+
+
+# -- 8. training: a non-finite learning rate, a name outside --out ------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [(["--lr", "inf"], "lr"), (["--name", "../escape"], "name")])
+def test_train_refuses_an_infinite_lr_and_a_name_outside_out(cli, tmp_path, args, message):
+    """Before: ``--lr inf`` trained and wrote NaN weights with exit 0; ``--name ../escape`` wrote beside --out."""
+    out = tmp_path / "runs" / "o"
+    res = CliRunner().invoke(cli, ["train", "--method", "denoiser", "--steps", "2", "--batch", "2", "--crop", "16",
+                                   "--out", str(out), "--quiet", *args])
+    assert res.exit_code != 0 and message in _one_error(res)
+    assert not any(p.suffix in (".safetensors", ".json") for p in tmp_path.rglob("*")), list(tmp_path.rglob("*"))
+
+
+# -- 10. card reads are cached, and a changed card is read again --------------------------------------------------
+
+
+def test_a_changed_card_is_read_again(tmp_path):
+    import json
+
+    from restoreflow.core.modelcard import read_card
+
+    card = tmp_path / "m.json"
+    card.write_text(json.dumps({"name": "m", "steps": 1}))
+    first = read_card(card)
+    first["steps"] = 99  # callers get copies: mutating one cannot change the cache
+    assert read_card(card)["steps"] == 1
+    card.write_text(json.dumps({"name": "m", "steps": 22, "extra": "x" * 10}))  # a new size (and mtime)
+    assert read_card(card)["steps"] == 22
