@@ -187,3 +187,20 @@ def test_a_changed_card_is_read_again(tmp_path):
     assert read_card(card)["steps"] == 1
     card.write_text(json.dumps({"name": "m", "steps": 22, "extra": "x" * 10}))  # a new size (and mtime)
     assert read_card(card)["steps"] == 22
+
+
+# -- 2. an inpainting mask that observes nothing -----------------------------------------------------------------
+
+
+def test_an_all_zero_inpainting_mask_is_one_line(cli, tmp_path):
+    """Before: ``inpaint`` with a mask observing no pixel ran and wrote an image that ignores the input, exit 0."""
+    src = _png(tmp_path / "in.png", size=16)
+    np.save(tmp_path / "m.npy", np.zeros((16, 16), np.float32))
+    res = CliRunner().invoke(cli, ["inpaint", str(src), "-s", "pinv", "--op", f"mask={tmp_path / 'm.npy'}", "-O",
+                                   str(tmp_path / "o.png"), "-q"])
+    assert res.exit_code != 0 and "observes no pixel" in _one_error(res)
+    assert not (tmp_path / "o.png").exists()
+    np.save(tmp_path / "m.npy", np.eye(16, dtype=np.float32))  # one observed pixel per row is a valid mask
+    res = CliRunner().invoke(cli, ["inpaint", str(src), "-s", "pinv", "--op", f"mask={tmp_path / 'm.npy'}", "-O",
+                                   str(tmp_path / "o.png"), "-q"])
+    assert res.exit_code == 0, res.output

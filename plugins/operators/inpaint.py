@@ -20,7 +20,10 @@ def load_mask(path: str | Path, shape: tuple[int, int]) -> Tensor:
     m = read_array(p, "mask")
     if m.shape != tuple(shape):
         raise InputError(f"mask {p} is {m.shape[0]}x{m.shape[1]} but the image is {shape[0]}x{shape[1]}")
-    return torch.from_numpy((m > 0.5).astype(np.float32))
+    observed = m > 0.5
+    if not observed.any():  # a restoration would ignore the input entirely (the MRI mask refuses the same)
+        raise InputError(f"mask {p} observes no pixel (1 = observed; every value is <= 0.5)")
+    return torch.from_numpy(observed.astype(np.float32))
 
 
 class Inpaint(LinearOperator):
