@@ -204,3 +204,18 @@ def test_an_all_zero_inpainting_mask_is_one_line(cli, tmp_path):
     res = CliRunner().invoke(cli, ["inpaint", str(src), "-s", "pinv", "--op", f"mask={tmp_path / 'm.npy'}", "-O",
                                    str(tmp_path / "o.png"), "-q"])
     assert res.exit_code == 0, res.output
+
+
+# -- 7. a Poisson gain whose rate overflows ---------------------------------------------------------------------
+
+
+def test_a_huge_poisson_gain_is_one_line(cli, tmp_path):
+    """Before: ``--op noise=poisson poisson_gain=1e300 --simulate`` ended in an internal error (invalid Poisson rate)."""
+    src = _png(tmp_path / "in.png", size=16)
+    for gain in ("1e300", "inf"):
+        res = CliRunner().invoke(cli, ["denoise", str(src), "-s", "pinv", "--simulate", "--op", "noise=poisson",
+                                       "--op", f"poisson_gain={gain}", "-O", str(tmp_path / "o.png"), "-q"])
+        assert res.exit_code != 0 and "Poisson gain must be in (0, 1e12]" in _one_error(res), res.output
+    res = CliRunner().invoke(cli, ["denoise", str(src), "-s", "pinv", "--simulate", "--op", "noise=poisson",
+                                   "--op", "poisson_gain=1e12", "-O", str(tmp_path / "o.png"), "-q"])
+    assert res.exit_code == 0, res.output

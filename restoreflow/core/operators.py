@@ -106,7 +106,9 @@ class PoissonNoise(NoiseModel):
 
     def __init__(self, gain: float, eps: float = 1e-6):
         super().__init__()
-        check(gain > 0 and math.isfinite(gain), f"Poisson gain must be > 0; got {gain}")
+        # above 1e12 photons per unit the shot noise (relative std 1e-6 at full scale) is below float32 rounding, and
+        # far above it the Poisson rate overflows (1e300 was an internal error)
+        check(0 < gain <= 1e12, f"Poisson gain must be in (0, 1e12]; got {gain}")
         self.gain = float(gain)
         self.eps = eps
 
