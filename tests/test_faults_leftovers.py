@@ -219,3 +219,26 @@ def test_a_huge_poisson_gain_is_one_line(cli, tmp_path):
     res = CliRunner().invoke(cli, ["denoise", str(src), "-s", "pinv", "--simulate", "--op", "noise=poisson",
                                    "--op", "poisson_gain=1e12", "-O", str(tmp_path / "o.png"), "-q"])
     assert res.exit_code == 0, res.output
+
+
+# -- 4. a DICOM whose rescale maps every pixel to one value --------------------------------------------------------
+
+
+def test_a_dicom_with_a_zero_rescale_slope_is_one_line(cli, tmp_path):
+    """Before: a DICOM with ``RescaleSlope`` 0 restored a constant image with exit 0."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "plugins"))
+    from test_medical import _dicom
+
+    arr = (np.arange(16 * 16).reshape(16, 16) * 10).astype(np.uint16)
+    for slope, ok in ((0.0, False), (0.5, True)):
+        _dicom(arr, slope=slope).save_as(str(tmp_path / "s.dcm"), enforce_file_format=True)
+        res = CliRunner().invoke(cli, ["denoise", str(tmp_path / "s.dcm"), "-s", "pinv", "-O",
+                                       str(tmp_path / f"o{slope}.dcm"), "-q"])
+        if ok:
+            assert res.exit_code == 0, res.output
+        else:
+            assert res.exit_code != 0 and "RescaleSlope 0" in _one_error(res)
+            assert not (tmp_path / "o0.0.dcm").exists()

@@ -43,7 +43,11 @@ def _dicom_pixels(ds: Any, where: Path) -> np.ndarray:
         arr = np.asarray(ds.pixel_array)
     except Exception as e:  # compressed syntaxes without a decoder, truncated data
         raise InputError(f"cannot decode the pixels of {where} ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
-    arr = arr.astype(np.float64) * float(ds.get("RescaleSlope", 1.0)) + float(ds.get("RescaleIntercept", 0.0))
+    slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
+    if slope == 0 or not (np.isfinite(slope) and np.isfinite(intercept)):  # every pixel would map to one value
+        raise InputError(f"{where} has RescaleSlope {slope:g} / RescaleIntercept {intercept:g}: the slope must be "
+                         "a finite non-zero number and the intercept finite")
+    arr = arr.astype(np.float64) * slope + intercept
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     return arr if frames > 1 else arr[None]
 
