@@ -242,3 +242,28 @@ def test_a_dicom_with_a_zero_rescale_slope_is_one_line(cli, tmp_path):
         else:
             assert res.exit_code != 0 and "RescaleSlope 0" in _one_error(res)
             assert not (tmp_path / "o0.0.dcm").exists()
+
+
+# -- 3. a NIfTI whose affine holds NaN --------------------------------------------------------------------------
+
+
+def test_a_nifti_with_a_nan_affine_is_refused_when_read(cli, tmp_path):
+    """Before: the run computed, then failed with an internal error when writing (nibabel cannot decompose it)."""
+    import nibabel as nib
+
+    vol = np.random.default_rng(0).random((16, 16, 2)).astype(np.float32)
+    for ok in (True, False):
+        img = nib.Nifti1Image(vol, np.eye(4))
+        img.set_sform(np.eye(4), code=1)
+        nib.save(img, str(tmp_path / "v.nii"))
+        if not ok:  # nibabel will not write a NaN affine: patch srow_x[0] (NIfTI-1 header, float32 at byte 280)
+            raw = bytearray((tmp_path / "v.nii").read_bytes())
+            raw[280:284] = np.array([np.nan], "<f4").tobytes()
+            (tmp_path / "v.nii").write_bytes(bytes(raw))
+        out = tmp_path / f"o{int(ok)}.nii"
+        res = CliRunner().invoke(cli, ["denoise", str(tmp_path / "v.nii"), "-s", "pinv", "-O", str(out), "-q"])
+        if ok:
+            assert res.exit_code == 0, res.output
+        else:
+            assert res.exit_code != 0 and "non-finite voxel-to-world affine" in _one_error(res)
+            assert not out.exists()

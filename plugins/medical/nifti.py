@@ -34,6 +34,8 @@ def read_nifti(path: str | Path) -> Measurement:
         raise
     except Exception as e:  # nibabel raises many types for corrupt files
         raise InputError(f"input {p} cannot be read as NIfTI ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    if img.affine is None or not np.isfinite(img.affine).all():  # it could not be written back either
+        raise InputError(f"{p} has a non-finite voxel-to-world affine (sform/qform): its geometry cannot be trusted")
     if phys.ndim == 4 and phys.shape[3] == 1:
         phys = phys[..., 0]
     if phys.ndim == 2:
