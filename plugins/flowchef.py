@@ -203,7 +203,7 @@ class FlowChef(Sampler):
         #: the code's ``gradient_scale`` s (same value in [0, 1] and [-1, 1] units)
         step_size: NonNegative = 500.0
         #: gradient steps on x_t per sampling step with the velocity frozen (1 in pixel space)
-        inner_steps: Annotated[int, Range(0)] = 1
+        inner_steps: Annotated[int, Range(0, 100_000)] = 1
         #: steer during the first this many steps (None: all but the last, as in the code)
         steer_steps: Annotated[int, Range(0)] | None = None
         #: ``mean``: mean squared residual over y (code); ``sum``: summed squared residual / dim(x);

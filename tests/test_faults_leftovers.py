@@ -267,3 +267,17 @@ def test_a_nifti_with_a_nan_affine_is_refused_when_read(cli, tmp_path):
         else:
             assert res.exit_code != 0 and "non-finite voxel-to-world affine" in _one_error(res)
             assert not out.exists()
+
+
+# -- 9. inner iteration counts are bounded ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler, option", [("wiener", "iters=1000000000"), ("tv", "iters=1000000000"),
+                                             ("richardson-lucy", "iters=1000000000"), ("dpir", "cg_iters=1000000000"),
+                                             ("flowchef", "inner_steps=1000000000")])
+def test_a_huge_inner_iteration_count_is_one_line(cli, tmp_path, sampler, option):
+    """Before: accepted, and the run would loop for days (found at 10^9 in the second pass)."""
+    src = _png(tmp_path / "in.png", size=16)
+    res = CliRunner().invoke(cli, ["deblur", str(src), "-s", sampler, "-o", option, "-O", str(tmp_path / "o.png"), "-q"])
+    assert res.exit_code != 0 and "must be in [" in _one_error(res), res.output
+    assert not (tmp_path / "o.png").exists()

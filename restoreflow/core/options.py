@@ -269,8 +269,9 @@ def option_types(config_cls: type) -> dict[str, str]:
 
 #: sampling steps (network calls, iterations of the outer loop): ``int >= 1``
 Steps = Annotated[int, Range(1)]
-#: iterations of an inner solver (conjugate gradients, primal-dual, ADMM): ``int >= 1``
-Iterations = Annotated[int, Range(1)]
+#: iterations of an inner solver (conjugate gradients, primal-dual, ADMM): ``int in [1, 100000]`` (a larger count is a
+#: typo or a hostile input that would run for days; issue #18)
+Iterations = Annotated[int, Range(1, 100_000)]
 #: the stochasticity of a DDIM-type step, 0 = deterministic, 1 = ancestral: ``float in [0, 1]``
 Eta = Annotated[float, Range(0, 1)]
 #: a probability or a fraction of something: ``float in [0, 1]``
