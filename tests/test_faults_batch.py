@@ -99,6 +99,13 @@ def _check_complete(out: Path, ref: Path, names: list[str]) -> None:
         assert data == (ref / r["output"]).read_bytes()  # same seed, same bytes as an uninterrupted run
 
 
+
+def _reap(child: subprocess.Popen) -> None:
+    """Kill ``child`` if a failed assertion left it running, and wait for it."""
+    if child.poll() is None:
+        child.kill()
+        child.wait()
+
 def test_sigkill_mid_write_then_rerun_completes_and_cleans_up(tmp_path):
     src, out, ref, site = tmp_path / "in", tmp_path / "out", tmp_path / "ref", tmp_path / "site"
     names = _folder(src, 5)
@@ -119,9 +126,7 @@ def test_sigkill_mid_write_then_rerun_completes_and_cleans_up(tmp_path):
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=60)
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        _reap(child)
     assert child.returncode == -signal.SIGKILL
     left = [p.name for p in out.glob(".rftmp-*")]
     assert len(left) == 1 and left[0].startswith(".rftmp-c.png.")  # what SIGKILL leaves behind
@@ -146,9 +151,7 @@ def test_sigkill_at_any_moment_then_rerun_completes(tmp_path):
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=60)
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        _reap(child)
     assert child.returncode == -signal.SIGKILL  # killed mid-run, not finished before the kill
     res = _run(src, "--out", out, *FAST)
     assert res.exit_code == 0, res.output
