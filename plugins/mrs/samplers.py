@@ -424,7 +424,9 @@ class _Baseline(Teleporting, _MRSampler):
         """The step kernel, run once per training step."""
 
     def nfe(self, denoiser=None) -> int:
-        n = int(self.config.steps or 100)
+        """One call per step; ``steps`` unset: the model's T (the run's count), 100 without the ``denoiser``."""
+        path = getattr(denoiser, "path", None)
+        n = int(self.config.steps or (_default_steps(path) if path is not None else 100))
         return n - self.teleported(denoiser, calls=n)
 
     def sample(self, problem, denoiser, *, generator, guidance=None, corrector=None, callback=None):
