@@ -67,8 +67,9 @@ class SMC(Corrector):
         #: sample (one particle drawn by weight), best (highest weight: the TDS code's most likely sample) or mean
         #: (weighted mean); None: the preset's ('sample'; official: 'best')
         output: Literal["sample", "best", "mean"] | None = None
-        #: evaluate the denoiser on at most this many particles at once (None: all)
-        chunk: Annotated[int, Range(1)] | None = None
+        #: evaluate the denoiser on at most this many particles at once (None, or at least the rows of a run: all at
+        #: once); at most the particle cap, 100000
+        chunk: Annotated[int, Range(1, 100000)] | None = None
         #: tds (twisting potential from the likelihood at x0_hat) or none (terminal weights only)
         potential: Literal["tds", "none"] = "tds"
         #: multiplies the twisting variance r_t^2 = sigma_t^2 / a_t^2

@@ -40,8 +40,9 @@ class SVDD(Corrector):
         alpha: NonNegative = 1.0
         #: multiplies the variance r_t^2 = sigma_t^2 / a_t^2 added to the noise (0: SVDD-PM's reward)
         twist_scale: NonNegative = 0.0
-        #: evaluate the denoiser on at most this many candidates at once (None: all)
-        chunk: Annotated[int, Range(1)] | None = None
+        #: evaluate the denoiser on at most this many candidates at once (None, or at least the rows of a run: all at
+        #: once); at most the particle cap, 100000
+        chunk: Annotated[int, Range(1, 100000)] | None = None
 
     #: the particle layout of the current run
     layout: Particles

@@ -267,8 +267,11 @@ def option_types(config_cls: type) -> dict[str, str]:
 
 # -- shared option groups: the declarations many samplers repeat ----------------------------------------------
 
-#: sampling steps (network calls, iterations of the outer loop): ``int >= 1``
-Steps = Annotated[int, Range(1)]
+#: the most sampling steps an option may ask for: the ceiling ``restoreflow.restore`` also applies to a ``steps``
+#: option declared without a range (a step table of 10^9 entries is an 8 GB allocation; issue #18)
+MAX_STEPS = 100_000
+#: sampling steps (network calls, iterations of the outer loop): ``int in [1, 100000]``
+Steps = Annotated[int, Range(1, MAX_STEPS)]
 #: iterations of an inner solver (conjugate gradients, primal-dual, ADMM): ``int in [1, 100000]`` (a larger count is a
 #: typo or a hostile input that would run for days; issue #18)
 Iterations = Annotated[int, Range(1, 100_000)]

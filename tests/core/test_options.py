@@ -55,8 +55,9 @@ def _error(values) -> str:
 
 
 @pytest.mark.parametrize("values,message", [
-    ({"steps": 0}, "steps must be >= 1; got 0"),
-    ({"steps": "0"}, "steps must be >= 1; got 0"),
+    ({"steps": 0}, "steps must be in [1, 100000]; got 0"),
+    ({"steps": "0"}, "steps must be in [1, 100000]; got 0"),
+    ({"steps": 100001}, "steps must be in [1, 100000]; got 100001"),
     ({"eta": 1.5}, "eta must be in [0, 1]; got 1.5"),
     ({"eta": "-0.1"}, "eta must be in [0, 1]; got -0.1"),
     ({"eta": float("nan")}, "eta must be in [0, 1]; got nan"),
@@ -95,18 +96,18 @@ def test_values_inside_are_taken_and_converted():
 
 def test_direct_construction_checks_the_declarations():
     """``Config(...)`` with no build_config in between: Options.__post_init__ checks every field (defaults too)."""
-    with pytest.raises(ConfigError, match=r"^steps must be >= 1; got 0$"):
+    with pytest.raises(ConfigError, match=r"^steps must be in \[1, 100000\]; got 0$"):
         Demo(steps=0)
     with pytest.raises(ConfigError, match=r"^ensemble must be one of 1, 2, 4, 8; got 3$"):
         Demo(ensemble=3)
     with pytest.raises(ConfigError, match="chunk must be >= 1"):
         Demo(chunk=0)
-    with pytest.raises(ConfigError, match="steps must be a number >= 1; got 'x'"):
+    with pytest.raises(ConfigError, match=r"steps must be a number in \[1, 100000\]; got 'x'"):
         Demo(steps="x")
     with pytest.raises(ConfigError, match="sigma_end must be <= sigma_start"):  # the cross-field check still runs
         Demo(sigma_start=0.1, sigma_end=0.2)
     assert Demo(chunk=None, tau2=None).chunk is None
-    with pytest.raises(ConfigError, match="steps must be >= 1"):
+    with pytest.raises(ConfigError, match=r"steps must be in \[1, 100000\]"):
         dataclasses.replace(Demo(), steps=0)
 
 
@@ -146,7 +147,7 @@ def test_validate_value_walks_optional_union_and_tuples():
 
 def test_describe_and_docs():
     types = option_types(Demo)
-    assert types["steps"] == "int >= 1" and types["eta"] == "float in [0, 1]"
+    assert types["steps"] == "int in [1, 100000]" and types["eta"] == "float in [0, 1]"
     assert types["sigma_start"] == "float in (0, 1]" and types["arc"] == "float in (0, 360] degrees"
     assert types["space"] == "one of data, noise" and types["ensemble"] == "one of 1, 2, 4, 8"
     assert types["chunk"] == "int >= 1 or none" and types["levels"] == "list of float in [0, 1]"
@@ -166,7 +167,7 @@ def test_the_listing_shows_each_options_values():
     cli = build_cli(get_plugin_manager())
     dpir = next(e for e in registry_entries("samplers", cli.registries) if e["name"] == "dpir")
     rows = {r[0]: r for r in dpir["options"]}
-    assert rows["steps"][1:] == ["8", "HQS iterations (= network calls)", "int >= 1"]
+    assert rows["steps"][1:] == ["8", "HQS iterations (= network calls)", "int in [1, 100000]"]
     assert rows["init"][3] == "one of anchor, wiener"
     res = CliRunner().invoke(cli, ["samplers", "dpir"])
     assert res.exit_code == 0, res.output
