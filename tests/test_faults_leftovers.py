@@ -1,7 +1,8 @@
 """Fault injection, the defects the second reliability pass left because their files were outside it (see
 docs/reliability.md, "third pass"): FIFOs given to the remaining readers, training images past the pixel limit,
 bounds on options that drive allocations or loops, inputs that cannot be trusted (all-zero masks, zero DICOM
-slopes, NaN NIfTI affines), training that diverges or names its files outside ``--out``, and card reads cached.
+slopes, NaN NIfTI affines), training that diverges or names its files outside ``--out``, card reads cached, and a
+plugin with thousands of samplers listed in work linear in them (the bounds of the last counts: test_faults_bounds).
 
 Each test here failed on the code before its fix."""
 
@@ -281,3 +282,113 @@ def test_a_huge_inner_iteration_count_is_one_line(cli, tmp_path, sampler, option
     res = CliRunner().invoke(cli, ["deblur", str(src), "-s", sampler, "-o", option, "-O", str(tmp_path / "o.png"), "-q"])
     assert res.exit_code != 0 and "must be in [" in _one_error(res), res.output
     assert not (tmp_path / "o.png").exists()
+
+
+# -- 11. a plugin registering thousands of samplers: the listing's work grows with them, by a small constant -----
+
+BULK = """
+def _make(i):
+    class Bulk(rf.Sampler):
+        \"\"\"A sampler registered in bulk, with a description long enough to wrap: \u221a(\u03c3) x\u0302 \u6f22\u5b57 """ \
+    + "word " * 30 + """\"\"\"
+        name = f"bulk-{i:04d}"
+        def sample(self, problem, denoiser=None, *, generator, guidance=None, corrector=None, callback=None):
+            return problem.y
+    return Bulk
+CLASSES = [_make(i) for i in range(2000)]
+@hookimpl
+def register_samplers(register):
+    for c in CLASSES:
+        register(c)
+"""
+
+
+def _listing_work(monkeypatch, site=None):
+    """``restoreflow samplers`` on a fresh CLI (the bulk plugin installed when ``site`` is given): the output, and
+    how often a card was read, a sampler described and a table cell measured by rich."""
+    from rich.measure import Measurement
+
+    from restoreflow.app import listings
+    from restoreflow.core import modelcard
+    from restoreflow.host.manager import get_plugin_manager
+
+    if site is not None:
+        from fault_helpers import install
+
+        install(site, {"bulk": BULK})
+    counts = {"cards": 0, "entries": 0, "cells": 0}
+
+    def counted(key, real):
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(modelcard, "read_card", counted("cards", modelcard.read_card))
+    monkeypatch.setattr(listings, "_entry", counted("entries", listings._entry))
+    monkeypatch.setattr(Measurement, "get", classmethod(counted("cells", Measurement.get.__func__)))
+    from restoreflow.app.cli import build_cli, build_index
+
+    cli = build_cli(get_plugin_manager())
+    build_index(cli)  # what a first listing does before it prints: describe everything for the index
+    res = CliRunner().invoke(cli, ["samplers"])
+    assert res.exit_code == 0, res.output
+    monkeypatch.undo()
+    return res.output, counts
+
+
+def test_a_plugin_with_thousands_of_samplers_lists_them_in_linear_work(tmp_path, monkeypatch):
+    """Before: a 20,000-sampler plugin made ``restoreflow samplers`` take 286 s (351 s re-timed on the code before
+    this fix; 44 s after the card cache alone): every (sampler, task) built the task's prior and read and copied its
+    card, every sampler was described twice (for the index, then for the listing), and rich measured and rendered
+    every cell through its generic table code (15 s of CPU for 20,000 rows). Now each prior's card is read once per
+    listing, each sampler described once, and the rows are laid out directly."""
+    from fault_helpers import site_on_path
+
+    _, base = _listing_work(monkeypatch)
+    site = site_on_path(tmp_path, monkeypatch)
+    bulk, work = _listing_work(monkeypatch, site)
+    assert "bulk-0000" in bulk and "bulk-1999" in bulk and "wiener" in bulk
+    assert work["cards"] == base["cards"], (base, work)  # the same priors, asked once each: not per sampler
+    n = len([ln for ln in bulk.splitlines() if ln.startswith(" bulk-")])
+    assert n == 2000
+    assert work["entries"] - base["entries"] == 2000, (base, work)  # each new sampler described once
+    assert work["cells"] <= base["cells"] + 10, (base, work)  # no per-row measuring by rich
+
+
+def test_the_direct_layout_is_richs_table_to_the_character():
+    """The listing's rows laid out directly (``_table_lines``) print what rich's table printed: the real listings,
+    and hostile ones (wide and combining characters, descriptions that wrap, a name too wide for rich's simple
+    layout: rich itself then)."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from restoreflow.app.cli import build_cli
+    from restoreflow.app.listings import _COLUMNS, _print_listing, registry_entries
+
+    def both(entries):
+        buf = io.StringIO()
+        table = Table(box=None, show_header=True, header_style="bold")
+        for col in _COLUMNS:
+            table.add_column(col)
+        for e in entries:
+            table.add_row(e["name"], e["plugin"], e["summary"])
+        Console(width=160, file=buf).print(table, markup=False)
+        import contextlib
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            _print_listing("samplers", entries)
+        return buf.getvalue(), out.getvalue().rsplit("(- and _", 1)[0]
+
+    regs = build_cli().registries
+    cases = [registry_entries(attr, regs) for attr in ("samplers", "operators", "priors", "tasks")]
+    long = "√(σ) x̂ 漢字 " + "a-very-long-word " * 12 + "w" * 150
+    cases += [[{"name": "x" * n, "plugin": "p漢", "summary": long}, {"name": "y", "plugin": "q", "summary": "short"}]
+              for n in (1, 40, 120)]
+    for entries in cases:
+        expected, got = both(entries)
+        assert got == expected
+

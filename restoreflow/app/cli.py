@@ -114,8 +114,9 @@ def build_cli(pm=None) -> click.Group:
     for name, task in regs.tasks.items():
         cli.add_command(_task_command(task, regs, pm), name)
     cli.add_command(_plugins_command(lambda: _plugin_rows(pm), regs.problems))
+    cli.entries = _memo_entries(regs)  # type: ignore[attr-defined]  # shared: the index and a listing build each once
     for name, attr in _LISTINGS:
-        cli.add_command(_listing(name, attr, _memo_entries(regs)))
+        cli.add_command(_listing(name, attr, cli.entries))  # type: ignore[attr-defined]
     from restoreflow.app.batch import batch_command; cli.add_command(batch_command(regs, pm))
     from restoreflow.app.bench import bench_command; cli.add_command(bench_command(regs, pm))
     pm.hook.register_commands(cli=cli)
@@ -216,6 +217,7 @@ def read_index() -> dict[str, Any] | None:
 def build_index(cli: click.Group) -> dict[str, Any]:
     regs: Registries = cli.registries  # type: ignore[attr-defined]
     pm = cli.plugin_manager  # type: ignore[attr-defined]
+    entries = getattr(cli, "entries", None) or _memo_entries(regs)  # build_cli's: the listing then reuses them
     ctx = click.Context(cli, info_name="restoreflow")
     commands = []
     for name in cli.list_commands(ctx):
@@ -224,7 +226,7 @@ def build_index(cli: click.Group) -> dict[str, Any]:
             commands.append([name, cmd.help, cmd.short_help])
     return {"version": INDEX_VERSION, "fingerprint": index_fingerprint(), "commands": commands,
             "problems": list(regs.problems), "plugins": _plugin_rows(pm),
-            "listings": {attr: registry_entries(attr, regs) for _, attr in _LISTINGS}}
+            "listings": {attr: entries(attr) for _, attr in _LISTINGS}}
 
 
 def write_index(cli: click.Group) -> None:

@@ -180,22 +180,40 @@ def task_defaults(task: Any, regs: Registries, pm: Any = None) -> dict[str, Any]
     return info
 
 
-def _effective_sampler_options(s_cls: Any, prior: str | None, task: str, regs: Registries) -> dict[str, Any]:
-    """The options a prior's card tunes for ``s_cls`` on ``task`` (what ``plan`` applies unless you pass your own)."""
+def _effective_sampler_options(s_cls: Any, prior: str | None, task: str, regs: Registries,
+                               seen: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The options a prior's card tunes for ``s_cls`` on ``task`` (what ``plan`` applies unless you pass your own).
+
+    ``seen`` (one per listing) keeps each prior built once with its ``tuned_options()`` read once: a listing asks
+    every prior about every (sampler, task), and a prior per question made 20,000 samplers' listing minutes long
+    (a card parsed, copied and a prior built 28,000 times for 2,000 samplers). A prior that overrides
+    ``sampler_defaults`` is still asked each time."""
     if not prior or prior not in regs.priors:
         return {}
+    seen = {} if seen is None else seen
     try:
-        obj = regs.priors.get(prior)()
-        try:
-            tuned = obj.sampler_defaults(s_cls.name, task)
-        except TypeError:
-            tuned = obj.sampler_defaults(s_cls.name)
+        if prior not in seen:
+            from restoreflow.core.denoiser import Prior
+
+            obj = regs.priors.get(prior)()
+            own = getattr(type(obj), "sampler_defaults", None) is Prior.sampler_defaults
+            seen[prior] = (obj, obj.tuned_options() if own else None)
+        obj, table = seen[prior]
+        if table is not None:  # Prior.sampler_defaults, from the table read once
+            tuned = dict(table.get(s_cls.name) or {})
+            tuned.update(table.get(f"{s_cls.name}:{task}") or {})
+        else:
+            try:
+                tuned = obj.sampler_defaults(s_cls.name, task)
+            except TypeError:
+                tuned = obj.sampler_defaults(s_cls.name)
     except Exception:
+        seen.setdefault(prior, (None, {}))  # a prior that cannot be built or read tunes nothing, asked once
         return {}
     return {k: v for k, v in dict(tuned or {}).items()}
 
 
-def _entry(attr: str, name: str, obj: Any, regs: Registries) -> dict[str, Any]:
+def _entry(attr: str, name: str, obj: Any, regs: Registries, seen: dict[str, Any] | None = None) -> dict[str, Any]:
     reg = getattr(regs, attr)
     if attr == "tasks":
         doc = plain_text(getattr(obj, "help", "") or "")
@@ -231,7 +249,7 @@ def _entry(attr: str, name: str, obj: Any, regs: Registries) -> dict[str, Any]:
         extra["effective"] = {}
         for tname, task in regs.tasks.items():
             prior = _prior_for(task, obj, regs)
-            eff = _effective_sampler_options(obj, prior, tname, regs)
+            eff = _effective_sampler_options(obj, prior, tname, regs, seen)
             extra["effective"][tname] = {"prior": prior, "options": eff}
         groups: dict[str, list[str]] = {}
         for tname, v in extra["effective"].items():
@@ -256,9 +274,10 @@ def _jsonable_nested(v: Any) -> Any:
 
 def registry_entries(attr: str, regs: Registries) -> list[dict[str, Any]]:
     out = []
+    seen: dict[str, Any] = {}  # the priors asked, built once for the whole listing
     for n, obj in getattr(regs, attr).items():
         try:
-            out.append(_entry(attr, n, obj, regs))
+            out.append(_entry(attr, n, obj, regs, seen))
         except Exception as e:  # one broken plugin object must not hide the others
             out.append({"name": n, "plugin": "?", "summary": f"(cannot describe: {type(e).__name__}: {e})", "doc": "",
                         "options": [], "notes": []})
@@ -279,17 +298,59 @@ def _plugin_rows(pm) -> dict[str, Any]:
     return {"rows": rows, "blocked": list(report.blocked) if report else []}
 
 
+_COLUMNS = ("name", "plugin", "description")
+
+
+def _table_lines(rows: list[tuple[str, ...]], width: int, console: Any) -> list[str] | None:
+    """The listing's lines as rich lays out its table (no box, one space of padding each side, the last column
+    wrapped to what is left of ``width``), computed directly: rich measures and renders every cell through its
+    generic machinery, 15 s of CPU for 20,000 samplers. None where rich would lay it out differently (the columns
+    before the last one wider than the last one's share, a cell that is not one printable line): rich then does.
+    Cells are printed as they are (rich would turn ``:smile:`` into an emoji)."""
+    from rich.cells import cell_len
+    from rich.text import Text
+
+    table = [_COLUMNS, *rows]
+    if not all(isinstance(c, str) and c.isprintable() for row in table for c in row):
+        return None
+    widths = [max(cell_len(row[i]) for row in table) for i in range(len(_COLUMNS))]
+    last = width - sum(w + 2 for w in widths[:-1]) - 2  # rich's collapse gives the excess to the widest column
+    if widths[-1] > last and (last < max(widths[:-1]) or last < 1):
+        return None
+    widths[-1] = min(widths[-1], last)
+    lines = []
+    for row in table:
+        head = "".join(f" {c}{' ' * (w - cell_len(c))} " for c, w in zip(row[:-1], widths))
+        text = row[-1]
+        if cell_len(text) <= widths[-1]:
+            parts = [text + " " * (widths[-1] - cell_len(text))]
+        else:  # wrapped by rich itself, as its table does (rare: only descriptions longer than the column)
+            options = console.options.update(width=widths[-1], overflow="ellipsis", no_wrap=False, height=None)
+            parts = ["".join(seg.text for seg in line)
+                     for line in console.render_lines(Text(text), options, pad=True, new_lines=False)]
+        blank = " " * sum(w + 2 for w in widths[:-1])
+        for i, part in enumerate(parts):
+            lines.append(f"{head if i == 0 else blank} {part} ")
+    return lines
+
+
 def _print_listing(attr: str, entries: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(box=None, show_header=True, header_style="bold")
-    for col in ("name", "plugin", "description"):
-        table.add_column(col)
-    for e in entries:
-        table.add_row(e["name"], e["plugin"], e["summary"])
     console = Console(width=160)
-    console.print(table, markup=False)
+    rows = [(e["name"], e["plugin"], e["summary"]) for e in entries]
+    lines = _table_lines(rows, console.width, console)
+    if lines is not None:
+        console.print(lines[0], style="bold", markup=False, highlight=False, emoji=False, soft_wrap=True)
+        console.file.write("".join(line + "\n" for line in lines[1:]))
+    else:
+        table = Table(box=None, show_header=True, header_style="bold")
+        for col in _COLUMNS:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table, markup=False)
     console.print(f"(- and _ are interchangeable in names; `restoreflow {attr} NAME` shows one with its options)",
                   markup=False, style="dim")
 
