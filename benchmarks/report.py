@@ -390,6 +390,8 @@ GOALS: list[Goal] = [
     Goal("peers_deblur", "Task default vs the best of TV / Richardson-Lucy / Wiener (oracle-tuned), Gaussian and "
          "motion blur", "≥ +1.0 dB", lambda src: []),
     Goal("peers_sr", "Task default vs the best of bicubic / TV (oracle-tuned), SR x4", "≥ +1.5 dB", lambda src: []),
+    Goal("peers_inpaint", "Task default vs the best of biharmonic / TV (oracle-tuned), 30 % box and 80 % random "
+         "inpainting (no goal in the issue: at least the best peer)", "≥ +0.0 dB", lambda src: []),
     Goal("peers_medical", "MRI / CT default vs the best of zero-filled / FBP (Hann) / TV / Wiener; measurement "
          "residual", "≥ +1.0 dB, residual ≤ 1.5× noise", lambda src: []),
 ]

@@ -32,8 +32,13 @@ SETTINGS = {
     "mri": [("mri_cartesian", {"accel": 4, "noise_sigma": 0.01}), ("mri_cartesian", {"accel": 8, "noise_sigma": 0.01})],
     "ct": [("ct_parallel", {"views": 60, "noise_sigma": 0.01}), ("ct_parallel", {"views": 30, "noise_sigma": 0.01})],
 }
-INIT = {"inpaint": "wiener"}  # holes start from the Wiener estimate, not zeros
+# holes start from their biharmonic fill, not zeros: on 4 held-out 64-px crops (seed 0) DPIR's own setting from the
+# biharmonic fill gave 30.64 / 24.70 dB (box / 80 % random) against 29.98 / 24.23 from the Wiener estimate and
+# 21.49 / 11.48 from the zero-filled measurement (the denoiser cannot fill a black hole at sigma 0.19)
+INIT = {"inpaint": "biharmonic"}
 GRID = {"steps": (8, 16, 24), "lam": (0.1, 0.23, 0.5), "sigma_start": (0.1, 0.1922, 0.4)}
+# a filled hole needs a low starting level: measured above, 0.05-0.1 beat 0.19 and 0.3 by 0.4-1.1 dB
+TASK_GRID = {"inpaint": {"sigma_start": (0.03, 0.05, 0.1)}}
 
 
 def train_crops(size: int, channels: int, per_image: int = 2):
@@ -58,14 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="deblur,sr,inpaint")
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--grid-steps", default=",".join(map(str, GRID["steps"])))
-    ap.add_argument("--grid-lam", default=",".join(map(str, GRID["lam"])))
-    ap.add_argument("--grid-sigma-start", default=",".join(map(str, GRID["sigma_start"])))
+    ap.add_argument("--grid-steps", default=None, help=f"comma-separated (default {GRID['steps']})")
+    ap.add_argument("--grid-lam", default=None, help=f"comma-separated (default {GRID['lam']})")
+    ap.add_argument("--grid-sigma-start", default=None,
+                    help=f"comma-separated (default {GRID['sigma_start']}; inpaint {TASK_GRID['inpaint']['sigma_start']})")
     ap.add_argument("--out", type=Path, default=RESULTS / "tune_dpir.json")
     args = ap.parse_args(argv)
-    grid = {"steps": tuple(int(v) for v in args.grid_steps.split(",")),
-            "lam": tuple(float(v) for v in args.grid_lam.split(",")),
-            "sigma_start": tuple(float(v) for v in args.grid_sigma_start.split(","))}
+    given = {k: None if v is None else tuple(t(p) for p in v.split(","))
+             for k, t, v in (("steps", int, args.grid_steps), ("lam", float, args.grid_lam),
+                             ("sigma_start", float, args.grid_sigma_start))}
 
     import torch
 
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 op = regs.operators.get(op_name)(x_shape=tuple(x.shape), **opts)
                 y = op.forward(x, generator=torch.Generator().manual_seed(100 * j + i))
                 problems.append((j, x, Problem(y=y, operator=op, x_shape=tuple(x.shape), registries=regs)))
+        grid = {k: v or TASK_GRID.get(task, {}).get(k, GRID[k]) for k, v in given.items()}
         scores = {}
         for steps, lam, s0 in itertools.product(*grid.values()):
             sampler = regs.samplers.get("dpir")(steps=steps, lam=lam, sigma_start=s0, init=INIT.get(task, "anchor"))

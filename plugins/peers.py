@@ -10,6 +10,7 @@ name                   what                                                     
 ``unsupervised-wiener`` Wiener-Hunt deconvolution with Gibbs-sampled hyper-parameters   deblur
                        (Orieux et al. 2010; scikit-image)
 ``bicubic``            phase-aligned bicubic interpolation                             sr
+``biharmonic``         biharmonic inpainting (Damelin and Hoang 2018; scikit-image)      inpaint
 =====================  ==============================================================  =====================
 
 ``tv`` solves :math:`\min_{0 \le x \le 1} \tfrac12\|Ax - y\|^2 + \lambda\,\mathrm{TV}(x)` (isotropic, channels
@@ -37,7 +38,7 @@ from restoreflow.plugin_api import (
     IncompatibleError, Iterations, OperatorOnly, Options, Positive, Range, Report, Sampler, hookimpl,
 )
 
-__all__ = ["BM3D", "NLMeans", "TV", "RichardsonLucy", "UnsupervisedWiener", "Bicubic", "tv_solve"]
+__all__ = ["BM3D", "NLMeans", "TV", "RichardsonLucy", "UnsupervisedWiener", "Bicubic", "Biharmonic", "tv_solve"]
 
 
 def _per_image(y: Tensor, fn) -> Tensor:
@@ -325,7 +326,35 @@ class Bicubic(_Peer):
         return x
 
 
+class Biharmonic(_Peer):
+    """Biharmonic inpainting (scikit-image): the missing pixels are the smoothest (biharmonic) continuation of the
+    observed ones, each channel on its own; the observed pixels are kept as measured (noise included)."""
+
+    name = "biharmonic"
+    certification = OperatorOnly(operator="inpaint", operator_options={"mask": "random"})
+    uses_noise_level = False
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
+        from skimage.restoration import inpaint_biharmonic
+
+        op = problem.operator
+        mask = getattr(op, "mask", None)
+        if op.name != "inpaint" or mask is None or tuple(problem.y.shape[-2:]) != tuple(mask.shape[-2:]):
+            raise IncompatibleError(f"biharmonic fills missing pixels: it needs the inpaint operator, not {op.name}")
+        missing = (mask <= 0.5).cpu().numpy()
+        if not missing.any():
+            x = problem.y.clone()
+        else:
+            x = _per_image(problem.y, lambda img: inpaint_biharmonic(img, missing, channel_axis=-1))
+        _emit(callback, x)
+        return x
+
+
 @hookimpl
 def register_samplers(register):
-    for cls in (BM3D, NLMeans, TV, RichardsonLucy, UnsupervisedWiener, Bicubic):
+    for cls in (BM3D, NLMeans, TV, RichardsonLucy, UnsupervisedWiener, Bicubic, Biharmonic):
         register(cls)

@@ -12,7 +12,8 @@ a noise level :math:`\sigma_k` decreasing geometrically from ``sigma_start`` to 
 
 .. code-block:: text
 
-    z_0 = A^+ y                      (the anchor: y itself, or the pseudo-inverse; or the Wiener estimate)
+    z_0 = A^+ y                      (the anchor: y itself, or the pseudo-inverse; or the Wiener estimate, or for
+                                      inpainting the biharmonic fill of the holes)
     for k = 1..K:
         x_k = argmin_x |y - A x|^2 + alpha_k |x - z_{k-1}|^2   = (A^T A + alpha_k I)^{-1} (A^T y + alpha_k z_{k-1})
         z_k = D(x_k; sigma_k)                                   (the prior's denoiser at noise level sigma_k)
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from restoreflow.plugin_api import (
     IncompatibleError, Iterations, NonNegative, OperatorOnly, Options, Positive, Range, Report, Sampler, Steps, check,
-    conjugate_gradient, hookimpl, make_anchor,
+    conjugate_gradient, default_registries, hookimpl, make_anchor,
 )
 
 __all__ = ["MMSE", "DPIR", "denoise_at", "ensemble_denoise"]
@@ -133,9 +134,11 @@ class DPIR(Sampler):
         cg_iters: Iterations = 50  #: conjugate-gradient iterations per data step (non-circulant operators)
         #: conjugate gradients stop once the relative residual ||b - A x|| / ||b|| of a data step is below this
         cg_tol: Positive = 1e-5
-        #: starting estimate z_0: ``anchor`` (y, or A^+ y) or ``wiener`` (the exact Wiener estimate: fills large
-        #: holes of inpainting masks with the Gaussian prior's mean instead of zeros)
-        init: Literal["anchor", "wiener"] = "anchor"
+        #: starting estimate z_0: ``anchor`` (y, or A^+ y), ``wiener`` (the exact Wiener estimate: fills large
+        #: holes of inpainting masks with the Gaussian prior's mean instead of zeros), ``biharmonic`` (inpainting
+        #: only: the holes filled by biharmonic interpolation, the ``biharmonic`` peer) or ``auto`` (biharmonic
+        #: for the inpaint operator, whose zero-filled holes the denoiser cannot fill, else anchor)
+        init: Literal["auto", "anchor", "wiener", "biharmonic"] = "auto"
 
         def __post_init__(self):
             super().__post_init__()
@@ -185,8 +188,12 @@ class DPIR(Sampler):
         s_eff = max(s_y, 1e-3)  # noiseless measurements: a near-projection, kept well-posed
         with torch.no_grad():
             Aty = op.A_adjoint(y).reshape(problem.x_shape)
-            if self.config.init == "wiener":
-                z = make_anchor(op, y, "wiener", registries=problem.registries).reshape(problem.x_shape)
+            init, regs = self.config.init, problem.registries
+            if init == "auto":  # the biharmonic peer where it is installed (a Problem made without registries too)
+                regs = regs or default_registries()
+                init = "biharmonic" if op.name == "inpaint" and "biharmonic" in regs.samplers else "anchor"
+            if init != "anchor":
+                z = make_anchor(op, y, init, registries=regs).reshape(problem.x_shape)
             elif problem.anchor is not None and problem.anchor.shape == tuple(problem.x_shape):
                 z = problem.anchor
             else:

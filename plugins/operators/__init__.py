@@ -47,11 +47,14 @@ def register_tasks(register):
     # SR (`replicate`) takes DPIR with its options tuned for SR on training crops under this boundary (the prior's card,
     # `dpir:sr`: 24 steps, lam 0.1): on 64-px held-out crops x4 (16-px inputs) 24.98 dB against RED-Diff 24.47 (the SR
     # default before), oracle TV 24.00 and bicubic 23.69, in a seventh of RED-Diff's time (benchmarks/results/peers_quick.md)
+    # Inpainting takes DPIR started from the biharmonic fill of the holes (init=auto), tuned on training crops (`dpir:inpaint`:
+    # 16 steps, lam 0.1, sigma_start 0.05; benchmarks/results/tune_dpir_inpaint.json); DPS, the default before, lost
+    # 4.5 dB to plain biharmonic interpolation on a 30 % box (held-out crops, benchmarks/results/peers_quick.md)
     register(Task("deblur", "gaussian_blur", "Remove blur (Gaussian by default; --operator motion_blur for motion).",
                   defaults={"boundary": "valid"}, default_sampler="dpir", default_prior="default"))
     register(Task("sr", "downsample", "Super-resolve by --op factor=2|4 (bicubic antialiasing).",
                   defaults={"boundary": "replicate"}, default_sampler="dpir", default_prior="default"))
     register(Task("inpaint", "inpaint", "Fill missing pixels (box, random or a mask file).",
-                  default_sampler="dps", default_prior="default"))
+                  default_sampler="dpir", default_prior="default"))
     register(Task("denoise", "denoise", "Remove Gaussian or Poisson noise.", default_sampler="mmse",
                   default_prior="default"))

@@ -391,6 +391,10 @@ class TestBicubic(IgnoresNoiseLevel, SamplerContract):
     name = "bicubic"
 
 
+class TestBiharmonic(IgnoresNoiseLevel, SamplerContract):
+    name = "biharmonic"
+
+
 class TestZeroFilled(IgnoresNoiseLevel, SamplerContract):
     name = "zero-filled"
 

@@ -168,11 +168,11 @@ def test_the_listing_shows_each_options_values():
     dpir = next(e for e in registry_entries("samplers", cli.registries) if e["name"] == "dpir")
     rows = {r[0]: r for r in dpir["options"]}
     assert rows["steps"][1:] == ["8", "HQS iterations (= network calls)", "int in [1, 100000]"]
-    assert rows["init"][3] == "one of anchor, wiener"
+    assert rows["init"][3] == "one of auto, anchor, wiener, biharmonic"
     res = CliRunner().invoke(cli, ["samplers", "dpir"])
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
-    for needle in ("values", "int >= 1", "float in (0, 1]", "one of anchor, wiener"):
+    for needle in ("values", "int in [1, 100000]", "float in (0, 1]", "one of auto, anchor, wiener, biharmonic"):
         assert needle in text, needle
     res = CliRunner().invoke(cli, ["operators", "gaussian_blur"])
     assert "float in (0, 50] pixels" in res.output and "one of circular, reflect, replicate, valid" in res.output

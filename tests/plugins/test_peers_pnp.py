@@ -38,6 +38,8 @@ def crop():
     ("unsupervised-wiener", "gaussian_blur", {"sigma": 1.5, "noise_sigma": 0.01}),
 
     ("bicubic", "downsample", {"factor": 2, "noise_sigma": 0.0}),
+    ("biharmonic", "inpaint", {"mask": "random", "ratio": 0.5, "noise_sigma": 0.01}),
+    ("biharmonic", "inpaint", {"noise_sigma": 0.01}),
     pytest.param("bm3d", "denoise", {"noise_sigma": 0.1},
                  marks=pytest.mark.skipif(not HAS_BM3D, reason="bm3d not installed")),
 ])
@@ -94,6 +96,21 @@ def test_peers_name_their_task_when_misapplied(crop):
     sr = _problem("downsample", crop, factor=2)
     with pytest.raises(IncompatibleError, match="blur operator"):
         REGS.samplers.get("richardson-lucy")().sample(sr, None)
+    with pytest.raises(IncompatibleError, match="inpaint operator"):
+        REGS.samplers.get("biharmonic")().sample(sr, None)
+
+
+def test_biharmonic_keeps_the_observed_pixels_and_fills_a_biharmonic_ramp_exactly():
+    """Observed pixels come back as measured, and a hole in a quadratic ramp (a biharmonic function) is filled
+    with the ramp itself, to rounding."""
+    H = W = 24
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    ramp = (0.2 + 0.6 * (xx / W) ** 2 + 0.1 * yy / H)[None, None].repeat(1, 3, 1, 1)
+    pb = _problem("inpaint", ramp, box=0.4, noise_sigma=0.0)
+    out = REGS.samplers.get("biharmonic")().sample(pb, None)
+    keep = pb.operator.mask.bool()
+    assert torch.equal(out[..., keep], pb.y[..., keep])
+    assert float((out - ramp).abs().max()) < 1e-8
 
 
 def test_missing_bm3d_names_the_extra(monkeypatch, crop):
@@ -170,12 +187,34 @@ def test_dpir_with_a_gaussian_prior_approaches_the_posterior_mean(crop):
     assert p_out > p_y + 1.0 and p_out > p_w - 0.5
 
 
+def test_dpir_starts_inpainting_from_the_biharmonic_fill(crop):
+    """``init="biharmonic"`` hands DPIR the biharmonic peer's fill as z_0: the first data step keeps it in the holes;
+    on a 30 % box the prior then improves on the fill, and the zero-filled start (the denoiser cannot fill a black
+    hole) is far worse."""
+    x = rfdata.held_out_images(64, 3, names=("astronaut",))
+    pb = _problem("inpaint", x, noise_sigma=0.01)
+    fill = REGS.samplers.get("biharmonic")().sample(pb, None)
+    seen = []
+    dpir = REGS.samplers.get("dpir")
+    den = default_registries().priors.get("default")().load()
+    out = dpir(init="biharmonic", steps=16, sigma_start=0.05).sample(
+        pb.replace(registries=REGS), den, callback=lambda info: seen.append(info["x"]))
+    # the first data step from z_0 = fill: observed pixels move towards y, the holes stay the fill's
+    hole = ~pb.operator.mask.bool()
+    assert torch.allclose(seen[0][..., hole], fill[..., hole], atol=1e-6)
+    zero = dpir(init="anchor", steps=16, sigma_start=0.05).sample(pb.replace(registries=REGS), den)
+    p_out, p_fill, p_zero = (rfdata.psnr(v.clamp(0, 1), x)[0] for v in (out, fill, zero))
+    assert p_out > p_fill + 0.2 and p_out > p_zero + 3
+    # the default (init="auto") takes the fill for inpainting, also on a Problem made without registries
+    assert torch.equal(dpir(steps=16, sigma_start=0.05).sample(pb, den), out)
+
+
 def test_bench_accepts_peers_by_name(tmp_path):
     from restoreflow.app.bench import parse_methods
 
-    ms = parse_methods("bm3d,tv,nlm,richardson-lucy,unsupervised-wiener,bicubic,mmse,dpir", REGS)
+    ms = parse_methods("bm3d,tv,nlm,richardson-lucy,unsupervised-wiener,bicubic,biharmonic,mmse,dpir", REGS)
     assert [m.sampler for m in ms] == ["bm3d", "tv", "nlm", "richardson-lucy", "unsupervised-wiener", "bicubic",
-                                       "mmse", "dpir"]
+                                       "biharmonic", "mmse", "dpir"]
 
 
 @pytest.mark.parametrize("name", ["richardson-lucy", "unsupervised-wiener"])
