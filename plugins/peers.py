@@ -346,7 +346,7 @@ class Biharmonic(_Peer):
         if op.name != "inpaint" or mask is None or tuple(problem.y.shape[-2:]) != tuple(mask.shape[-2:]):
             raise IncompatibleError(f"biharmonic fills missing pixels: it needs the inpaint operator, not {op.name}")
         missing = (mask <= 0.5).cpu().numpy()
-        if not missing.any():
+        if not missing.any() or missing.all():  # nothing to fill, or nothing to fill from (a 1x1 image's box)
             x = problem.y.clone()
         else:
             x = _per_image(problem.y, lambda img: inpaint_biharmonic(img, missing, channel_axis=-1))

@@ -111,6 +111,10 @@ def test_biharmonic_keeps_the_observed_pixels_and_fills_a_biharmonic_ramp_exactl
     keep = pb.operator.mask.bool()
     assert torch.equal(out[..., keep], pb.y[..., keep])
     assert float((out - ramp).abs().max()) < 1e-8
+    # a 1x1 image whose box hides its only pixel: nothing to interpolate from, the measurement comes back
+    one = _problem("inpaint", ramp[..., :1, :1], noise_sigma=0.0)
+    assert not one.operator.mask.any()
+    assert torch.equal(REGS.samplers.get("biharmonic")().sample(one, None), one.y)
 
 
 def test_missing_bm3d_names_the_extra(monkeypatch, crop):
