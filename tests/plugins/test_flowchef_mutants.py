@@ -290,3 +290,23 @@ def test_without_a_steering_step_the_run_is_the_unsteered_flow(gp, options):
     assert torch.allclose(out, x, rtol=0, atol=1e-10), float((out - x).abs().max())
     steered = fc.FlowChef(**kw).sample(prob, den, generator=torch.Generator())
     assert float((steered - x).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("noise_sigma", [0.3, 1.0])
+def test_noise_aware_steering_stops_at_the_measurements_noise_level(gp, noise_sigma):
+    """Noise-aware steering runs while the flow's noise-to-signal ratio is above the measurement's,
+    (t/(1 - t))^2 L > sigma_y^2 (L = ||A||^2), and not after: the run is the one told to steer exactly those first
+    steps (the count written out here; sigma_y = 1 too, where the level is nu = 1/sqrt(L))."""
+    den = GaussianDenoiser(gp.prior, vp())
+    op, y = _blurred(gp, noise_sigma)
+    prob = Problem(y=y, operator=op, x_shape=(1, 1, 8, 8))
+    lip, ts = float(op.lipschitz()), torch.linspace(0.999, 0.0, 11, dtype=F64).tolist()
+    k0 = sum((t / (1 - t)) ** 2 * lip > noise_sigma**2 for t in ts[:9])  # steps 0..8 (the last is never steered)
+    assert 0 < k0 < 9
+    kw = dict(steps=10, step_size=1.0, reduction="lipschitz", clip=False)  # noqa: C408
+    a, b = (fc.FlowChef(**kw, **o).sample(prob, den, generator=torch.Generator().manual_seed(0))
+            for o in ({}, {"steer_steps": k0}))
+    assert torch.equal(a, b)
+    c = fc.FlowChef(**kw, steer_steps=k0 + 1, noise_aware=False).sample(prob, den,
+                                                                        generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(a, c, atol=1e-6)
