@@ -324,7 +324,8 @@ class PowerLawSpectrum:
             im = im.to(torch.float64)
             if im.shape[-2] < patch or im.shape[-1] < patch:
                 continue
-            # at most 8x8 non-overlapping patches per image, spread evenly, transformed in one batch
+            # non-overlapping patches, every (n // 8)-th of the n per direction (8-15 of them when n >= 8: retina's 22
+            # give 11), transformed in one batch
             ps = im.unfold(1, patch, patch).unfold(2, patch, patch)  # C x nh x nw x p x p
             ps = ps[:, :: max(1, ps.shape[1] // 8), :: max(1, ps.shape[2] // 8)]
             ps = ps.reshape(C, -1, patch, patch).transpose(0, 1) - mean[None, :, None, None]
