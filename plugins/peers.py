@@ -93,6 +93,16 @@ class _Peer(Sampler):
         return 0
 
 
+class _NoOptions(_Peer):
+    """A peer without options that reads no noise level (interpolators, self-tuning deconvolution)."""
+
+    uses_noise_level = False
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+
 class BM3D(_Peer):
     """BM3D (CBM3D for colour) at the operator's noise level: the classical denoising reference."""
 
@@ -259,17 +269,12 @@ class RichardsonLucy(_Peer):
         return x
 
 
-class UnsupervisedWiener(_Peer):
+class UnsupervisedWiener(_NoOptions):
     """Wiener-Hunt deconvolution whose noise and prior weights are estimated from the image (scikit-image)."""
 
     name = "unsupervised-wiener"
     certification = OperatorOnly(operator="gaussian_blur", operator_options={"sigma": 1.0})
-    uses_noise_level = False  # it estimates the noise itself
-    requires = frozenset({"linear_operator"})
-
-    @dataclass(frozen=True)
-    class Config:
-        pass
+    requires = frozenset({"linear_operator"})  # it estimates the noise itself (no noise level read)
 
     def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
         from skimage.restoration import unsupervised_wiener
@@ -288,16 +293,11 @@ class UnsupervisedWiener(_Peer):
         return x
 
 
-class Bicubic(_Peer):
+class Bicubic(_NoOptions):
     """Bicubic interpolation aligned with the downsampling grid (phase from the operator's antialiasing filter)."""
 
     name = "bicubic"
     certification = OperatorOnly(operator="downsample", operator_options={"factor": 2})
-    uses_noise_level = False
-
-    @dataclass(frozen=True)
-    class Config:
-        pass
 
     def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
         op = problem.operator
@@ -326,17 +326,12 @@ class Bicubic(_Peer):
         return x
 
 
-class Biharmonic(_Peer):
+class Biharmonic(_NoOptions):
     """Biharmonic inpainting (scikit-image): the missing pixels are the smoothest (biharmonic) continuation of the
     observed ones, each channel on its own; the observed pixels are kept as measured (noise included)."""
 
     name = "biharmonic"
     certification = OperatorOnly(operator="inpaint", operator_options={"mask": "random"})
-    uses_noise_level = False
-
-    @dataclass(frozen=True)
-    class Config:
-        pass
 
     def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
         from skimage.restoration import inpaint_biharmonic
