@@ -366,8 +366,6 @@ _NFE_CASES = {  # sampler -> (prior, guidance)
     "ddim": ("default", "dps"), "dpmpp-2m": ("default", "dps"), "dps": ("default", None),
     "red_diff": ("default", None), "mrs": ("mr-deblur", None),
 }
-#: RedDiff.nfe() overrides Sampler.nfe: it takes no denoiser and does not subtract ``self.teleported(denoiser,
-#: calls=n)`` yet (a change in plugins/red_diff.py); strict, so the fix shows up as XPASS and this mark goes
 
 
 @pytest.mark.parametrize("teleport", [0.0, 0.3, "auto"])
