@@ -151,3 +151,43 @@ def test_chunked_composition_is_the_same_composition():
     x, t = torch.randn(5, 1, 1, 2, dtype=F64, generator=g), torch.tensor(0.3, dtype=F64)
     assert torch.allclose(ch(x, t), comp(x, t), rtol=0, atol=1e-12)
     assert torch.allclose(ch.log_weight_rate(x, t), comp.log_weight_rate(x, t), rtol=0, atol=1e-9)
+
+
+class Bare(nn.Module):
+    """A denoiser that declares nothing beyond its path (``conditional`` absent: unconditional)."""
+
+    path = vp()
+
+    def forward(self, x, t, *, anchor=None):
+        return 0.5 * x
+
+
+def test_undeclared_conditioning_means_unconditional():
+    assert not ChunkedDenoiser(Bare(), 2).conditional
+    assert not ComposedDenoiser.product(Bare(), Bare()).conditional
+
+
+def test_the_kept_expert_outputs_carry_no_graph():
+    """The experts' outputs of the last call are kept detached: the weights read from them never hold the
+    network's graph (a denoiser with a trainable gain here)."""
+    path, e1, e2 = _anchored_pair()
+    e1.gain = nn.Parameter(torch.tensor(0.5, dtype=F64))
+    comp = ComposedDenoiser([e1, e2], [1.5, -0.5])
+    x, mu, t = _x(3), _x(3, 1), torch.tensor(0.5, dtype=F64)
+    assert comp(x, t, anchor=mu).requires_grad  # the composed output itself keeps its graph
+    s1 = comp.scores(x, t, anchor=mu)[0]
+    assert len(e1.calls) == 1 and not s1.requires_grad
+    assert not comp.log_weight_rate(x, t, anchor=mu).requires_grad
+
+
+def test_the_cache_key_holds_per_row_times():
+    """Per-row times (a vector): the same rows at the same times reuse the kept outputs, other times do not."""
+    path, e1, e2 = _anchored_pair()
+    comp = ComposedDenoiser.product(e1, e2)
+    x, mu = _x(4), _x(4, 1)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=F64)
+    comp(x, t, anchor=mu)
+    comp.scores(x, t, anchor=mu)
+    assert len(e1.calls) == 1
+    comp.scores(x, t.flip(0), anchor=mu)
+    assert len(e1.calls) == 2

@@ -95,8 +95,9 @@ def test_poisson_twist_uses_the_noise_variance_at_the_prediction_per_pixel():
 def test_the_potential_and_likelihood_pair_each_particle_with_its_own_images_measurement():
     """2 images x 3 particles: row k is a particle of image k // 3 and is scored against y[k // 3]."""
     g = torch.Generator().manual_seed(5)
-    op = MatrixOperator(torch.randn(3, 4, generator=g, dtype=F64), x_shape=(2, 1, 2, 2), noise_sigma=0.1)
-    y = torch.randn(2, 3, generator=g, dtype=F64)
+    # 6 measurements for 6 rows: the layout is read from the batch dimension alone
+    op = MatrixOperator(torch.randn(6, 4, generator=g, dtype=F64), x_shape=(2, 1, 2, 2), noise_sigma=0.1)
+    y = torch.randn(2, 6, generator=g, dtype=F64)
     x0 = torch.randn(6, 1, 2, 2, generator=g, dtype=F64)
     yk = y.repeat_interleave(3, dim=0)
     r = yk - x0.reshape(6, -1) @ op.matrix.T
@@ -146,6 +147,9 @@ def test_circulant_gram_solve_is_a_fourier_division_without_operator_calls():
     res = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(6), dtype=F64)
     want = torch.linalg.solve(0.02 * torch.eye(16, dtype=F64) + 0.3 * cols @ cols.T, res.reshape(3, -1).T).T
     assert torch.allclose(gram_solve(blur, res, 0.02, 0.3).reshape(3, -1), want, rtol=0, atol=1e-12)
+    # measurements without a channel dimension, (B, H, W): the symbol matches the last two dimensions
+    blur3 = Blur(cols, x_shape=(1, 1, 4, 4), y_shape=(4, 4), noise_sigma=0.1)
+    assert torch.allclose(gram_solve(blur3, res[:, 0], 0.02, 0.3).reshape(3, -1), want, rtol=0, atol=1e-12)
     # a symbol of another size than the measurement is not used: CG on the operator
     plain = MatrixOperator(cols, x_shape=(1, 1, 4, 4), y_shape=(1, 4, 4), noise_sigma=0.1)
     plain.fourier_symbol = lambda: H[:2, :2]
@@ -159,3 +163,30 @@ def test_official_twist_refuses_a_zero_variance():
     with pytest.raises(IncompatibleError, match="twist_scale > 0"):
         twisted_log_potential(x0, y, op, 0.0, form="official")
     assert torch.allclose(twisted_log_potential(x0, y, op, 1e-3, form="official"), torch.full((2,), -1e3, dtype=F64))
+
+
+def test_noise_of_undeclared_kind_is_asked_for_its_variance_at_the_prediction():
+    """A noise model that does not declare ``gaussian`` is treated as non-Gaussian: its variance is taken at
+    A x0 (here Var = A x0 / 10, given only with the prediction)."""
+    op = MatrixOperator(torch.eye(2, dtype=F64), x_shape=(1, 1, 1, 2))
+
+    class Undeclared(torch.nn.Module):
+        def variance(self, z):
+            return z / 10.0
+
+    op.noise = Undeclared()
+    x0 = torch.tensor([[[[0.2, 0.5]]], [[[0.4, 0.1]]]], dtype=F64)
+    y = torch.tensor([[0.3, 0.3]], dtype=F64)
+    z = x0.reshape(2, 2)
+    assert torch.allclose(twisted_log_potential(x0, y, op, 0.05), _gaussian_log_density(y - z, z / 10.0 + 0.05),
+                          rtol=0, atol=1e-12)
+
+
+def test_a_single_particle_gets_the_gaussian_log_density():
+    """One row (a one-particle run, e.g. tds guidance without SMC): log N(y; A x0, (v + r^2) I)."""
+    op = MatrixOperator(torch.tensor([[1.0, 2.0], [0.5, -1.0], [0.0, 1.0]], dtype=F64), x_shape=(1, 1, 1, 2),
+                        noise_sigma=0.2)
+    x0 = torch.tensor([[[[0.3, 0.7]]]], dtype=F64)
+    y = torch.tensor([[1.0, 0.0, 0.5]], dtype=F64)
+    r = y - x0.reshape(1, 2) @ op.matrix.T
+    assert torch.allclose(twisted_log_potential(x0, y, op, 0.1), _gaussian_log_density(r, 0.04 + 0.1), rtol=0, atol=1e-12)
