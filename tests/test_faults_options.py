@@ -24,7 +24,8 @@ def cli():
     (["deblur", "-n", "1000000000"], "steps must be in [1, 100000]; got 1000000000"),
     (["deblur", "-o", "steps=1000000000"], "steps must be in [1, 100000]; got 1000000000"),
     (["deblur", "-n", str(2**63)], "steps must be in [1, 100000]"),
-    (["inpaint", "--simulate", "-n", "1000000000"], "steps must be in [1, 10000]"),  # a declared range speaks first
+    # a sampler's own declared range speaks first (dps: [1, 10000]; inpainting's default was dps, now dpir)
+    (["inpaint", "--simulate", "-s", "dps", "-n", "1000000000"], "steps must be in [1, 10000]"),
 ])
 def test_huge_step_counts_are_refused_before_anything_is_allocated(cli, tmp_path, args, needle):
     src = _png(tmp_path / "in.png", size=16)
