@@ -112,8 +112,8 @@ import torch
 from torch import Tensor, nn
 
 from restoreflow.plugin_api import (
-    AffinePath, Clip, NonNegative, Options, Problem, Range, Report, Sampler, as_time, check, check_finite, hookimpl,
-    randn, rectified_flow, reparameterize,
+    AffinePath, Clip, NonNegative, Options, Problem, Range, Report, Sampler, Steps, as_time, check, check_finite,
+    hookimpl, randn, rectified_flow, reparameterize,
 )
 
 __all__ = ["FlowChef", "as_rectified_flow", "noise_share", "PRESETS", "PRESET_OPTIONS"]
@@ -195,7 +195,7 @@ class FlowChef(Sampler):
     @dataclass(frozen=True)
     class Config(Options):
         #: Euler steps of the flow from noise to image (network calls)
-        steps: Annotated[int, Range(1, 100000)] = 100
+        steps: Steps = 100
         #: ``restoreflow`` (default) or ``official`` (the code's algorithm: its grid and start, the network's own
         #: rectified-flow time, the measurement re-noised inside the loss, no noise-aware damping); fills in the
         #: options below that are left unset (None); see the module docstring

@@ -105,8 +105,8 @@ import torch
 from torch import Tensor
 
 from restoreflow.plugin_api import (
-    AffinePath, NonNegative, PointEstimate, Positive, Problem, Range, Sampler, TeleportOption, Teleporting, as_time,
-    check, check_finite, from_x0, hookimpl, make_anchor, randn,
+    AffinePath, NonNegative, PointEstimate, Positive, Problem, Range, Sampler, Steps, TeleportOption, Teleporting,
+    as_time, check, check_finite, from_x0, hookimpl, make_anchor, randn,
 )
 
 __all__ = ["RedDiff", "WEIGHTINGS", "snr_weight", "red_diff_grid", "official_nsr", "official_timesteps", "data_damping",
@@ -217,7 +217,7 @@ class RedDiff(Teleporting, Sampler):
         #: Adam iterations, one per diffusion time (network calls; twice as many with ``antithetic``); the
         #: ``official`` grid visits the code's ``range(0, 1000, 1000 // steps)``, more times where ``steps`` does not
         #: divide 1000
-        steps: Annotated[int, Range(1, 100000)] = 100
+        steps: Steps = 100
         #: ``restoreflow`` (default) or ``official`` (the code's algorithm: grid, output, reduction, init, no noise
         #: damping); fills in the options below that are left unset (None)
         preset: Preset = "restoreflow"

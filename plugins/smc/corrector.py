@@ -7,15 +7,15 @@ The corrector holds one :class:`.tds.TDSState` per run; each hook is the matchin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import Corrector, Fraction, IncompatibleError, NonNegative, Options, Positive, Range
+from restoreflow.plugin_api import Corrector, Fraction, IncompatibleError, NonNegative, Options, Positive
 
 from .official import SMC_PRESETS, Preset, fill_preset, observed_mask, replace_observed
-from .particles import expand
+from .particles import Count, expand
 from .resampling import RESAMPLERS, ess
 from .tds import (
     TDSState, check_stochastic, estimate, feynman_kac_increment, record_move, resample, start, terminal, weigh,
@@ -58,7 +58,7 @@ class SMC(Corrector):
     @dataclass(frozen=True)
     class Config(Options):
         #: particles per image (N network evaluations per step); None: the preset's (16; official: 4)
-        particles: Annotated[int, Range(1, 100000)] | None = None
+        particles: Count | None = None
         #: resample an image's particles when ESS/N drops below this; 1 or "always": every step, 0: never;
         #: None: the preset's (0.5; official: 1.0, the TDS code's ess_threshold null)
         ess_threshold: Fraction | Literal["always"] | None = None
@@ -69,7 +69,7 @@ class SMC(Corrector):
         output: Literal["sample", "best", "mean"] | None = None
         #: evaluate the denoiser on at most this many particles at once (None, or at least the rows of a run: all at
         #: once); at most the particle cap, 100000
-        chunk: Annotated[int, Range(1, 100000)] | None = None
+        chunk: Count | None = None
         #: tds (twisting potential from the likelihood at x0_hat) or none (terminal weights only)
         potential: Literal["tds", "none"] = "tds"
         #: multiplies the twisting variance r_t^2 = sigma_t^2 / a_t^2

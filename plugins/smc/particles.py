@@ -13,15 +13,19 @@ rows). Resampling happens per image.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import as_time, ddpm_steps, start_state
+from restoreflow.plugin_api import Range, as_time, ddpm_steps, start_state
 
 from .composed import ChunkedDenoiser
 from .official import noise_start
+
+#: particles per image, and the rows a denoiser call may take (``chunk``): the cap keeps a typo such as 10^9 from
+#: allocating before anything runs (issue #18)
+Count = Annotated[int, Range(1, 100_000)]
 
 __all__ = ["Particles", "expand"]
 

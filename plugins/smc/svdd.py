@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from restoreflow.plugin_api import Corrector, IncompatibleError, NonNegative, Options, Range
+from restoreflow.plugin_api import Corrector, IncompatibleError, NonNegative, Options
 
-from .particles import Particles, expand
+from .particles import Count, Particles, expand
 from .resampling import categorical
 from .twist import log_likelihood, nsr2, twisted_log_potential
 
@@ -35,14 +35,14 @@ class SVDD(Corrector):
     @dataclass(frozen=True)
     class Config(Options):
         #: candidates per step and image
-        particles: Annotated[int, Range(1, 100000)] = 8
+        particles: Count = 8
         #: temperature of the selection exp(v / alpha); 0 = keep the best
         alpha: NonNegative = 1.0
         #: multiplies the variance r_t^2 = sigma_t^2 / a_t^2 added to the noise (0: SVDD-PM's reward)
         twist_scale: NonNegative = 0.0
         #: evaluate the denoiser on at most this many candidates at once (None, or at least the rows of a run: all at
         #: once); at most the particle cap, 100000
-        chunk: Annotated[int, Range(1, 100000)] | None = None
+        chunk: Count | None = None
 
     #: the particle layout of the current run
     layout: Particles

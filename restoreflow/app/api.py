@@ -26,7 +26,7 @@ from restoreflow.io import Measurement
 from restoreflow.app.metrics import quality
 from restoreflow.host.manager import default_plugin_manager, default_registries
 from restoreflow.host.registry import Registries
-from restoreflow.core.options import build_config, config_fields
+from restoreflow.core.options import MAX_STEPS, build_config, config_fields
 from restoreflow.core.sampling import Problem
 
 __all__ = ["Plan", "Result", "plan", "restore", "resolve_device", "looks_like_path"]
@@ -126,9 +126,6 @@ def looks_like_path(name: str) -> bool:
         ".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".json", ".yml", ".yaml") or Path(name).exists()
 
 
-#: the most steps any sampler declares (``Range(1, 100000)``); the ceiling for samplers that declare none, whose
-#: step tables would otherwise be allocated whole (``dpir -n 1000000000`` asked for an 8 GB schedule)
-MAX_STEPS = 100_000
 
 
 def _with_steps(cls: type, options: dict[str, Any], steps: int | None, owner: str) -> Any:
@@ -138,6 +135,8 @@ def _with_steps(cls: type, options: dict[str, Any], steps: int | None, owner: st
             raise ConfigError(f"{owner} has no steps option")
         opts["steps"] = steps
     config = build_config(cls.Config, opts, owner=owner)  # the sampler's own ranges speak first
+    # the shared Steps ceiling also for a third-party ``steps`` declared without a range, whose step table would
+    # otherwise be allocated whole (10^9 steps: an 8 GB schedule)
     n = getattr(config, "steps", None)
     if isinstance(n, int) and n > MAX_STEPS:
         raise ConfigError(f"steps must be at most {MAX_STEPS:,} for {owner}; got {n:,}")

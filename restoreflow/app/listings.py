@@ -192,16 +192,15 @@ def _effective_sampler_options(s_cls: Any, prior: str | None, task: str, regs: R
         return {}
     seen = {} if seen is None else seen
     try:
-        if prior not in seen:
-            from restoreflow.core.denoiser import Prior
+        from restoreflow.core.denoiser import Prior, select_tuned  # torch: not at the CLI's import
 
+        if prior not in seen:
             obj = regs.priors.get(prior)()
             own = getattr(type(obj), "sampler_defaults", None) is Prior.sampler_defaults
             seen[prior] = (obj, obj.tuned_options() if own else None)
         obj, table = seen[prior]
         if table is not None:  # Prior.sampler_defaults, from the table read once
-            tuned = dict(table.get(s_cls.name) or {})
-            tuned.update(table.get(f"{s_cls.name}:{task}") or {})
+            tuned = select_tuned(table, s_cls.name, task)
         else:
             try:
                 tuned = obj.sampler_defaults(s_cls.name, task)

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from restoreflow.core.parameterization import to_x0
 from restoreflow.core.paths import AffinePath, as_time, bcast
 
-__all__ = ["Denoiser", "PredictionAdapter", "reparameterize", "Prior", "ValueRange", "Reparameterized", "for_inference"]
+__all__ = ["Denoiser", "PredictionAdapter", "reparameterize", "Prior", "ValueRange", "Reparameterized", "for_inference",
+           "select_tuned"]
 
 
 def for_inference(module: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
@@ -182,6 +183,15 @@ def reparameterize(denoiser: Denoiser, path: AffinePath) -> Denoiser:
     return Reparameterized(denoiser, path)
 
 
+def select_tuned(table: dict[str, Any], sampler: str, task: str | None = None) -> dict[str, Any]:
+    """``sampler``'s options from a card's ``"sampler_defaults"`` table: its ``"SAMPLER"`` entry refined by the
+    ``"SAMPLER:TASK"`` one for ``task``."""
+    out = dict(table.get(sampler) or {})
+    if task is not None:
+        out.update(table.get(f"{sampler}:{task}") or {})
+    return out
+
+
 class Prior(abc.ABC):
     """A registered prior: a named factory of a :class:`Denoiser`.
 
@@ -213,11 +223,7 @@ class Prior(abc.ABC):
         """Options of ``sampler`` tuned for this prior: the ``"sampler_defaults"`` of the model card next to
         ``self.weights`` (when the prior has weights with a card), where a ``"SAMPLER:TASK"`` entry refines
         the ``"SAMPLER"`` one for that task; the user's own options and ``--steps`` override them."""
-        tuned = self.tuned_options()
-        out = dict(tuned.get(sampler) or {})
-        if task is not None:
-            out.update(tuned.get(f"{sampler}:{task}") or {})
-        return out
+        return select_tuned(self.tuned_options(), sampler, task)
 
     def tuned_options(self) -> dict[str, dict[str, Any]]:
         """Every sampler's tuned options (see :meth:`sampler_defaults`), by sampler name."""
