@@ -50,6 +50,41 @@ def test_build_network_inside_a_probe_builds_once(monkeypatch):
     assert len(calls) == 2  # outside a probe: the bounded meta probe, then the real build
 
 
+
+def test_a_probe_in_one_thread_neither_counts_nor_skips_a_build_in_another(monkeypatch):
+    """Before: the probe depth was a module global and torch's registration hook is process-wide, so while one
+    thread probed a network, another thread's ``build_network`` skipped its own bounded probe and its parameters
+    were charged to the first thread's limit. Now both are per context."""
+    import threading
+
+    import torch
+
+    calls, seen = [], {}
+    real = nets._ARCH["irsde_nafnet"]
+    monkeypatch.setitem(nets._ARCH, "irsde_nafnet", lambda **k: calls.append(1) or real(**k))
+    inside, done = threading.Event(), threading.Event()
+
+    def other():
+        inside.wait(30)
+        try:
+            seen["net"] = nets.build_network("irsde_nafnet", **KW, middle_blk_num=1)
+        except Exception as e:  # noqa: BLE001 - recorded for the assertions below
+            seen["error"] = e
+        done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    # a 200-value limit: this thread's conv (112 values) fits, the other thread's NAFNet (thousands) would not
+    with nets.bounded_registration("small", 200):
+        torch.nn.Conv2d(3, 4, 3)
+        inside.set()
+        done.wait(60)
+    t.join(60)
+    assert "error" not in seen, seen.get("error")
+    assert not next(seen["net"].parameters()).is_meta
+    assert len(calls) == 2  # the other thread still probed its own build (meta), then built it
+
+
 def _mr_card(tmp_path, name, **kwargs):
     shutil.copy(WEIGHTS_DIR / "mr-deblur.safetensors", tmp_path / f"{name}.safetensors")
     card = json.loads((WEIGHTS_DIR / "mr-deblur.json").read_text())

@@ -8,6 +8,7 @@ checkpoints keep those checkpoints' exact state-dict key layouts.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,7 +81,10 @@ def _plain(v: Any) -> bool:
 #: modules for minutes before any other check
 MAX_PARAMETER_TENSORS = 10_000
 
-_probing = 0  # depth of active bounded probes: a build inside one is already bounded (and on the meta device)
+#: the counters of the bounded builds open in this thread/task, outermost first (empty: none): a build inside one is
+#: already bounded (and on the meta device). torch's registration hook is process-wide, so each hook counts only the
+#: parameters registered in a context that opened it -- a network built meanwhile in another thread is not charged
+_probes: contextvars.ContextVar[tuple[dict[str, int], ...]] = contextvars.ContextVar("restoreflow_probes", default=())
 
 
 @contextlib.contextmanager
@@ -92,12 +96,11 @@ def bounded_registration(what: str, max_parameters: int, *, weights_hold: int | 
     building all of them."""
     from torch.nn.modules.module import register_module_parameter_registration_hook
 
-    global _probing
     tensors_limit = MAX_PARAMETER_TENSORS if max_tensors is None else max_tensors
     count = {"numel": 0, "tensors": 0}
 
     def hook(module: nn.Module, name: str, param: Any) -> None:
-        if param is None:
+        if param is None or not any(c is count for c in _probes.get()):
             return
         count["numel"] += int(param.numel())
         count["tensors"] += 1
@@ -112,11 +115,11 @@ def bounded_registration(what: str, max_parameters: int, *, weights_hold: int | 
                                   f"values): the card does not describe these weights")
 
     handle = register_module_parameter_registration_hook(hook)
-    _probing += 1
+    token = _probes.set((*_probes.get(), count))
     try:
         yield
     finally:
-        _probing -= 1
+        _probes.reset(token)
         handle.remove()
 
 
@@ -216,7 +219,7 @@ def build_network(name: str, **kwargs: Any) -> nn.Module:
     if bad:
         raise CheckpointError(f"architecture {name}: argument {bad[0]!r} must be a number, string or list of them")
     try:
-        if not _probing:
+        if not _probes.get():
             probe_network(lambda: _ARCH[name](**kwargs), f"architecture {name} with {_brief(kwargs)}")
         return _ARCH[name](**kwargs)
     except (TypeError, ValueError, OverflowError, RuntimeError) as e:
