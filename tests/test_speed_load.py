@@ -126,3 +126,17 @@ def test_loading_imports_no_sympy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-1000:]
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_weights_are_read_once(name, monkeypatch):
+    """Before: the MR loader read its weights twice (``build_for_weights`` materialised them, then ``load_into``
+    loaded the same file again)."""
+    import safetensors.torch as st
+
+    reads = []
+    real = st.load_file
+    monkeypatch.setattr(st, "load_file", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
+    default_registries().priors.get(name)().load(x_shape=(1, 3, 32, 32))
+    weights = [p for p in reads if not p.endswith(".gaussian.safetensors")]
+    assert len(weights) == 1, reads

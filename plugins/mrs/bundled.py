@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from restoreflow.plugin_api import (
-    CheckpointError, ConfigError, build_for_weights, card_path, for_inference, load_into, load_prior_gaussian,
-    load_state_dict, read_card, strip_module_prefix,
+    CheckpointError, ConfigError, build_for_weights, card_path, for_inference, load_prior_gaussian, read_card,
 )
 
 from .denoiser import IRSDEDenoiser, _MRPrior
@@ -31,14 +30,13 @@ def _load_mr_card(weights: Path, options: Mapping[str, Any]) -> IRSDEDenoiser:
     try:
         sch = IRSDESchedule.from_options(card["sde"])
         arch = card["architecture"]
-        net = build_for_weights(arch["class"], dict(arch.get("kwargs") or {}), weights)
         pred = card.get("prediction", "eps")
+        override = {k: options[k] for k in SDE_KEYS if k in options}
+        if override and IRSDESchedule.from_options({**sch.to_dict(), **override}) != sch:
+            raise CheckpointError(f"{weights.name} was trained with {sch.to_dict()}; refusing to run it with {override}")
+        net = build_for_weights(arch["class"], dict(arch.get("kwargs") or {}), weights)  # holding the weights
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{weights.name}: the model card lacks {e}") from None
-    override = {k: options[k] for k in SDE_KEYS if k in options}
-    if override and IRSDESchedule.from_options({**sch.to_dict(), **override}) != sch:
-        raise CheckpointError(f"{weights.name} was trained with {sch.to_dict()}; refusing to run it with {override}")
-    load_into(net, strip_module_prefix(load_state_dict(weights)), source=str(weights))
     den = for_inference(IRSDEDenoiser(net, sch, pred))
     den.anchor_estimator = card.get("anchor") or "measurement"
     den.gaussian = load_prior_gaussian(weights)  # None without a cache: teleport falls back to default_spectrum

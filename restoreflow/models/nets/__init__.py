@@ -231,15 +231,18 @@ def build_for_weights(name: str, kwargs: dict[str, Any], weights: Path | str) ->
     once it registers more parameters than the file holds, its names, shapes and dtypes checked against the file's
     header -- so a card describing a far larger network than its weights is refused before any weight memory
     exists (a 3.7 KB card once drove a multi-GB allocation). The network comes back holding the file's weights
-    (:func:`materialize`: no random initialisation; loading them again is harmless). Other weight formats get
-    :func:`build_network`."""
+    (:func:`materialize`: no random initialisation), read once. Other weight formats get :func:`build_network` and
+    the file's state dict (a ``module.`` prefix of a DataParallel save dropped)."""
     import math
 
-    from restoreflow.core.modelcard import check_weights_fit, load_state_dict, weights_header
+    from restoreflow.core.modelcard import check_weights_fit, load_into, load_state_dict, weights_header
 
     weights = Path(weights)
     if weights.suffix != ".safetensors":
-        return build_network(name, **kwargs)
+        from restoreflow.models.nets.irsde import strip_module_prefix
+
+        net = build_network(name, **kwargs)
+        return load_into(net, strip_module_prefix(load_state_dict(weights)), source=str(weights))
     _load_all()
     if name not in _ARCH or not all(_plain(v) for v in kwargs.values()):
         return build_network(name, **kwargs)  # its one-line error
@@ -250,8 +253,9 @@ def build_for_weights(name: str, kwargs: dict[str, Any], weights: Path | str) ->
     except (TypeError, ValueError, OverflowError, RuntimeError) as e:
         raise CheckpointError(f"cannot build {name} with {kwargs}: {' '.join(str(e).split())[:300]}") from None
     check_weights_fit(probe.state_dict(), header, source=str(weights))
-    net = materialize(probe, load_state_dict(weights), source=str(weights))
-    return net if net is not None else build_network(name, **kwargs)
+    state = load_state_dict(weights)
+    net = materialize(probe, state, source=str(weights))
+    return net if net is not None else load_into(build_network(name, **kwargs), state, source=str(weights))
 
 
 def _brief(kwargs: dict[str, Any]) -> str:
