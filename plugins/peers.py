@@ -337,10 +337,11 @@ class Biharmonic(_NoOptions):
         from skimage.restoration import inpaint_biharmonic
 
         op = problem.operator
-        mask = getattr(op, "mask", None)
-        if op.name != "inpaint" or mask is None or tuple(problem.y.shape[-2:]) != tuple(mask.shape[-2:]):
-            raise IncompatibleError(f"biharmonic fills missing pixels: it needs the inpaint operator, not {op.name}")
-        missing = (mask <= 0.5).cpu().numpy()
+        kept = op.observed_pixels() if hasattr(op, "observed_pixels") else None
+        if kept is None or tuple(problem.y.shape[-2:]) != tuple(kept.shape[-2:]):
+            raise IncompatibleError(f"biharmonic fills missing pixels: it needs the inpaint operator (or another that "
+                                    f"keeps some pixels and loses the others), not {op.name}")
+        missing = (~kept).cpu().numpy()
         if not missing.any() or missing.all():  # nothing to fill, or nothing to fill from (a 1x1 image's box)
             x = problem.y.clone()
         else:

@@ -137,7 +137,8 @@ class DPIR(Sampler):
         #: starting estimate z_0: ``anchor`` (y, or A^+ y), ``wiener`` (the exact Wiener estimate: fills large
         #: holes of inpainting masks with the Gaussian prior's mean instead of zeros), ``biharmonic`` (inpainting
         #: only: the holes filled by biharmonic interpolation, the ``biharmonic`` peer) or ``auto`` (biharmonic
-        #: for the inpaint operator, whose zero-filled holes the denoiser cannot fill, else anchor)
+        #: for an operator with missing pixels -- ``observed_pixels()``, inpaint's -- whose zero-filled holes the
+        #: denoiser cannot fill, else anchor)
         init: Literal["auto", "anchor", "wiener", "biharmonic"] = "auto"
 
         def __post_init__(self):
@@ -191,7 +192,8 @@ class DPIR(Sampler):
             init, regs = self.config.init, problem.registries
             if init == "auto":  # the biharmonic peer where it is installed (a Problem made without registries too)
                 regs = regs or default_registries()
-                init = "biharmonic" if op.name == "inpaint" and "biharmonic" in regs.samplers else "anchor"
+                holes = getattr(op, "observed_pixels", lambda: None)() is not None
+                init = "biharmonic" if holes and "biharmonic" in regs.samplers else "anchor"
             if init != "anchor":
                 z = make_anchor(op, y, init, registries=regs).reshape(problem.x_shape)
             elif problem.anchor is not None and problem.anchor.shape == tuple(problem.x_shape):

@@ -54,6 +54,9 @@ class Inpaint(LinearOperator):
             m = load_mask(c.mask, (H, W))
         self.register_buffer("mask", m)
 
+    def observed_pixels(self):
+        return self.mask > 0.5
+
     def A(self, x):
         return x * self.mask.to(x.dtype)
 

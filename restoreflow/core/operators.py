@@ -350,6 +350,12 @@ class LinearOperator(Operator):
         """:math:`\\hat h` with :math:`A = F^{-1}\\,\\mathrm{diag}(\\hat h)\\,F` per channel, if :math:`A` is circulant."""
         return None
 
+    def observed_pixels(self) -> Tensor | None:
+        """For an operator that keeps some pixels of the image as they are and loses the others (inpainting's 0/1
+        mask): the ``(H, W)`` boolean map of the kept pixels. ``None`` for every other operator. Methods that fill
+        missing pixels (the ``biharmonic`` peer, ``dpir``'s ``init=auto``) ask this, not the operator's name."""
+        return None
+
     def preconditioner_symbol(self) -> Tensor | None:
         r"""The Fourier symbol (on the unknown's grid) of a circulant operator close to :math:`A`, for
         preconditioning iterative solves: :meth:`fourier_symbol` for circulant operators, the same kernel's

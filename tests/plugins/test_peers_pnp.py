@@ -117,6 +117,39 @@ def test_biharmonic_keeps_the_observed_pixels_and_fills_a_biharmonic_ramp_exactl
     assert torch.equal(REGS.samplers.get("biharmonic")().sample(one, None), one.y)
 
 
+
+def test_pixel_filling_methods_follow_observed_pixels_not_the_operator_name():
+    """A plugin's own masking operator (another name) that reports ``observed_pixels()`` gets the biharmonic peer
+    and DPIR's biharmonic start, exactly as ``inpaint`` does; operators without holes report None."""
+    from restoreflow.plugin_api import GaussianNoise, LinearOperator
+
+    class Holes(LinearOperator):  # a different name, the same diagonal 0/1 operator
+        name = "holes"
+
+        def __init__(self, mask, **kw):
+            super().__init__(x_shape=(1, 3, *mask.shape), **kw)
+            self.register_buffer("keep", mask)
+            self.noise = GaussianNoise(0.01)
+
+        def A(self, x):
+            return x * self.keep.to(x.dtype)
+
+        A_adjoint = A_dagger = A
+
+        def observed_pixels(self):
+            return self.keep > 0.5
+
+    x = rfdata.held_out_images(32, 3, names=("astronaut",))
+    ref = _problem("inpaint", x, noise_sigma=0.01)
+    own = ref.replace(operator=Holes(ref.operator.mask.clone()), registries=REGS)
+    peer = REGS.samplers.get("biharmonic")()
+    assert torch.equal(peer.sample(own, None), peer.sample(ref, None))
+    den = default_registries().priors.get("default")().load()
+    dpir = REGS.samplers.get("dpir")(steps=2, sigma_start=0.05)
+    assert torch.equal(dpir.sample(own, den), dpir.sample(ref.replace(registries=REGS), den))
+    assert _problem("gaussian_blur", x, sigma=1.0).operator.observed_pixels() is None
+
+
 def test_missing_bm3d_names_the_extra(monkeypatch, crop):
     import builtins
 
