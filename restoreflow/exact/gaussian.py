@@ -384,14 +384,17 @@ class ConditionalOracle(nn.Module):
     def __init__(self, prior: GaussianModel, operator: LinearOperator, path: AffinePath):
         super().__init__()
         self.prior, self.operator, self.path = prior, operator, path
-        self._cache: tuple[int, tuple, GaussianModel] | None = None
+        self._cache: tuple[Tensor, GaussianModel] | None = None
 
     def posterior_for(self, anchor: Tensor) -> GaussianModel:
-        key = (anchor.data_ptr(), tuple(anchor.shape))
-        if self._cache is None or self._cache[:2] != key:
+        """The exact posterior given ``anchor``, computed once per anchor *value*: the cache compares a copy of the
+        last anchor (an O(n) check against the posterior's solve), so an anchor changed in place, or a new one
+        allocated where a freed one lived, is never answered with a stale posterior."""
+        cached = self._cache
+        if cached is None or cached[0].shape != anchor.shape or not torch.equal(cached[0], anchor.detach()):
             y = self.operator.measurement_from_anchor(anchor)
-            self._cache = (*key, self.prior.posterior(self.operator, y))
-        return self._cache[2]
+            self._cache = (anchor.detach().clone(), self.prior.posterior(self.operator, y))
+        return self._cache[1]
 
     def forward(self, x_t: Tensor, t: Any, *, anchor: Tensor | None = None) -> Tensor:
         if anchor is None:

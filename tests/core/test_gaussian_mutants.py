@@ -207,6 +207,22 @@ def test_conditional_oracle_follows_the_anchor_it_is_given():
     assert len(computed) == 2
 
 
+
+def test_conditional_oracle_is_not_fooled_by_an_anchor_changed_in_place():
+    """Before: the cache was keyed on the anchor's address, so an anchor changed in place (or a new anchor at a freed
+    one's address) got the old anchor's posterior. Now the cache compares values."""
+    gp = make_gaussian_problem(square=True)
+    path = generic_anchored_path()
+    oracle = ConditionalOracle(gp.prior, gp.operator, path)
+    mu = gp.y.reshape(1, *gp.prior.shape).clone()
+    xt = torch.randn(1, *gp.prior.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    oracle(xt, 0.5, anchor=mu)
+    mu.add_(0.3)  # same tensor, same address, new values
+    post = gp.prior.posterior(gp.operator, gp.operator.measurement_from_anchor(mu))
+    assert torch.allclose(oracle(xt, 0.5, anchor=mu), GaussianDenoiser(post, path)(xt, 0.5, anchor=mu), rtol=0,
+                          atol=1e-12)
+
+
 def test_precision_is_the_pseudo_inverse_where_the_spectrum_vanishes():
     """C^+ with a spectrum that is 0 at the DC term (per channel, no colour transform): C^+ C v is v without its
     per-channel mean (the DC coefficient), C C^+ the same, and a constant image has precision 0."""
