@@ -156,27 +156,17 @@ class DPIR(Sampler):
 
     def data_step(self, op, y: Tensor, z: Tensor, alpha: float, Aty: Tensor) -> Tensor:
         """:math:`\\arg\\min_x |y - Ax|^2 + \\alpha |x - z|^2`, exact (Fourier) or by conjugate gradients on the
-        operator's ``normal`` (:math:`A^\\top A`, fused for the convolutions), preconditioned by the nearest
-        circulant operator (real FFTs in the iterate's precision)."""
+        operator's ``normal`` (:math:`A^\\top A`, fused for the convolutions), preconditioned by the operator's
+        ``normal_preconditioner`` (the nearest circulant operator's inverse for blur)."""
         H = op.fourier_symbol()
         rhs = Aty + alpha * z
         if H is not None:
             X = torch.fft.fft2(rhs.to(torch.float64))
             den = (H.abs() ** 2).to(X.device) + alpha
             return torch.fft.ifft2(X / den).real.to(z.dtype)
-        precond = None
-        P = op.preconditioner_symbol() if hasattr(op, "preconditioner_symbol") else None
-        if P is not None and tuple(P.shape[-2:]) == tuple(rhs.shape[-2:]):
-            # a blur with another boundary: the circular solve is close to the exact one
-            hw = tuple(rhs.shape[-2:])
-            real = torch.promote_types(rhs.dtype, torch.float32)
-            # times the reciprocal: a complex-by-real division is computed as that product (same values), at
-            # twice the cost
-            pinv = 1.0 / ((P[..., : hw[1] // 2 + 1].abs() ** 2) + alpha).to(rhs.device, real)
-
-            def precond(r: Tensor) -> Tensor:
-                return torch.fft.irfft2(torch.fft.rfft2(r.to(real)) * pinv, s=hw).to(r.dtype)
-
+        # an approximate inverse of A^T A + alpha I: the nearest circulant operator's for blur, CT's own
+        get = getattr(op, "normal_preconditioner", None)
+        precond = get(alpha, rhs) if get is not None else None
         normal = op.normal if hasattr(op, "normal") else (lambda v: op.A_adjoint(op.A(v)))
         return conjugate_gradient(lambda v: normal(v) + alpha * v, rhs, x0=z,
                                   iters=self.config.cg_iters, tol=self.config.cg_tol, precond=precond)

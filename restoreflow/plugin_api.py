@@ -49,7 +49,9 @@ from restoreflow.core.denoiser import (
 from restoreflow.core.tiling import TiledDenoiser
 
 # -- operators and noise ----------------------------------------------------------------------------------
-from restoreflow.core.linalg import BOUNDARIES, conjugate_gradient, kernel_to_symbol, pad, pad_adjoint
+from restoreflow.core.linalg import (
+    BOUNDARIES, ConvolutionPreconditioner, conjugate_gradient, kernel_to_symbol, pad, pad_adjoint,
+)
 from restoreflow.core.operators import GaussianNoise, LinearOperator, Operator, OperatorConfig, PoissonNoise
 
 # -- how a sampler is certified on the exact bench -----------------------------------------------------
@@ -105,7 +107,7 @@ __all__ = [
     "from_x0", "to_x0",
     "Denoiser", "PredictionAdapter", "Prior", "ValueRange", "for_inference", "network_units", "reparameterize", "TiledDenoiser",
     "BOUNDARIES", "GaussianNoise", "LinearOperator", "Operator", "OperatorConfig", "PoissonNoise",
-    "conjugate_gradient", "kernel_to_symbol", "pad", "pad_adjoint",
+    "ConvolutionPreconditioner", "conjugate_gradient", "kernel_to_symbol", "pad", "pad_adjoint",
     "Certification", "FlowMap", "OperatorOnly", "PointEstimate", "Posterior", "Report", "certification_of",
     "SPACINGS", "Context", "Corrector", "EulerMaruyama", "EulerODE", "ExpIntegrator", "Guidance", "Heun", "Kernel",
     "KernelSampler", "Problem", "Sampler", "Task", "Transition", "anchored_for", "check_finite", "integrate",

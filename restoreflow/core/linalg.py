@@ -10,7 +10,8 @@ from torch import Tensor
 
 from restoreflow.core.errors import ConfigError
 
-__all__ = ["conjugate_gradient", "BOUNDARIES", "pad_index", "pad", "pad_adjoint", "fft2", "ifft2", "kernel_to_symbol"]
+__all__ = ["conjugate_gradient", "ConvolutionPreconditioner", "BOUNDARIES", "pad_index", "pad", "pad_adjoint", "fft2",
+           "ifft2", "kernel_to_symbol"]
 
 
 def conjugate_gradient(apply, b: Tensor, *, x0: Tensor | None = None, iters: int = 100, tol: float = 1e-6,
@@ -49,6 +50,43 @@ def conjugate_gradient(apply, b: Tensor, *, x0: Tensor | None = None, iters: int
         p = z + beta * p
         rz = rz_new
     return x
+
+
+
+class ConvolutionPreconditioner:
+    r"""An approximate inverse of :math:`N + \alpha I` for a symmetric positive semi-definite ``normal`` :math:`N` on
+    ``H x W`` images that is close to a *linear* (not circular) convolution -- :math:`R^\top R` of a parallel-beam
+    projector, whose kernel is the :math:`1/|\omega|` filter's star of rays.
+
+    The kernel is read once from :math:`N`'s responses to impulses at the four corners (together they hold every
+    offset in :math:`(-H, H) \times (-W, W)`; four images in one batched call) and placed in a ``2H x 2W`` circulant
+    that embeds the linear convolution. Applied as: zero-pad to ``2H x 2W``, divide by the circulant's symbol plus
+    :math:`\alpha`, crop. That is :math:`E^\top C^{-1} E` with :math:`E` the zero-padding embedding and :math:`C`
+    positive definite (its symbol is floored at ``floor`` times its largest value), so it is symmetric positive
+    definite: a valid preconditioner for conjugate gradients, whose answer it does not change. A circulant on
+    ``H x W`` itself wraps the kernel's long tails around and saves half as many iterations (measured on CT)."""
+
+    def __init__(self, normal: Callable[[Tensor], Tensor], shape: tuple[int, int], *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, floor: float = 1e-6):
+        H, W = self.shape = tuple(shape)
+        imp = torch.zeros(4, 1, H, W, dtype=dtype, device=device)
+        corners = ((0, 0), (0, W - 1), (H - 1, 0), (H - 1, W - 1))
+        for k, (i, j) in enumerate(corners):
+            imp[k, 0, i, j] = 1
+        resp = normal(imp)[:, 0]
+        kernel = torch.zeros(2 * H, 2 * W, dtype=dtype, device=device)
+        rows, cols = torch.arange(H, device=device), torch.arange(W, device=device)
+        for k, (i, j) in enumerate(corners):  # the response at (r, c) to an impulse at (i, j) is offset (r - i, c - j)
+            kernel[((rows - i) % (2 * H))[:, None], ((cols - j) % (2 * W))[None, :]] = resp[k]
+        sym = torch.fft.rfft2(kernel).real
+        self.symbol = sym.clamp(min=floor * float(sym.max()))
+
+    def __call__(self, r: Tensor, alpha: float) -> Tensor:
+        """:math:`\approx (N + \alpha I)^{-1} r` for ``r`` of shape ``(..., H, W)``."""
+        H, W = self.shape
+        big = torch.nn.functional.pad(r, (0, W, 0, H))
+        sym = self.symbol.to(r.device, torch.promote_types(r.dtype, torch.float32))
+        return torch.fft.irfft2(torch.fft.rfft2(big) / (sym + alpha), s=(2 * H, 2 * W))[..., :H, :W].to(r.dtype)
 
 
 # -- boundaries -------------------------------------------------------------------------------

@@ -126,6 +126,43 @@ def test_ct_operator_contract_and_exact_adjoint():
     assert CTParallel.x_shape_for(op.y_shape, op.config) == op.x_shape
 
 
+
+def test_ct_normal_is_the_adjoint_of_the_forward_bit_for_bit():
+    """``normal`` fuses A^T A into one forward and one backward pass: the same values as A_adjoint(A(x))."""
+    op = CTParallel(x_shape=(2, 1, 24, 24), views=12)
+    for dtype in (torch.float32, torch.float64):
+        v = torch.randn(2, 1, 24, 24, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        assert torch.equal(op.normal(v), op.A_adjoint(op.A(v)))
+
+
+def test_ct_preconditioned_data_steps_reach_the_same_solution_in_far_fewer_iterations():
+    """DPIR's data step (A^T A + alpha I) x = b on a 64-px phantom, 60 views: conjugate gradients preconditioned by
+    the operator's convolution preconditioner reach the same tolerance (1e-6) in at most 0.6x the iterations (42 vs
+    81 and 9 vs 26 when written), and land on the same solution to that tolerance."""
+    from restoreflow.core.linalg import conjugate_gradient
+
+    x = phantom(64).double()
+    op = CTParallel(x_shape=(1, 1, 64, 64), views=60, noise_sigma=0.01)
+    y = op.forward(x, generator=torch.Generator().manual_seed(0))
+    z = op.fbp(y).double()
+    for alpha in (0.23 * 0.01**2 / 0.19**2, 0.23 * 0.01**2 / 0.05**2):
+        runs = {}
+        for name, pc in (("plain", None), ("pc", op.normal_preconditioner(alpha, z))):
+            calls = []
+
+            def apply(v, a=alpha):
+                calls.append(1)
+                return op.normal(v) + a * v
+            rhs = op.A_adjoint(y) + alpha * z
+            sol = conjugate_gradient(apply, rhs, x0=z, iters=500, tol=1e-6, precond=pc)
+            residual = float((apply(sol) - rhs).norm() / rhs.norm())
+            runs[name] = (sol, len(calls) - 1, residual)
+        assert runs["pc"][2] <= 1e-6 and runs["plain"][2] <= 1e-6
+        assert runs["pc"][1] * 5 <= runs["plain"][1] * 3, (alpha, runs["pc"][1], runs["plain"][1])
+        assert float((runs["pc"][0] - runs["plain"][0]).norm() / runs["plain"][0].norm()) < 1e-3
+    assert op.normal_preconditioner(0.1, torch.zeros(1, 1, 32, 32)) is None  # another image size: none
+
+
 def test_ct_fbp_reconstructs_a_phantom():
     x = phantom(24)
     op = CTParallel(x_shape=(1, 1, 24, 24), views=60, noise="none")
