@@ -99,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats, "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
             "limit_s": LIMIT_S, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "task_time.json").write_text(json.dumps({"meta": meta, "tasks": rows}, indent=1))
+    goals = [{"goal": "task_time", "value": r["wall"], "pass": r["within_limit"],
+              "display": f"{t} ({r['sampler']}, {r['nfe']} NFE): {r['wall']:.1f} s",
+              "note": f"fresh CLI process, {args.threads} threads, load {r['load_before']} before the run"}
+             for t, r in rows.items()]
+    (args.out / "task_time.json").write_text(json.dumps({"meta": meta, "tasks": rows, "report_goals": goals},
+                                                        indent=1))
     lines = ["# Wall time of each task's default, 256 px (fresh CLI process, `--simulate`)", "",
              f"{meta['image']}; {args.threads} threads; minimum of {args.repeats} run(s); {meta['machine']}; "
              f"{meta['date']}. The load average before each run is given: the machine may be shared.", "",

@@ -394,6 +394,8 @@ GOALS: list[Goal] = [
          "inpainting (no goal in the issue: at least the best peer)", "≥ +0.0 dB", lambda src: []),
     Goal("peers_medical", "MRI / CT default vs the best of zero-filled / FBP (Hann) / TV / Wiener; measurement "
          "residual", "≥ +1.0 dB, residual ≤ 1.5× noise", lambda src: []),
+    Goal("task_time", "Wall time of each task default on a 256-px image, 2 CPU cores (declared by "
+         "benchmarks/bench_task_time.py)", "≤ 30 s", lambda src: []),
 ]
 
 
