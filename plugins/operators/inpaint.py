@@ -32,6 +32,7 @@ class Inpaint(LinearOperator):
     missing, seeded; or a mask file). Diagonal, so :math:`A^\top = A` and :math:`A^\dagger y = M \odot y`."""
 
     name = "inpaint"
+    masks_pixels = True
 
     @dataclass(frozen=True)
     class Config(OperatorConfig):

@@ -178,11 +178,7 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
             check_reconstruction_size(pl, meas)
         notes: dict[str, Any] = {}
         mask_dir = None
-        cfg_fields = {f.name for f in dataclasses.fields(pl.operator_config)} \
-            if dataclasses.is_dataclass(pl.operator_config) else set()
-        # an inpainting operator (a pixel mask: mask=box|random|FILE); MRI's k-space mask is another thing
-        pixel_mask = pl.operator_cls.name == "inpaint" or {"mask", "box", "ratio"} <= cfg_fields
-        if pixel_mask and not simulate and "mask" not in op_options and "mask" not in dict(task.defaults):
+        if pl.operator_cls.takes_pixel_mask() and not simulate and "mask" not in op_options and "mask" not in dict(task.defaults):
             alpha = getattr(meas, "alpha", None)
             if alpha is None or not bool((alpha < 0.5).any()):
                 raise InputError(f"{task.name} of a real image needs to know which pixels are missing: give "

@@ -164,7 +164,7 @@ def task_defaults(task: Any, regs: Registries, pm: Any = None) -> dict[str, Any]
     simulate_sigma = op_opts.get("noise_sigma")
     if "noise_sigma" in op_opts and op_opts.get("noise", "gaussian") == "gaussian":
         op_opts["noise_sigma"] = "auto"
-    pixel_mask = op_cls.name == "inpaint" or {"mask", "box", "ratio"} <= set(op_opts)
+    pixel_mask = op_cls.takes_pixel_mask()
     if pixel_mask and "mask" not in dict(task.defaults):
         op_opts["mask"] = f"FILE|alpha (required; {op_opts.get('mask', 'box')} with --simulate)"
     info: dict[str, Any] = {"task": task.name, "operator": op_cls.name, "operator_options": op_opts,

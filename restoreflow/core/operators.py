@@ -9,6 +9,7 @@ simulation.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -180,6 +181,17 @@ class Operator(nn.Module):
     Config: ClassVar[type] = OperatorConfig
     linear: ClassVar[bool] = False
     differentiable: ClassVar[bool] = True
+    #: the operator keeps some pixels and loses the others, chosen by its ``mask`` option (box | random | FILE): a
+    #: real input needs that mask (a file, or the image's alpha channel); see :meth:`takes_pixel_mask`
+    masks_pixels: ClassVar[bool] = False
+
+    @classmethod
+    def takes_pixel_mask(cls) -> bool:
+        """Whether a real input needs a pixel mask (:attr:`masks_pixels`, or a plugin's operator shaped like
+        ``inpaint``: ``mask``, ``box`` and ``ratio`` options). MRI's k-space mask is another thing."""
+        cfg = getattr(cls, "Config", None)
+        fields = {f.name for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(cfg) else set()
+        return bool(cls.masks_pixels) or {"mask", "box", "ratio"} <= fields
 
     def __init__(self, config: Any = None, *, x_shape: tuple[int, ...], **options: Any):
         super().__init__()

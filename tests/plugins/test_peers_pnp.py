@@ -267,3 +267,36 @@ def test_deconvolution_peers_handle_a_photo_blurred_beyond_its_edges(name):
                                            generator=torch.Generator().manual_seed(0))
     assert tuple(out.shape) == tuple(op.x_shape)
     assert rfdata.psnr(op.crop_to_measurement(out), ref)[0] > rfdata.psnr(y, ref)[0] + 0.5
+
+
+def test_which_operators_need_a_pixel_mask_for_real_inputs():
+    """One rule for the CLI, the API, batch and the listings: ``masks_pixels`` (inpaint) or a plugin's operator
+    shaped like inpaint (``mask``, ``box`` and ``ratio`` options); MRI's k-space mask and blur are not pixel masks."""
+    from dataclasses import dataclass
+
+    from restoreflow.plugin_api import LinearOperator, OperatorConfig
+
+    ops = REGS.operators
+    assert ops.get("inpaint").takes_pixel_mask()
+    assert not ops.get("mri_cartesian").takes_pixel_mask() and not ops.get("gaussian_blur").takes_pixel_mask()
+
+    class Shaped(LinearOperator):
+        name = "shaped"
+
+        @dataclass(frozen=True)
+        class Config(OperatorConfig):
+            mask: str = "box"
+            box: float = 0.5
+            ratio: float = 0.5
+
+        def A(self, x):
+            return x
+
+    class Declared(LinearOperator):
+        name = "declared"
+        masks_pixels = True
+
+        def A(self, x):
+            return x
+
+    assert Shaped.takes_pixel_mask() and Declared.takes_pixel_mask()
