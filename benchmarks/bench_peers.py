@@ -22,6 +22,8 @@ image) are given with their standard errors. Writes ``benchmarks/results/peers[_
 
     python benchmarks/bench_peers.py            # 128-px crops, 2 crops x 4 images x 2 seeds
     python benchmarks/bench_peers.py --quick    # 64-px crops, 1 crop x 4 images x 1 seed (< 5 min)
+    # the quick method set (no posterior samplers for denoising) on the full bench's crops -> results/peers_128.*
+    python benchmarks/bench_peers.py --quick --size 128 --crops 2 --seeds 2 --stem peers_128
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--weights", default=None, help="use this default-prior weights file instead of the bundled one")
     ap.add_argument("--merge", action="store_true", help="keep the other tasks' rows of an earlier run's JSON")
+    ap.add_argument("--stem", default=None, help="output file name without extension (default peers / peers_quick)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "size": size, "crops_per_image": per_image, "seeds": seeds,
             "images": labels, "torch": torch.__version__, "seconds": round(time.time() - t_all, 1),
             "weights": args.weights or "bundled"}
-    stem = "peers_quick" if args.quick else "peers"
+    stem = args.stem or ("peers_quick" if args.quick else "peers")
     previous = args.out / f"{stem}.json"
     if args.merge and previous.exists():  # rerun some tasks, keep the others' earlier rows
         old = json.loads(previous.read_text()).get("results", {})
@@ -279,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                       "note": f"paired vs the best peer per measurement, n = {res['n']}, {size} px"})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results, "report_goals": goals}, indent=1))
-    lines = [f"# restoreflow vs classical peers ({'quick' if args.quick else 'full'})", "",
+    kind = "quick" if args.quick and size == 64 and per_image == 1 and seeds == 1 else \
+        "full" if not args.quick else "quick method set"
+    lines = [f"# restoreflow vs classical peers ({kind})", "",
              f"Held-out crops {size} px ({', '.join(labels)}), {seeds} noise draw(s) each; every method gets the same "
              f"measurement. PSNR mean +- standard error; 'vs best peer' is the paired difference to the best peer "
              f"on each measurement (oracle-tuned peers pick their parameter per image with the ground truth). "
