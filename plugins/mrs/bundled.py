@@ -33,7 +33,8 @@ def _load_mr_card(weights: Path, options: Mapping[str, Any]) -> IRSDEDenoiser:
         pred = card.get("prediction", "eps")
         override = {k: options[k] for k in SDE_KEYS if k in options}
         if override and IRSDESchedule.from_options({**sch.to_dict(), **override}) != sch:
-            raise CheckpointError(f"{weights.name} was trained with {sch.to_dict()}; refusing to run it with {override}")
+            raise CheckpointError(f"{weights.name} was trained with {sch.to_dict()}; refusing to run it with "
+                                  f"{override}")
         net = build_for_weights(arch["class"], dict(arch.get("kwargs") or {}), weights)  # holding the weights
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{weights.name}: the model card lacks {e}") from None

@@ -354,7 +354,8 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
     meas = _load_input(image, pl.task.name, dev)
     if not simulate:
         check_reconstruction_size(pl, meas)
-    if planned is None and not simulate and pl.operator_cls.takes_pixel_mask() and "mask" not in dict(op_options or {}) \
+    if planned is None and not simulate and pl.operator_cls.takes_pixel_mask() \
+            and "mask" not in dict(op_options or {}) \
             and "mask" not in dict(pl.task.defaults):
         raise InputError(f"{pl.task.name} of a real image needs to know which pixels are missing: pass "
                          "op_options={'mask': FILE} (same size, white/1 = keep, black/0 = missing), or mask='box'|"

@@ -178,7 +178,8 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
             check_reconstruction_size(pl, meas)
         notes: dict[str, Any] = {}
         mask_dir = None
-        if pl.operator_cls.takes_pixel_mask() and not simulate and "mask" not in op_options and "mask" not in dict(task.defaults):
+        if pl.operator_cls.takes_pixel_mask() and not simulate and "mask" not in op_options \
+                and "mask" not in dict(task.defaults):
             alpha = getattr(meas, "alpha", None)
             if alpha is None or not bool((alpha < 0.5).any()):
                 raise InputError(f"{task.name} of a real image needs to know which pixels are missing: give "

@@ -66,8 +66,8 @@ class ConvolutionPreconditioner:
     definite: a valid preconditioner for conjugate gradients, whose answer it does not change. A circulant on
     ``H x W`` itself wraps the kernel's long tails around and saves half as many iterations (measured on CT)."""
 
-    def __init__(self, normal: Callable[[Tensor], Tensor], shape: tuple[int, int], *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None, floor: float = 1e-6):
+    def __init__(self, normal: Callable[[Tensor], Tensor], shape: tuple[int, int], *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, floor: float = 1e-6):
         H, W = self.shape = tuple(shape)
         imp = torch.zeros(4, 1, H, W, dtype=dtype, device=device)
         corners = ((0, 0), (0, W - 1), (H - 1, 0), (H - 1, W - 1))

@@ -227,7 +227,8 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
     if auto:
         op_options.pop("noise_sigma", None)
     op_cls = regs.operators.get(operator or task_obj.operator)
-    if op_cls.takes_pixel_mask() and not simulate and "mask" not in op_options and "mask" not in dict(task_obj.defaults):
+    if op_cls.takes_pixel_mask() and not simulate and "mask" not in op_options \
+            and "mask" not in dict(task_obj.defaults):
         raise InputError(f"{task_obj.name} of real images needs to know which pixels are missing: give --op mask=FILE "
                          "(same size, white/1 = keep, black/0 = missing), or --op mask=box|random, or --simulate")
     pl = plan(task, sampler=sampler, prior=prior, guidance=guidance, corrector=corrector, operator=operator,
