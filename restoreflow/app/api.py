@@ -354,12 +354,9 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
     meas = _load_input(image, pl.task.name, dev)
     if not simulate:
         check_reconstruction_size(pl, meas)
-    if planned is None and not simulate and pl.operator_cls.takes_pixel_mask() \
-            and "mask" not in dict(op_options or {}) \
-            and "mask" not in dict(pl.task.defaults):
-        raise InputError(f"{pl.task.name} of a real image needs to know which pixels are missing: pass "
-                         "op_options={'mask': FILE} (same size, white/1 = keep, black/0 = missing), or mask='box'|"
-                         "'random', or simulate=True")
+    if planned is None and needs_user_mask(pl.operator_cls, op_options, pl.task.defaults, simulate):
+        raise missing_mask_error(pl.task.name, "pass op_options={'mask': FILE} (same size, white/1 = keep, black/0 = "
+                                 "missing), or op_options={'mask': 'box'|'random'}, or simulate=True")
     noise_estimate = None
     if auto:
         from restoreflow.core.noiselevel import estimable, estimate_sigma_of
@@ -445,6 +442,18 @@ def _grey_prior(pl: Plan, channels: int, regs: Registries) -> Plan:
         return dataclasses.replace(pl, prior=gray, prior_label=f"gray(base={pl.prior_label})")
     raise InputError(f"prior {pl.prior_label} handles {pc.channels}-channel images; the input has {channels} "
                      f"(convert it first)")
+
+
+def needs_user_mask(op_cls: type, op_options: Mapping[str, Any] | None, task_defaults: Any, simulate: bool) -> bool:
+    """A real (not simulated) image for a pixel-masking operator, with no mask given and none from the task: the
+    program cannot know which pixels are missing, so the CLI, the API and batch stop before computing."""
+    return (op_cls.takes_pixel_mask() and not simulate and "mask" not in dict(op_options or {})
+            and "mask" not in dict(task_defaults or {}))
+
+
+def missing_mask_error(task: str, how: str) -> InputError:
+    """The one wording of that stop; ``how`` names the surface's own ways to give the mask."""
+    return InputError(f"{task} of a real image needs to know which pixels are missing: {how}")
 
 
 def check_reconstruction_size(pl: Any, meas: Measurement) -> None:

@@ -170,7 +170,8 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
         out_path = out or default_output(image, task.name, pl.sampler.name)
         check_outputs(image, [("--out" if out else "the default output", out_path),
                               ("--save-degraded", save_degraded), ("--uncertainty", uncertainty)], force=force)
-        from restoreflow.app.api import _load_input, check_reconstruction_size, resolve_device
+        from restoreflow.app.api import (_load_input, check_reconstruction_size, missing_mask_error,
+                                          needs_user_mask, resolve_device)
 
         dev = resolve_device(device)
         meas = _load_input(image, task.name, dev, pm)
@@ -178,13 +179,12 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
             check_reconstruction_size(pl, meas)
         notes: dict[str, Any] = {}
         mask_dir = None
-        if pl.operator_cls.takes_pixel_mask() and not simulate and "mask" not in op_options \
-                and "mask" not in dict(task.defaults):
+        if needs_user_mask(pl.operator_cls, op_options, task.defaults, simulate):
             alpha = getattr(meas, "alpha", None)
             if alpha is None or not bool((alpha < 0.5).any()):
-                raise InputError(f"{task.name} of a real image needs to know which pixels are missing: give "
-                                 "--op mask=FILE (same size, white/1 = keep, black/0 = missing) or make them "
-                                 "transparent in IMAGE's alpha channel (or --op mask=box|random, or --simulate)")
+                raise missing_mask_error(task.name, "give --op mask=FILE (same size, white/1 = keep, black/0 = "
+                                         "missing) or make them transparent in IMAGE's alpha channel (or --op "
+                                         "mask=box|random, or --simulate)")
             import tempfile
 
             import numpy as np

@@ -206,7 +206,8 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
     """
     import torch
 
-    from restoreflow.app.api import _load_input, check_reconstruction_size, plan, restore
+    from restoreflow.app.api import (_load_input, check_reconstruction_size, missing_mask_error,
+                                      needs_user_mask, plan, restore)
     from restoreflow.app.console import _write, plugin_at_fault
     from restoreflow.host.manager import collect, default_plugin_manager
 
@@ -227,10 +228,9 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
     if auto:
         op_options.pop("noise_sigma", None)
     op_cls = regs.operators.get(operator or task_obj.operator)
-    if op_cls.takes_pixel_mask() and not simulate and "mask" not in op_options \
-            and "mask" not in dict(task_obj.defaults):
-        raise InputError(f"{task_obj.name} of real images needs to know which pixels are missing: give --op mask=FILE "
-                         "(same size, white/1 = keep, black/0 = missing), or --op mask=box|random, or --simulate")
+    if needs_user_mask(op_cls, op_options, task_obj.defaults, simulate):
+        raise missing_mask_error(task_obj.name, "give --op mask=FILE (same size, white/1 = keep, black/0 = missing), "
+                                 "or --op mask=box|random, or --simulate")
     pl = plan(task, sampler=sampler, prior=prior, guidance=guidance, corrector=corrector, operator=operator,
               steps=steps, op_options=op_options, sampler_options=sampler_options, guidance_options=guidance_options,
               corrector_options=corrector_options, prior_options=prior_options, registries=regs, pm=pm)
