@@ -1,6 +1,6 @@
 """Choose ``dpir``'s options per task for a prior, on crops of TRAINING images only (no held-out image).
 
-Grid over ``steps`` x ``lam`` x ``sigma_start`` x ``sigma_end``; the mean PSNR over the crops picks the best setting per task.
+Grid over ``steps`` x ``lam`` x ``sigma_start`` x ``sigma_end`` x ``x8``; the mean PSNR over the crops picks the best setting per task.
 Prints the ``sampler_defaults`` entries to put in the prior's card (``"dpir"`` and ``"dpir:TASK"``), and writes
 ``benchmarks/results/tune_dpir.json``.
 
@@ -36,7 +36,7 @@ SETTINGS = {
 # biharmonic fill gave 30.64 / 24.70 dB (box / 80 % random) against 29.98 / 24.23 from the Wiener estimate and
 # 21.49 / 11.48 from the zero-filled measurement (the denoiser cannot fill a black hole at sigma 0.19)
 INIT = {"inpaint": "biharmonic"}
-GRID = {"steps": (8, 16, 24), "lam": (0.1, 0.23, 0.5), "sigma_start": (0.1, 0.1922, 0.4), "sigma_end": (0.0,)}
+GRID = {"steps": (8, 16, 24), "lam": (0.1, 0.23, 0.5), "sigma_start": (0.1, 0.1922, 0.4), "sigma_end": (0.0,), "x8": (True,)}
 # a filled hole needs a low starting level: measured above, 0.05-0.1 beat 0.19 and 0.3 by 0.4-1.1 dB
 TASK_GRID = {"inpaint": {"sigma_start": (0.03, 0.05, 0.1)}}
 
@@ -69,11 +69,13 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated (default {GRID['sigma_start']}; inpaint {TASK_GRID['inpaint']['sigma_start']})")
     ap.add_argument("--grid-sigma-end", default=None,
                     help=f"comma-separated (default {GRID['sigma_end']}: 0 = the measurement's noise level)")
+    ap.add_argument("--grid-x8", default=None, help="comma-separated 1 / 0 (default 1: DPIR's orientation cycle)")
     ap.add_argument("--out", type=Path, default=RESULTS / "tune_dpir.json")
     args = ap.parse_args(argv)
     given = {k: None if v is None else tuple(t(p) for p in v.split(","))
              for k, t, v in (("steps", int, args.grid_steps), ("lam", float, args.grid_lam),
-                             ("sigma_start", float, args.grid_sigma_start), ("sigma_end", float, args.grid_sigma_end))}
+                             ("sigma_start", float, args.grid_sigma_start), ("sigma_end", float, args.grid_sigma_end),
+                             ("x8", lambda p: bool(int(p)), args.grid_x8))}
 
     import torch
 
@@ -101,16 +103,16 @@ def main(argv: list[str] | None = None) -> int:
                 problems.append((j, x, Problem(y=y, operator=op, x_shape=tuple(x.shape), registries=regs)))
         grid = {k: v or TASK_GRID.get(task, {}).get(k, GRID[k]) for k, v in given.items()}
         scores = {}
-        for steps, lam, s0, s1 in itertools.product(*grid.values()):
-            sampler = regs.samplers.get("dpir")(steps=steps, lam=lam, sigma_start=s0, sigma_end=s1,
+        for steps, lam, s0, s1, x8 in itertools.product(*grid.values()):
+            sampler = regs.samplers.get("dpir")(steps=steps, lam=lam, sigma_start=s0, sigma_end=s1, x8=x8,
                                                 init=INIT.get(task, "anchor"))
             per_setting = [[] for _ in SETTINGS[task]]
             for j, x, pb in problems:
                 out = sampler.sample(pb, d, generator=torch.Generator().manual_seed(0))
                 per_setting[j].append(rfdata.psnr(out, x)[0])
-            scores[(steps, lam, s0, s1)] = [statistics.fmean(v) for v in per_setting]
+            scores[(steps, lam, s0, s1, x8)] = [statistics.fmean(v) for v in per_setting]
         best = max(scores, key=lambda k: statistics.fmean(scores[k]))
-        dflt = (8, 0.23, round(49 / 255, 4), 0.0)
+        dflt = (8, 0.23, round(49 / 255, 4), 0.0, True)
         report[task] = {"best": dict(zip(grid, best)), "best_psnr": scores[best],
                         "settings": [f"{o} {json.dumps(p)}" for o, p in SETTINGS[task]],
                         "grid": {" ".join(f"{n}={v}" for n, v in zip(grid, k)): v for k, v in scores.items()}}
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                       "images": list(TRAIN_PHOTOS), "weights": args.weights or "bundled", "seconds": round(time.time() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    entries = {f"dpir:{t}": {**{k: v for k, v in r["best"].items() if k != "sigma_end" or v},
+    entries = {f"dpir:{t}": {**{k: v for k, v in r["best"].items() if (k != "sigma_end" or v) and (k != "x8" or not v)},
                              **({"init": INIT[t]} if t in INIT else {})}
                for t, r in report.items() if t != "meta"}
     print("sampler_defaults entries:", json.dumps(entries))

@@ -224,6 +224,44 @@ def test_dpir_with_a_gaussian_prior_approaches_the_posterior_mean(crop):
     assert p_out > p_y + 1.0 and p_out > p_w - 0.5
 
 
+def test_dpir_x8_undoes_each_orientation(crop):
+    """DPIR's ``x8`` cycle changes only what an orientation-dependent denoiser sees: a stationary Gaussian prior with
+    a symmetric spectrum is equivariant to flips and quarter turns, so the answer must not move (a transform not
+    undone, or undone wrongly, moves it by the image's own scale)."""
+    x = crop[..., :32, :32].double()
+    pb = _problem("gaussian_blur", x, sigma=1.5, noise_sigma=0.02)
+    den = _gaussian_den(x.shape)
+    dpir = REGS.samplers.get("dpir")
+    on, off = dpir(x8=True).sample(pb, den), dpir(x8=False).sample(pb, den)
+    assert float((on - off).abs().max()) < 1e-12 and float((on - pb.y).abs().max()) > 1e-2
+
+
+def test_dpir_x8_shows_the_denoiser_the_eight_orientations_in_the_official_order(crop):
+    """Iteration k hands the denoiser its input in orientation k mod 8 of DPIR's modes (0: as is, 1: a quarter turn
+    then a vertical flip, 2: a vertical flip, 3: three quarter turns, 4: a half turn then a vertical flip, 5: a
+    quarter turn, 6: a half turn, 7: three quarter turns then a vertical flip), on a non-square image."""
+    x = rfdata.held_out_images(48, 3, names=("astronaut",))[..., :24, :40].double()
+    pb = _problem("gaussian_blur", x, sigma=1.5, noise_sigma=0.02)
+    inner = _gaussian_den((1, 3, 24, 40))
+    seen_in, seen_x = [], []
+
+    class Recording:
+        path, conditional = inner.path, False
+
+        def __call__(self, v, t):
+            seen_in.append(v.clone())
+            return v  # any orientation works for the identity
+
+    REGS.samplers.get("dpir")(steps=9).sample(pb, Recording(), callback=lambda info: seen_x.append(info["x"]))
+    modes = [lambda v: v, lambda v: v.rot90(1, (-2, -1)).flip(-2), lambda v: v.flip(-2), lambda v: v.rot90(3, (-2, -1)),
+             lambda v: v.rot90(2, (-2, -1)).flip(-2), lambda v: v.rot90(1, (-2, -1)), lambda v: v.rot90(2, (-2, -1)),
+             lambda v: v.rot90(3, (-2, -1)).flip(-2)]
+    for k in range(9):
+        want = modes[k % 8](seen_x[k])
+        assert seen_in[k].shape == want.shape and torch.allclose(seen_in[k] / seen_in[k].abs().max(),
+                                                                 want / want.abs().max(), atol=1e-12), k
+
+
 def test_dpir_starts_inpainting_from_the_biharmonic_fill(crop):
     """``init="biharmonic"`` hands DPIR the biharmonic peer's fill as z_0: the first data step keeps it in the holes;
     on a 30 % box the prior then improves on the fill, and the zero-filled start (the denoiser cannot fill a black
