@@ -236,6 +236,15 @@ def test_dpir_x8_undoes_each_orientation(crop):
     assert float((on - off).abs().max()) < 1e-12 and float((on - pb.y).abs().max()) > 1e-2
 
 
+def test_dpir_x8_is_off_unless_the_prior_turns_it_on():
+    """x8 assumes a prior indifferent to orientation: off by default (a dense Gaussian on a non-square image does
+    not fit its turned image), on for every task through the bundled default prior's card."""
+    assert REGS.samplers.get("dpir")().config.x8 is False
+    for task in ("deblur", "sr", "inpaint", "mri", "ct"):
+        prior = REGS.priors.get("gray" if task in ("mri", "ct") else "default")()
+        assert prior.sampler_defaults("dpir", task).get("x8") is True, task
+
+
 def test_dpir_x8_shows_the_denoiser_the_eight_orientations_in_the_official_order(crop):
     """Iteration k hands the denoiser its input in orientation k mod 8 of DPIR's modes (0: as is, 1: a quarter turn
     then a vertical flip, 2: a vertical flip, 3: three quarter turns, 4: a half turn then a vertical flip, 5: a
@@ -252,7 +261,7 @@ def test_dpir_x8_shows_the_denoiser_the_eight_orientations_in_the_official_order
             seen_in.append(v.clone())
             return v  # any orientation works for the identity
 
-    REGS.samplers.get("dpir")(steps=9).sample(pb, Recording(), callback=lambda info: seen_x.append(info["x"]))
+    REGS.samplers.get("dpir")(steps=9, x8=True).sample(pb, Recording(), callback=lambda info: seen_x.append(info["x"]))
     modes = [lambda v: v, lambda v: v.rot90(1, (-2, -1)).flip(-2), lambda v: v.flip(-2), lambda v: v.rot90(3, (-2, -1)),
              lambda v: v.rot90(2, (-2, -1)).flip(-2), lambda v: v.rot90(1, (-2, -1)), lambda v: v.rot90(2, (-2, -1)),
              lambda v: v.rot90(3, (-2, -1)).flip(-2)]
