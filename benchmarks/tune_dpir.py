@@ -1,6 +1,7 @@
 """Choose ``dpir``'s options per task for a prior, on crops of TRAINING images only (no held-out image).
 
-Grid over ``steps`` x ``lam`` x ``sigma_start`` x ``sigma_end`` x ``x8``; the mean PSNR over the crops picks the best setting per task.
+Grid over ``steps`` x ``lam`` x ``sigma_start`` x ``sigma_end`` x ``x8``; the mean PSNR over the crops picks the best
+setting per task.
 Prints the ``sampler_defaults`` entries to put in the prior's card (``"dpir"`` and ``"dpir:TASK"``), and writes
 ``benchmarks/results/tune_dpir.json``.
 
@@ -124,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                       "images": list(TRAIN_PHOTOS), "weights": args.weights or "bundled", "seconds": round(time.time() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    entries = {f"dpir:{t}": {**{k: v for k, v in r["best"].items() if (k != "sigma_end" or v) and (k != "x8" or not v)},
+    # a per-task entry lists what differs from the defaults: a sigma_end, or x8 turned off (the card turns it on)
+    entries = {f"dpir:{t}": {**{k: v for k, v in r["best"].items()
+                                if (k != "sigma_end" or v) and (k != "x8" or not v)},
                              **({"init": INIT[t]} if t in INIT else {})}
                for t, r in report.items() if t != "meta"}
     print("sampler_defaults entries:", json.dumps(entries))
