@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from restoreflow.core.errors import ConfigError, InputError, OutputError
+from restoreflow.core.errors import ConfigError, OutputError
 from restoreflow.host.registry import Registries
 from restoreflow.app.console import (
     _jsonable, _options, _write, check_outputs, check_particle_memory, default_output, handle_errors,
