@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -106,6 +107,34 @@ def test_resume_refuses_changed_options(folder, tmp_path):
         train(TrainOptions(**{**o.__dict__, "lr": 1e-3, "steps": 2}), tmp_path,
               registries=default_registries(), resume=True,
               progress=False)
+
+
+def test_time_budget_fixes_the_steps_and_repeats_as_plain_steps(cli, folder, tmp_path, monkeypatch):
+    """--time-budget times the first warm-up steps, fixes the step count once and records it; the recorded
+    --steps reproduces the run exactly (the timed steps lie in the warm-up, whose learning rate ignores the total)."""
+    from restoreflow.models import train_loop
+
+    ticks = iter(range(10**6))  # a clock that advances 1 s at each reading
+    monkeypatch.setattr(train_loop, "_clock", lambda: float(next(ticks)))
+    common = [*TINY, "--data", str(folder), "--warmup", "12", "--checkpoint-every", "1000", "--name", "m"]
+    _run(cli, ["train", *common, "--steps", "100", "--time-budget", "5", "--out", str(tmp_path / "budget")])
+    card = json.loads((tmp_path / "budget" / "m.json").read_text())
+    # readings 0 (start), 1 (after step 2), 2 (after step 12): 0.1 s per step, 3 s left of 5: 30 more steps
+    assert card["time_budget"]["seconds_per_step"] == 0.1 and card["time_budget"]["steps"] == card["steps"] == 42
+    assert "--time-budget 5.0" in card["command"]
+    monkeypatch.setattr(train_loop, "_clock", time.perf_counter)
+    _run(cli, ["train", *common, "--steps", "42", "--out", str(tmp_path / "plain")])
+    a, b = (load_state_dict(tmp_path / d / "m.safetensors") for d in ("budget", "plain"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "time_budget" not in json.loads((tmp_path / "plain" / "m.json").read_text())
+    # the budget caps --steps, never raises it; it needs the timed steps inside the warm-up; it cannot resume
+    _run(cli, ["train", *common, "--steps", "5", "--time-budget", "1000", "--out", str(tmp_path / "cap")])
+    assert json.loads((tmp_path / "cap" / "m.json").read_text())["steps"] == 5
+    res = CliRunner().invoke(cli, ["train", *TINY, "--warmup", "4", "--time-budget", "60", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--warmup >= 12" in res.output
+    res = CliRunner().invoke(cli, ["train", *common, "--steps", "40", "--time-budget", "60", "--resume",
+                                   "--out", str(tmp_path / "plain")])
+    assert res.exit_code == 2 and "cannot resume" in res.output
 
 
 def test_bad_options_are_one_line_errors(cli, tmp_path):
@@ -240,6 +269,12 @@ def test_dead_leaves_and_crops_are_deterministic():
     c1 = pool.batch(4, 16, generator=torch.Generator().manual_seed(1))
     c2 = pool.batch(4, 16, generator=torch.Generator().manual_seed(1))
     assert torch.equal(c1, c2) and c1.shape == (4, 3, 16, 16)
+
+
+def test_dead_leaves_made_in_processes_are_the_serial_ones():
+    jobs = [(24, 7 + i, i % 2 == 0) for i in range(3)]
+    par = rfdata._map_processes(rfdata._dead_leaves_job, jobs, min_jobs=1, min_workers=2)
+    assert all(np.array_equal(a, rfdata.dead_leaves(24, seed=7 + i, texture=i % 2 == 0)) for i, a in enumerate(par))
 
 
 def test_bundled_images_are_the_held_out_versions():

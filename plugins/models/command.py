@@ -25,7 +25,7 @@ def _canonical_command(params: dict[str, Any]) -> str:
     parts = ["restoreflow", "train"]
     for key in ("method", "task", "name", "steps", "batch", "crop", "lr", "lr_min_ratio", "warmup", "ema", "width",
                 "channels", "data", "dead_leaves", "dead_leaves_size", "dead_leaves_texture", "scales", "seed", "device", "threads", "checkpoint_every", "eval_size", "eval_crops", "eval_steps",
-                "noise_range", "init"):
+                "noise_range", "init", "time_budget"):
         v = params.get(key)
         if v is None:
             continue
@@ -87,12 +87,15 @@ def _train_command(cli: click.Group) -> click.Command:
     @click.option("-m", "--method-opt", "m_opts", multiple=True, metavar="KEY=VALUE", help="Training-method option.")
     @click.option("--init", "init", type=click.Path(exists=True, dir_okay=False), default=None,
                   help="Start from these weights (fine-tuning); their card is recorded in the new card.")
+    @click.option("--time-budget", type=float, default=None, metavar="SECONDS",
+                  help="Train for about this long: the step count (at most --steps) is fixed from the time of the "
+                       "first warm-up steps and recorded in the card (e.g. for a lent GPU).")
     @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
     @click.option("--quiet", is_flag=True, help="No progress bar.")
     @handle_errors
     def train_cmd(method, task, name, out, steps, batch, crop, lr, warmup, ema, width, channels, data, dead_leaves,
                   dead_leaves_size, dead_leaves_texture, scales, augment, lr_min_ratio, seed, device, threads, checkpoint_every, eval_size, eval_crops, eval_steps, op_opts, extra_operator,
-                  noise_range, anchor, m_opts, init, resume, quiet):
+                  noise_range, anchor, m_opts, init, time_budget, resume, quiet):
         from restoreflow.plugin_api import default_registries
         from restoreflow.plugin_api import TrainOptions, train
 
@@ -123,14 +126,15 @@ def _train_command(cli: click.Group) -> click.Command:
                       dead_leaves_texture=dead_leaves_texture or None, scales=scales, augment=augment,
                       lr_min_ratio=lr_min_ratio if lr_min_ratio != 0.1 else None, seed=seed, device=device, threads=threads, checkpoint_every=checkpoint_every, eval_size=eval_size,
                       eval_crops=eval_crops, eval_steps=eval_steps, noise_range=noise_range, op=sorted(ops.items()),
-                      extra_operator=extra_operator, anchor=anchor, method_opt=sorted(mopts.items()), init=init, out=out)
+                      extra_operator=extra_operator, anchor=anchor, method_opt=sorted(mopts.items()), init=init,
+                      time_budget=time_budget, out=out)
         opts = TrainOptions(method=method, task=task, name=name, steps=steps, batch=batch, crop=crop, lr=lr,
                             warmup=warmup, ema=ema, width=width, channels=channels, data=data, dead_leaves=dead_leaves,
                             dead_leaves_size=dead_leaves_size, dead_leaves_texture=dead_leaves_texture, scales=sc,
                             augment=augment, lr_min_ratio=lr_min_ratio, seed=seed, device=device, threads=threads, checkpoint_every=checkpoint_every,
                             eval_size=eval_size, eval_crops=eval_crops, eval_steps=eval_steps, op_options=ops,
                             extra_operators=tuple(extra_operator), noise_range=nr, anchor=anchor, method_options=mopts, init=init,
-                            command=_canonical_command(params))
+                            time_budget=time_budget, command=_canonical_command(params))
         card = train(opts, out, registries=regs, resume=resume, progress=not quiet,
                      log=lambda s: click.echo(s, err=True))
         m = card.get("metrics", {})

@@ -52,6 +52,10 @@ from restoreflow.io.limits import check_threads, max_pixels
 __all__ = ["TrainOptions", "train", "load_model", "LoadedModel"]
 
 CHECKPOINT = "checkpoint.pt"
+#: with a time budget: the steps timed to fix the step count (the first two, which include one-off set-up such as
+#: CUDA's kernel selection, are not counted)
+BUDGET_PROBE_STEPS = 12
+_clock = time.perf_counter  # the training loop's clock (a test replaces it)
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,9 @@ class TrainOptions:
     anchor: str = "measurement"
     method_options: Mapping[str, Any] = field(default_factory=dict)
     init: str | None = None
+    #: seconds of training steps (pool building and the final evaluation excluded): the step count is fixed once,
+    #: from the time per step measured over the first warm-up steps, at the most ``steps``; for a lent GPU
+    time_budget: float | None = None
     command: str = ""
 
     def __post_init__(self):
@@ -121,6 +128,12 @@ class TrainOptions:
               f"grad_clip and weight_decay must be finite (weight_decay >= 0); got {self.grad_clip}, {self.weight_decay}")
         if self.threads is not None:
             check_threads(self.threads)
+        if self.time_budget is not None:
+            check(math.isfinite(self.time_budget) and self.time_budget > 0,
+                  f"time_budget must be a number of seconds > 0; got {self.time_budget}")
+            # the steps that time the run lie inside the warm-up, whose learning rate does not depend on the total
+            check(self.warmup >= BUDGET_PROBE_STEPS,
+                  f"--time-budget needs --warmup >= {BUDGET_PROBE_STEPS} (the steps that time the run); got {self.warmup}")
         # what the crops and the dead-leaves images take before the first step, against the pixel limit
         for pixels, what in ((self.batch * self.crop ** 2, f"--batch {self.batch} x --crop {self.crop}^2"),
                              (self.eval_size ** 2, f"--eval-size {self.eval_size}^2"),
@@ -156,17 +169,19 @@ def _same_run(saved: str, options: TrainOptions) -> list[str]:
     """Options that differ between a checkpoint and this run (steps/checkpointing/eval may change on resume)."""
     old = json.loads(saved)
     new = _jsonable(dataclasses.asdict(options))
-    free = {"steps", "checkpoint_every", "eval_size", "eval_crops", "eval_steps", "command", "threads", "device", "name"}
+    free = {"steps", "time_budget", "checkpoint_every", "eval_size", "eval_crops", "eval_steps", "command", "threads", "device", "name"}
     return [k for k in new if k not in free and old.get(k) != new[k]]
 
 
 # -- the loop ------------------------------------------------------------------------------------------
 
 
-def _lr_at(step: int, o: TrainOptions) -> float:
+def _lr_at(step: int, o: TrainOptions, steps: int | None = None) -> float:
+    """Linear warm-up, then a cosine decay to ``lr * lr_min_ratio`` at ``steps`` (default ``o.steps``)."""
+    steps = o.steps if steps is None else steps
     if step < o.warmup:
         return o.lr * (step + 1) / o.warmup
-    frac = (step - o.warmup) / max(1, o.steps - o.warmup)
+    frac = (step - o.warmup) / max(1, steps - o.warmup)
     frac = min(max(frac, 0.0), 1.0)
     return o.lr * (o.lr_min_ratio + (1 - o.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
@@ -248,6 +263,9 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any, resume: bo
     ckpt = out / CHECKPOINT
     state: dict[str, Any] = {}
     if resume:  # checked before the data and the network are made
+        if o.time_budget is not None:
+            raise ConfigError("--time-budget fixes a run's step count from its first steps; it cannot resume a run "
+                              "(resume with --steps instead)")
         if not ckpt.exists():
             raise CheckpointError(f"nothing to resume: {ckpt} does not exist")
         state = safe_torch_load(ckpt)
@@ -315,24 +333,39 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any, resume: bo
                 be.copy_(b)
         return float(loss.detach())
 
-    t0 = time.time()
+    t0 = _clock()
     start = step
+    total = o.steps  # with a time budget: fixed after the first BUDGET_PROBE_STEPS steps
+    budget: dict[str, Any] | None = None
+    t_probe = t0
     net.train()
     bar = _progress(progress)
     with bar:
-        task_id = bar.add_task(f"train {o.method}", total=o.steps, completed=step, loss=float("nan"))
-        while step < o.steps:
+        task_id = bar.add_task(f"train {o.method}", total=total, completed=step, loss=float("nan"))
+        while step < total:
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, o)
+                g["lr"] = _lr_at(step, o, total)
             losses.append(one_step())
             step += 1
+            if o.time_budget is not None and budget is None:
+                if step == start + 2:
+                    t_probe = _clock()
+                elif step == start + BUDGET_PROBE_STEPS:
+                    now = _clock()
+                    rate = (now - t_probe) / (BUDGET_PROBE_STEPS - 2)
+                    total = min(o.steps, step + max(0, int((o.time_budget - (now - t0)) / max(rate, 1e-9))))
+                    budget = {"seconds": o.time_budget, "seconds_per_step": round(rate, 6), "steps": total,
+                              "note": f"steps fixed at step {step} from the time per step of steps {start + 3}-{step}; "
+                                      f"--steps {total} without --time-budget repeats the run"}
+                    bar.update(task_id, total=total)
+                    log(f"time budget {o.time_budget:g} s at {rate:.4f} s/step: {total} steps")
             recent = losses[-50:]
             bar.update(task_id, completed=step, loss=sum(recent) / len(recent))
-            if step % o.checkpoint_every == 0 or step == o.steps:
+            if step % o.checkpoint_every == 0 or step == total:
                 _save_checkpoint(ckpt, net=net, ema=ema, opt=opt, step=step, generator=gen, options=o, losses=losses)
-                rate = (time.time() - t0) / max(1, step - start)
-                log(f"step {step}/{o.steps} loss {sum(recent) / len(recent):.4f} ({rate:.2f} s/step)")
-    train_seconds = time.time() - t0
+                rate = (_clock() - t0) / max(1, step - start)
+                log(f"step {step}/{total} loss {sum(recent) / len(recent):.4f} ({rate:.2f} s/step)")
+    train_seconds = _clock() - t0
     log(f"{step - start} steps in {train_seconds:.1f} s")
 
     if not all(bool(torch.isfinite(t).all()) for t in ema.state_dict().values() if t.is_floating_point()):
@@ -378,6 +411,8 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any, resume: bo
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
     }
+    if budget is not None:
+        card["time_budget"] = budget
     for k, v in mcard.items():
         card.setdefault(k, _jsonable(v))
     weights = out / f"{name}.safetensors"
