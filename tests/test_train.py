@@ -277,6 +277,47 @@ def test_dead_leaves_made_in_processes_are_the_serial_ones():
     assert all(np.array_equal(a, rfdata.dead_leaves(24, seed=7 + i, texture=i % 2 == 0)) for i, a in enumerate(par))
 
 
+def test_crop_prefetcher_draws_the_loops_batches_and_reports_the_consumed_state():
+    from restoreflow.models.train_loop import CropPrefetcher
+
+    pool = rfdata.ImagePool({"x": [torch.from_numpy(rfdata.to_channels(rfdata.dead_leaves(40, seed=s), 3)) for s in (1, 2)]})
+    pool.augment = True
+    direct, states = torch.Generator().manual_seed(5), []
+    want = []
+    for _ in range(6):
+        want.append(pool.batch(3, 16, generator=direct))
+        states.append(direct.get_state())
+    ahead = CropPrefetcher(pool, 3, 16, torch.Generator().manual_seed(5), depth=2)
+    try:
+        for k in range(6):
+            assert torch.equal(ahead.next(), want[k])
+            assert torch.equal(ahead.state, states[k])  # the batches drawn ahead are not in the saved state
+    finally:
+        ahead.close()
+    assert not ahead._thread.is_alive()
+
+    class Broken(rfdata.ImagePool):
+        def batch(self, *a, **k):
+            raise MemoryError("no room for the crops")
+
+    bad = CropPrefetcher(Broken({"x": pool.groups["x"]}), 3, 16, torch.Generator())
+    with pytest.raises(MemoryError, match="no room"):
+        bad.next()
+    bad.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_checkpoint_saves_the_crop_state_of_the_steps_taken(cli, folder, tmp_path):
+    """On CUDA the crops are drawn ahead in a thread; the checkpoint must hold the state after the batches used."""
+    _run(cli, ["train", *TINY[:-4], "--device", "cuda", "-m", "mult=1,2", "--data", str(folder), "--steps", "2",
+               "--checkpoint-every", "2", "--seed", "3", "--out", str(tmp_path)])
+    gen, pool = torch.Generator().manual_seed(3), rfdata.folder_pool(folder, 3)
+    for _ in range(2):
+        pool.batch(2, 16, generator=gen)
+    assert torch.equal(safe_torch_load(tmp_path / "checkpoint.pt")["generator"], gen.get_state())
+
+
 def test_bundled_images_are_the_held_out_versions():
     from skimage import io as skio
 

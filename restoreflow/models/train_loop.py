@@ -3,7 +3,8 @@
 One loop for every method (``denoiser``, ``mr``, ``resfusion``, ``rddm``, third-party ones):
 
 * data: the built-in offline set (:func:`restoreflow.models.data.builtin_pool`) or an image folder; random crops,
-  flips and 90-degree rotations drawn from an explicit generator;
+  flips and 90-degree rotations drawn from an explicit generator (on an accelerator, drawn ahead in a thread while
+  the device computes: the same batches);
 * degraded pairs for conditional methods, made on the fly by the task's registered operator (its defaults,
   ``--op`` overrides, a fresh random kernel per image where the operator has a ``seed`` option, optionally
   a random noise level and a mix of extra operators, e.g. Gaussian *and* motion blur);
@@ -21,12 +22,15 @@ One loop for every method (``denoiser``, ``mr``, ``resfusion``, ``rddm``, third-
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
 import json
 import math
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from restoreflow.models import data as rfdata
 from restoreflow.core.denoiser import for_inference
@@ -150,13 +154,13 @@ class TrainOptions:
 
 
 def _save_checkpoint(path: Path, *, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int,
-                     generator: torch.Generator, options: TrainOptions, losses: list[float]) -> None:
+                     generator_state: Tensor, options: TrainOptions, losses: list[float]) -> None:
     state = {
         "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
         "optimizer": opt.state_dict(),
         "step": int(step),
-        "generator": generator.get_state(),
+        "generator": generator_state,
         "options": json.dumps(_jsonable(dataclasses.asdict(options)), sort_keys=True),
         "losses": torch.tensor(losses[-1000:], dtype=torch.float64),
     }
@@ -174,6 +178,45 @@ def _same_run(saved: str, options: TrainOptions) -> list[str]:
 
 
 # -- the loop ------------------------------------------------------------------------------------------
+
+
+class CropPrefetcher:
+    """``pool.batch(batch, crop, generator=gen)`` drawn ahead in a background thread, for a training loop that waits
+    on an accelerator: :meth:`next` returns the same batches in the same order as drawing them in the loop, and
+    :attr:`state` is the generator's state after the last batch returned (what a checkpoint must save, not the
+    state of the batches drawn ahead). The generator must not be used by anyone else meanwhile."""
+
+    def __init__(self, pool: rfdata.ImagePool, batch: int, crop: int, generator: torch.Generator, depth: int = 3):
+        self.state = generator.get_state()
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+
+        def work() -> None:
+            try:
+                while not self._stop.is_set():
+                    item = (pool.batch(batch, crop, generator=generator), generator.get_state())
+                    while not self._stop.is_set():
+                        try:
+                            self._queue.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+            except BaseException as e:  # handed to the training loop, raised there
+                self._queue.put((e, None))
+
+        self._thread = threading.Thread(target=work, name="restoreflow-crops", daemon=True)
+        self._thread.start()
+
+    def next(self) -> Tensor:
+        x, state = self._queue.get()
+        if isinstance(x, BaseException):
+            raise x
+        self.state = state
+        return x
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def _lr_at(step: int, o: TrainOptions, steps: int | None = None) -> float:
@@ -313,8 +356,12 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any, resume: bo
     params = sum(p.numel() for p in net.parameters())
     use_amp = o.amp and device.type == "cuda"
 
+    # on an accelerator the crops of an unconditional method (the only draws from `gen` there) are cut in a thread
+    # while the device computes: the same batches in the same order
+    crops = CropPrefetcher(pool, o.batch, o.crop, gen) if device.type != "cpu" and degrader is None else None
+
     def one_step() -> float:
-        x0 = pool.batch(o.batch, o.crop, generator=gen).to(device)
+        x0 = (crops.next() if crops is not None else pool.batch(o.batch, o.crop, generator=gen)).to(device)
         mu = degrader(x0, generator=gen, noise_generator=dgen) if degrader is not None else None
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
             loss = method.loss(net, x0, mu, generator=dgen)
@@ -340,7 +387,7 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any, resume: bo
     t_probe = t0
     net.train()
     bar = _progress(progress)
-    with bar:
+    with bar, contextlib.closing(crops) if crops is not None else contextlib.nullcontext():
         task_id = bar.add_task(f"train {o.method}", total=total, completed=step, loss=float("nan"))
         while step < total:
             for g in opt.param_groups:
@@ -362,7 +409,8 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any, resume: bo
             recent = losses[-50:]
             bar.update(task_id, completed=step, loss=sum(recent) / len(recent))
             if step % o.checkpoint_every == 0 or step == total:
-                _save_checkpoint(ckpt, net=net, ema=ema, opt=opt, step=step, generator=gen, options=o, losses=losses)
+                _save_checkpoint(ckpt, net=net, ema=ema, opt=opt, step=step, options=o, losses=losses,
+                                 generator_state=crops.state if crops is not None else gen.get_state())
                 rate = (_clock() - t0) / max(1, step - start)
                 log(f"step {step}/{total} loss {sum(recent) / len(recent):.4f} ({rate:.2f} s/step)")
     train_seconds = _clock() - t0
