@@ -306,8 +306,9 @@ def test_bad_main_output_paths(cli, img, tmp_path):
     before = sorted(p.name for p in tmp_path.iterdir())
     line = _one_line_error(run(cli, ["deblur", img, "--sampler", "wiener", "--out", tmp_path / "o.xyz"]), 4)
     assert "cannot write .xyz" in line
-    line = _one_line_error(run(cli, ["deblur", img, "--sampler", "wiener", "--out", tmp_path]), 4)
-    assert "is a directory" in line
+    line = _one_line_error(run(cli, ["deblur", img, "--sampler", "wiener", "--compare", "wiener,pinv",
+                                     "--out", tmp_path]), 4)
+    assert "is a directory" in line  # --compare's figure needs a file name
     long = tmp_path / ("x" * 252 + ".png")  # 256 bytes
     line = _one_line_error(run(cli, ["deblur", img, "--sampler", "wiener", "--out", long]), 4)
     assert "256 bytes" in line and "at most 255" in line
@@ -315,6 +316,14 @@ def test_bad_main_output_paths(cli, img, tmp_path):
     ok = tmp_path / ("y" * 251 + ".png")  # 255 bytes: fits (the temporary file written first is shortened)
     res = run(cli, ["deblur", img, "--sampler", "wiener", "--out", ok, "-q"])
     assert res.exit_code == 0 and ok.exists(), res.output
+
+
+def test_out_folder_gets_the_default_name(cli, img, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    res = run(cli, ["deblur", img, "--sampler", "wiener", "--out", folder, "-q"])
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in folder.iterdir()] == ["in.deblur-wiener.png"]
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")

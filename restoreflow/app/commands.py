@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
     @click.option("--guidance-opt", "g_opts", multiple=True, metavar="KEY=VALUE", help="Guidance option.")
     @click.option("--corrector-opt", "c_opts", multiple=True, metavar="KEY=VALUE", help="Corrector option.")
     @click.option("--prior-opt", "p_opts", multiple=True, metavar="KEY=VALUE", help="Prior option.")
-    @click.option("--out", "-O", "out", type=click.Path(path_type=Path), help="Output file (default: beside the input).")
+    @click.option("--out", "-O", "out", type=click.Path(path_type=Path), help="Output file, or a folder for the default name in it (default: beside the input).")
     @click.option("--force", is_flag=True, help="Allow the output to overwrite the input.")
     @click.option("--simulate", is_flag=True, help="Degrade IMAGE first, restore it, report PSNR/SSIM.")
     @click.option("--save-degraded", type=click.Path(path_type=Path), help="Also write the degraded image.")
@@ -168,6 +169,8 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
             raise ConfigError("--uncertainty needs a corrector that estimates the posterior variance (e.g. "
                               "--corrector smc --particles 16)")
         out_path = out or default_output(image, task.name, pl.sampler.name)
+        if out is not None and os.path.isdir(out):  # a folder: the default name, in it (isdir: False on OSError)
+            out_path = out / default_output(image, task.name, pl.sampler.name).name
         check_outputs(image, [("--out" if out else "the default output", out_path),
                               ("--save-degraded", save_degraded), ("--uncertainty", uncertainty)], force=force)
         from restoreflow.app.api import (_load_input, check_reconstruction_size, missing_mask_error,
