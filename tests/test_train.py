@@ -278,8 +278,6 @@ def test_dead_leaves_made_in_processes_are_the_serial_ones():
 
 
 def test_crop_prefetcher_draws_the_loops_batches_and_reports_the_consumed_state():
-    from restoreflow.models.train_loop import CropPrefetcher
-
     pool = rfdata.ImagePool({"x": [torch.from_numpy(rfdata.to_channels(rfdata.dead_leaves(40, seed=s), 3)) for s in (1, 2)]})
     pool.augment = True
     direct, states = torch.Generator().manual_seed(5), []
@@ -287,7 +285,7 @@ def test_crop_prefetcher_draws_the_loops_batches_and_reports_the_consumed_state(
     for _ in range(6):
         want.append(pool.batch(3, 16, generator=direct))
         states.append(direct.get_state())
-    ahead = CropPrefetcher(pool, 3, 16, torch.Generator().manual_seed(5), depth=2)
+    ahead = rfdata.CropPrefetcher(pool, 3, 16, torch.Generator().manual_seed(5), depth=2)
     try:
         for k in range(6):
             assert torch.equal(ahead.next(), want[k])
@@ -300,7 +298,7 @@ def test_crop_prefetcher_draws_the_loops_batches_and_reports_the_consumed_state(
         def batch(self, *a, **k):
             raise MemoryError("no room for the crops")
 
-    bad = CropPrefetcher(Broken({"x": pool.groups["x"]}), 3, 16, torch.Generator())
+    bad = rfdata.CropPrefetcher(Broken({"x": pool.groups["x"]}), 3, 16, torch.Generator())
     with pytest.raises(MemoryError, match="no room"):
         bad.next()
     bad.close()

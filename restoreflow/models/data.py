@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -33,7 +35,7 @@ from restoreflow.core.errors import InputError
 from restoreflow.core.files import require_regular_file
 
 __all__ = [
-    "TRAIN_IMAGES", "HELD_OUT", "BUNDLED", "skimage_image", "dead_leaves", "ImagePool", "builtin_pool",
+    "TRAIN_IMAGES", "HELD_OUT", "BUNDLED", "skimage_image", "dead_leaves", "ImagePool", "CropPrefetcher", "builtin_pool",
     "folder_pool", "held_out_images", "bundled_image", "make_bundled_images", "to_channels",
 ]
 
@@ -205,6 +207,45 @@ class ImagePool:
                 off = (1 - a) * float(torch.rand((), generator=generator))
                 out[b] = a * out[b] + off
         return out
+
+
+class CropPrefetcher:
+    """``pool.batch(batch, crop, generator=gen)`` drawn ahead in a background thread, for a training loop that waits
+    on an accelerator: :meth:`next` returns the same batches in the same order as drawing them in the loop, and
+    :attr:`state` is the generator's state after the last batch returned (what a checkpoint must save, not the
+    state of the batches drawn ahead). The generator must not be used by anyone else meanwhile."""
+
+    def __init__(self, pool: ImagePool, batch: int, crop: int, generator: torch.Generator, depth: int = 3):
+        self.state = generator.get_state()
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+
+        def work() -> None:
+            try:
+                while not self._stop.is_set():
+                    item = (pool.batch(batch, crop, generator=generator), generator.get_state())
+                    while not self._stop.is_set():
+                        try:
+                            self._queue.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+            except BaseException as e:  # handed to the training loop, raised there
+                self._queue.put((e, None))
+
+        self._thread = threading.Thread(target=work, name="restoreflow-crops", daemon=True)
+        self._thread.start()
+
+    def next(self) -> Tensor:
+        x, state = self._queue.get()
+        if isinstance(x, BaseException):
+            raise x
+        self.state = state
+        return x
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def _dead_leaves_job(job: tuple[int, int, bool]) -> np.ndarray:

@@ -29,8 +29,6 @@ import datetime
 import json
 import math
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from restoreflow.models import data as rfdata
 from restoreflow.core.denoiser import for_inference
@@ -154,7 +152,7 @@ class TrainOptions:
 
 
 def _save_checkpoint(path: Path, *, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int,
-                     generator_state: Tensor, options: TrainOptions, losses: list[float]) -> None:
+                     generator_state: torch.Tensor, options: TrainOptions, losses: list[float]) -> None:
     state = {
         "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
@@ -178,45 +176,6 @@ def _same_run(saved: str, options: TrainOptions) -> list[str]:
 
 
 # -- the loop ------------------------------------------------------------------------------------------
-
-
-class CropPrefetcher:
-    """``pool.batch(batch, crop, generator=gen)`` drawn ahead in a background thread, for a training loop that waits
-    on an accelerator: :meth:`next` returns the same batches in the same order as drawing them in the loop, and
-    :attr:`state` is the generator's state after the last batch returned (what a checkpoint must save, not the
-    state of the batches drawn ahead). The generator must not be used by anyone else meanwhile."""
-
-    def __init__(self, pool: rfdata.ImagePool, batch: int, crop: int, generator: torch.Generator, depth: int = 3):
-        self.state = generator.get_state()
-        self._queue: queue.Queue = queue.Queue(depth)
-        self._stop = threading.Event()
-
-        def work() -> None:
-            try:
-                while not self._stop.is_set():
-                    item = (pool.batch(batch, crop, generator=generator), generator.get_state())
-                    while not self._stop.is_set():
-                        try:
-                            self._queue.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
-            except BaseException as e:  # handed to the training loop, raised there
-                self._queue.put((e, None))
-
-        self._thread = threading.Thread(target=work, name="restoreflow-crops", daemon=True)
-        self._thread.start()
-
-    def next(self) -> Tensor:
-        x, state = self._queue.get()
-        if isinstance(x, BaseException):
-            raise x
-        self.state = state
-        return x
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 def _lr_at(step: int, o: TrainOptions, steps: int | None = None) -> float:
@@ -358,7 +317,7 @@ def train(options: TrainOptions, out: Path | str, *, registries: Any, resume: bo
 
     # on an accelerator the crops of an unconditional method (the only draws from `gen` there) are cut in a thread
     # while the device computes: the same batches in the same order
-    crops = CropPrefetcher(pool, o.batch, o.crop, gen) if device.type != "cpu" and degrader is None else None
+    crops = rfdata.CropPrefetcher(pool, o.batch, o.crop, gen) if device.type != "cpu" and degrader is None else None
 
     def one_step() -> float:
         x0 = (crops.next() if crops is not None else pool.batch(o.batch, o.crop, generator=gen)).to(device)
