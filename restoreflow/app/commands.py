@@ -91,7 +91,8 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
     @click.option("--guidance-opt", "g_opts", multiple=True, metavar="KEY=VALUE", help="Guidance option.")
     @click.option("--corrector-opt", "c_opts", multiple=True, metavar="KEY=VALUE", help="Corrector option.")
     @click.option("--prior-opt", "p_opts", multiple=True, metavar="KEY=VALUE", help="Prior option.")
-    @click.option("--out", "-O", "out", type=click.Path(path_type=Path), help="Output file, or a folder for the default name in it (default: beside the input).")
+    @click.option("--out", "-O", "out", type=click.Path(path_type=Path),
+                  help="Output file, or a folder for the default name in it (default: beside the input).")
     @click.option("--force", is_flag=True, help="Allow the output to overwrite the input.")
     @click.option("--simulate", is_flag=True, help="Degrade IMAGE first, restore it, report PSNR/SSIM.")
     @click.option("--save-degraded", type=click.Path(path_type=Path), help="Also write the degraded image.")
@@ -168,9 +169,9 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
         if uncertainty is not None and (pl.corrector is None or not hasattr(pl.corrector, "variance")):
             raise ConfigError("--uncertainty needs a corrector that estimates the posterior variance (e.g. "
                               "--corrector smc --particles 16)")
-        out_path = out or default_output(image, task.name, pl.sampler.name)
-        if out is not None and os.path.isdir(out):  # a folder: the default name, in it (isdir: False on OSError)
-            out_path = out / default_output(image, task.name, pl.sampler.name).name
+        default = default_output(image, task.name, pl.sampler.name)
+        # a folder gets the default name in it (isdir: False where the OS refuses the path; checked just below)
+        out_path = out / default.name if out is not None and os.path.isdir(out) else (out or default)
         check_outputs(image, [("--out" if out else "the default output", out_path),
                               ("--save-degraded", save_degraded), ("--uncertainty", uncertainty)], force=force)
         from restoreflow.app.api import (_load_input, check_reconstruction_size, missing_mask_error,
