@@ -1,4 +1,4 @@
-"""The built-in image plugin: reads and writes PNG/JPEG/TIFF/BMP/WebP through :mod:`restoreflow.io`. It answers
+"""The built-in image plugin: reads PNG/JPEG/TIFF/BMP/WebP/GIF and writes all but GIF through :mod:`restoreflow.io`. It answers
 last (``trylast``), so a third-party plugin claiming a format is asked first."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ from pathlib import Path
 
 from torch import Tensor
 
-from restoreflow.plugin_api import IMAGE_SUFFIXES, Measurement, hookimpl, read_image, write_image
+from restoreflow.plugin_api import IMAGE_SUFFIXES, READABLE_SUFFIXES, Measurement, hookimpl, read_image, write_image
 
 
 @hookimpl(trylast=True)
 def load_measurement(path: Path, task: str) -> Measurement | None:
-    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+    if Path(path).suffix.lower() in READABLE_SUFFIXES:
         return read_image(path)
     return None
 

@@ -73,7 +73,8 @@ from restoreflow.exact.teleport import TeleportOption, Teleporting, load_prior_g
 
 # -- image and array I/O ----------------------------------------------------------------------------------
 from restoreflow.io import (
-    IMAGE_SUFFIXES, Measurement, check_size, npy_header, read_array, read_image, write_file, write_image,
+    IMAGE_SUFFIXES, READABLE_SUFFIXES, Measurement, check_size, npy_header, read_array, read_image, write_file,
+    write_image,
 )
 
 # -- model files, networks and training -------------------------------------------------------------------
@@ -114,7 +115,7 @@ __all__ = [
     "make_anchor", "randn", "start_state", "time_grid",
     "FourierGaussian", "GaussianDenoiser", "GaussianModel", "default_spectrum",
     "TeleportOption", "Teleporting", "load_prior_gaussian",
-    "IMAGE_SUFFIXES", "Measurement", "check_size", "npy_header", "read_array", "read_image", "write_file",
+    "IMAGE_SUFFIXES", "READABLE_SUFFIXES", "Measurement", "check_size", "npy_header", "read_array", "read_image", "write_file",
     "write_image",
     "card_path", "load_into", "load_state_dict", "read_card", "safe_torch_load", "save_weights", "write_card",
     "require_regular_file",

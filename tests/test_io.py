@@ -415,7 +415,7 @@ def test_huge_headers_are_refused_without_a_big_allocation(tmp_path):
     assert not (tmp_path / "out.png").exists()
 
 
-@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif", ".webp", ".bmp"])
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif", ".webp", ".bmp", ".gif"])
 def test_the_pixel_limit_is_checked_before_the_decoder_runs(tmp_path, monkeypatch, suffix):
     import png
     from PIL import ImageFile
@@ -496,3 +496,63 @@ def test_npy_measurements_are_checked_from_their_header(tmp_path, monkeypatch, t
     res = _cli([task, str(p), "--sampler", "pinv", "--out", str(tmp_path / "o.npy"), "-q"])
     _one_error(res, "512x512x" + str(shape[0]))
     assert "above the 64 MP limit" in res.output and sorted(q.name for q in tmp_path.iterdir()) == ["m.npy"]
+
+
+# -- GIF: read (still images), never written: results go to PNG --------------------------------------------------
+
+
+def _gifs(tmp_path):
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 255, (10, 12, 3)).astype(np.uint8)
+    Image.fromarray(rgb).convert("P").save(tmp_path / "rgb.gif")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.gif")  # Pillow writes it as a grey palette
+    rgba = np.zeros((10, 12, 4), np.uint8)
+    rgba[..., 0], rgba[2:6, 3:9, 3] = 200, 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.gif")  # the transparent colour becomes alpha
+    return rgb
+
+
+def test_still_gifs_read_as_their_pixels(tmp_path):
+    rgb = _gifs(tmp_path)
+    m = read_image(tmp_path / "rgb.gif")
+    want = np.asarray(Image.open(tmp_path / "rgb.gif").convert("RGB"))  # the palette's colours, exactly
+    assert m.data.shape == (1, 3, 10, 12) and m.alpha is None
+    assert np.array_equal(np.rint(m.data[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8), want)
+    grey = read_image(tmp_path / "grey.gif")
+    assert grey.data.shape == (1, 1, 10, 12)
+    assert np.array_equal(np.rint(grey.data[0, 0].numpy() * 255).astype(np.uint8), rgb[..., 0])
+    a = read_image(tmp_path / "alpha.gif")
+    assert a.data.shape == (1, 3, 10, 12) and a.alpha is not None
+    assert float(a.alpha[..., 2:6, 3:9].min()) == 1.0 and float(a.alpha.sum()) == 4 * 6
+
+
+def test_cli_restores_a_gif_into_a_png_and_refuses_to_write_a_gif(tmp_path):
+    _gifs(tmp_path)
+    for name, mode in (("rgb", "RGB"), ("grey", "L"), ("alpha", "RGBA")):
+        res = _cli(["denoise", str(tmp_path / f"{name}.gif"), "--sampler", "wiener", "--op", "noise_sigma=0.01", "-q"])
+        assert res.exit_code == 0, res.output
+        out = tmp_path / f"{name}.denoise-wiener.png"
+        assert Image.open(out).mode == mode and Image.open(out).size == (12, 10)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = _cli(["denoise", str(tmp_path / "rgb.gif"), "--sampler", "wiener", "--out", str(tmp_path / "o.gif"), "-q"])
+    _one_error(res, "cannot write .gif files", code=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_an_animated_gif_is_refused_in_one_line(tmp_path):
+    frames = [Image.fromarray(np.full((16, 16, 3), v, np.uint8)).convert("P") for v in (0, 255)]
+    frames[0].save(tmp_path / "in.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(InputError, match=r"animated/multi-frame GIF \(2 frames\)"):
+        read_image(tmp_path / "in.gif")
+    _one_error(_cli(["denoise", str(tmp_path / "in.gif"), "--sampler", "wiener", "-q"]), "animated")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.gif"]
+
+
+def test_batch_writes_gif_inputs_as_png():
+    from restoreflow.app.batch.files import check_suffix, output_name
+    from restoreflow.core.errors import ConfigError
+
+    assert output_name("a/b.GIF", None) == "a/b.png" and output_name("b.gif", ".tif") == "b.tif"
+    assert output_name("c.png", None) == "c.png"
+    with pytest.raises(ConfigError, match="no writer for that format"):
+        check_suffix(".gif")

@@ -97,13 +97,16 @@ def _options(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 def default_output(inp: Path, task: str, sampler: str) -> Path:
-    """``IN.TASK-SAMPLER.EXT`` beside the input, in the input's format (``.nii.gz`` kept whole); PNG for a
-    folder or an extension-less input."""
+    """``IN.TASK-SAMPLER.EXT`` beside the input, in the input's format (``.nii.gz`` kept whole) or, for a format
+    read but not written (GIF), the one it is written in; PNG for a folder or an extension-less input."""
+    from restoreflow.io import READ_ONLY_SUFFIXES
+
     suffixes = inp.suffixes[-2:] if inp.suffix.lower() == ".gz" else inp.suffixes[-1:]
     suffix = "".join(suffixes)
     if not suffix or inp.is_dir():
         return inp.with_name(f"{inp.name}.{task}-{sampler}.png")
-    return inp.with_name(f"{inp.name[: -len(suffix)]}.{task}-{sampler}{suffix}")
+    out_suffix = READ_ONLY_SUFFIXES.get(suffix.lower(), suffix)
+    return inp.with_name(f"{inp.name[: -len(suffix)]}.{task}-{sampler}{out_suffix}")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -138,9 +141,11 @@ def check_outputs(image: Path, outputs: list[tuple[str, Path | None]], *, force:
     """Every output path (``(option, path)`` pairs) checked before any work: an existing folder, writable,
     a name the file system (and the temporary file beside it) can hold, a format a writer handles, and no
     collision with another output or (unless ``force`` for the main output) with the input."""
-    from restoreflow.io import IMAGE_SUFFIXES
+    from restoreflow.io import IMAGE_SUFFIXES, READ_ONLY_SUFFIXES
 
-    known = tuple(IMAGE_SUFFIXES) + tuple(writable_suffixes) + ((_full_suffix(image),) if image.suffix else ())
+    own = _full_suffix(image) if image.suffix else ""  # the input's format is written back, unless read-only
+    known = tuple(IMAGE_SUFFIXES) + tuple(writable_suffixes)
+    known += (own,) if own and own not in READ_ONLY_SUFFIXES else ()
     seen: dict[str, str] = {}
     for i, (label, path) in enumerate(outputs):
         if path is None:

@@ -1,7 +1,7 @@
 """Image and array I/O. The first-party ``io`` plugin (:mod:`restoreflow_plugins.io`) registers it as the
 ``load_measurement``/``save_result`` hooks for image files.
 
-Reads PNG/JPEG/TIFF/BMP/WebP into ``1 x C x H x W`` float tensors in [0, 1] and writes results back "like"
+Reads PNG/JPEG/TIFF/BMP/WebP (and still GIF) into ``1 x C x H x W`` float tensors in [0, 1] and writes results back "like"
 the input. What is read, and how it comes back:
 
 * **Size first.** Width and height come from the file header (pypng's preamble, Pillow's lazy ``open``,
@@ -18,7 +18,9 @@ the input. What is read, and how it comes back:
   (``dtype``, ``range``) and a TIFF output is written back in the same dtype and range. (Results pass through
   float32, so integer ranges wider than 2**24 values keep about 24 bits.) Uint8/uint16 use their full scale,
   floats inside [0, 1] are taken as they are.
-* **Refused with one line** (:class:`InputError`, nothing written): multi-page or 3-D TIFFs, animated WebP,
+* **GIF** is read (palette to RGB, its transparent colour as alpha) but not written: results of a GIF input go
+  to PNG (:data:`READ_ONLY_SUFFIXES`).
+* **Refused with one line** (:class:`InputError`, nothing written): multi-page or 3-D TIFFs, animated WebP/GIF,
   NaN/Inf pixels, more than 4 channels, unsupported TIFF colour spaces.
 
 Writes are atomic (a temporary file in the target directory, then ``os.replace``), so an interrupted run never
@@ -27,11 +29,12 @@ leaves a half-written file.
 
 from restoreflow.io.codecs import from_pil, read_array, read_image, to_pil, write_image
 from restoreflow.io.limits import (
-    DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, TIFF_SUFFIXES, check_output_dir, check_size, max_pixels, npy_header,
-    write_file,
+    DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, READ_ONLY_SUFFIXES, READABLE_SUFFIXES, TIFF_SUFFIXES, check_output_dir,
+    check_size, max_pixels, npy_header, write_file,
 )
 from restoreflow.io.measurement import Measurement, from_array, from_tensor, to_array, to_tensor
 
 __all__ = ["read_array", "max_pixels", "check_size", "npy_header", "Measurement", "read_image", "write_image",
-           "check_output_dir", "write_file", "IMAGE_SUFFIXES", "TIFF_SUFFIXES", "DEFAULT_MAX_PIXELS", "to_tensor",
-           "to_array", "from_array", "from_tensor", "from_pil", "to_pil"]
+           "check_output_dir", "write_file", "IMAGE_SUFFIXES", "READABLE_SUFFIXES", "READ_ONLY_SUFFIXES",
+           "TIFF_SUFFIXES", "DEFAULT_MAX_PIXELS", "to_tensor", "to_array", "from_array", "from_tensor", "from_pil",
+           "to_pil"]

@@ -83,7 +83,10 @@ def _pil_array(im: Any) -> tuple[np.ndarray, bool | None, dict[str, Any]]:
     if mode in ("P", "PA"):
         meta["converted"] = "palette"
         has_t = mode == "PA" or "transparency" in im.info
-        return np.asarray(im.convert("RGBA" if has_t else "RGB")), has_t, meta
+        arr = np.asarray(im.convert("RGBA" if has_t else "RGB"))
+        if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all():  # a grey palette stays grey
+            arr = arr[..., [0, 3]] if has_t else arr[..., 0]
+        return arr, has_t, meta
     if mode in ("1", "L", "LA", "RGB", "RGBA", "F"):
         return np.asarray(im), None, meta
     if mode.startswith("I;16"):

@@ -17,7 +17,11 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so listing plugin
     pass
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")  # read and written
+#: formats read but not written, and the format their results are written in: a GIF holds at most 256 colours, so
+#: a restored GIF would be quantised again
+READ_ONLY_SUFFIXES = {".gif": ".png"}
+READABLE_SUFFIXES = IMAGE_SUFFIXES + tuple(READ_ONLY_SUFFIXES)
 TIFF_SUFFIXES = (".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 64_000_000
 

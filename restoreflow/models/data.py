@@ -300,19 +300,16 @@ def builtin_pool(channels: int = 3, *, dead_leaves_count: int = 64, dead_leaves_
                      {"skimage": 1 - dead_leaves_weight, "dead_leaves": dead_leaves_weight}, desc)
 
 
-_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
 def folder_pool(folder: Path | str, channels: int = 3, *, min_size: int = 16) -> ImagePool:
     """Every image file under ``folder`` (recursively), as a training pool. Each is read by
     :func:`restoreflow.io.read_image` -- size checked from the header before decoding, FIFOs and devices never
     opened -- and any alpha is composited on white."""
-    from restoreflow.io import read_image
+    from restoreflow.io import READABLE_SUFFIXES, read_image
 
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"training data folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in READABLE_SUFFIXES)
     imgs = []
     for p in files:
         require_regular_file(p, "training image")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 
 from restoreflow.core.errors import ConfigError, InputError, OutputError, RestoreflowError
+from restoreflow.io.limits import READ_ONLY_SUFFIXES
 
 
 
@@ -19,7 +20,8 @@ SETTINGS = "batch.json"
 PART_PREFIX = ".manifest-rank"
 LOCK = ".restoreflow-batch.lock"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted as the lock file or a manifest part is never followed
-DEFAULT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".nii", ".nii.gz", ".dcm", ".npy")
+DEFAULT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".nii", ".nii.gz", ".dcm",
+                    ".npy")
 
 
 
@@ -35,9 +37,11 @@ def _full_suffix(name: str) -> str:
 
 
 def output_name(rel: str, suffix: str | None) -> str:
-    """``rel`` with its (full, e.g. ``.nii.gz``) suffix replaced by ``suffix`` when given."""
+    """``rel`` with its (full, e.g. ``.nii.gz``) suffix replaced by ``suffix`` when given, else by the format a
+    read-only one (GIF) is written in."""
     if not suffix:
-        return rel
+        cur = _full_suffix(rel)
+        return rel[: len(rel) - len(cur)] + READ_ONLY_SUFFIXES[cur] if cur in READ_ONLY_SUFFIXES else rel
     suffix = suffix if suffix.startswith(".") else "." + suffix
     cur = _full_suffix(rel)
     return (rel[: len(rel) - len(cur)] if cur else rel) + suffix
@@ -78,8 +82,9 @@ def check_suffix(suffix: str | None) -> str | None:
         return None
     if len(suffix) > 32 or not _SUFFIX.fullmatch(suffix):
         raise ConfigError(f"--suffix {suffix!r} is not a file extension; give one like .png, .tif or .nii.gz")
-    if ("." + suffix.lstrip(".")).lower() not in DEFAULT_SUFFIXES:  # checked before any input is restored
-        raise ConfigError(f"--suffix {suffix!r}: no writer for that format; use one of {' '.join(DEFAULT_SUFFIXES)}")
+    writable = [s for s in DEFAULT_SUFFIXES if s not in READ_ONLY_SUFFIXES]
+    if ("." + suffix.lstrip(".")).lower() not in writable:  # checked before any input is restored
+        raise ConfigError(f"--suffix {suffix!r}: no writer for that format; use one of {' '.join(writable)}")
     return suffix
 
 

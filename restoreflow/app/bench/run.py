@@ -46,7 +46,7 @@ def load_images(source: Path | str | None = None, *, size: int | None = 64, limi
     """``(name, 1 x C x H x W)`` clean images: a folder's image files (sorted), one file, or (``None``) the
     bundled held-out images; centre-cropped to ``size`` (``0``/``None``: whole images)."""
     from restoreflow.models.data import BUNDLED, bundled_image
-    from restoreflow.io import IMAGE_SUFFIXES, read_image
+    from restoreflow.io import READABLE_SUFFIXES, read_image
 
     if source is None:
         files = [(n, bundled_image(n)) for n in BUNDLED]
@@ -54,7 +54,7 @@ def load_images(source: Path | str | None = None, *, size: int | None = 64, limi
         src = Path(source)
         if src.is_dir():
             files = [(p.relative_to(src).as_posix(), p) for p in sorted(src.rglob("*"))
-                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+                     if p.is_file() and p.suffix.lower() in READABLE_SUFFIXES and not p.name.startswith(".")]
             if not files:
                 raise InputError(f"no image files in {src}")
         elif src.is_file():
