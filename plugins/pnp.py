@@ -60,7 +60,7 @@ from restoreflow.plugin_api import (
     conjugate_gradient, default_registries, hookimpl, make_anchor,
 )
 
-__all__ = ["MMSE", "DPIR", "denoise_at", "ensemble_denoise"]
+__all__ = ["MMSE", "DPIR", "CHANNEL_ORDERS", "denoise_at", "ensemble_denoise", "ensemble_orders"]
 
 
 def denoise_at(denoiser, x: Tensor, sigma: float | Tensor) -> Tensor:
@@ -88,12 +88,35 @@ def _dihedral_denoise(denoiser, x: Tensor, sigma: float, rot: int, flip: int) ->
     return torch.rot90(d, -rot, dims=(-2, -1))
 
 
-def ensemble_denoise(denoiser, x: Tensor, sigma: float, n: int = 1) -> Tensor:
-    """:func:`denoise_at` averaged over the first ``n`` of the 8 flips/90-degree rotations (each undone after)."""
+#: orders of an RGB image's channels for :func:`ensemble_denoise`: the identity and the two cyclic shifts first, then
+#: the three swaps
+CHANNEL_ORDERS = ((0, 1, 2), (1, 2, 0), (2, 0, 1), (0, 2, 1), (2, 1, 0), (1, 0, 2))
+
+
+def _distinct_colours(x: Tensor) -> bool:
+    """Whether ``x`` has three channels that are not all the same (reordering equal channels changes nothing)."""
+    return x.dim() >= 3 and x.shape[-3] == 3 and not (torch.equal(x[..., 0, :, :], x[..., 1, :, :])
+                                                       and torch.equal(x[..., 1, :, :], x[..., 2, :, :]))
+
+
+def ensemble_orders(x: Tensor, orders: int) -> tuple[tuple[int, int, int], ...]:
+    """The channel orders :func:`ensemble_denoise` averages over for ``x``: the first ``orders`` of
+    :data:`CHANNEL_ORDERS` for an image of three distinct channels, else the identity alone."""
+    return CHANNEL_ORDERS[:orders] if orders > 1 and _distinct_colours(x) else CHANNEL_ORDERS[:1]
+
+
+def ensemble_denoise(denoiser, x: Tensor, sigma: float, n: int = 1, orders: int = 1) -> Tensor:
+    """:func:`denoise_at` averaged over the first ``n`` of the 8 flips/90-degree rotations and, for an RGB image,
+    the first ``orders`` of the channel orders :data:`CHANNEL_ORDERS` (each transform undone on its result)."""
     out = torch.zeros_like(x)
-    for k in range(n):
-        out = out + _dihedral_denoise(denoiser, x, sigma, k % 4, -1 if k // 4 else 0)
-    return out / n
+    perms = ensemble_orders(x, orders)
+    for p in perms:
+        order = None if p == CHANNEL_ORDERS[0] else torch.tensor(p, device=x.device)  # any channel count as it is
+        v = x if order is None else x.index_select(-3, order)
+        for k in range(n):
+            d = _dihedral_denoise(denoiser, v, sigma, k % 4, -1 if k // 4 else 0)
+            out = out + (d if order is None else d.index_select(-3, torch.argsort(order)))
+    return out / (n * len(perms))
 
 
 #: DPIR's ``x8`` cycle: at iteration k the denoiser sees the image in orientation k mod 8 of this list (quarter
@@ -122,9 +145,14 @@ class MMSE(Sampler):
         #: geometric self-ensemble: average the denoiser over 1, 2, 4 or 8 flips/rotations of the image (each one a
         #: network call); the average of equally good estimates whose errors differ has a lower error
         ensemble: Literal[1, 2, 4, 8] = 1
+        #: for an RGB image, also average over 1, 3 (the cyclic shifts) or 6 (all) orders of its channels, so
+        #: ``ensemble x channel_orders`` network calls: a prior trained with its colour channels permuted (the bundled
+        #: default) errs differently for each order; a grey image, or one whose channels are equal, takes one order
+        channel_orders: Literal[1, 3, 6] = 1
 
     def nfe(self, denoiser=None) -> int:
-        return self.config.ensemble
+        grey = getattr(denoiser, "channels", None) == 1
+        return self.config.ensemble * (1 if grey else self.config.channel_orders)
 
     def sample(self, problem, denoiser=None, *, generator=None, guidance=None, corrector=None, callback=None):
         op = problem.operator
@@ -134,11 +162,12 @@ class MMSE(Sampler):
                                     "(use --sampler dpir for blur, super-resolution, inpainting, MRI, CT)")
         y = problem.y
         s = math.sqrt(op.noise_variance(y)) * self.config.sigma_scale
-        n = self.config.ensemble
+        n, orders = self.config.ensemble, self.config.channel_orders
         with torch.no_grad():
-            x = y.clone() if s == 0 else ensemble_denoise(denoiser, y, s, n).to(y.dtype)
+            x = y.clone() if s == 0 else ensemble_denoise(denoiser, y, s, n, orders).to(y.dtype)
         if callback is not None:
-            callback({"i": 0, "t": 0.0, "x": x, "x0": x, "nfe": n, "steps": 1})
+            calls = 0 if s == 0 else n * len(ensemble_orders(y, orders))
+            callback({"i": 0, "t": 0.0, "x": x, "x0": x, "nfe": calls, "steps": 1})
         return x
 
 

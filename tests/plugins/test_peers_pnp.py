@@ -192,6 +192,49 @@ def test_mmse_follows_the_noise_level(crop):
     assert (a - b).abs().max() > 1e-3
 
 
+class _ChannelWeighted:
+    """A stand-in denoiser that scales channel c by ``w[c]`` (so it depends on the order of the channels) and counts
+    its calls."""
+
+    def __init__(self, w):
+        self.path, self.w, self.calls = vp(), torch.tensor(w, dtype=torch.float64).reshape(1, -1, 1, 1), 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return x * self.w
+
+
+@pytest.mark.parametrize("orders,expect", [(1, (1.0, 2.0, 6.0)), (3, (3.0, 3.0, 3.0)), (6, (3.0, 3.0, 3.0))])
+def test_channel_orders_average_the_denoiser_over_reorderings_of_the_colours(crop, orders, expect):
+    """Averaged over the cyclic (or all) orders of the channels, a channel-dependent scaling becomes its mean; each
+    order is undone on its result, so the colours stay in place."""
+    from restoreflow_plugins.pnp import ensemble_denoise
+
+    x = crop[..., :16, :16].double()
+    ref = ensemble_denoise(_ChannelWeighted((1.0, 1.0, 1.0)), x, 0.1, 2)
+    den = _ChannelWeighted((1.0, 2.0, 6.0))
+    out = ensemble_denoise(den, x, 0.1, 2, orders)
+    assert den.calls == 2 * orders
+    assert torch.allclose(out, ref * torch.tensor(expect, dtype=torch.float64).reshape(1, 3, 1, 1), atol=1e-12)
+
+
+def test_channel_orders_skip_an_image_whose_channels_are_equal(crop):
+    from restoreflow_plugins.pnp import ensemble_denoise
+
+    grey = crop[..., :1, :16, :16].double().expand(-1, 3, -1, -1).contiguous()
+    den = _ChannelWeighted((1.0, 2.0, 6.0))
+    one = ensemble_denoise(den, grey, 0.1, 4, 1)
+    both = ensemble_denoise(den, grey, 0.1, 4, 3)
+    assert den.calls == 8 and torch.equal(one, both)
+    single = ensemble_denoise(_ChannelWeighted((2.0,)), grey[:, :1], 0.1, 2, 3)  # one channel: nothing to reorder
+    assert torch.allclose(single, 2 * ensemble_denoise(_ChannelWeighted((1.0,)), grey[:, :1], 0.1, 2), atol=1e-12)
+    pb = _problem("denoise", crop[..., :16, :16], noise_sigma=0.1)
+    seen = []
+    REGS.samplers.get("mmse")(ensemble=2, channel_orders=3).sample(pb, _ChannelWeighted((1.0, 1.0, 1.0)),
+                                                                    callback=seen.append)
+    assert seen[0]["nfe"] == 6
+
+
 def test_mmse_refuses_a_non_identity_operator(crop):
     with pytest.raises(IncompatibleError, match="dpir"):
         REGS.samplers.get("mmse")().sample(_problem("gaussian_blur", crop), _gaussian_den(crop.shape))
