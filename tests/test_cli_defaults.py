@@ -306,9 +306,8 @@ def test_bad_main_output_paths(cli, img, tmp_path):
     before = sorted(p.name for p in tmp_path.iterdir())
     line = _one_line_error(run(cli, ["deblur", img, "--sampler", "wiener", "--out", tmp_path / "o.xyz"]), 4)
     assert "cannot write .xyz" in line
-    line = _one_line_error(run(cli, ["deblur", img, "--sampler", "wiener", "--compare", "wiener,pinv",
-                                     "--out", tmp_path]), 4)
-    assert "is a directory" in line  # --compare's figure needs a file name
+    line = _one_line_error(run(cli, ["deblur", img, "--compare", "wiener,pinv", "--out", tmp_path / "cmp.jpg"]), 4)
+    assert "must end in .png" in line  # --compare writes a PNG figure
     long = tmp_path / ("x" * 252 + ".png")  # 256 bytes
     line = _one_line_error(run(cli, ["deblur", img, "--sampler", "wiener", "--out", long]), 4)
     assert "256 bytes" in line and "at most 255" in line
@@ -324,6 +323,9 @@ def test_out_folder_gets_the_default_name(cli, img, tmp_path):
     res = run(cli, ["deblur", img, "--sampler", "wiener", "--out", folder, "-q"])
     assert res.exit_code == 0, res.output
     assert [p.name for p in folder.iterdir()] == ["in.deblur-wiener.png"]
+    res = run(cli, ["deblur", img, "--compare", "wiener,pinv", "--out", folder])  # --compare's figure too
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in folder.iterdir()) == ["in.deblur-compare.png", "in.deblur-wiener.png"]
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")

@@ -101,15 +101,18 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with the operator settings used).")
     @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
     @click.option("--compare", metavar="M1,M2,...", help="Restore with each listed sampler (SAMPLER[+GUIDANCE][@PRIOR]; "
-                  "same seed and measurement) and write one side-by-side PNG to --out.")
+                  "same seed and measurement) and write one side-by-side PNG to --out (a file, or a folder for the default "
+                  "name IMAGE.TASK-compare.png).")
     @handle_errors
     def run(image: Path, sampler, prior, guidance, corrector, particles, operator, steps, seed, device, op_opts,
             s_opts, g_opts, c_opts, p_opts, out, force, simulate, save_degraded, uncertainty, as_json, quiet, compare):
         import dataclasses
 
         if compare:
-            from restoreflow.app.bench import compare_cli
+            from restoreflow.app.bench import compare_cli, compare_output
 
+            if out is not None and os.path.isdir(out):  # a folder gets the figure's default name in it
+                out = out / compare_output(image, task.name).name
             if out is not None:
                 check_outputs(image, [("--out", out)], force=force)
                 if out.suffix.lower() != ".png":

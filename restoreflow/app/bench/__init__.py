@@ -43,7 +43,7 @@ How it works:
 """
 
 
-from restoreflow.app.bench.command import bench, bench_command, compare_cli, compare_samplers, main
+from restoreflow.app.bench.command import bench, bench_command, compare_cli, compare_output, compare_samplers, main
 from restoreflow.app.bench.plan import (
     PEERS, Cell, Method, Peer, parse_method, parse_methods, plan_cells, route_options,
 )
@@ -52,6 +52,6 @@ from restoreflow.app.bench.run import (
     FIGURE, PLOT, RESULTS_JSON, RESULTS_MD, RUNS, load_images, read_runs, run_bench, run_key,
 )
 
-__all__ = ["bench", "bench_command", "compare_cli", "compare_samplers", "main", "PEERS", "Cell", "Method", "Peer",
-           "parse_method", "parse_methods", "plan_cells", "route_options", "aggregate", "markdown", "write_outputs",
-           "FIGURE", "PLOT", "RESULTS_JSON", "RESULTS_MD", "RUNS", "load_images", "read_runs", "run_bench", "run_key"]
+__all__ = ["bench", "bench_command", "compare_cli", "compare_output", "compare_samplers", "main", "PEERS", "Cell",
+           "Method", "Peer", "parse_method", "parse_methods", "plan_cells", "route_options", "aggregate", "markdown",
+           "write_outputs", "FIGURE", "PLOT", "RESULTS_JSON", "RESULTS_MD", "RUNS", "load_images", "read_runs", "run_bench", "run_key"]

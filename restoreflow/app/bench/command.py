@@ -208,6 +208,11 @@ def compare_samplers(image: Any, task: str, methods: str, out: Path, *, prior: s
     return results
 
 
+def compare_output(image: Path, task: str) -> Path:
+    """The figure's default path: ``IMAGE.TASK-compare.png`` beside the input."""
+    return Path(image).with_name(f"{Path(image).stem}.{task}-compare.png")
+
+
 def compare_cli(image: Path, task: str, compare: str, *, regs: Registries, pm: Any, sampler: str | None,
                 prior: str | None, guidance: str | None, corrector: str | None, particles: int | None,
                 operator: str | None, steps: int | None, seed: int, device: str, options: Sequence[str],
@@ -224,7 +229,7 @@ def compare_cli(image: Path, task: str, compare: str, *, regs: Registries, pm: A
     if steps is not None and steps < 1:
         raise ConfigError(f"--steps must be >= 1; got {steps}")
     opts = list(options) + ([f"particles={particles}"] if particles is not None else [])
-    out_path = Path(out) if out is not None else Path(image).with_name(f"{Path(image).stem}.{task}-compare.png")
+    out_path = Path(out) if out is not None else compare_output(image, task)
     if _same_file(Path(image), out_path) and not force:
         raise OutputError(f"refusing to overwrite the input {image} (pass --force, or choose another --out)")
     res = compare_samplers(image, task, compare, out_path, prior=prior, steps=steps, seed=seed, device=device,
