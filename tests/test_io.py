@@ -509,6 +509,9 @@ def _gifs(tmp_path):
     rgba = np.zeros((10, 12, 4), np.uint8)
     rgba[..., 0], rgba[2:6, 3:9, 3] = 200, 255
     Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.gif")  # the transparent colour becomes alpha
+    grey = rgb[..., 0].copy()
+    grey[:3, :3] = 0
+    Image.fromarray(grey).save(tmp_path / "greyalpha.gif", transparency=0)  # grey palette + transparent colour
     return rgb
 
 
@@ -524,11 +527,13 @@ def test_still_gifs_read_as_their_pixels(tmp_path):
     a = read_image(tmp_path / "alpha.gif")
     assert a.data.shape == (1, 3, 10, 12) and a.alpha is not None
     assert float(a.alpha[..., 2:6, 3:9].min()) == 1.0 and float(a.alpha.sum()) == 4 * 6
+    ga = read_image(tmp_path / "greyalpha.gif")
+    assert ga.data.shape == (1, 1, 10, 12) and ga.alpha is not None and float(ga.alpha[..., :3, :3].max()) == 0.0
 
 
 def test_cli_restores_a_gif_into_a_png_and_refuses_to_write_a_gif(tmp_path):
     _gifs(tmp_path)
-    for name, mode in (("rgb", "RGB"), ("grey", "L"), ("alpha", "RGBA")):
+    for name, mode in (("rgb", "RGB"), ("grey", "L"), ("alpha", "RGBA"), ("greyalpha", "LA")):
         res = _cli(["denoise", str(tmp_path / f"{name}.gif"), "--sampler", "wiener", "--op", "noise_sigma=0.01", "-q"])
         assert res.exit_code == 0, res.output
         out = tmp_path / f"{name}.denoise-wiener.png"

@@ -1,8 +1,8 @@
 """Image and array I/O. The first-party ``io`` plugin (:mod:`restoreflow_plugins.io`) registers it as the
 ``load_measurement``/``save_result`` hooks for image files.
 
-Reads PNG/JPEG/TIFF/BMP/WebP (and still GIF) into ``1 x C x H x W`` float tensors in [0, 1] and writes results back "like"
-the input. What is read, and how it comes back:
+Reads PNG/JPEG/TIFF/BMP/WebP (and still GIF) into ``1 x C x H x W`` float tensors in [0, 1] and writes results
+back "like" the input. What is read, and how it comes back:
 
 * **Size first.** Width and height come from the file header (pypng's preamble, Pillow's lazy ``open``,
   tifffile's IFDs, the ``.npy`` header) and are checked against :func:`max_pixels` before any pixel is
@@ -18,8 +18,8 @@ the input. What is read, and how it comes back:
   (``dtype``, ``range``) and a TIFF output is written back in the same dtype and range. (Results pass through
   float32, so integer ranges wider than 2**24 values keep about 24 bits.) Uint8/uint16 use their full scale,
   floats inside [0, 1] are taken as they are.
-* **GIF** is read (palette to RGB, its transparent colour as alpha) but not written: results of a GIF input go
-  to PNG (:data:`READ_ONLY_SUFFIXES`).
+* **GIF** is read (palette to RGB, or grey for a grey palette; its transparent colour as alpha) but not written:
+  results of a GIF input go to PNG (:data:`READ_ONLY_SUFFIXES`).
 * **Refused with one line** (:class:`InputError`, nothing written): multi-page or 3-D TIFFs, animated WebP/GIF,
   NaN/Inf pixels, more than 4 channels, unsupported TIFF colour spaces.
 
