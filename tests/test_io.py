@@ -561,3 +561,25 @@ def test_batch_writes_gif_inputs_as_png():
     assert output_name("c.png", None) == "c.png"
     with pytest.raises(ConfigError, match="no writer for that format"):
         check_suffix(".gif")
+
+
+@pytest.mark.parametrize("layout", ["flipped", "transposed", "strided"])
+def test_png_writer_takes_any_memory_layout(tmp_path, layout):
+    """A result whose array is a view (flipped, transposed, every other column) is written as its values: the MRI
+    task's grey output used to reach the PNG writer as such a view and fail with a buffer error."""
+    from restoreflow.io.codecs import _write_png
+
+    base = np.random.default_rng(1).integers(0, 255, (12, 20), dtype=np.uint8)
+    view = {"flipped": base[::-1], "transposed": base.T, "strided": base[:, ::2]}[layout]
+    assert not view.flags["C_CONTIGUOUS"]
+    _write_png(tmp_path / "v.png", view)
+    assert np.array_equal(read_raw(tmp_path / "v.png"), view)
+
+
+def test_cli_mri_on_a_grey_png_writes_a_grey_png(tmp_path):
+    img = np.random.default_rng(2).integers(0, 255, (32, 32), dtype=np.uint8)
+    src = _save(tmp_path / "slice.png", img)
+    res = _cli(["mri", str(src), "--simulate", "--steps", "2", "--out", str(tmp_path / "out.png"), "-q"])
+    assert res.exit_code == 0, res.output
+    back = read_raw(tmp_path / "out.png")
+    assert back.shape == img.shape and back.dtype == np.uint8

@@ -347,8 +347,9 @@ def _write_png(path: Path, out: np.ndarray) -> None:
     h, w = out.shape[:2]
     planes = 1 if out.ndim == 2 else out.shape[2]
     writer = png.Writer(w, h, greyscale=planes in (1, 2), alpha=planes in (2, 4), bitdepth=16 if out.dtype == np.uint16 else 8)
+    rows = np.ascontiguousarray(out).reshape(h, w * planes)  # pypng copies rows through the buffer protocol
     with open(path, "wb") as f:
-        writer.write(f, out.reshape(h, w * planes))
+        writer.write(f, rows)
 
 
 def _write_tiff(path: Path, out: np.ndarray) -> None:
