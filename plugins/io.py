@@ -1,5 +1,5 @@
-"""The built-in image plugin: reads PNG/JPEG/TIFF/BMP/WebP/GIF and writes all but GIF through :mod:`restoreflow.io`. It answers
-last (``trylast``), so a third-party plugin claiming a format is asked first."""
+"""The built-in image plugin: reads PNG/JPEG/TIFF/BMP/WebP/GIF and writes all but GIF (a GIF's result goes to PNG)
+through :mod:`restoreflow.io`. It answers last (``trylast``), so a third-party plugin claiming a format is asked first."""
 
 from __future__ import annotations
 
