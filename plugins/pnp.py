@@ -112,10 +112,10 @@ def ensemble_denoise(denoiser, x: Tensor, sigma: float, n: int = 1, orders: int 
     perms = ensemble_orders(x, orders)
     for p in perms:
         order = None if p == CHANNEL_ORDERS[0] else torch.tensor(p, device=x.device)  # any channel count as it is
-        v = x if order is None else x.index_select(-3, order)
+        v, undo = (x, None) if order is None else (x.index_select(-3, order), torch.argsort(order))
         for k in range(n):
             d = _dihedral_denoise(denoiser, v, sigma, k % 4, -1 if k // 4 else 0)
-            out = out + (d if order is None else d.index_select(-3, torch.argsort(order)))
+            out = out + (d if undo is None else d.index_select(-3, undo))
     return out / (n * len(perms))
 
 

@@ -35,8 +35,8 @@ from restoreflow.core.errors import InputError
 from restoreflow.core.files import require_regular_file
 
 __all__ = [
-    "TRAIN_IMAGES", "HELD_OUT", "BUNDLED", "skimage_image", "dead_leaves", "ImagePool", "CropPrefetcher", "builtin_pool",
-    "folder_pool", "held_out_images", "bundled_image", "make_bundled_images", "to_channels",
+    "TRAIN_IMAGES", "HELD_OUT", "BUNDLED", "skimage_image", "dead_leaves", "ImagePool", "CropPrefetcher",
+    "builtin_pool", "folder_pool", "held_out_images", "bundled_image", "make_bundled_images", "to_channels",
 ]
 
 #: sample images trained on (all load offline; grayscale ones are replicated to RGB for colour models)

@@ -39,11 +39,11 @@ def _full_suffix(name: str) -> str:
 def output_name(rel: str, suffix: str | None) -> str:
     """``rel`` with its (full, e.g. ``.nii.gz``) suffix replaced by ``suffix`` when given, else by the format a
     read-only one (GIF) is written in."""
-    if not suffix:
-        cur = _full_suffix(rel)
-        return rel[: len(rel) - len(cur)] + READ_ONLY_SUFFIXES[cur] if cur in READ_ONLY_SUFFIXES else rel
-    suffix = suffix if suffix.startswith(".") else "." + suffix
     cur = _full_suffix(rel)
+    suffix = suffix or READ_ONLY_SUFFIXES.get(cur)
+    if not suffix:
+        return rel
+    suffix = suffix if suffix.startswith(".") else "." + suffix
     return (rel[: len(rel) - len(cur)] if cur else rel) + suffix
 
 
