@@ -227,6 +227,22 @@ def test_restore_estimates_the_noise_of_a_real_input_like_the_cli():
     assert err_auto < 0.8 * err_fixed  # measured 0.0038 vs 0.0052
 
 
+def test_restore_reads_the_noise_of_a_chroma_subsampled_jpeg_from_its_luma(tmp_path):
+    """Like the CLI: a 4:2:0 JPEG's noise is estimated from its luma, and the extras say so."""
+    import numpy as np
+    from PIL import Image
+
+    from restoreflow.models import data as rfdata
+    from restoreflow.app.api import restore
+
+    clean = rfdata.held_out_images(128, 3, names=("astronaut",))[0].permute(1, 2, 0).numpy()
+    noisy = np.clip(clean + 0.1 * np.random.default_rng(0).standard_normal(clean.shape), 0, 1)
+    Image.fromarray(np.round(noisy * 255).astype(np.uint8)).save(tmp_path / "n.jpg", quality=95)
+    res = restore(tmp_path / "n.jpg", "denoise", sampler="wiener")
+    assert res.extras["noise_sigma_from"] == "luma (colour stored at 4:2:0)"
+    assert 0.085 < res.extras["noise_sigma_estimated"] < 0.115
+
+
 def test_restore_inpainting_of_a_real_image_needs_a_mask():
     import numpy as np
     import pytest

@@ -389,7 +389,7 @@ def test_batch_estimates_each_images_noise_level(tmp_path):
     src.mkdir()
     clean = rfdata.held_out_images(96, 3, names=("astronaut",))[0].permute(1, 2, 0).numpy()
     rng = np.random.default_rng(0)
-    for name, s in (("a.png", 0.03), ("b.png", 0.1)):
+    for name, s in (("a.png", 0.03), ("b.png", 0.1), ("c.jpg", 0.1)):
         io.imsave(src / name, (np.clip(clean + s * rng.standard_normal(clean.shape), 0, 1) * 255).round().astype(np.uint8),
                   check_contrast=False)
     res = CliRunner().invoke(build_cli(), ["batch", str(src), "--task", "denoise", "--sampler", "wiener",
@@ -398,6 +398,10 @@ def test_batch_estimates_each_images_noise_level(tmp_path):
     recs = {r["input"]: r for r in map(json.loads, (tmp_path / "out" / "manifest.jsonl").read_text().splitlines())}
     assert 0.024 < recs["a.png"]["noise_sigma_estimated"] < 0.036
     assert 0.08 < recs["b.png"]["noise_sigma_estimated"] < 0.12
+    assert "noise_sigma_from" not in recs["b.png"]
+    # a 4:2:0 JPEG (skimage saves through Pillow: quality 75, 4:2:0): read from its luma, and the record says so
+    assert recs["c.jpg"]["noise_sigma_from"] == "luma (colour stored at 4:2:0)"
+    assert 0.08 < recs["c.jpg"]["noise_sigma_estimated"] < 0.12
 
 
 def test_batch_inpainting_of_real_images_needs_a_mask(tmp_path):

@@ -124,7 +124,7 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
                                extra_outputs=(save_degraded, uncertainty), as_json=as_json)
 
         from restoreflow.app.api import plan, restore
-        from restoreflow.core.noiselevel import estimable, estimate_sigma_of, noise_is_auto
+        from restoreflow.core.noiselevel import estimable, estimate_sigma_of, luma_only, noise_is_auto
 
         c_options = _options(c_opts)
         if particles is not None:
@@ -208,7 +208,11 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
             est = estimate_sigma_of(meas)
             pl.operator_config = dataclasses.replace(pl.operator_config, noise_sigma=est)
             notes["noise_sigma_estimated"] = est
-            click.echo(f"noise_sigma=auto: estimated {est:.4f} from {image.name} (set it with --op noise_sigma=X)",
+            sub = luma_only(meas)
+            basis = f" (its luma: the file stores colour at {sub})" if sub else ""
+            if sub:
+                notes["noise_sigma_from"] = f"luma (colour stored at {sub})"
+            click.echo(f"noise_sigma=auto: estimated {est:.4f} from {image.name}{basis} (set it with --op noise_sigma=X)",
                        err=True)
         if pl.sampler.uses_measurement and not getattr(pl.sampler, "uses_noise_level", True) and not quiet:
             click.echo(f"note: {pl.sampler.name} does not use the noise level (noise_sigma); samplers that do: "
@@ -267,6 +271,7 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
                                   "sampler_options": _jsonable(sampler_settings), "simulate": bool(simulate),
                                   **({"noise_sigma_estimated": round(notes["noise_sigma_estimated"], 6)}
                                      if "noise_sigma_estimated" in notes else {}),
+                                  **({"noise_sigma_from": notes["noise_sigma_from"]} if "noise_sigma_from" in notes else {}),
                                   **{k: round(v, 4) if math.isfinite(v) else None for k, v in res.metrics.items()}}
         if as_json:
             click.echo(json.dumps(report))

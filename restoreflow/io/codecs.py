@@ -73,10 +73,32 @@ def _cmyk_to_rgb(im: Any) -> Any:
     return im.convert("RGB")
 
 
+def _jpeg_chroma(im: Any) -> str | None:
+    """How a colour JPEG stored its chroma (lossy WebP, always 4:2:0, is recognised in :func:`_read_pil`), when at a lower resolution than its luma: ``"4:2:0"``, ``"4:2:2"``,
+    ``"4:1:1"`` or ``"HxV"`` (the luma's sampling factors over the chroma's); None for 4:4:4, grey, CMYK,
+    RGB-coded (Adobe transform 0) JPEGs and every other format. The noise estimate reads it (#16): such a file
+    keeps the noise of its luma only (:func:`restoreflow.core.noiselevel.estimate_sigma_of`)."""
+    layers = getattr(im, "layer", None)
+    if getattr(im, "format", None) not in ("JPEG", "MPO") or im.mode != "RGB" or not layers or len(layers) != 3:
+        return None
+    if im.info.get("adobe_transform") == 0:  # components are R, G, B themselves, not Y, Cb, Cr
+        return None
+    try:
+        (_, h0, v0, _), *chroma = layers
+        if any((h, v) != (1, 1) for _, h, v, _ in chroma) or (h0, v0) == (1, 1):
+            return None
+    except (TypeError, ValueError):
+        return None
+    return {(2, 2): "4:2:0", (2, 1): "4:2:2", (4, 1): "4:1:1"}.get((h0, v0), f"{h0}x{v0}")
+
+
 def _pil_array(im: Any) -> tuple[np.ndarray, bool | None, dict[str, Any]]:
     """Pixels of a Pillow image: (array, alpha flag or None for "by channel count", meta)."""
     mode = im.mode
     meta: dict[str, Any] = {}
+    chroma = _jpeg_chroma(im)
+    if chroma is not None:
+        meta["chroma_subsampling"] = chroma
     if mode == "CMYK":
         meta["converted"] = "CMYK"
         return np.asarray(_cmyk_to_rgb(im)), False, meta
@@ -119,9 +141,25 @@ def _webp_size(head: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _webp_lossy(f: Any) -> bool:
+    """Whether the WebP file open in ``f`` holds a lossy (VP8) picture, which is always stored as 4:2:0 YUV:
+    the RIFF chunks are walked from the first one (a few headers read, however large an ICC profile)."""
+    f.seek(12)
+    for _ in range(16):
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        kind, n = head[:4], int.from_bytes(head[4:], "little")
+        if kind in (b"VP8 ", b"VP8L", b"ANMF"):
+            return kind == b"VP8 "
+        f.seek(n + (n & 1), 1)
+    return False
+
+
 def _read_pil(p: Path, what: str) -> tuple[np.ndarray, bool | None, dict[str, Any]]:
     with open(p, "rb") as f:
         size = _webp_size(f.read(30))
+        lossy_webp = size is not None and _webp_lossy(f)
     if size is not None:
         check_size(size[1], size[0], what)
     with _pil_open(p) as im:
@@ -132,6 +170,8 @@ def _read_pil(p: Path, what: str) -> tuple[np.ndarray, bool | None, dict[str, An
                              f"one still image per file (export the frame you want)")
         orientation = _exif_orientation(im.info)
         arr, has_alpha, meta = _pil_array(im)
+        if lossy_webp and arr.ndim == 3 and arr.shape[2] >= 3:
+            meta["chroma_subsampling"] = "4:2:0"
     if orientation != 1:
         arr, meta["orientation"] = _orient(arr, orientation), orientation
     return arr, has_alpha, meta
