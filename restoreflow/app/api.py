@@ -359,7 +359,7 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
                                  "missing), or op_options={'mask': 'box'|'random'}, or simulate=True")
     noise_estimate = None
     if auto:
-        from restoreflow.core.noiselevel import estimable, estimate_sigma_of, luma_only
+        from restoreflow.core.noiselevel import estimable, estimate_sigma_of, reading_of
 
         if explicit_auto or estimable(meas):  # k-space, sinograms...: the operator's configured default
             noise_estimate = estimate_sigma_of(meas)
@@ -426,9 +426,8 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
         extras["variance"] = pl.corrector.variance
     if noise_estimate is not None:
         extras["noise_sigma_estimated"] = noise_estimate
-        sub = luma_only(meas)
-        if sub:
-            extras["noise_sigma_from"] = f"luma (colour stored at {sub})"
+        if reading_of(meas):
+            extras["noise_sigma_from"] = reading_of(meas)
     return Result(out, y.detach(), degraded, clean, metrics, nfe["n"] or pl.sampler.nfe(denoiser), seconds,
                   pl.sampler.name, pl.prior_label, extras, meas)
 

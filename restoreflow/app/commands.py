@@ -124,7 +124,7 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
                                extra_outputs=(save_degraded, uncertainty), as_json=as_json)
 
         from restoreflow.app.api import plan, restore
-        from restoreflow.core.noiselevel import estimable, estimate_sigma_of, luma_only, noise_is_auto
+        from restoreflow.core.noiselevel import estimable, estimate_sigma_of, luma_only, noise_is_auto, reading_of
 
         c_options = _options(c_opts)
         if particles is not None:
@@ -211,7 +211,7 @@ def _task_command(task, regs: Registries, pm) -> click.Command:
             sub = luma_only(meas)
             basis = f" (its luma: the file stores colour at {sub})" if sub else ""
             if sub:
-                notes["noise_sigma_from"] = f"luma (colour stored at {sub})"
+                notes["noise_sigma_from"] = reading_of(meas)
             click.echo(f"noise_sigma=auto: estimated {est:.4f} from {image.name}{basis} (set it with --op noise_sigma=X)",
                        err=True)
         if pl.sampler.uses_measurement and not getattr(pl.sampler, "uses_noise_level", True) and not quiet:

@@ -56,7 +56,7 @@ import numpy as np
 from restoreflow.core.errors import ConfigError, InputError
 
 __all__ = ["estimate_noise_sigma", "quantisation_sigma", "noise_is_auto", "estimate_sigma_of", "estimable", "luma_only",
-           "LUMA"]
+           "reading_of", "LUMA"]
 
 _MAD_TO_SIGMA = 0.6744897501960817  # the median of |N(0, 1)|
 
@@ -217,6 +217,13 @@ def luma_only(meas: Any) -> str | None:
     if float((data[:, 0] - data[:, 1]).abs().max()) <= tol and float((data[:, 1] - data[:, 2]).abs().max()) <= tol:
         return None
     return str(sub)
+
+
+def reading_of(meas: Any) -> str | None:
+    """What reports record of a :func:`luma_only` estimate (``noise_sigma_from``): ``"luma (colour stored at
+    4:2:0)"``, or None for the pooled reading."""
+    sub = luma_only(meas)
+    return f"luma (colour stored at {sub})" if sub else None
 
 
 def estimate_sigma_of(meas: Any) -> float:

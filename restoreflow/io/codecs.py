@@ -74,10 +74,11 @@ def _cmyk_to_rgb(im: Any) -> Any:
 
 
 def _jpeg_chroma(im: Any) -> str | None:
-    """How a colour JPEG stored its chroma (lossy WebP, always 4:2:0, is recognised in :func:`_read_pil`), when at a lower resolution than its luma: ``"4:2:0"``, ``"4:2:2"``,
+    """How a colour JPEG stored its chroma when at a lower resolution than its luma: ``"4:2:0"``, ``"4:2:2"``,
     ``"4:1:1"`` or ``"HxV"`` (the luma's sampling factors over the chroma's); None for 4:4:4, grey, CMYK,
-    RGB-coded (Adobe transform 0) JPEGs and every other format. The noise estimate reads it (#16): such a file
-    keeps the noise of its luma only (:func:`restoreflow.core.noiselevel.estimate_sigma_of`)."""
+    RGB-coded (Adobe transform 0) JPEGs and every other format (lossy WebP, always 4:2:0, is recognised in
+    :func:`_read_pil`). The noise estimate reads it (#16): such a file keeps the noise of its luma only
+    (:func:`restoreflow.core.noiselevel.luma_only`)."""
     layers = getattr(im, "layer", None)
     if getattr(im, "format", None) not in ("JPEG", "MPO") or im.mode != "RGB" or not layers or len(layers) != 3:
         return None

@@ -24,8 +24,8 @@ class Measurement:
     ``meta`` of images: ``suffix``; ``dtype`` (the source's numpy dtype) and, where it is not that dtype's
     usual scale, ``range`` = ``(lo, hi)`` (source value mapped to 0 and 1) and ``alpha_range``; ``orientation``
     (the EXIF orientation applied on reading); ``converted`` (``"CMYK"``, ``"palette"``) when the colours were
-    converted to RGB; ``chroma_subsampling`` (``"4:2:0"``...) for a colour JPEG that stored its chroma at a lower
-    resolution than its luma."""
+    converted to RGB; ``chroma_subsampling`` (``"4:2:0"``...) for a colour JPEG or lossy WebP that stored its chroma at
+    a lower resolution than its luma."""
 
     data: Tensor
     path: Path | None = None

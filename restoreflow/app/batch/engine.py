@@ -218,7 +218,7 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
     if steps is not None and steps < 1:
         raise ConfigError(f"--steps must be >= 1; got {steps}")
     # noise_sigma=auto as for one image (the default for real inputs with Gaussian noise): estimated per image
-    from restoreflow.core.noiselevel import estimable, estimate_sigma_of, luma_only, noise_is_auto
+    from restoreflow.core.noiselevel import estimable, estimate_sigma_of, noise_is_auto, reading_of
 
     op_options = dict(op_options or {})
     task_obj = regs.tasks.get(task)
@@ -313,8 +313,9 @@ def run_batch(in_dir: Path, out_dir: Path, *, task: str, pm: Any = None, registr
                     pl_i = dataclasses.replace(pl, operator_config=dataclasses.replace(pl.operator_config,
                                                                                        noise_sigma=est))
                     rec["noise_sigma_estimated"] = round(est, 6)
-                    if luma_only(meas):  # a chroma-subsampled JPEG / lossy WebP
-                        rec["noise_sigma_from"] = f"luma (colour stored at {luma_only(meas)})"
+                    reading = reading_of(meas)  # a chroma-subsampled JPEG / lossy WebP: its luma
+                    if reading:
+                        rec["noise_sigma_from"] = reading
                 res = restore(meas, pl.task.name, seed=s, device=device, simulate=simulate, planned=pl_i,
                               registries=regs)
                 _write(pm, dst, res.image, meas)
