@@ -426,8 +426,9 @@ def restore(image: Any, task: str = "deblur", *, sampler: str | None = None, pri
         extras["variance"] = pl.corrector.variance
     if noise_estimate is not None:
         extras["noise_sigma_estimated"] = noise_estimate
-        if reading_of(meas):
-            extras["noise_sigma_from"] = reading_of(meas)
+        reading = reading_of(meas)
+        if reading:
+            extras["noise_sigma_from"] = reading
     return Result(out, y.detach(), degraded, clean, metrics, nfe["n"] or pl.sampler.nfe(denoiser), seconds,
                   pl.sampler.name, pl.prior_label, extras, meas)
 
