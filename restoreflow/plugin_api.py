@@ -47,6 +47,7 @@ from restoreflow.core.denoiser import (
     Denoiser, PredictionAdapter, Prior, ValueRange, for_inference, network_units, reparameterize,
 )
 from restoreflow.core.tiling import TiledDenoiser
+from restoreflow.core.collaborative import collaborative_wiener
 
 # -- operators and noise ----------------------------------------------------------------------------------
 from restoreflow.core.linalg import (
@@ -107,6 +108,7 @@ __all__ = [
     "BETA_SCHEDULES", "ddpm", "ddpm_betas", "ddpm_clean_time", "ddpm_steps", "ddpm_timesteps",
     "from_x0", "to_x0",
     "Denoiser", "PredictionAdapter", "Prior", "ValueRange", "for_inference", "network_units", "reparameterize", "TiledDenoiser",
+    "collaborative_wiener",
     "BOUNDARIES", "GaussianNoise", "LinearOperator", "Operator", "OperatorConfig", "PoissonNoise",
     "ConvolutionPreconditioner", "conjugate_gradient", "kernel_to_symbol", "pad", "pad_adjoint",
     "Certification", "FlowMap", "OperatorOnly", "PointEstimate", "Posterior", "Report", "certification_of",

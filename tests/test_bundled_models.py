@@ -125,3 +125,22 @@ def test_kernel_samplers_anchor_a_conditional_model_where_it_was_trained():
     regs.samplers.get("ddim")(steps=2).sample(problem, den, generator=torch.Generator().manual_seed(2))
     wiener = make_anchor(op, y, "wiener", registries=regs)
     assert seen and all(torch.allclose(a, wiener.to(a.dtype)) for a in seen)
+
+
+def test_denoise_default_beats_the_classical_peers_on_a_held_out_crop():
+    """The task default (``mmse`` on the bundled prior, blended as its card says with BM3D's collaborative Wiener
+    stage) against BM3D (when installed), non-local means and TV on the same measurement (64-px held-out coffee
+    crop, noise 0.1): measured 33.08 dB against 32.63 / 31.27 / 21.94, and 32.49 for the network alone
+    (``collaborative=0``)."""
+    import importlib.util
+
+    torch.set_num_threads(1)
+    x = rfdata.held_out_images(64, 3, names=("coffee",))
+    opts = {"noise_sigma": 0.1}
+    peers = ("nlm", "tv") + (("bm3d",) if importlib.util.find_spec("bm3d") else ())
+    psnr = {s: restore(x, "denoise", sampler=s, simulate=True, seed=0, op_options=opts).metrics["psnr"]
+            for s in (None,) + peers}
+    alone = restore(x, "denoise", simulate=True, seed=0, op_options=opts,
+                    sampler_options={"collaborative": 0}).metrics["psnr"]
+    assert psnr[None] > max(psnr[s] for s in peers) + 0.2, psnr
+    assert psnr[None] > alone + 0.2, (psnr[None], alone)

@@ -235,6 +235,25 @@ def test_channel_orders_skip_an_image_whose_channels_are_equal(crop):
     assert seen[0]["nfe"] == 6
 
 
+def test_mmse_collaborative_blends_the_estimate_with_the_wiener_stage_it_pilots(crop):
+    """``collaborative=w``: (1 - w) x the denoiser's estimate + w x BM3D's Wiener stage run on y with that estimate
+    as its pilot, at the operator's noise level; 0 leaves the estimate alone (the exact posterior mean above)."""
+    from restoreflow.plugin_api import collaborative_wiener
+
+    x = crop[..., :32, :32].double()
+    pb = _problem("denoise", x, noise_sigma=0.1)
+    den = _gaussian_den(x.shape)
+    alone = REGS.samplers.get("mmse")().sample(pb, den)
+    out = REGS.samplers.get("mmse")(collaborative=0.25).sample(pb, den)
+    want = 0.75 * alone + 0.25 * collaborative_wiener(pb.y, alone, 0.1)
+    assert torch.allclose(out, want, atol=1e-12) and not torch.allclose(out, alone, atol=1e-3)
+    with pytest.raises(IncompatibleError, match="grey or RGB"):
+        two = _problem("denoise", x[:, :2], noise_sigma=0.1)
+        REGS.samplers.get("mmse")(collaborative=0.5).sample(two, _ChannelWeighted((1.0, 1.0)))
+    assert torch.equal(REGS.samplers.get("mmse")(collaborative=0.5).sample(
+        _problem("denoise", x, noise_sigma=0.0), den), _problem("denoise", x, noise_sigma=0.0).y)  # nothing to remove
+
+
 def test_mmse_refuses_a_non_identity_operator(crop):
     with pytest.raises(IncompatibleError, match="dpir"):
         REGS.samplers.get("mmse")().sample(_problem("gaussian_blur", crop), _gaussian_den(crop.shape))
