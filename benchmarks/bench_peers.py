@@ -24,6 +24,8 @@ image) are given with their standard errors. Writes ``benchmarks/results/peers[_
     python benchmarks/bench_peers.py --quick    # 64-px crops, 1 crop x 4 images x 1 seed (< 5 min)
     # the quick method set (no posterior samplers for denoising) on the full bench's crops -> results/peers_128.*
     python benchmarks/bench_peers.py --quick --size 128 --crops 2 --seeds 2 --stem peers_128
+    # denoising on the held-out photos whole, at their own resolution (300 x 451 to 512 x 512) -> results/peers_native.*
+    python benchmarks/bench_peers.py --quick --native --tasks denoise-0.05,denoise-0.1,denoise-0.2 --stem peers_native
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ MEDICAL = ("mri", "ct")
 POSTERIOR_SAMPLERS = ("dps", "red_diff")
 # method label -> (sampler, options, prior) ; "ours" rows first
 OURS = {
-    "denoise": [("mmse", {}, "default"), ("dpir", {}, "default"), ("dps", {}, "default"), ("red_diff", {}, "default")],
+    # the default, then its network estimate alone (no collaborative Wiener blend: the card's other settings)
+    "denoise": [("mmse", {}, "default"), ("mmse", {"collaborative": 0}, "default"), ("dpir", {}, "default"),
+                ("dps", {}, "default"), ("red_diff", {}, "default")],
     "deblur": [("dpir", {}, "default"), ("red_diff", {}, "default"), ("mrs", {}, "mr-deblur")],
     "sr": [("dpir", {}, "default"), ("red_diff", {}, "default")],
     "inpaint": [("dpir", {}, "default"), ("dps", {}, "default"), ("red_diff", {}, "default")],
@@ -114,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=None, help="crop size (default 128, quick 64)")
     ap.add_argument("--crops", type=int, default=None, help="crops per image (default 2, quick 1)")
     ap.add_argument("--seeds", type=int, default=None, help="noise draws (default 2, quick 1)")
+    ap.add_argument("--native", action="store_true",
+                    help="each held-out photo whole, at its own resolution (astronaut and camera 512 x 512, chelsea "
+                         "300 x 451, coffee 400 x 600) instead of crops of its 256-px version")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--weights", default=None, help="use this default-prior weights file instead of the bundled one")
@@ -132,9 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or (64 if args.quick else 128)
     per_image = args.crops or (1 if args.quick else 2)
     seeds = args.seeds or (1 if args.quick else 2)
-    images = crops(size, per_image)
-    gray_images = rfdata.held_out_images(size, 1, per_image=per_image)
-    labels = [f"{n}[{i}]" for n in rfdata.EVAL_IMAGES for i in range(per_image)]
+    if args.native:  # one tensor per photo: their sizes differ
+        images = [torch.from_numpy(rfdata.to_channels(rfdata.skimage_image(n), 3))[None] for n in rfdata.EVAL_IMAGES]
+        gray_images = [torch.from_numpy(rfdata.to_channels(rfdata.skimage_image(n), 1))[None] for n in rfdata.EVAL_IMAGES]
+        labels, per_image, size = [f"{n}[native]" for n in rfdata.EVAL_IMAGES], 1, "native"
+    else:
+        images = list(crops(size, per_image).split(1))
+        gray_images = list(rfdata.held_out_images(size, 1, per_image=per_image).split(1))
+        labels = [f"{n}[{i}]" for n in rfdata.EVAL_IMAGES for i in range(per_image)]
     regs = default_registries()
     priors = {}
 
@@ -174,9 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
         measurements = []
         xs = gray_images if fam in MEDICAL else images
-        for i in range(xs.shape[0]):
+        for i, x in enumerate(xs):
             for seed in range(seeds):
-                x = xs[i:i + 1]
                 opts = dict(op_opts)
                 if op_name == "motion_blur":
                     opts["seed"] = 1000 * i + seed  # a different random trajectory per measurement
@@ -193,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         for sampler, sopts, prior_name in OURS[fam]:
             if args.quick and fam == "denoise" and sampler in POSTERIOR_SAMPLERS:
                 continue
-            label = f"restoreflow {sampler}" + (" (default)" if sampler == default_sampler else "")
+            label = f"restoreflow {sampler}" + "".join(f" {k}={v}" for k, v in sopts.items()) + \
+                (" (default)" if sampler == default_sampler and not sopts else "")
             # as users get it: the options the prior's card tunes for this sampler and task, then the row's own
             prior_obj = regs.priors.get(prior_name)()
             if args.weights and prior_name == "default":  # the card beside the given weights tunes them
@@ -254,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(previous.read_text()).get("results", {})
         results = {**{k: v for k, v in old.items() if k not in results}, **results}
         results = {k: results[k] for k in TASKS if k in results}
+    size_txt = "whole photos at native resolution" if args.native else f"{size} px"
     goals = []
     for task, res in results.items():
         fam = _family(task)
@@ -267,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             d = [a - b for a, b in zip(dflt["psnr"], bm["psnr"])]
             m, se = _mean_se(d)
             goals.append({"goal": "peers_denoise", "value": m, "pass": m >= 0.5, "display": f"{task}: {m:+.2f} ± {se:.2f} dB",
-                          "note": f"paired vs BM3D, n = {res['n']}, {size} px"})
+                          "note": f"paired vs BM3D, n = {res['n']}, {size_txt}"})
             continue
         # the issue's goals; inpainting has none there: at least the best peer
         need = {"deblur": 1.0, "sr": 1.5, "inpaint": 0.0, "mri": 1.0, "ct": 1.0}[fam]
@@ -279,13 +292,13 @@ def main(argv: list[str] | None = None) -> int:
             ok = ok and rr <= 1.5
             disp += f", residual {rr:.2f}× noise"
         goals.append({"goal": f"peers_{'medical' if fam in MEDICAL else fam}", "value": m, "pass": ok, "display": disp,
-                      "note": f"paired vs the best peer per measurement, n = {res['n']}, {size} px"})
+                      "note": f"paired vs the best peer per measurement, n = {res['n']}, {size_txt}"})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results, "report_goals": goals}, indent=1))
     kind = "quick" if args.quick and size == 64 and per_image == 1 and seeds == 1 else \
         "full" if not args.quick else "quick method set"
     lines = [f"# restoreflow vs classical peers ({kind})", "",
-             f"Held-out crops {size} px ({', '.join(labels)}), {seeds} noise draw(s) each; every method gets the same "
+             f"Held-out {'photos' if args.native else 'crops'}, {size_txt} ({', '.join(labels)}), {seeds} noise draw(s) each; every method gets the same "
              f"measurement. PSNR mean +- standard error; 'vs best peer' is the paired difference to the best peer "
              f"on each measurement (oracle-tuned peers pick their parameter per image with the ground truth). "
              f"{meta['threads']} threads, {meta['processor']}, {meta['seconds']} s in all.", ""]
