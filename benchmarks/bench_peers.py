@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     per_image = args.crops or (1 if args.quick else 2)
     seeds = args.seeds or (1 if args.quick else 2)
     if args.native:  # one tensor per photo: their sizes differ
-        images = [torch.from_numpy(rfdata.to_channels(rfdata.skimage_image(n), 3))[None] for n in rfdata.EVAL_IMAGES]
-        gray_images = [torch.from_numpy(rfdata.to_channels(rfdata.skimage_image(n), 1))[None] for n in rfdata.EVAL_IMAGES]
+        photos = [rfdata.skimage_image(n) for n in rfdata.EVAL_IMAGES]
+        images, gray_images = ([torch.from_numpy(rfdata.to_channels(p, c))[None] for p in photos] for c in (3, 1))
         labels, per_image, size = [f"{n}[native]" for n in rfdata.EVAL_IMAGES], 1, "native"
     else:
         images = list(crops(size, per_image).split(1))
@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     kind = "quick" if args.quick and size == 64 and per_image == 1 and seeds == 1 else \
         "full" if not args.quick else "quick method set"
     lines = [f"# restoreflow vs classical peers ({kind})", "",
-             f"Held-out {'photos' if args.native else 'crops'}, {size_txt} ({', '.join(labels)}), {seeds} noise draw(s) each; every method gets the same "
-             f"measurement. PSNR mean +- standard error; 'vs best peer' is the paired difference to the best peer "
+             f"Held-out {'photos' if args.native else 'crops'}, {size_txt} ({', '.join(labels)}), {seeds} noise "
+             f"draw(s) each; every method gets the same measurement. PSNR mean +- standard error; 'vs best peer' is the paired difference to the best peer "
              f"on each measurement (oracle-tuned peers pick their parameter per image with the ground truth). "
              f"{meta['threads']} threads, {meta['processor']}, {meta['seconds']} s in all.", ""]
     for task, res in results.items():

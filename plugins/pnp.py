@@ -11,9 +11,9 @@ that estimate with BM3D's collaborative Wiener stage run on the measurement with
 (:func:`restoreflow.plugin_api.collaborative_wiener`, Dabov et al. 2007): ``(1 - w) x_net + w x_wiener``. The
 network sees a window of the image; the Wiener stage averages blocks that repeat across a 39-px neighbourhood,
 so the two err differently and their blend beats either. The blend is no longer the prior's posterior mean, so
-the option is off unless set or turned on by a prior's card. Measured on training
-crops (``benchmarks/tune_mmse.py``): +0.19 dB averaged over sigma 0.05 / 0.1 / 0.2 and 96- / 256-px crops at
-w = 0.6; the held-out figures are in the README.
+the option is off unless set or turned on by a prior's card. Measured on training crops
+(``benchmarks/tune_mmse.py``): +0.19 dB averaged over sigma 0.05 / 0.1 / 0.2 and 96- / 256-px crops at w = 0.6;
+the held-out figures are in the README.
 
 ``dpir`` -- plug-and-play half-quadratic splitting (Zhang, Li, Zuo, Zhang, Van Gool, Timofte, "Plug-and-Play
 Image Restoration with Deep Denoiser Prior", TPAMI 2021). With :math:`\alpha_k = \lambda s^2/\sigma_k^2` and

@@ -98,10 +98,9 @@ def _kaiser(block: int, beta: float, dtype, device) -> Tensor:
     return torch.outer(w, w).to(dtype=dtype, device=device)
 
 
-def _window_sums(x: Tensor, dim: int, pos: Tensor, block: int, step: int) -> Tensor:
-    """Sums of ``block`` consecutive entries of ``x`` along ``dim`` starting at ``pos`` (every ``step``-th from 0,
-    then possibly a last one off that grid, as :func:`_positions` makes them)."""
-    last = int(pos[-1])
+def _window_sums(x: Tensor, dim: int, last: int, block: int, step: int) -> Tensor:
+    """Sums of ``block`` consecutive entries of ``x`` along ``dim`` starting at every ``step``-th entry from 0 up to
+    ``last``, and at ``last`` itself where it is off that grid (the origins :func:`_positions` makes)."""
     grid = x.narrow(dim, 0, last + block).unfold(dim, block, step).sum(-1)
     if last % step:
         return torch.cat([grid, x.narrow(dim, last, block).sum(dim, keepdim=True)], dim)
@@ -121,14 +120,14 @@ def _match(lum: Tensor, rows: Tensor, cols: Tensor, block: int, step: int, radiu
     padded = F.pad(lum[None, None], (radius, radius, radius, radius))[0, 0]  # zeros: those candidates are dropped
     L = r1 + block - r0  # the slab of rows the band's reference blocks cover
     ref = lum[r0:r0 + L]
-    rr, cc = (rows - r0).to(dev), cols.to(dev)
+    cc = cols.to(dev)
     dists = torch.empty(side, side, len(rows), len(cols), dtype=lum.dtype, device=dev)
     diff = torch.empty(side, L, W, dtype=lum.dtype, device=dev)
     for i, dy in enumerate(range(-radius, radius + 1)):
         top = r0 + dy + radius
         for k in range(side):  # every dx at once: diff[k] = candidate slab at offset (dy, k - radius) - reference
             torch.sub(padded[top:top + L, k:k + W], ref, out=diff[k])
-        dists[i] = _window_sums(_window_sums(diff.square_(), 1, rr, block, step), 2, cc, block, step)
+        dists[i] = _window_sums(_window_sums(diff.square_(), 1, r1 - r0, block, step), 2, int(cols[-1]), block, step)
     dists /= block ** 2
     # a candidate block must lie inside the image
     off = torch.arange(-radius, radius + 1, device=dev)
